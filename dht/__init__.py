@@ -1,0 +1,37 @@
+"""The swarm's shared state: joining, identities, signed typed records, discovery.
+
+class NodeIdentity (identity.py): a node's libp2p key (its PeerID) and the record-signing key bound to it
+class PeerRecord, Capacity (records.py): a node's signed self-description, msgpack on the wire
+class PeerRecordValidator (validator.py): hivemind validator that drops forged, stale or malformed records
+class SwarmConfig, Heartbeat (swarm.py): join options; keep a node's record fresh
+start_dht, publish_record, list_peers (swarm.py): start a DHT peer, publish, read the live peers
+
+``dht`` never imports ``node`` or ``bootstrap``.
+"""
+
+from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
+from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
+from dht.swarm import Heartbeat, SwarmConfig, SwarmError, check_multiaddr, list_peers, publish_record, start_dht
+from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
+
+__all__ = [
+    "MAX_TTL",
+    "SKETCH_DIM",
+    "Capacity",
+    "Heartbeat",
+    "IdentityError",
+    "NodeIdentity",
+    "PeerRecord",
+    "PeerRecordValidator",
+    "RecordError",
+    "SwarmConfig",
+    "SwarmError",
+    "check_multiaddr",
+    "encode_sketch",
+    "list_peers",
+    "peer_id_from_public_key",
+    "peers_key",
+    "public_key_from_peer_id",
+    "publish_record",
+    "start_dht",
+]

@@ -1,0 +1,215 @@
+"""Typed, signed records: what a node publishes about itself in the swarm.
+
+Wire form (msgpack, never pickle): ``[RECORD_TAG, body, signature]`` where ``body`` is the
+msgpack encoding of a map with exactly the fields of :class:`PeerRecord` (less the signature)
+and ``signature`` is the record-signing key's Ed25519 signature over ``RECORD_TAG || body``.
+Signing the exact body bytes means a verifier never re-encodes, so there is no canonical-form
+ambiguity to exploit. The body names the PeerID, carries the signing public key and the
+PeerID owner's binding of that key (see ``identity.py``), so a record verifies from its own
+bytes and its DHT subkey.
+
+Every decode is bounded: total size, string and binary lengths, list lengths, and the exact
+set and types of fields. A record that breaks any rule raises :class:`RecordError` with the
+reason; the validator logs it and drops the record.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import msgpack
+import nacl.exceptions
+import nacl.signing
+
+from dht.identity import NodeIdentity, verify_binding
+
+RECORD_TAG = "zen/peer-record/v1"
+MAX_RECORD_BYTES = 64 * 1024
+SKETCH_DIM = 256  # floats in a data sketch
+ROLES = frozenset({"trainer", "server", "bootstrap"})
+DEVICE_KINDS = frozenset({"cpu", "cuda", "mps", "xpu", "none"})
+
+
+class RecordError(ValueError):
+    """A record failed a schema, size or signature check; the message says which."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a node measured about its hardware at enrollment."""
+
+    device_kind: str = "cpu"  # one of DEVICE_KINDS
+    device_name: str = ""  # e.g. "NVIDIA H100 80GB HBM3" or the CPU model
+    memory_bytes: int = 0  # usable device memory (host RAM for a CPU node)
+    samples_per_second: float = 0.0  # measured training throughput on the run's model
+    upload_bytes_per_second: float = 0.0  # estimated upload bandwidth
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """A node's signed self-description, published under the run's peers key, one subkey per PeerID."""
+
+    peer_id: str  # base58 libp2p PeerID (Ed25519)
+    signing_key: bytes  # Ed25519 public key that signs this record
+    binding: bytes  # PeerID owner's signature over the signing key (identity.BIND_CONTEXT)
+    x25519_key: bytes  # long-term X25519 public key for pairwise channels
+    version: str  # software version, e.g. "0.1.0"
+    run_hash: str  # hex digest of the run's configuration; peers of one run agree on it
+    capacity: Capacity
+    sketch: bytes  # SKETCH_DIM little-endian float32: a coarse summary of the node's data
+    roles: tuple[str, ...]  # subset of ROLES
+    round: int  # the last outer round this node completed
+    state_digest: bytes  # BLAKE2b-16 of the node's global parameters at ``round`` (b"" if none)
+    timestamp: float  # DHT time at signing
+    maddrs: tuple[str, ...] = field(default=())  # multiaddrs others may dial
+
+    def sketch_vector(self) -> list[float]:
+        return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))
+
+    def sign(self, identity: NodeIdentity) -> bytes:
+        """Encode and sign this record with ``identity``; the record must name ``identity``'s keys."""
+        if self.peer_id != identity.peer_id or self.signing_key != identity.signing_public_key:
+            raise RecordError("a record must be signed by the identity it names")
+        _check_fields(self)
+        body = msgpack.packb(_to_wire(self), use_bin_type=True)
+        envelope = msgpack.packb(
+            [RECORD_TAG, body, identity.sign(RECORD_TAG.encode() + body)], use_bin_type=True
+        )
+        if len(envelope) > MAX_RECORD_BYTES:
+            raise RecordError(f"record is {len(envelope)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
+        return envelope
+
+    @classmethod
+    def verify(cls, envelope: bytes) -> PeerRecord:
+        """Decode ``envelope`` and check its schema, signature and key binding.
+
+        Raises:
+            RecordError: with the first rule the envelope breaks.
+        """
+        if not isinstance(envelope, bytes):
+            raise RecordError(f"record must be bytes, got {type(envelope).__name__}")
+        if len(envelope) > MAX_RECORD_BYTES:
+            raise RecordError(f"record is {len(envelope)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
+        outer = _unpack(envelope)
+        if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == RECORD_TAG):
+            raise RecordError("not a zen peer record envelope")
+        _, body, signature = outer
+        if not isinstance(body, bytes) or not isinstance(signature, bytes) or len(signature) != 64:
+            raise RecordError("envelope body or signature has the wrong type")
+        record = _from_wire(_unpack(body))
+        try:
+            nacl.signing.VerifyKey(record.signing_key).verify(RECORD_TAG.encode() + body, signature)
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
+            raise RecordError("signature does not verify") from e
+        if not verify_binding(record.peer_id, record.signing_key, record.binding):
+            raise RecordError("signing key is not bound to the PeerID")
+        return record
+
+
+def encode_sketch(values: list[float]) -> bytes:
+    """Pack a data sketch of SKETCH_DIM floats for a record."""
+    if len(values) != SKETCH_DIM:
+        raise ValueError(f"a sketch has {SKETCH_DIM} values, got {len(values)}")
+    return struct.pack(f"<{SKETCH_DIM}f", *values)
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=4096,
+            max_bin_len=MAX_RECORD_BYTES,
+            max_array_len=64,
+            max_map_len=32,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise RecordError(f"malformed msgpack: {e}") from None
+
+
+def _to_wire(record: PeerRecord) -> dict[str, Any]:
+    wire = asdict(record)
+    wire["roles"] = list(record.roles)
+    wire["maddrs"] = list(record.maddrs)
+    return wire
+
+
+_CAPACITY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "device_kind": str,
+    "device_name": str,
+    "memory_bytes": int,
+    "samples_per_second": (int, float),
+    "upload_bytes_per_second": (int, float),
+}
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "peer_id": str,
+    "signing_key": bytes,
+    "binding": bytes,
+    "x25519_key": bytes,
+    "version": str,
+    "run_hash": str,
+    "capacity": dict,
+    "sketch": bytes,
+    "roles": list,
+    "round": int,
+    "state_digest": bytes,
+    "timestamp": (int, float),
+    "maddrs": list,
+}
+
+
+def _check_types(obj: Any, types: dict[str, type | tuple[type, ...]], what: str) -> None:
+    if not isinstance(obj, dict) or set(obj) != set(types):
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise RecordError(f"{what} fields must be exactly {sorted(types)}, got {got}")
+    for name, expected in types.items():
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise RecordError(f"{what}.{name} has type {type(value).__name__}")
+
+
+def _from_wire(wire: Any) -> PeerRecord:
+    _check_types(wire, _RECORD_TYPES, "record")
+    _check_types(wire["capacity"], _CAPACITY_TYPES, "capacity")
+    if not all(isinstance(item, str) for item in wire["roles"] + wire["maddrs"]):
+        raise RecordError("roles and maddrs must be lists of strings")
+    values = dict(wire)
+    values["capacity"] = Capacity(**wire["capacity"])
+    values["roles"] = tuple(wire["roles"])
+    values["maddrs"] = tuple(wire["maddrs"])
+    record = PeerRecord(**values)
+    _check_fields(record)
+    return record
+
+
+def _check_fields(record: PeerRecord) -> None:
+    """Range checks shared by signing and verification."""
+    for name, size in (("signing_key", 32), ("binding", 64), ("x25519_key", 32)):
+        if len(getattr(record, name)) != size:
+            raise RecordError(f"record.{name} must be {size} bytes")
+    if len(record.sketch) != 4 * SKETCH_DIM:
+        raise RecordError(f"record.sketch must hold {SKETCH_DIM} float32 values")
+    if not all(math.isfinite(v) for v in record.sketch_vector()):
+        raise RecordError("record.sketch holds a non-finite value")
+    if len(record.state_digest) not in (0, 16):
+        raise RecordError("record.state_digest must be empty or 16 bytes")
+    if not record.roles or not set(record.roles) <= ROLES or len(set(record.roles)) != len(record.roles):
+        raise RecordError(f"record.roles must be distinct names from {sorted(ROLES)}")
+    if record.capacity.device_kind not in DEVICE_KINDS:
+        raise RecordError(f"capacity.device_kind must be one of {sorted(DEVICE_KINDS)}")
+    numbers = [record.capacity.memory_bytes, record.capacity.samples_per_second]
+    numbers += [record.capacity.upload_bytes_per_second, record.round]
+    if any(not math.isfinite(v) or v < 0 for v in numbers):
+        raise RecordError("capacity figures and round must be finite and non-negative")
+    if not math.isfinite(record.timestamp):
+        raise RecordError("record.timestamp must be finite")
+    if len(record.maddrs) > 16 or len(record.run_hash) > 128 or len(record.version) > 64:
+        raise RecordError("record.maddrs, run_hash or version is too long")
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(PeerRecord))

@@ -1,0 +1,185 @@
+"""Joining the swarm: start a hivemind DHT peer, publish a signed record, keep it fresh, list peers.
+
+A node's liveness is its record: it is republished every ``heartbeat_period`` seconds with an
+expiry of ``record_ttl`` seconds, so a node that dies leaves ``list_peers`` within one TTL of
+its last heartbeat. Readers re-verify every record they get (the validator already ran on the
+way in; checking again costs microseconds and keeps this function safe on any DHT).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import hivemind
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+
+from dht.identity import NodeIdentity
+from dht.records import PeerRecord, RecordError
+from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmError(Exception):
+    """Joining or talking to the swarm failed; the message names the problem and the fix."""
+
+
+@dataclass
+class SwarmConfig:
+    """How a peer joins the swarm (maps onto hivemind.DHT / P2P options)."""
+
+    initial_peers: list[str] = field(default_factory=list)  # full multiaddrs with /p2p/<PeerID>
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])  # where to listen
+    announce_maddrs: list[str] = field(default_factory=list)  # public addresses to advertise
+    client_mode: bool = False  # True: dial out only (behind NAT, no incoming connections)
+    use_relay: bool = True  # allow reaching / being reached through libp2p circuit relays
+    use_auto_relay: bool = False  # look for relays to become reachable from behind a NAT
+    startup_timeout: float = 30.0  # seconds p2pd may take to start and reach an initial peer
+
+    def __post_init__(self) -> None:
+        for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
+            for maddr in getattr(self, name):
+                check_multiaddr(maddr, name, need_peer_id=name == "initial_peers")
+        if self.startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
+
+
+def check_multiaddr(maddr: str, what: str = "multiaddr", need_peer_id: bool = False) -> None:
+    """Raise ValueError with a one-line fix if ``maddr`` is not a usable multiaddr."""
+    example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
+    try:
+        parsed = Multiaddr(maddr)
+        protocols = {proto.name for proto in parsed.protocols()}
+    except Exception as e:
+        raise ValueError(f"{what}: {maddr!r} is not a valid multiaddr ({e}); expected e.g. {example}") from None
+    if need_peer_id and "p2p" not in protocols:
+        raise ValueError(f"{what}: {maddr!r} lacks the /p2p/<PeerID> part; copy the full address, e.g. {example}")
+
+
+def start_dht(
+    config: SwarmConfig, identity: NodeIdentity | None, run_ids: Sequence[str] = (), **kwargs
+) -> hivemind.DHT:
+    """Start a DHT peer with our record validator; translate failures into :class:`SwarmError`."""
+    validator = PeerRecordValidator(run_ids)
+    options = dict(
+        initial_peers=config.initial_peers or None,
+        host_maddrs=config.host_maddrs,
+        announce_maddrs=config.announce_maddrs or None,
+        client_mode=config.client_mode,
+        use_relay=config.use_relay,
+        use_auto_relay=config.use_auto_relay,
+        startup_timeout=config.startup_timeout,
+        record_validators=[validator],
+        # hivemind's identity check assumes RSA keys; ours are Ed25519 (see identity.py).
+        check_if_identity_free=False,
+    )
+    if identity is not None:
+        options["identity_path"] = str(identity.p2p_key_path)
+    options.update(kwargs)
+    try:
+        return hivemind.DHT(start=True, **options)
+    except Exception as e:
+        raise SwarmError(_explain_start_failure(str(e), config)) from None
+
+
+def _explain_start_failure(message: str, config: SwarmConfig) -> str:
+    text = " ".join(message.split())
+    if "failed to connect to bootstrap peers" in text:
+        return (
+            f"cannot reach any initial peer ({', '.join(config.initial_peers)}); check that the bootstrap "
+            f"peer is running and the address (including /p2p/<PeerID>) is the one it printed"
+        )
+    if "address already in use" in text:
+        return f"a listen address is in use ({', '.join(config.host_maddrs)}); pick a free port or use port 0"
+    if "cannot assign requested address" in text:
+        return f"cannot listen on {', '.join(config.host_maddrs)}: not an address of this machine"
+    return f"could not start the DHT peer: {text[:300]}"
+
+
+def publish_record(dht: hivemind.DHT, run_id: str, envelope: bytes, ttl: float = MAX_TTL / 2) -> bool:
+    """Store a signed record under the run's peers key; return whether any replica accepted it."""
+    peer_record = PeerRecord.verify(envelope)
+    ok = dht.store(
+        peers_key(run_id), envelope, expiration_time=get_dht_time() + ttl, subkey=peer_record.peer_id
+    )
+    return bool(ok)
+
+
+def list_peers(dht: hivemind.DHT, run_id: str) -> list[PeerRecord]:
+    """Return the live, valid peer records of ``run_id``, sorted by PeerID."""
+    found = dht.get(peers_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    validator = PeerRecordValidator([run_id])
+    records = []
+    now = get_dht_time()
+    for subkey, item in found.value.items():
+        try:
+            record = DHTRecord(
+                key=b"", subkey=_dumps(subkey), value=_dumps(item.value), expiration_time=item.expiration_time
+            )
+            records.append(validator.check(record, now=now))
+        except (RecordError, AttributeError, TypeError) as e:
+            logger.warning(f"ignoring a peer record from the DHT: {e}")
+    return sorted(records, key=lambda r: r.peer_id)
+
+
+def _dumps(obj: object) -> bytes:
+    return MSGPackSerializer.dumps(obj)
+
+
+class Heartbeat:
+    """Republish a node's record every ``period`` seconds from a background thread.
+
+    Args:
+        dht: a started DHT.
+        run_id: the run whose peers key holds the record.
+        make_record: builds a fresh signed envelope each beat (so round and state digest stay current).
+        period: seconds between beats.
+        ttl: record lifetime in seconds; a dead node leaves the listing within ``ttl``.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        make_record: Callable[[], bytes],
+        period: float = 5.0,
+        ttl: float = 15.0,
+    ):
+        if not 0 < period < ttl <= MAX_TTL:
+            raise ValueError(f"need 0 < period < ttl <= {MAX_TTL}, got period={period}, ttl={ttl}")
+        self.dht, self.run_id, self.make_record = dht, run_id, make_record
+        self.period, self.ttl = period, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zen-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> bool:
+        """Publish the current record now; return whether the DHT accepted it."""
+        try:
+            ok = publish_record(self.dht, self.run_id, self.make_record(), ttl=self.ttl)
+        except Exception as e:  # a failed beat must not kill the node; the next one retries
+            logger.warning(f"heartbeat failed: {e}")
+            return False
+        if not ok:
+            logger.warning("heartbeat: no DHT peer stored our record (will retry)")
+        return ok
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.period + 5)

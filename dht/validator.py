@@ -1,0 +1,99 @@
+"""A hivemind record validator that admits only well-formed, signed, fresh peer records.
+
+hivemind calls ``validate`` when a peer asks us to store a record and when a peer returns one
+to our query, so a forged record is dropped at every hop. ``record.key`` there is the DHTID of
+the key (a hash), so the validator precomputes the IDs of the runs it knows and is strict for
+them: anything stored under a run's peers key must be a valid :class:`PeerRecord` whose PeerID
+is its subkey. A value that carries our record tag under any other key (a bootstrap peer does
+not know every run) is checked the same way; other hivemind records pass untouched.
+
+Expiry is capped because hivemind's ``TimedStorage`` keeps whichever record expires later: a
+record that claimed to live for a year would pin stale data and shadow every refresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import msgpack
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
+
+from dht.records import MAX_RECORD_BYTES, RECORD_TAG, PeerRecord, RecordError
+
+logger = logging.getLogger(__name__)
+
+MAX_TTL = 60.0  # seconds a record may live past its signing time
+MAX_CLOCK_SKEW = 30.0  # seconds a peer's clock may run ahead of ours
+
+
+def peers_key(run_id: str) -> str:
+    """The DHT key under which the peers of ``run_id`` publish their records."""
+    return f"zen.{run_id}.peers"
+
+
+class PeerRecordValidator(RecordValidatorBase):
+    """Reject unsigned, forged, oversized, stale, far-future and malformed peer records.
+
+    Args:
+        run_ids: runs whose peers key is strictly checked (every value must be a peer record).
+        max_ttl: longest lifetime a record may claim, in seconds past its signing time.
+    """
+
+    def __init__(self, run_ids: Iterable[str] = (), max_ttl: float = MAX_TTL):
+        self.max_ttl = max_ttl
+        self._strict_keys = {DHTID.generate(source=peers_key(run_id)).to_bytes() for run_id in run_ids}
+        self.rejected = 0  # records rejected so far, for monitoring
+
+    def validate(self, record: DHTRecord) -> bool:
+        strict = record.key in self._strict_keys
+        if not strict and RECORD_TAG.encode() not in record.value[:64]:
+            return True  # not ours: hivemind's own records (matchmaking, state sharing)
+        try:
+            self.check(record)
+            return True
+        except RecordError as e:
+            self.rejected += 1
+            logger.warning(f"rejected a peer record: {e}")
+            return False
+
+    def check(self, record: DHTRecord, now: float | None = None) -> PeerRecord:
+        """Return the peer record inside a DHT record, or raise :class:`RecordError` saying why not."""
+        now = get_dht_time() if now is None else now
+        if len(record.value) > MAX_RECORD_BYTES + 16:
+            raise RecordError(f"record is {len(record.value)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
+        envelope = _loads_bounded(record.value)
+        if not isinstance(envelope, bytes):
+            raise RecordError("value under a peers key is not a signed peer record")
+        peer_record = PeerRecord.verify(envelope)
+        if _loads_bounded(record.subkey) != peer_record.peer_id:
+            raise RecordError(f"subkey does not match the record's PeerID {peer_record.peer_id[:16]}")
+        if record.expiration_time <= now:
+            raise RecordError(f"record expired {now - record.expiration_time:.0f}s ago")
+        if peer_record.timestamp > now + MAX_CLOCK_SKEW:
+            raise RecordError(f"record signed {peer_record.timestamp - now:.0f}s in the future")
+        if record.expiration_time > peer_record.timestamp + self.max_ttl:
+            raise RecordError(
+                f"expiration is {record.expiration_time - peer_record.timestamp:.0f}s after signing, "
+                f"over the {self.max_ttl:.0f}s cap"
+            )
+        if record.expiration_time > now + self.max_ttl + MAX_CLOCK_SKEW:
+            raise RecordError(f"expiration is {record.expiration_time - now:.0f}s in the future")
+        return peer_record
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, PeerRecordValidator):
+            return False
+        self._strict_keys |= other._strict_keys
+        return True
+
+
+def _loads_bounded(data: bytes) -> object:
+    try:
+        return msgpack.unpackb(
+            data, raw=False, max_bin_len=MAX_RECORD_BYTES, max_str_len=4096, max_array_len=0, max_map_len=0
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise RecordError(f"malformed DHT value: {e}") from None
