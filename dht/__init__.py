@@ -11,7 +11,15 @@ start_dht, publish_record, list_peers (swarm.py): start a DHT peer, publish, rea
 
 from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
 from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
-from dht.swarm import Heartbeat, SwarmConfig, SwarmError, check_multiaddr, list_peers, publish_record, start_dht
+from dht.swarm import (
+    Heartbeat,
+    SwarmConfig,
+    SwarmError,
+    check_multiaddr,
+    list_peers,
+    publish_record,
+    start_dht,
+)
 from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
 
 __all__ = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,7 @@ class NodeIdentity:
         return cls(p2p_key_path=folder / P2P_KEY_FILE, peer_id=peer_id, signing_key=signing_key, binding=binding)
 
 
-def _load_or_create_key(path: Path, read, write) -> bytes:  # type: ignore[no-untyped-def]
+def _load_or_create_key(path: Path, read: Callable[[bytes], bytes], write: Callable[[bytes], bytes]) -> bytes:
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
@@ -131,8 +132,11 @@ def _load_or_create_key(path: Path, read, write) -> bytes:  # type: ignore[no-un
     seed = os.urandom(32)
     data = write(seed)
     # Write to a temporary file and rename: a crash never leaves a half-written key behind.
+    # A stale .tmp from a crash keeps its old mode under O_CREAT; remove it and create afresh (O_EXCL
+    # also refuses to follow a planted symlink).
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
         os.fsync(fd)

@@ -28,6 +28,9 @@ from dht.identity import NodeIdentity, verify_binding
 
 RECORD_TAG = "zen/peer-record/v1"
 MAX_RECORD_BYTES = 64 * 1024
+MAX_RUN_CONFIG_BYTES = 8 * 1024
+MAX_STR_BYTES = 4096  # longest UTF-8 string the decoder accepts; signing enforces the same bound
+MAX_UINT64 = 2**64 - 1  # msgpack's largest integer
 SKETCH_DIM = 256  # floats in a data sketch
 ROLES = frozenset({"trainer", "server", "bootstrap"})
 DEVICE_KINDS = frozenset({"cpu", "cuda", "mps", "xpu", "none"})
@@ -65,6 +68,7 @@ class PeerRecord:
     state_digest: bytes  # BLAKE2b-16 of the node's global parameters at ``round`` (b"" if none)
     timestamp: float  # DHT time at signing
     maddrs: tuple[str, ...] = field(default=())  # multiaddrs others may dial
+    run_config: bytes = b""  # msgpack of the run's configuration, so a mismatch can be named
 
     def sketch_vector(self) -> list[float]:
         return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))
@@ -75,9 +79,7 @@ class PeerRecord:
             raise RecordError("a record must be signed by the identity it names")
         _check_fields(self)
         body = msgpack.packb(_to_wire(self), use_bin_type=True)
-        envelope = msgpack.packb(
-            [RECORD_TAG, body, identity.sign(RECORD_TAG.encode() + body)], use_bin_type=True
-        )
+        envelope = msgpack.packb([RECORD_TAG, body, identity.sign(RECORD_TAG.encode() + body)], use_bin_type=True)
         if len(envelope) > MAX_RECORD_BYTES:
             raise RecordError(f"record is {len(envelope)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
         return envelope
@@ -122,7 +124,7 @@ def _unpack(data: bytes) -> Any:
             data,
             raw=False,
             strict_map_key=True,
-            max_str_len=4096,
+            max_str_len=MAX_STR_BYTES,
             max_bin_len=MAX_RECORD_BYTES,
             max_array_len=64,
             max_map_len=32,
@@ -160,6 +162,7 @@ _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "state_digest": bytes,
     "timestamp": (int, float),
     "maddrs": list,
+    "run_config": bytes,
 }
 
 
@@ -204,10 +207,16 @@ def _check_fields(record: PeerRecord) -> None:
         raise RecordError(f"capacity.device_kind must be one of {sorted(DEVICE_KINDS)}")
     numbers = [record.capacity.memory_bytes, record.capacity.samples_per_second]
     numbers += [record.capacity.upload_bytes_per_second, record.round]
+    if record.capacity.memory_bytes > MAX_UINT64 or record.round > MAX_UINT64:  # before isfinite: it overflows
+        raise RecordError("capacity.memory_bytes and round must fit in 64 bits")
     if any(not math.isfinite(v) or v < 0 for v in numbers):
         raise RecordError("capacity figures and round must be finite and non-negative")
+    if any(len(text.encode()) > MAX_STR_BYTES for text in (record.capacity.device_name, *record.maddrs)):
+        raise RecordError(f"capacity.device_name and each of record.maddrs must be at most {MAX_STR_BYTES} bytes")
     if not math.isfinite(record.timestamp):
         raise RecordError("record.timestamp must be finite")
+    if len(record.run_config) > MAX_RUN_CONFIG_BYTES:
+        raise RecordError(f"record.run_config is over {MAX_RUN_CONFIG_BYTES} bytes")
     if len(record.maddrs) > 16 or len(record.run_hash) > 128 or len(record.version) > 64:
         raise RecordError("record.maddrs, run_hash or version is too long")
 

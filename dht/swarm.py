@@ -66,7 +66,7 @@ def start_dht(
 ) -> hivemind.DHT:
     """Start a DHT peer with our record validator; translate failures into :class:`SwarmError`."""
     validator = PeerRecordValidator(run_ids)
-    options = dict(
+    options: dict[str, object] = dict(
         initial_peers=config.initial_peers or None,
         host_maddrs=config.host_maddrs,
         announce_maddrs=config.announce_maddrs or None,
@@ -104,9 +104,7 @@ def _explain_start_failure(message: str, config: SwarmConfig) -> str:
 def publish_record(dht: hivemind.DHT, run_id: str, envelope: bytes, ttl: float = MAX_TTL / 2) -> bool:
     """Store a signed record under the run's peers key; return whether any replica accepted it."""
     peer_record = PeerRecord.verify(envelope)
-    ok = dht.store(
-        peers_key(run_id), envelope, expiration_time=get_dht_time() + ttl, subkey=peer_record.peer_id
-    )
+    ok = dht.store(peers_key(run_id), envelope, expiration_time=get_dht_time() + ttl, subkey=peer_record.peer_id)
     return bool(ok)
 
 

@@ -1,0 +1,210 @@
+"""The ``zen-node`` command.
+
+    zen-node join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --data ./corpus
+    zen-node status --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...
+    zen-node demo --peers 3 --rounds 3 --summary-json out.json
+
+Errors a user can fix print one line, ``zen-node: error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from hivemind.utils import get_dht_time
+
+from dht import IdentityError, SwarmError, list_peers, start_dht
+from dht.swarm import SwarmConfig
+from node.capacity import CapacityError
+from node.config import ConfigError, load_node_config
+from node.data import DataError
+from node.trainer import ConfigMismatchError, RoundReport, TrainingNode
+
+logger = logging.getLogger(__name__)
+
+USER_ERRORS = (ConfigError, ValueError, IdentityError, DataError, CapacityError, SwarmError, ConfigMismatchError)
+EXAMPLE_PEER = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWExample"
+
+
+def _add_swarm_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--initial-peers", nargs="+", default=None, metavar="MADDR", help=f"bootstrap peer(s), e.g. {EXAMPLE_PEER}"
+    )
+    parser.add_argument("--config", default=None, help="run/node config file (TOML), e.g. node.toml")
+    parser.add_argument("--run-id", default=None, help="the run to join, e.g. zen-demo (overrides the config file)")
+    parser.add_argument(
+        "--host-maddrs", nargs="+", default=None, metavar="MADDR", help="where to listen, e.g. /ip4/0.0.0.0/tcp/0"
+    )
+    parser.add_argument(
+        "--announce-maddrs",
+        nargs="+",
+        default=None,
+        metavar="MADDR",
+        help="public address, e.g. /ip4/203.0.113.7/tcp/4000",
+    )
+    parser.add_argument(
+        "--client-mode", action="store_true", default=None, help="dial out only (behind NAT), e.g. --client-mode"
+    )
+    parser.add_argument("--no-relay", action="store_true", help="disable libp2p circuit relays, e.g. --no-relay")
+    parser.add_argument(
+        "--auto-relay", action="store_true", help="find a relay to be reachable behind NAT, e.g. --auto-relay"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level, e.g. DEBUG")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zen-node", description="Zen Federation training node.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    join = commands.add_parser("join", help="join a swarm and train on local data")
+    _add_swarm_flags(join)
+    join.add_argument("--data", default=None, help="text file or folder of .txt/.jsonl, e.g. ./corpus")
+    join.add_argument("--identity", default=None, help="folder holding this node's keys, e.g. ~/.zen/identity")
+    join.add_argument("--workdir", default=None, help="checkpoints and report, e.g. ~/.zen/work")
+    join.add_argument("--rounds", type=int, default=None, help="stop after this outer round (0: never), e.g. 10")
+    join.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N, e.g. cuda:0")
+    join.add_argument(
+        "--allow-low-memory", action="store_true", default=None, help="join below the run's minimum memory"
+    )
+    join.add_argument("--resume", action="store_true", default=None, help="continue from the checkpoint in --workdir")
+    join.add_argument("--min-peers", type=int, default=None, help="wait for this many trainers before training, e.g. 3")
+    join.add_argument("--save-round-params", action="store_true", default=None, help="keep each round's global params")
+
+    status = commands.add_parser("status", help="list the swarm's peers as the DHT shows them")
+    _add_swarm_flags(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object per peer, e.g. --json")
+
+    demo = commands.add_parser("demo", help="run a local swarm: a bootstrap peer and N nodes on 127.0.0.1")
+    demo.add_argument("--peers", type=int, default=4, help="number of nodes, e.g. 4")
+    demo.add_argument("--rounds", type=int, default=3, help="outer rounds, e.g. 3")
+    demo.add_argument("--summary-json", default=None, help="write a JSON summary here, e.g. out.json")
+    demo.add_argument("--workdir", default="zen-demo", help="scratch folder for the demo, e.g. zen-demo")
+    demo.add_argument("--inner-steps", type=int, default=30, help="inner steps per round, e.g. 30")
+    demo.add_argument("--log-level", default="WARNING", help="nodes' logging level, e.g. INFO")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {
+        "initial_peers": "swarm.initial_peers",
+        "host_maddrs": "swarm.host_maddrs",
+        "announce_maddrs": "swarm.announce_maddrs",
+        "client_mode": "swarm.client_mode",
+        "run_id": "run.run_id",
+        "data": "node.data",
+        "identity": "node.identity",
+        "workdir": "node.workdir",
+        "rounds": "node.rounds",
+        "device": "node.device",
+        "allow_low_memory": "node.allow_low_memory",
+        "resume": "node.resume",
+        "min_peers": "node.min_peers",
+        "save_round_params": "node.save_round_params",
+    }
+    values = {key: getattr(args, name) for name, key in mapping.items() if getattr(args, name, None) is not None}
+    if getattr(args, "no_relay", False):
+        values["swarm.use_relay"] = False
+    if getattr(args, "auto_relay", False):
+        values["swarm.use_auto_relay"] = True
+    return values
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        logger.info(f"received {signal.Signals(signum).name}; stopping after the current step")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_progress(report: RoundReport) -> None:
+    print(
+        f"round {report.round:4d} | {report.mode:7s} | eval loss {report.eval_loss:.4f} | "
+        f"train loss {report.train_loss:.4f} | {report.samples_per_second:8.1f} samples/s | "
+        f"peers {report.group_size}",
+        flush=True,
+    )
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config, _overrides(args))
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    node = TrainingNode(config, stop_event=stop, on_round=_print_progress)
+    try:
+        node.prepare()
+        node.join()
+        print(f"joined run {config.run.run_id!r} as {node.identity.peer_id} at round {node.round}", flush=True)
+        node.run_forever()
+    finally:
+        node.close()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config, _overrides(args))
+    swarm = SwarmConfig(**{**vars(config.swarm), "client_mode": True})
+    dht = start_dht(swarm, None, [config.run.run_id])
+    try:
+        peers = list_peers(dht, config.run.run_id)
+    finally:
+        dht.shutdown()
+    now = get_dht_time()
+    if args.json:
+        for peer in peers:
+            row = {
+                "peer_id": peer.peer_id,
+                "roles": list(peer.roles),
+                "round": peer.round,
+                "version": peer.version,
+                "run_hash": peer.run_hash,
+                "device": peer.capacity.device_kind,
+                "device_name": peer.capacity.device_name,
+                "memory_gb": round(peer.capacity.memory_bytes / 1024**3, 2),
+                "samples_per_second": peer.capacity.samples_per_second,
+                "last_heartbeat_seconds_ago": round(now - peer.timestamp, 1),
+            }
+            print(json.dumps(row))
+        return 0
+    print(f"run {config.run.run_id!r}: {len(peers)} peer(s)")
+    print(f"{'peer id':54s} {'roles':10s} {'round':>5s} {'device':8s} {'mem GB':>7s} {'samples/s':>10s} {'seen':>6s}")
+    for peer in peers:
+        print(
+            f"{peer.peer_id:54s} {','.join(peer.roles):10s} {peer.round:5d} {peer.capacity.device_kind:8s} "
+            f"{peer.capacity.memory_bytes / 1024**3:7.1f} {peer.capacity.samples_per_second:10.1f} "
+            f"{now - peer.timestamp:5.1f}s"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "join":
+            return cmd_join(args)
+        if args.command == "status":
+            return cmd_status(args)
+        from node.demo import run_demo
+
+        return run_demo(args)
+    except USER_ERRORS as e:
+        print(f"zen-node: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Configuration: one dataclass per component, loaded from TOML and overridden by flags.
+
+``RunConfig`` is what every peer of a run must share (its hash goes in each PeerRecord);
+``NodeConfig`` is this machine's own settings. A TOML file maps onto them section by
+section::
+
+    [run]            run_id, min_memory_gb
+    [run.model]      ModelConfig
+    [run.train]      TrainConfig
+    [run.aggregation] AggregationConfig
+    [swarm]          dht.SwarmConfig
+    [node]           NodeConfig's own fields (data, identity, workdir, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from dht import SwarmConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the field and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """A small GPT over bytes; identical on every peer of a run."""
+
+    vocab_size: int = 256  # byte-level tokens
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 2  # attention heads per block
+    d_model: int = 64  # width
+    context: int = 64  # tokens per training sequence
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size == 256, f"model.vocab_size must be 256 (bytes), got {self.vocab_size}")
+        _require(1 <= self.n_layer <= 96, f"model.n_layer must be in [1, 96], got {self.n_layer}")
+        _require(self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}")
+        _require(
+            self.d_model >= 8 and self.d_model % self.n_head == 0,
+            f"model.d_model must be >= 8 and divisible by n_head={self.n_head}, got {self.d_model}",
+        )
+        _require(8 <= self.context <= 8192, f"model.context must be in [8, 8192], got {self.context}")
+
+
+@dataclass
+class TrainConfig:
+    """DiLoCo-style schedule: H inner AdamW steps, then one outer Nesterov step on the averaged delta."""
+
+    inner_steps: int = 20  # H: inner steps per outer round
+    batch_size: int = 16  # sequences per inner step
+    inner_lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    outer_lr: float = 0.7  # outer Nesterov learning rate (DiLoCo's default)
+    outer_momentum: float = 0.9  # outer Nesterov momentum (DiLoCo's default)
+    seed: int = 0  # initial weights are seeded by this, so every peer starts equal
+
+    def __post_init__(self) -> None:
+        _require(self.inner_steps >= 1, f"train.inner_steps must be >= 1, got {self.inner_steps}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(0 < self.inner_lr < 1, f"train.inner_lr must be in (0, 1), got {self.inner_lr}")
+        _require(0 <= self.weight_decay < 1, f"train.weight_decay must be in [0, 1), got {self.weight_decay}")
+        _require(0 < self.outer_lr <= 2, f"train.outer_lr must be in (0, 2], got {self.outer_lr}")
+        _require(0 <= self.outer_momentum < 1, f"train.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+
+
+@dataclass
+class AggregationConfig:
+    """How pseudo-gradients are merged with peers."""
+
+    mode: str = "plain"  # "plain": hivemind's averager (the secure all-reduce comes next)
+    min_group_size: int = 2  # smallest group that may average; smaller waits for more peers
+    matchmaking_time: float = 3.0  # seconds a leader gathers followers before averaging
+    timeout: float = 120.0  # seconds to find a group and average before the round counts as missed
+
+    def __post_init__(self) -> None:
+        _require(self.mode == "plain", f"aggregation.mode must be 'plain' for now, got {self.mode!r}")
+        _require(
+            2 <= self.min_group_size <= 64,
+            f"aggregation.min_group_size must be in [2, 64], got {self.min_group_size}",
+        )
+        _require(0.5 <= self.matchmaking_time <= 60, "aggregation.matchmaking_time must be in [0.5, 60] s")
+        _require(self.timeout > self.matchmaking_time, "aggregation.timeout must exceed matchmaking_time")
+
+
+@dataclass
+class RunConfig:
+    """Everything the peers of one run must agree on."""
+
+    run_id: str = "zen-demo"  # the swarm's name for this training run
+    min_memory_gb: float = 16.0  # nodes with less memory are refused unless --allow-low-memory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < len(self.run_id) <= 64 and all(c.isalnum() or c in "-_" for c in self.run_id),
+            f"run.run_id must be 1-64 letters, digits, '-' or '_', got {self.run_id!r}",
+        )
+        _require(self.min_memory_gb >= 0, f"run.min_memory_gb must be >= 0, got {self.min_memory_gb}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_bytes(self) -> bytes:
+        """Canonical encoding (sorted keys), for the PeerRecord and the hash."""
+        return msgpack.packb(json.loads(json.dumps(self.to_dict(), sort_keys=True)), use_bin_type=True)
+
+    def digest(self) -> str:
+        return hashlib.blake2b(self.to_bytes(), digest_size=16).hexdigest()
+
+
+@dataclass
+class NodeConfig:
+    """This node's own settings (not shared with the run)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    data: str | None = None  # text file or folder of .txt/.jsonl files
+    identity: str = "~/.zen/identity"  # folder holding this node's keys
+    workdir: str = "~/.zen/work"  # checkpoints and the per-round report
+    rounds: int = 0  # outer rounds to run before exiting; 0 = until stopped
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    allow_low_memory: bool = False  # run even below run.min_memory_gb
+    resume: bool = False  # continue from the checkpoint in workdir
+    min_peers: int = 1  # wait until this many trainers (self included) are listed before training
+    save_round_params: bool = False  # keep the global parameters of every round in workdir/rounds/
+    heartbeat_period: float = 5.0  # seconds between record refreshes
+    record_ttl: float = 20.0  # seconds a record lives; a dead node leaves the listing within this
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 0, f"node.rounds must be >= 0, got {self.rounds}")
+        _require(1 <= self.min_peers <= 1024, f"node.min_peers must be in [1, 1024], got {self.min_peers}")
+        _require(
+            0 < self.heartbeat_period < self.record_ttl <= 60,
+            "node.heartbeat_period must be > 0 and < node.record_ttl <= 60",
+        )
+
+    @property
+    def identity_path(self) -> Path:
+        return Path(self.identity).expanduser()
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser()
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "aggregation": AggregationConfig,
+}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known keys: {sorted(known)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{where}]: {e}") from None
+
+
+def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a (possibly nested) mapping, as found in TOML or a PeerRecord."""
+    values = dict(values)
+    nested = {name: _build(cls, dict(values.pop(name, {})), f"run.{name}") for name, cls in _SECTIONS.items()}
+    return _build(RunConfig, {**values, **nested}, "run")
+
+
+def load_node_config(path: str | None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Load a TOML file (if given) and apply flag overrides, given as dotted keys (``run.train.inner_steps``).
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown keys or out-of-range values.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    unknown = sorted(set(tree) - {"run", "swarm", "node"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in config; use [run], [swarm] and [node]")
+    run = run_config_from_dict(tree.get("run", {}))
+    swarm = _build(SwarmConfig, dict(tree.get("swarm", {})), "swarm")
+    return _build(NodeConfig, {**tree.get("node", {}), "run": run, "swarm": swarm}, "node")
+
+
+def describe_difference(mine: RunConfig, theirs: dict[str, Any]) -> str:
+    """Name the fields where another peer's run config differs from ours, e.g. ``model.d_model: 64 != 128``."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            diffs.append(f"{prefix}: ours {a!r}, theirs {b!r}")
+
+    walk(mine.to_dict(), theirs, "")
+    return "; ".join(diffs[:8]) if diffs else "the encodings differ (software version?)"

@@ -1,0 +1,122 @@
+"""Local data: byte-level tokens from a text file or a folder of .txt/.jsonl files.
+
+Nothing is downloaded. The data sketch published in a PeerRecord is a normalized byte
+histogram (256 floats): it says which bytes are common in the corpus, never which records it
+holds. A later issue replaces it with a richer sketch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_CORPUS_BYTES = 2 * 1024**3  # refuse to load more than this into memory
+
+
+class DataError(Exception):
+    """The data path is missing, empty or unreadable; the message names it and the fix."""
+
+
+def load_corpus(path: str | Path) -> bytes:
+    """Read a text file, or every ``.txt`` / ``.jsonl`` file under a folder, as one byte string.
+
+    In ``.jsonl`` files each line's ``"text"`` field is used (a line that is not JSON is used as is).
+
+    Raises:
+        DataError: the path does not exist, has no usable file, is empty or cannot be read.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist; pass --data with a text file or a folder of .txt/.jsonl")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl"))
+    if not files:
+        raise DataError(f"data folder {root} holds no .txt or .jsonl files")
+    chunks, total = [], 0
+    for file in files:
+        try:
+            raw = file.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read data file {file}: {e.strerror}; check its permissions") from None
+        if file.suffix == ".jsonl":
+            raw = _jsonl_text(raw)
+        total += len(raw)
+        if total > MAX_CORPUS_BYTES:
+            raise DataError(f"data under {root} exceeds {MAX_CORPUS_BYTES >> 30} GiB; pass a smaller folder")
+        chunks.append(raw)
+    corpus = b"\n".join(chunks)
+    if len(corpus.strip()) == 0:
+        raise DataError(f"data under {root} is empty")
+    return corpus
+
+
+def _jsonl_text(raw: bytes) -> bytes:
+    lines = []
+    for line in raw.splitlines():
+        try:
+            item = json.loads(line)
+            text = item.get("text") if isinstance(item, dict) else None
+            lines.append(text.encode() if isinstance(text, str) else line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            lines.append(line)
+    return b"\n".join(lines)
+
+
+class ByteBatches:
+    """Random windows of ``context + 1`` bytes from a corpus, from a seeded generator.
+
+    Args:
+        corpus: the bytes to sample from (must be longer than ``context``).
+        context: tokens per sequence.
+        batch_size: sequences per batch.
+        seed: seeds the window positions, so a restarted node can replay its stream.
+    """
+
+    def __init__(self, corpus: bytes, context: int, batch_size: int, seed: int):
+        if len(corpus) <= context + 1:
+            raise DataError(f"data has {len(corpus)} bytes; a run with context {context} needs more than {context + 1}")
+        self.data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8)
+        self.context, self.batch_size = context, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.data) - self.context - 1, (self.batch_size,), generator=self.generator)
+        offsets = torch.arange(self.context + 1)
+        window = self.data[starts[:, None] + offsets].long()
+        return window[:, :-1], window[:, 1:]
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def byte_histogram(corpus: bytes) -> list[float]:
+    """The data sketch: byte frequencies normalized to sum to 1."""
+    counts = torch.bincount(torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long(), minlength=256)
+    return (counts.double() / max(1, len(corpus))).tolist()
+
+
+_WORDS = (
+    "the swarm trains a model together while every peer keeps its data at home and sends only masked updates "
+    "gradients flow between nodes through the hash table and no server decides anything for the group "
+    "a river runs past the old mill where the baker sells bread to the farmers every morning before dawn"
+).split()
+
+
+def generate_corpus(num_bytes: int, seed: int = 0) -> bytes:
+    """A deterministic synthetic text (a word-level Markov chain) for the demo and tests."""
+    rng = random.Random(seed)
+    successors = {word: rng.sample(_WORDS, 4) for word in _WORDS}
+    words, word, size = [], rng.choice(_WORDS), 0
+    while size < num_bytes:
+        words.append(word)
+        size += len(word) + 1
+        word = rng.choice(successors[word]) if rng.random() < 0.9 else rng.choice(_WORDS)
+    return " ".join(words).encode()[:num_bytes]

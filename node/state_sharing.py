@@ -1,0 +1,111 @@
+"""Late joiners download the run's current state from peers instead of starting from scratch.
+
+A ``StateSharer`` is a hivemind ``DecentralizedAverager`` used only for its state-download RPC
+(``load_state_from_peers``): it never averages. Peers declare themselves as donors with their
+round as priority, so a joiner downloads from the most advanced peer. What arrives is checked
+before use: the metadata is a small msgpack map (hivemind's MSGPackSerializer; no pickle), and
+the tensors must match the local model's count, shapes and dtypes and be finite. Anything else
+is rejected and logged, and the node starts from its own state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """A downloaded, checked state."""
+
+    round: int  # the outer round the donor had completed
+    run_hash: str  # the donor's run config hash
+    tensors: list[torch.Tensor]  # global parameters, then outer optimizer buffers
+
+
+StateProvider = Callable[[], tuple[dict[str, Any], Sequence[torch.Tensor]]]
+
+
+class _StateAverager(DecentralizedAverager):
+    def __init__(self, provider: StateProvider, **kwargs: Any):
+        self._provider = provider
+        super().__init__([torch.zeros(1)], **kwargs)
+
+    def get_current_state(self):
+        metadata, tensors = self._provider()
+        return metadata, [t.detach().cpu() for t in tensors], None
+
+
+class StateSharer:
+    """Serve this node's state to joiners, and download the swarm's state when joining.
+
+    Args:
+        dht: the node's running DHT.
+        run_id: the run.
+        provider: returns ``({"round": int, "run_hash": str}, tensors)`` for a joiner; called in this process.
+        client_mode: a client-mode node downloads but does not serve.
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, provider: StateProvider, client_mode: bool = False):
+        self._averager = _StateAverager(
+            provider,
+            dht=dht,
+            start=True,
+            prefix=f"zen_{run_id}_state",
+            client_mode=client_mode,
+            allow_state_sharing=False,
+            declare_state_period=10,
+            next_chunk_timeout=30,
+            shutdown_timeout=2,
+        )
+        self.client_mode = client_mode
+
+    def announce(self, round_no: int) -> None:
+        """Offer our state to joiners, preferred in proportion to how far along we are."""
+        if not self.client_mode:
+            self._averager.state_sharing_priority = float(round_no)
+            self._averager.allow_state_sharing = True
+
+    def download(self, templates: Sequence[torch.Tensor], run_hash: str, timeout: float = 60.0) -> SharedState | None:
+        """Download and check the most advanced peer's state; None if no peer offers a usable one."""
+        result = self._averager.load_state_from_peers(timeout=timeout)
+        if result is None:
+            return None
+        metadata, tensors = result
+        try:
+            return check_state(metadata, tensors, templates, run_hash)
+        except ValueError as e:
+            logger.warning(f"rejected a downloaded state: {e}")
+            return None
+
+    def shutdown(self) -> None:
+        self._averager.shutdown()
+
+
+def check_state(
+    metadata: Any, tensors: Sequence[torch.Tensor], templates: Sequence[torch.Tensor], run_hash: str
+) -> SharedState:
+    """Validate a downloaded state against the local model; raise ValueError naming the problem."""
+    if not isinstance(metadata, dict) or set(metadata) != {"round", "run_hash"}:
+        raise ValueError("metadata must be a map with exactly 'round' and 'run_hash'")
+    round_no, their_hash = metadata["round"], metadata["run_hash"]
+    if not isinstance(round_no, int) or isinstance(round_no, bool) or not 0 <= round_no < 2**40:
+        raise ValueError(f"round {round_no!r} is not a valid round number")
+    if their_hash != run_hash:
+        raise ValueError(f"donor's run hash {their_hash!r} differs from ours {run_hash!r}")
+    if len(tensors) != len(templates):
+        raise ValueError(f"expected {len(templates)} tensors, got {len(tensors)}")
+    for i, (tensor, template) in enumerate(zip(tensors, templates, strict=True)):
+        if tensor.shape != template.shape or tensor.dtype != template.dtype:
+            raise ValueError(f"tensor {i} is {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(template.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"tensor {i} holds non-finite values")
+    return SharedState(round=round_no, run_hash=their_hash, tensors=list(tensors))

@@ -1,0 +1,400 @@
+"""The training node: enroll, join, catch up, then DiLoCo outer rounds until told to stop.
+
+One outer round (see docs/architecture.md):
+
+1. ``inner_steps`` AdamW steps on the local copy of the model, on local data.
+2. pseudo-gradient = global params - local params.
+3. the Aggregator replaces it with the weighted (by samples) mean over a group at this round.
+4. outer Nesterov SGD step on the global params with that mean as the gradient; local = global.
+5. checkpoint, report, heartbeat with the new round and state digest.
+
+If no group forms in time, a node that sees peers further along downloads their state
+(``resync``); a node alone applies its own delta (``solo``) so a lone peer still trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+from hivemind.utils import get_dht_time
+
+from dht import (
+    Heartbeat,
+    NodeIdentity,
+    PeerRecord,
+    encode_sketch,
+    list_peers,
+    start_dht,
+)
+from dht.records import Capacity
+from node import __version__
+from node.aggregator import AggregationError, make_aggregator
+from node.capacity import pick_device, probe_capacity
+from node.config import NodeConfig, describe_difference
+from node.data import ByteBatches, byte_histogram, load_corpus
+from node.model import build_model
+from node.state_sharing import StateSharer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+REPORT_FILE = "report.jsonl"
+EVAL_BATCHES = 4
+
+
+class ConfigMismatchError(Exception):
+    """A peer of the same run uses a different run configuration."""
+
+
+@dataclass
+class RoundReport:
+    """One line of ``report.jsonl``, and what the progress bar shows."""
+
+    round: int
+    mode: str  # "group", "solo", "resync" or "loaded"
+    eval_loss: float
+    train_loss: float
+    group_size: int
+    samples: int
+    samples_per_second: float
+    seconds: float
+    state_digest: str
+
+
+def state_digest(tensors: Sequence[torch.Tensor]) -> bytes:
+    """BLAKE2b-16 over the raw bytes of the global parameters."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+class TrainingNode:
+    """A data-holding trainer in the swarm.
+
+    Args:
+        config: the node's configuration (run config included).
+        stop_event: set it (e.g. from a signal handler) to stop after the current inner step.
+        on_round: called with each RoundReport (the CLI's progress line).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        stop_event: threading.Event | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ):
+        self.config = config
+        self.run = config.run
+        self.stop_event = stop_event or threading.Event()
+        self.on_round = on_round or (lambda report: None)
+        self.run_hash = self.run.digest()
+        self.workdir = config.workdir_path
+        self.round = 0
+        self.capacity = Capacity()
+        self._digest = b""
+
+    # ---- enrollment -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything that can fail without the network: identity, data, device, model, checkpoint."""
+        self.identity = NodeIdentity.load_or_create(self.config.identity_path)
+        if self.config.data is None:
+            raise ValueError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
+        corpus = load_corpus(self.config.data)
+        split = max(self.run.model.context + 2, int(len(corpus) * 0.9))
+        train_bytes, eval_bytes = corpus[:split], corpus[split:]
+        if len(eval_bytes) <= self.run.model.context + 1:
+            eval_bytes = train_bytes
+        self.sketch = byte_histogram(corpus)
+        self.device = pick_device(self.config.device)
+        self.capacity = probe_capacity(
+            self.run.model,
+            self.run.train.batch_size,
+            self.device,
+            self.run.min_memory_gb,
+            allow_low_memory=self.config.allow_low_memory,
+        )
+        train = self.run.train
+        self.batches = ByteBatches(train_bytes, self.run.model.context, train.batch_size, seed=_seed_of(self.identity))
+        evaluation = ByteBatches(eval_bytes, self.run.model.context, train.batch_size, seed=1234)
+        self.eval_set = [evaluation.next() for _ in range(EVAL_BATCHES)]
+        self.model = build_model(self.run.model, train.seed).to(self.device)
+        self.global_params = [
+            torch.nn.Parameter(p.detach().clone(), requires_grad=True) for p in self.model.parameters()
+        ]
+        self.outer_opt = torch.optim.SGD(
+            self.global_params, lr=train.outer_lr, momentum=train.outer_momentum, nesterov=True
+        )
+        self.inner_opt = torch.optim.AdamW(self.model.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.config.resume:
+            self._load_checkpoint()
+        self._digest = state_digest(self.global_params)
+
+    def _record(self) -> bytes:
+        return PeerRecord(
+            peer_id=self.identity.peer_id,
+            signing_key=self.identity.signing_public_key,
+            binding=self.identity.binding,
+            x25519_key=self.identity.x25519_public_key,
+            version=__version__,
+            run_hash=self.run_hash,
+            capacity=self.capacity,
+            sketch=encode_sketch(self.sketch),
+            roles=("trainer",),
+            round=self.round,
+            state_digest=self._digest,
+            timestamp=get_dht_time(),
+            run_config=self.run.to_bytes(),
+        ).sign(self.identity)
+
+    def join(self) -> None:
+        """Start the DHT peer, refuse a mismatched run, publish our record, and catch up with the swarm."""
+        self.dht = start_dht(self.config.swarm, self.identity, [self.run.run_id])
+        peers = [p for p in list_peers(self.dht, self.run.run_id) if p.peer_id != self.identity.peer_id]
+        for peer in peers:
+            if peer.run_hash != self.run_hash:
+                theirs = _decode_run_config(peer.run_config)
+                raise ConfigMismatchError(
+                    f"peer {peer.peer_id[:16]} runs {self.run.run_id!r} with a different config "
+                    f"({describe_difference(self.run, theirs)}); use the run's config file (--config)"
+                )
+        self.heartbeat = Heartbeat(
+            self.dht,
+            self.run.run_id,
+            self._record,
+            period=self.config.heartbeat_period,
+            ttl=self.config.record_ttl,
+        ).start()
+        client_mode = self.config.swarm.client_mode
+        self.sharer = StateSharer(self.dht, self.run.run_id, self._shared_state, client_mode=client_mode)
+        self.aggregator = make_aggregator(
+            self.dht,
+            self.run.run_id,
+            self.global_params,
+            self.run.aggregation,
+            client_mode=client_mode,
+            stop_event=self.stop_event,
+        )
+        if any(p.round > self.round for p in peers):
+            self._catch_up("loaded")
+        self.sharer.announce(self.round)
+        self._wait_for_peers()
+
+    def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        return {"round": self.round, "run_hash": self.run_hash}, self._state_tensors()
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        momentum = [self.outer_opt.state.get(p, {}).get("momentum_buffer") for p in self.global_params]
+        return [p.detach() for p in self.global_params] + [
+            m.detach() if m is not None else torch.zeros_like(p)
+            for m, p in zip(momentum, self.global_params, strict=True)
+        ]
+
+    def _catch_up(self, mode: str) -> bool:
+        """Download the most advanced peer's state; return whether it was applied."""
+        logger.info(f"downloading the swarm's state (we are at round {self.round})")
+        state = self.sharer.download(self._state_tensors(), self.run_hash)
+        if state is None or state.round < self.round:
+            logger.warning("no usable state from peers; continuing from our own")
+            return False
+        count = len(self.global_params)
+        with torch.no_grad():
+            for param, value, momentum in zip(
+                self.global_params, state.tensors[:count], state.tensors[count:], strict=True
+            ):
+                param.copy_(value.to(param.device))
+                self.outer_opt.state[param]["momentum_buffer"] = momentum.to(param.device).clone()
+            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                local.copy_(param)
+        self.round = state.round
+        self._finish_round(mode, train_loss=float("nan"), group_size=0, samples=0, started=time.perf_counter())
+        logger.info(f"loaded the swarm's state at round {self.round}")
+        return True
+
+    def _wait_for_peers(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.stop_event.is_set():
+            trainers = [p for p in list_peers(self.dht, self.run.run_id) if "trainer" in p.roles]
+            if len(trainers) >= self.config.min_peers or time.monotonic() > deadline:
+                return
+            logger.info(f"waiting for peers: {len(trainers)}/{self.config.min_peers} trainers listed")
+            self.stop_event.wait(1.0)
+
+    # ---- training ---------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Mean loss of the global parameters on the held-out batches."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.model.parameters()]
+            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                local.copy_(param)
+            losses = [float(self.model(x.to(self.device), y.to(self.device))) for x, y in self.eval_set]
+            for local, value in zip(self.model.parameters(), saved, strict=True):
+                local.copy_(value)
+        return sum(losses) / len(losses)
+
+    def train_round(self) -> None:
+        started = time.perf_counter()
+        train = self.run.train
+        losses = []
+        self.model.train()
+        for _ in range(train.inner_steps):
+            if self.stop_event.is_set():
+                return
+            tokens, targets = self.batches.next()
+            loss = self.model(tokens.to(self.device), targets.to(self.device))
+            self.inner_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.inner_opt.step()
+            losses.append(loss.item())
+        samples = train.inner_steps * train.batch_size
+        with torch.no_grad():
+            delta = [g.detach() - p.detach() for g, p in zip(self.global_params, self.model.parameters(), strict=True)]
+        own_delta = [d.clone() for d in delta]
+        try:
+            result = self.aggregator.aggregate(self.round + 1, delta, weight=samples)
+        except AggregationError as e:
+            logger.warning(str(e))
+            result = None
+        if self.stop_event.is_set():
+            return
+        train_loss = sum(losses) / len(losses)
+        if result is None:
+            ahead = [p for p in list_peers(self.dht, self.run.run_id) if p.round > self.round]
+            if ahead and self._catch_up("resync"):
+                return
+            logger.warning(f"round {self.round + 1}: no group formed; applying our own update alone")
+            delta, mode, group_size = own_delta, "solo", 1
+        else:
+            mode, group_size = "group", result.group_size
+        self._outer_step(delta)
+        self.round += 1
+        self._finish_round(mode, train_loss, group_size, samples, started)
+
+    def _outer_step(self, mean_delta: list[torch.Tensor]) -> None:
+        for param, grad in zip(self.global_params, mean_delta, strict=True):
+            param.grad = grad.to(param.device, param.dtype)
+        self.outer_opt.step()
+        self.outer_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                local.copy_(param)
+
+    def _finish_round(self, mode: str, train_loss: float, group_size: int, samples: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self._digest = state_digest(self.global_params)
+        report = RoundReport(
+            round=self.round,
+            mode=mode,
+            eval_loss=self.evaluate(),
+            train_loss=train_loss,
+            group_size=group_size,
+            samples=samples,
+            samples_per_second=samples / max(seconds, 1e-9),
+            seconds=seconds,
+            state_digest=self._digest.hex(),
+        )
+        self._save_checkpoint()
+        if self.config.save_round_params:
+            rounds_dir = self.workdir / "rounds"
+            rounds_dir.mkdir(exist_ok=True)
+            _atomic_save([p.detach().cpu() for p in self.global_params], rounds_dir / f"round-{self.round:05d}.pt")
+        with open(self.workdir / REPORT_FILE, "a") as f:
+            f.write(json.dumps(asdict(report)) + "\n")
+        if hasattr(self, "sharer"):
+            self.sharer.announce(self.round)
+        if hasattr(self, "heartbeat"):
+            self.heartbeat.beat()
+        self.on_round(report)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        _atomic_save(
+            {
+                "run_hash": self.run_hash,
+                "round": self.round,
+                "global": [p.detach().cpu() for p in self.global_params],
+                "outer_opt": self.outer_opt.state_dict(),
+                "inner_opt": self.inner_opt.state_dict(),
+                "data_rng": self.batches.state(),
+            },
+            self.workdir / CHECKPOINT_FILE,
+        )
+
+    def _load_checkpoint(self) -> None:
+        path = self.workdir / CHECKPOINT_FILE
+        if not path.exists():
+            logger.info(f"--resume: no checkpoint at {path}; starting fresh")
+            return
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is unreadable ({e}); move it away to start fresh") from None
+        if state.get("run_hash") != self.run_hash:
+            raise ValueError(f"checkpoint {path} belongs to another run config; use that config or another --workdir")
+        with torch.no_grad():
+            for param, value in zip(self.global_params, state["global"], strict=True):
+                param.copy_(value)
+            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                local.copy_(param)
+        self.outer_opt.load_state_dict(state["outer_opt"])
+        self.inner_opt.load_state_dict(state["inner_opt"])
+        self.batches.restore(state["data_rng"])
+        self.round = int(state["round"])
+        logger.info(f"resumed from {path} at round {self.round}")
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        """Train until ``config.rounds`` rounds are done (0: forever) or the stop event is set."""
+        if self.round == 0 and not (self.workdir / REPORT_FILE).exists():
+            self._finish_round("initial", float("nan"), 0, 0, time.perf_counter())
+        while not self.stop_event.is_set():
+            if self.config.rounds and self.round >= self.config.rounds:
+                break
+            self.train_round()
+
+    def close(self) -> None:
+        """Stop background work; safe to call more than once and after a partial start."""
+        for name in ("heartbeat", "aggregator", "sharer"):
+            component = self.__dict__.pop(name, None)
+            if component is not None:
+                try:
+                    component.stop() if name == "heartbeat" else component.shutdown()
+                except Exception as e:
+                    logger.debug(f"error while stopping {name}: {e}")
+        dht = self.__dict__.pop("dht", None)
+        if dht is not None:
+            dht.shutdown()
+
+
+def _seed_of(identity: NodeIdentity) -> int:
+    return int.from_bytes(hashlib.blake2b(identity.peer_id.encode(), digest_size=4).digest(), "little")
+
+
+def _decode_run_config(raw: bytes) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(raw, raw=False, max_str_len=1024, max_array_len=64, max_map_len=64)
+        return value if isinstance(value, dict) else {}
+    except Exception:
+        return {}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file, fsync, rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
