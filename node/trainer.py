@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 REPORT_FILE = "report.jsonl"
 EVAL_BATCHES = 4
+DOWNLOAD_ATTEMPTS = 4
 
 
 class ConfigMismatchError(Exception):
@@ -205,7 +206,12 @@ class TrainingNode:
     def _catch_up(self, mode: str) -> bool:
         """Download the most advanced peer's state; return whether it was applied."""
         logger.info(f"downloading the swarm's state (we are at round {self.round})")
-        state = self.sharer.download(self._state_tensors(), self.run_hash)
+        state = None
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            # A fresh peer's first dials can fail (libp2p then backs off for a few seconds): retry.
+            state = self.sharer.download(self._state_tensors(), self.run_hash)
+            if state is not None or self.stop_event.wait(2.0 * 2**attempt):
+                break
         if state is None or state.round < self.round:
             logger.warning("no usable state from peers; continuing from our own")
             return False
