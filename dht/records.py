@@ -69,6 +69,7 @@ class PeerRecord:
     timestamp: float  # DHT time at signing
     maddrs: tuple[str, ...] = field(default=())  # multiaddrs others may dial
     run_config: bytes = b""  # msgpack of the run's configuration, so a mismatch can be named
+    ttl: float = 60.0  # seconds the signer wants this record to live; signed, so nobody can extend it
 
     def sketch_vector(self) -> list[float]:
         return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))
@@ -163,6 +164,7 @@ _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "timestamp": (int, float),
     "maddrs": list,
     "run_config": bytes,
+    "ttl": (int, float),
 }
 
 
@@ -213,6 +215,8 @@ def _check_fields(record: PeerRecord) -> None:
         raise RecordError("capacity figures and round must be finite and non-negative")
     if any(len(text.encode()) > MAX_STR_BYTES for text in (record.capacity.device_name, *record.maddrs)):
         raise RecordError(f"capacity.device_name and each of record.maddrs must be at most {MAX_STR_BYTES} bytes")
+    if not (math.isfinite(record.ttl) and 0 < record.ttl <= 3600):
+        raise RecordError("record.ttl must be in (0, 3600] seconds")
     if not math.isfinite(record.timestamp):
         raise RecordError("record.timestamp must be finite")
     if len(record.run_config) > MAX_RUN_CONFIG_BYTES:

@@ -104,7 +104,9 @@ def _explain_start_failure(message: str, config: SwarmConfig) -> str:
 def publish_record(dht: hivemind.DHT, run_id: str, envelope: bytes, ttl: float = MAX_TTL / 2) -> bool:
     """Store a signed record under the run's peers key; return whether any replica accepted it."""
     peer_record = PeerRecord.verify(envelope)
-    ok = dht.store(peers_key(run_id), envelope, expiration_time=get_dht_time() + ttl, subkey=peer_record.peer_id)
+    # The record's own signed ttl caps its life; validators refuse anything longer.
+    expiration = min(get_dht_time() + ttl, peer_record.timestamp + peer_record.ttl)
+    ok = dht.store(peers_key(run_id), envelope, expiration_time=expiration, subkey=peer_record.peer_id)
     return bool(ok)
 
 

@@ -48,7 +48,7 @@ class PeerRecordValidator(RecordValidatorBase):
         self.rejected = 0  # records rejected so far, for monitoring
 
     def validate(self, record: DHTRecord) -> bool:
-        strict = record.key in self._strict_keys
+        strict = record.key in self._strict_keys or _names_a_peer(record.subkey)
         if not strict and RECORD_TAG.encode() not in record.value[:64]:
             return True  # not ours: hivemind's own records (matchmaking, state sharing)
         try:
@@ -74,7 +74,7 @@ class PeerRecordValidator(RecordValidatorBase):
             raise RecordError(f"record expired {now - record.expiration_time:.0f}s ago")
         if peer_record.timestamp > now + MAX_CLOCK_SKEW:
             raise RecordError(f"record signed {peer_record.timestamp - now:.0f}s in the future")
-        if record.expiration_time > peer_record.timestamp + self.max_ttl:
+        if record.expiration_time > peer_record.timestamp + min(self.max_ttl, peer_record.ttl) + 1e-3:
             raise RecordError(
                 f"expiration is {record.expiration_time - peer_record.timestamp:.0f}s after signing, "
                 f"over the {self.max_ttl:.0f}s cap"
@@ -88,6 +88,20 @@ class PeerRecordValidator(RecordValidatorBase):
             return False
         self._strict_keys |= other._strict_keys
         return True
+
+
+def _names_a_peer(subkey: bytes) -> bool:
+    """Whether a subkey is a PeerID *string*: ours are; hivemind's own subkeys are PeerID bytes.
+
+    This lets a peer that does not know a run (a bootstrap) refuse junk under a run's key:
+    hivemind rejects a whole dictionary when one entry fails, so one junk entry accepted there
+    would hide every peer of the run from strict readers.
+    """
+    try:
+        value = msgpack.unpackb(subkey, raw=False, max_str_len=128, max_bin_len=0, max_array_len=0, max_map_len=0)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return False
+    return isinstance(value, str) and value.startswith("12D3KooW")
 
 
 def _loads_bounded(data: bytes) -> object:

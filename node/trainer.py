@@ -158,6 +158,7 @@ class TrainingNode:
             state_digest=self._digest,
             timestamp=get_dht_time(),
             run_config=self.run.to_bytes(),
+            ttl=self.config.record_ttl,
         ).sign(self.identity)
 
     def join(self) -> None:

@@ -497,3 +497,40 @@ def test_rejected_counts_every_refusal(alice: NodeIdentity, bob: NodeIdentity, r
     # Assert
     assert results == [True, False, True, False, True, False]
     assert validator.rejected == 3
+
+
+def test_expiry_beyond_the_signed_ttl_is_rejected(alice: NodeIdentity, record_factory: RecordFactory) -> None:
+    """Nobody can re-store a node's genuine record with a longer life than the node signed."""
+    # Prepare
+    record = record_factory(alice, ttl=5.0)
+    envelope = record.sign(alice)
+    validator = PeerRecordValidator([RUN])
+    within = _dht_record(envelope, alice.peer_id, record.timestamp + 5.0)
+    beyond = _dht_record(envelope, alice.peer_id, record.timestamp + 20.0)
+
+    # Execute
+    within_ok = validator.validate(within)
+    beyond_ok = validator.validate(beyond)
+
+    # Assert
+    assert within_ok
+    assert not beyond_ok
+
+
+def test_junk_under_a_peer_id_subkey_is_rejected_by_a_run_agnostic_validator(alice: NodeIdentity) -> None:
+    """A validator that knows no run (a bootstrap) still refuses untagged junk stored under a PeerID subkey."""
+    # Prepare
+    validator = PeerRecordValidator()
+    junk = DHTRecord(
+        key=OTHER_KEY,
+        subkey=MSGPackSerializer.dumps(alice.peer_id),
+        value=MSGPackSerializer.dumps(b"junk"),
+        expiration_time=get_dht_time() + 10,
+    )
+
+    # Execute
+    ok = validator.validate(junk)
+
+    # Assert
+    assert not ok
+    assert validator.rejected == 1
