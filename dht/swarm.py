@@ -12,9 +12,12 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import hivemind
 from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -131,6 +134,31 @@ def list_peers(dht: hivemind.DHT, run_id: str) -> list[PeerRecord]:
 
 def _dumps(obj: object) -> bytes:
     return MSGPackSerializer.dumps(obj)
+
+
+async def _connect(_dht: hivemind.DHT, node: Any, targets: list[tuple[str, list[str]]]) -> int:
+    connected = 0
+    for peer_id, maddrs in targets:
+        try:
+            await node.p2p._client.connect(PeerID.from_base58(peer_id), [Multiaddr(m) for m in maddrs])
+            connected += 1
+        except Exception as e:
+            logger.debug(f"could not connect to {peer_id[:16]}: {e}")
+    return connected
+
+
+def connect_to_peers(dht: hivemind.DHT, records: Sequence[PeerRecord]) -> int:
+    """Dial peers at the multiaddrs their signed records announce; return how many answered.
+
+    hivemind's DHT carries PeerIDs, not addresses, and libp2p finds a peer's address through
+    peers that are connected to it. Once idle connections to the bootstrap peer are pruned, a
+    newcomer would have no route to older peers; the addresses in their records give it one.
+    """
+    own = dht.peer_id.to_base58()
+    targets = [(r.peer_id, list(r.maddrs)) for r in records if r.maddrs and r.peer_id != own]
+    if not targets:
+        return 0
+    return int(dht.run_coroutine(partial(_connect, targets=targets)))
 
 
 class Heartbeat:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+import psutil
 from hivemind.utils import get_dht_time
 
 from dht import IdentityError, SwarmError, list_peers, start_dht
@@ -116,13 +118,29 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+SHUTDOWN_GRACE_SECONDS = 30.0  # after a stop signal, exit even if a component hangs in shutdown
+
+
 def _install_signal_handlers(stop: threading.Event) -> None:
     def handler(signum: int, _frame: Any) -> None:
         logger.info(f"received {signal.Signals(signum).name}; stopping after the current step")
+        if stop.is_set():
+            return
         stop.set()
+        # A hung network call must not keep a stopped node alive: exit hard after a grace period.
+        watchdog = threading.Timer(SHUTDOWN_GRACE_SECONDS, _exit_hard)
+        watchdog.daemon = True
+        watchdog.start()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def _exit_hard() -> None:
+    logger.error(f"shutdown took over {SHUTDOWN_GRACE_SECONDS:.0f}s; exiting now")
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os._exit(1)
 
 
 def _print_progress(report: RoundReport) -> None:

@@ -60,7 +60,7 @@ def start_bootstrap(folder: Path, log: IO[str], timeout: float = 60.0) -> tuple[
     """Start ``zen-bootstrap`` on 127.0.0.1 and return it with the multiaddr it printed."""
     command = [sys.executable, "-m", "bootstrap.cli", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
     command += ["--identity", str(folder / "bootstrap-identity"), "--http-port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -125,7 +125,9 @@ def run_demo(args: argparse.Namespace) -> int:
             command += ["--data", str(folder / "data.txt"), "--identity", str(folder / "identity")]
             command += ["--workdir", str(folder / "work"), "--rounds", str(args.rounds)]
             command += ["--min-peers", str(args.peers), "--save-round-params", "--log-level", args.log_level]
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, text=True
+            )
             processes.append(process)
             nodes.append((folder, process))
         deadline = time.monotonic() + 300 + 120 * args.rounds

@@ -8,8 +8,9 @@ One outer round (see docs/architecture.md):
 4. outer Nesterov SGD step on the global params with that mean as the gradient; local = global.
 5. checkpoint, report, heartbeat with the new round and state digest.
 
-If no group forms in time, a node that sees peers further along downloads their state
-(``resync``); a node alone applies its own delta (``solo``) so a lone peer still trains.
+If no group forms in time while other trainers are alive, the node waits for one of them to
+finish the round and downloads its state (``resync``): its own delta is dropped rather than
+letting its parameters drift from the swarm's. A node alone applies its own delta (``solo``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dht import (
     Heartbeat,
     NodeIdentity,
     PeerRecord,
+    connect_to_peers,
     encode_sketch,
     list_peers,
     start_dht,
@@ -159,12 +161,15 @@ class TrainingNode:
             timestamp=get_dht_time(),
             run_config=self.run.to_bytes(),
             ttl=self.config.record_ttl,
+            maddrs=getattr(self, "maddrs", ()),
         ).sign(self.identity)
 
     def join(self) -> None:
         """Start the DHT peer, refuse a mismatched run, publish our record, and catch up with the swarm."""
         self.dht = start_dht(self.config.swarm, self.identity, [self.run.run_id])
+        self.maddrs = tuple(str(m) for m in self.dht.get_visible_maddrs())[:16]
         peers = [p for p in list_peers(self.dht, self.run.run_id) if p.peer_id != self.identity.peer_id]
+        connect_to_peers(self.dht, peers)
         for peer in peers:
             if peer.run_hash != self.run_hash:
                 theirs = _decode_run_config(peer.run_config)
@@ -278,8 +283,7 @@ class TrainingNode:
             return
         train_loss = sum(losses) / len(losses)
         if result is None:
-            ahead = [p for p in list_peers(self.dht, self.run.run_id) if p.round > self.round]
-            if ahead and self._catch_up("resync"):
+            if self._others_alive() and self._wait_for_peer_ahead() and self._catch_up("resync"):
                 return
             logger.warning(f"round {self.round + 1}: no group formed; applying our own update alone")
             delta, mode, group_size = own_delta, "solo", 1
@@ -288,6 +292,22 @@ class TrainingNode:
         self._outer_step(delta)
         self.round += 1
         self._finish_round(mode, train_loss, group_size, samples, started)
+
+    def _others_alive(self) -> bool:
+        return any(
+            p.peer_id != self.identity.peer_id and "trainer" in p.roles for p in list_peers(self.dht, self.run.run_id)
+        )
+
+    def _wait_for_peer_ahead(self) -> bool:
+        """Wait (up to the aggregation timeout) until a live peer has finished a later round than ours."""
+        deadline = time.monotonic() + self.run.aggregation.timeout
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            ahead = [p for p in list_peers(self.dht, self.run.run_id) if p.round > self.round]
+            if ahead:
+                connect_to_peers(self.dht, ahead)
+                return True
+            self.stop_event.wait(1.0)
+        return False
 
     def _outer_step(self, mean_delta: list[torch.Tensor]) -> None:
         for param, grad in zip(self.global_params, mean_delta, strict=True):

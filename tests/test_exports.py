@@ -21,6 +21,7 @@ DHT_EXPORTS = [
     "SwarmConfig",
     "SwarmError",
     "check_multiaddr",
+    "connect_to_peers",
     "encode_sketch",
     "list_peers",
     "peer_id_from_public_key",

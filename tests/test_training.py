@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dht import SwarmConfig, start_dht
 from node.data import generate_corpus
-from node.demo import max_divergence
+from node.demo import max_divergence, start_bootstrap
 
 RUN_TOML = """
 [run]
@@ -56,13 +55,18 @@ def write_config(
 
 
 @pytest.fixture
-def bootstrap_maddr() -> Iterator[str]:
-    """A real DHT peer on 127.0.0.1 standing in for zen-bootstrap."""
-    dht = start_dht(SwarmConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), None)
-    try:
-        yield str(dht.get_visible_maddrs()[0])
-    finally:
-        dht.shutdown()
+def bootstrap_maddr(tmp_path: Path) -> Iterator[str]:
+    """A real `zen-bootstrap` process on 127.0.0.1; yields the multiaddr it printed."""
+    with open(tmp_path / "bootstrap.log", "w") as log:
+        process, maddr = start_bootstrap(tmp_path, log)
+        try:
+            yield maddr
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 class NodeProcess:
@@ -77,10 +81,12 @@ class NodeProcess:
             command += ["--initial-peers", maddr]
         command += ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--data", str(self.folder / "data.txt")]
         command += ["--identity", str(self.folder / "id"), "--workdir", str(self.folder / "work")]
-        command += ["--save-round-params", "--log-level", "WARNING", *extra]
+        command += ["--save-round-params", "--log-level", "INFO", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.log = open(self.folder / "node.log", "w")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env
+        )
 
     def reports(self) -> list[dict]:
         path = self.folder / "work" / "report.jsonl"
@@ -121,7 +127,7 @@ def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no
 def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Path, bootstrap_maddr: str) -> None:
     """3 nodes keep identical global params each round and lower the loss; a 4th joins late and matches."""
     # Prepare
-    config = write_config(tmp_path / "run.toml")
+    config = write_config(tmp_path / "run.toml", inner_steps=24)
     corpus = generate_corpus(4 * 20_000, seed=3)
     nodes = [
         NodeProcess(
@@ -131,7 +137,7 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
             bootstrap_maddr,
             corpus[i * 20_000 : (i + 1) * 20_000],
             "--rounds",
-            "4",
+            "8",
             "--min-peers",
             "3",
         )
@@ -141,7 +147,7 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
     try:
         # Execute
         wait_until(lambda: any(r["round"] >= 2 for r in nodes[0].reports()), 240, "round 2 on the first node")
-        late = NodeProcess(tmp_path, "late", config, bootstrap_maddr, corpus[60_000:], "--rounds", "4")
+        late = NodeProcess(tmp_path, "late", config, bootstrap_maddr, corpus[60_000:], "--rounds", "8")
         other = write_config(tmp_path / "other.toml", d_model=48)
         mismatched = NodeProcess(tmp_path, "mismatched", other, bootstrap_maddr, corpus[:20_000], "--rounds", "1")
         mismatch_code = mismatched.wait(120)
@@ -150,11 +156,11 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
 
         # Assert
         assert codes == [0, 0, 0], [node.output()[-2000:] for node in nodes]
-        for round_no in (1, 2, 3, 4):
+        for round_no in range(1, 9):
             assert max_divergence([node.params(round_no) for node in nodes]) <= 1e-6
         for node in nodes:
             reports = node.reports()
-            assert reports[-1]["round"] == 4
+            assert reports[-1]["round"] == 8
             assert reports[-1]["eval_loss"] < reports[0]["eval_loss"]
             assert all(r["mode"] == "group" and r["group_size"] >= 3 for r in reports[1:])
         assert late_code == 0, late.output()[-2000:]
