@@ -149,6 +149,9 @@ def run_demo(args: argparse.Namespace) -> int:
                     process.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                    process.wait(timeout=15)
+            if process.stdout is not None:
+                process.stdout.close()
         for handle in logs:
             handle.close()
     return _summarize(args, root, started)

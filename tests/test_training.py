@@ -67,6 +67,9 @@ def bootstrap_maddr(tmp_path: Path) -> Iterator[str]:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait(timeout=20)
+            if process.stdout is not None:
+                process.stdout.close()
 
 
 class NodeProcess:
