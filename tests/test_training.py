@@ -32,6 +32,9 @@ timeout = {timeout}
 """
 
 
+STATUS_COMMAND = [sys.executable, "-m", "node.cli", "status", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+
+
 def write_config(
     path: Path,
     run_id: str = "t",
@@ -150,10 +153,16 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
     try:
         # Execute
         wait_until(lambda: any(r["round"] >= 2 for r in nodes[0].reports()), 240, "round 2 on the first node")
-        late = NodeProcess(tmp_path, "late", config, bootstrap_maddr, corpus[60_000:], "--rounds", "8")
+        late = NodeProcess(tmp_path, "late", config, bootstrap_maddr, corpus[60_000:], "--rounds", "5")
         other = write_config(tmp_path / "other.toml", d_model=48)
         mismatched = NodeProcess(tmp_path, "mismatched", other, bootstrap_maddr, corpus[:20_000], "--rounds", "1")
         mismatch_code = mismatched.wait(120)
+        status = subprocess.run(
+            [*STATUS_COMMAND, "--initial-peers", bootstrap_maddr, "--config", str(config), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         codes = [node.wait(300) for node in nodes]
         late_code = late.wait(300)
 
@@ -171,6 +180,9 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
         assert loaded["mode"] == "loaded" and loaded["round"] >= 2
         assert max_divergence([late.params(loaded["round"]), nodes[0].params(loaded["round"])]) <= 1e-6
         assert mismatch_code == 2
+        assert status.returncode == 0, status.stderr[-2000:]
+        listed = [json.loads(line) for line in status.stdout.splitlines()]
+        assert listed and all(row["roles"] == ["trainer"] and row["peer_id"].startswith("12D3KooW") for row in listed)
         assert "model.d_model" in mismatched.output()
         assert "Traceback" not in mismatched.output()
     finally:
