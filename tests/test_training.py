@@ -42,7 +42,7 @@ def write_config(
     inner_steps: int = 8,
     group: int = 3,
     matchmaking: float = 2.0,
-    timeout: float = 40.0,
+    timeout: float = 20.0,
 ) -> Path:
     path.write_text(
         RUN_TOML.format(
