@@ -56,6 +56,19 @@ timeout = 180.0
 """
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """Terminate a child (SIGTERM: it shuts down cleanly), kill it if it lingers, close its stdout pipe."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
 def start_bootstrap(folder: Path, log: IO[str], timeout: float = 60.0) -> tuple[subprocess.Popen[str], str]:
     """Start ``zen-bootstrap`` on 127.0.0.1 and return it with the multiaddr it printed."""
     command = [sys.executable, "-m", "bootstrap.cli", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
@@ -143,15 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
     finally:
         for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=15)
-            if process.stdout is not None:
-                process.stdout.close()
+            stop_process(process)
         for handle in logs:
             handle.close()
     return _summarize(args, root, started)

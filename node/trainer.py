@@ -273,7 +273,6 @@ class TrainingNode:
         samples = train.inner_steps * train.batch_size
         with torch.no_grad():
             delta = [g.detach() - p.detach() for g, p in zip(self.global_params, self.model.parameters(), strict=True)]
-        own_delta = [d.clone() for d in delta]
         try:
             result = self.aggregator.aggregate(self.round + 1, delta, weight=samples)
         except AggregationError as e:
@@ -286,7 +285,7 @@ class TrainingNode:
             if self._others_alive() and self._wait_for_peer_ahead() and self._catch_up("resync"):
                 return
             logger.warning(f"round {self.round + 1}: no group formed; applying our own update alone")
-            delta, mode, group_size = own_delta, "solo", 1
+            mode, group_size = "solo", 1  # the aggregator left ``delta`` as our own update
         else:
             mode, group_size = "group", result.group_size
         self._outer_step(delta)
@@ -339,10 +338,8 @@ class TrainingNode:
             _atomic_save([p.detach().cpu() for p in self.global_params], rounds_dir / f"round-{self.round:05d}.pt")
         with open(self.workdir / REPORT_FILE, "a") as f:
             f.write(json.dumps(asdict(report)) + "\n")
-        if hasattr(self, "sharer"):
-            self.sharer.announce(self.round)
-        if hasattr(self, "heartbeat"):
-            self.heartbeat.beat()
+        self.sharer.announce(self.round)
+        self.heartbeat.beat()
         self.on_round(report)
 
     # ---- checkpoints ------------------------------------------------------------------------

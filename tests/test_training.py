@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from node.data import generate_corpus
-from node.demo import max_divergence, start_bootstrap
+from node.demo import max_divergence, start_bootstrap, stop_process
 
 RUN_TOML = """
 [run]
@@ -65,14 +65,7 @@ def bootstrap_maddr(tmp_path: Path) -> Iterator[str]:
         try:
             yield maddr
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=20)
-            if process.stdout is not None:
-                process.stdout.close()
+            stop_process(process, timeout=20)
 
 
 class NodeProcess:
@@ -112,12 +105,7 @@ class NodeProcess:
         return (self.folder / "node.log").read_text()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, timeout=20)
         self.log.close()
 
 
