@@ -2,8 +2,9 @@
 
 ``Aggregator.aggregate`` takes this node's update tensors and its weight (samples) for an outer
 round and replaces the tensors, in place, with the weighted mean over the group it joined.
-``PlainAggregator`` runs hivemind's ``DecentralizedAverager`` (butterfly all-reduce over
-libp2p); the masked all-reduce of the next issue implements the same interface.
+``SecureAggregator`` (the default) runs the masked all-reduce (node/masked_allreduce.py): no peer
+sees another's update. ``PlainAggregator`` runs hivemind's ``DecentralizedAverager`` (float
+butterfly all-reduce over libp2p), for comparison.
 
 Round alignment: a node sets its matchmaking group bits to its round number before each
 step, so only peers at the same round meet (hivemind forms groups per key). Every member
@@ -17,16 +18,21 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 
+from dht import NodeIdentity
 from node.config import AggregationConfig
+from node.masked_allreduce import MaskedAllReduce, SecAggIdentity, SecAggTimeouts
+from node.secure_averager import SecureAverager
 
 logger = logging.getLogger(__name__)
 
 ROUND_BITS = 16  # the round number modulo 2**16 picks the matchmaking key
+MAX_SECURE_GROUP = 32  # the largest group a secure all-reduce runs in
 
 
 class AggregationError(Exception):
@@ -70,43 +76,25 @@ def round_group_bits(round_no: int) -> str:
     return format(round_no % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
 
 
-class PlainAggregator(Aggregator):
-    """hivemind's DecentralizedAverager behind the Aggregator interface (no masking: for comparison).
+def _averager_kwargs(config: AggregationConfig) -> dict[str, Any]:
+    return dict(
+        start=True,
+        min_group_size=config.min_group_size,
+        min_matchmaking_time=config.matchmaking_time,
+        request_timeout=min(1.0, config.matchmaking_time / 2),
+        initial_group_bits=round_group_bits(0),
+        allow_state_sharing=False,
+        shutdown_timeout=2,
+    )
 
-    Args:
-        dht: the node's running DHT.
-        run_id: the run; its averaging key is derived from it.
-        templates: tensors with the shapes and dtypes of the update.
-        config: group size, matchmaking time and timeout.
-        client_mode: dial out only (a peer behind NAT).
-        stop_event: when set, a pending aggregation is cancelled and returns None.
-    """
 
-    def __init__(
-        self,
-        dht: hivemind.DHT,
-        run_id: str,
-        templates: Sequence[torch.Tensor],
-        config: AggregationConfig,
-        client_mode: bool = False,
-        stop_event: threading.Event | None = None,
-    ):
+class _AveragerAggregator(Aggregator):
+    """Runs one step of a hivemind averager per round; subclasses build the averager."""
+
+    def __init__(self, averager: DecentralizedAverager, config: AggregationConfig, stop_event: threading.Event | None):
         self.config = config
         self._stop = stop_event or threading.Event()
-        self._buffers = [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates]
-        self._averager = DecentralizedAverager(
-            self._buffers,
-            dht,
-            start=True,
-            prefix=f"zen_{run_id}_grads",
-            min_group_size=config.min_group_size,
-            min_matchmaking_time=config.matchmaking_time,
-            request_timeout=min(1.0, config.matchmaking_time / 2),
-            initial_group_bits=round_group_bits(0),
-            client_mode=client_mode,
-            allow_state_sharing=False,
-            shutdown_timeout=2,
-        )
+        self._averager = averager
 
     def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
         if weight <= 0:
@@ -147,15 +135,100 @@ class PlainAggregator(Aggregator):
         self._averager.shutdown()
 
 
+class PlainAggregator(_AveragerAggregator):
+    """hivemind's DecentralizedAverager behind the Aggregator interface (no masking: for comparison).
+
+    Args:
+        dht: the node's running DHT.
+        run_id: the run; its averaging key is derived from it.
+        templates: tensors with the shapes and dtypes of the update.
+        config: group size, matchmaking time and timeout.
+        client_mode: dial out only (a peer behind NAT).
+        stop_event: when set, a pending aggregation is cancelled and returns None.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        templates: Sequence[torch.Tensor],
+        config: AggregationConfig,
+        client_mode: bool = False,
+        stop_event: threading.Event | None = None,
+    ):
+        buffers = [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates]
+        averager = DecentralizedAverager(
+            buffers, dht, prefix=f"zen_{run_id}_grads", client_mode=client_mode, **_averager_kwargs(config)
+        )
+        super().__init__(averager, config, stop_event)
+
+
+class SecureAggregator(_AveragerAggregator):
+    """The masked all-reduce behind the Aggregator interface: no peer sees another's update.
+
+    Args:
+        dht: the node's running DHT.
+        run_id: the run; its averaging key is derived from it.
+        templates: tensors with the shapes and dtypes of the update.
+        config: group size (>= 3), matchmaking time, timeout and the clip bound.
+        identity: the node's identity; it signs every protocol message.
+        weight_bound: the largest weight (samples per round) a peer brings.
+        stop_event: when set, a pending aggregation is cancelled and returns None.
+        session_class: the all-reduce implementation (tests inject failing subclasses).
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        templates: Sequence[torch.Tensor],
+        config: AggregationConfig,
+        identity: NodeIdentity,
+        weight_bound: float,
+        stop_event: threading.Event | None = None,
+        session_class: type[MaskedAllReduce] = MaskedAllReduce,
+    ):
+        if config.min_group_size < 3:
+            raise ValueError("secure aggregation needs min_group_size >= 3: a sum of two reveals both inputs")
+        buffers = [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates]
+        averager = SecureAverager(
+            buffers,
+            dht,
+            identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
+            clip_bound=config.clip_bound,
+            weight_bound=weight_bound,
+            timeouts=SecAggTimeouts(message=config.message_timeout, data=config.timeout),
+            session_class=session_class,
+            prefix=f"zen_{run_id}_secagg",
+            target_group_size=MAX_SECURE_GROUP,
+            **_averager_kwargs(config),
+        )
+        super().__init__(averager, config, stop_event)
+
+    @property
+    def bytes_sent(self) -> float:
+        """Protocol bytes this node has put on the wire for secure aggregation."""
+        return float(self._averager.bytes_sent.value)
+
+
 def make_aggregator(
     dht: hivemind.DHT,
     run_id: str,
     templates: Sequence[torch.Tensor],
     config: AggregationConfig,
+    identity: NodeIdentity,
+    weight_bound: float,
     client_mode: bool = False,
     stop_event: threading.Event | None = None,
 ) -> Aggregator:
     """The aggregator that ``config.mode`` names."""
     if config.mode == "plain":
         return PlainAggregator(dht, run_id, templates, config, client_mode=client_mode, stop_event=stop_event)
+    if config.mode == "secure":
+        if client_mode:
+            raise AggregationError(
+                "secure aggregation needs every peer to be reachable (it reduces a part); "
+                "drop client mode or set aggregation.mode = 'plain'"
+            )
+        return SecureAggregator(dht, run_id, templates, config, identity, weight_bound, stop_event=stop_event)
     raise ValueError(f"unknown aggregation mode {config.mode!r}")

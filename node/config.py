@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,17 +83,29 @@ class TrainConfig:
 class AggregationConfig:
     """How pseudo-gradients are merged with peers."""
 
-    mode: str = "plain"  # "plain": hivemind's averager (the secure all-reduce comes next)
-    min_group_size: int = 2  # smallest group that may average; smaller waits for more peers
+    mode: str = "secure"  # "secure": masked all-reduce; "plain": hivemind's float averager (no masking)
+    min_group_size: int = 3  # smallest group that may average; smaller waits for more peers (secure: >= 3)
     matchmaking_time: float = 3.0  # seconds a leader gathers followers before averaging
     timeout: float = 120.0  # seconds to find a group and average before the round counts as missed
+    clip_bound: float = 1.0  # secure: every update coordinate is clipped to [-clip_bound, clip_bound]
+    message_timeout: float = 10.0  # secure: seconds a protocol phase waits for small messages
 
     def __post_init__(self) -> None:
-        _require(self.mode == "plain", f"aggregation.mode must be 'plain' for now, got {self.mode!r}")
+        _require(self.mode in ("secure", "plain"), f"aggregation.mode must be 'secure' or 'plain', got {self.mode!r}")
         _require(
-            2 <= self.min_group_size <= 64,
-            f"aggregation.min_group_size must be in [2, 64], got {self.min_group_size}",
+            2 <= self.min_group_size <= 32,
+            f"aggregation.min_group_size must be in [2, 32], got {self.min_group_size}",
         )
+        _require(
+            self.mode != "secure" or self.min_group_size >= 3,
+            "aggregation.min_group_size must be >= 3 in secure mode (a sum of two reveals both inputs); "
+            "raise it or set aggregation.mode = 'plain'",
+        )
+        _require(
+            math.isfinite(self.clip_bound) and 0 < self.clip_bound <= 1e6,
+            f"aggregation.clip_bound must be in (0, 1e6], got {self.clip_bound}",
+        )
+        _require(0.5 <= self.message_timeout <= 300, "aggregation.message_timeout must be in [0.5, 300] s")
         _require(0.5 <= self.matchmaking_time <= 60, "aggregation.matchmaking_time must be in [0.5, 60] s")
         _require(self.timeout > self.matchmaking_time, "aggregation.timeout must exceed matchmaking_time")
 

@@ -191,6 +191,8 @@ class TrainingNode:
             self.run.run_id,
             self.global_params,
             self.run.aggregation,
+            identity=self.identity,
+            weight_bound=float(self.run.train.inner_steps * self.run.train.batch_size),
             client_mode=client_mode,
             stop_event=self.stop_event,
         )

@@ -1,0 +1,100 @@
+"""Fixed-point encoding of weighted updates into the ring Z_2^32, where masked sums are exact.
+
+A peer in a group of ``n`` encodes ``omega * clip(x, -B, B)`` (``omega = weight / weight_bound``
+in (0, 1]) as ``floor(v * s + u)`` with ``u`` uniform in [0, 1) (stochastic rounding: unbiased,
+error below one step ``1/s``) and appends ``omega * B`` as one more coordinate, so the group's
+weight sum travels masked with the values. ``s = (2**(31 - h) - 1) / B`` with ``h = ceil(log2 n)``
+headroom bits: every encoded value lies in ``[-(2**(31-h) - 1), 2**(31-h) - 1]``, so the sum of
+``n`` of them fits a signed 32-bit integer and the sum taken mod 2**32 never wraps.
+
+Decoding the group sum gives ``sum(omega_j x_j) / sum(omega_j)``, the weighted mean, with an
+absolute error at most ``n / s * (1 + |mean| / B) / sum(omega_j)`` (``quantization_bound``).
+Every peer decodes the same integers with the same float64 operations, so all members of a
+group get bit-identical results.
+
+The rounding noise comes from a ChaCha20 keystream under a fresh random key: fast, and no
+numpy generator is involved anywhere near the masks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from node.masking import keystream_into
+
+RING_BITS = 32
+CHUNK = 1 << 18  # elements per encoding step: float64 temporaries stay in cache
+
+
+@dataclass(frozen=True)
+class FixedPointCodec:
+    """The fixed-point code of one group.
+
+    Args:
+        group_size: peers whose encodings are summed (sets the headroom bits).
+        bound: B, the clip bound on every coordinate of an update (run-wide).
+    """
+
+    group_size: int
+    bound: float
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.group_size <= 1 << 16:
+            raise ValueError(f"group_size must be in [1, 65536], got {self.group_size}")
+        if not (math.isfinite(self.bound) and self.bound > 0):
+            raise ValueError(f"bound must be a positive finite number, got {self.bound}")
+
+    @property
+    def headroom_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.group_size)))
+
+    @property
+    def scale(self) -> float:
+        return ((1 << (RING_BITS - 1 - self.headroom_bits)) - 1) / self.bound
+
+    def encode_into(self, values: np.ndarray, omega: float, out: np.ndarray, seed: bytes | None = None) -> None:
+        """Encode ``omega * clip(values)`` into ``out`` (uint32, same length), stochastically rounded.
+
+        Non-finite values are refused: a NaN would turn into an arbitrary ring element.
+        """
+        if not 0 < omega <= 1:
+            raise ValueError(f"omega must be in (0, 1], got {omega}")
+        if values.shape != out.shape or out.dtype != np.uint32:
+            raise ValueError("out must be a uint32 array shaped like values")
+        seed = os.urandom(32) if seed is None else seed
+        noise = np.empty(min(CHUNK, values.size), dtype=np.uint32)
+        factor = self.scale * omega
+        for start in range(0, values.size, CHUNK):
+            stop = min(start + CHUNK, values.size)
+            chunk = values[start:stop].astype(np.float64)
+            if not np.isfinite(chunk).all():
+                raise ValueError("the update holds non-finite values")
+            np.clip(chunk, -self.bound, self.bound, out=chunk)
+            chunk *= factor
+            u = noise[: stop - start]
+            keystream_into(u, seed, counter_block=start // 16)
+            chunk += u * (1.0 / 4294967296.0)
+            np.floor(chunk, out=chunk)
+            out[start:stop] = chunk.astype(np.int64).astype(np.uint32)
+
+    def encode_weight(self, omega: float) -> int:
+        """The ring element carrying ``omega`` (exact up to one step, rounded to nearest)."""
+        return round(omega * self.bound * self.scale) & 0xFFFFFFFF
+
+    def decode_sum(self, total: np.ndarray) -> tuple[np.ndarray, float]:
+        """Turn a group sum (uint32: values then the weight coordinate) into (weighted mean, weight sum)."""
+        signed = total.view(np.int32)
+        weight_sum = float(signed[-1]) / (self.bound * self.scale)
+        if weight_sum <= 0:
+            raise ValueError(f"the group's weight sum decodes to {weight_sum}; the sum is corrupt")
+        mean = signed[:-1].astype(np.float64) * (1.0 / (self.scale * weight_sum))
+        return mean.astype(np.float32), weight_sum
+
+    def quantization_bound(self, weight_sum: float, mean_abs_max: float) -> float:
+        """An upper bound on |decoded mean - exact weighted mean of the clipped values|."""
+        step = 1.0 / self.scale
+        return self.group_size * step * (1.0 + mean_abs_max / self.bound) / weight_sum + 1e-7 * mean_abs_max

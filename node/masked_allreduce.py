@@ -1,0 +1,552 @@
+"""Masked butterfly all-reduce: secure aggregation (Bonawitz et al. 2017) without a server.
+
+Each of the ``n`` peers of a group (formed by hivemind's matchmaking) encodes its weighted update
+in Z_2^32 (``FixedPointCodec``), adds a self mask and one pairwise mask per peer, and sends part
+``k`` of the masked vector to the reducer of part ``k``. Pairwise masks cancel coordinate by
+coordinate, so sums of parts are sums of inputs once the self masks are removed; a reducer only
+ever sees uniformly random words. Phases, each bounded by a timeout:
+
+    keys     broadcast per-round X25519 keys (c: share encryption, s: mask agreement) and a
+             commitment to the self-mask seed b, signed by the identity key bound to the PeerID
+    shares   Shamir t-of-n shares of s_sk and b to every peer, boxed (X25519 + XSalsa20-Poly1305)
+             under the c keys; a peer whose view of who sent keys differs is left out
+    parts    masked parts to reducers; a reducer that fails is replaced by the next live peer in
+             ring order (the holder), so a dropout loses no part
+    claims   two rounds: each peer announces which holder acknowledged each of its parts; after
+             the first, parts held by peers that went silent are sent again
+    agree    each peer derives the contributor set U from the claims (every part held by a live
+             peer, masks consistent) and all check they derived the same U; nothing is revealed
+             before ``t`` peers confirm one U
+    sums     holders broadcast masked partial sums over U, so every peer holds the masked total
+    reveal   survivors reveal shares of b_j for j in U and of s_sk_d for dropouts d, never both
+             for one peer (t > n/2 makes two conflicting reveals impossible to complete)
+    unmask   every peer rebuilds the secrets (checked against the keys and commitments), removes
+             self masks and the dropouts' pairwise masks, and decodes the weighted mean over U
+
+The threshold is ``t = n // 2 + 1``; U must hold at least ``max(3, t)`` peers, since a sum over two
+reveals both inputs. Any missing piece makes the round fail with ``SecAggError``: a partial result
+is never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+from hivemind.p2p import P2P, PeerID
+from nacl.bindings import crypto_scalarmult_base
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+
+from dht.identity import verify_binding
+from node.fixed_point import FixedPointCodec
+from node.masking import MaskError, apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
+from node.secagg_messages import MAX_GROUP, Message, MessageError
+from node.shamir import ShareError, combine_secret, split_secret
+
+logger = logging.getLogger(__name__)
+
+SMALL_KINDS = ("keys", "shares", "claim", "agree", "reveal")
+CLAIM_ATTEMPTS = 2
+
+
+class SecAggError(Exception):
+    """The masked all-reduce of one group failed; nothing from it may be applied."""
+
+
+@dataclass(frozen=True)
+class SecAggIdentity:
+    """What a peer signs protocol messages with."""
+
+    sign: Callable[[bytes], bytes]  # Ed25519 signature by the identity's signing key
+    signing_public_key: bytes
+    binding: bytes  # the PeerID's key over the signing key (dht.identity)
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """The weighted mean over the contributors U."""
+
+    mean: np.ndarray  # float32, the length of the input vector
+    contributors: tuple[int, ...]  # U, as indices in the group's peer order
+    weight_sum: float  # sum of omega over U
+
+
+@dataclass(frozen=True)
+class SecAggTimeouts:
+    """Seconds each phase may wait for peers before going on without them."""
+
+    message: float = 10.0  # small messages (keys, shares, claims, agreement, reveals)
+    data: float = 60.0  # masked parts and partial sums
+
+
+def split_parts(total: int, sizes: Iterable[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each part, from part sizes that sum to ``total``."""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    if start != total:
+        raise ValueError(f"part sizes sum to {start}, the vector has {total} elements")
+    return bounds
+
+
+class MaskedAllReduce:
+    """One peer's run of the masked all-reduce in one group.
+
+    Args:
+        p2p: the peer's libp2p client; messages go out as streams to ``handler_name``.
+        handler_name: the protocol name every member's ``SecAggEndpoint`` serves.
+        group_id: random per group (from matchmaking); binds every message to this all-reduce.
+        peer_ids: the group in the agreed order; this peer is at ``index``.
+        index: this peer's position in ``peer_ids``.
+        round_no: the outer round; also bound into every message and mask key.
+        identity: signs this peer's messages.
+        vector: this peer's update, float32, flattened.
+        omega: this peer's weight in (0, 1] (samples / the run's weight bound).
+        part_sizes: elements of the (vector + 1 weight word) each peer reduces; 0 = not a reducer.
+        bound: the run-wide clip bound B of the fixed-point code.
+        timeouts: per-phase waits.
+        executor: runs encoding and masking off the event loop.
+        record_view: keep every received message in ``view`` (tests check what a peer can learn).
+    """
+
+    def __init__(
+        self,
+        *,
+        p2p: P2P,
+        handler_name: str,
+        group_id: bytes,
+        peer_ids: list[PeerID],
+        index: int,
+        round_no: int,
+        identity: SecAggIdentity,
+        vector: np.ndarray,
+        omega: float,
+        part_sizes: list[int],
+        bound: float,
+        timeouts: SecAggTimeouts,
+        executor: ThreadPoolExecutor | None = None,
+        record_view: bool = False,
+    ):
+        n = len(peer_ids)
+        if not 3 <= n <= MAX_GROUP:
+            raise SecAggError(
+                f"secure aggregation needs a group of 3 to {MAX_GROUP} peers, got {n}: "
+                "a sum over two peers reveals each input to the other"
+            )
+        if len(part_sizes) != n or vector.dtype != np.float32 or vector.ndim != 1:
+            raise ValueError("part_sizes needs one entry per peer and vector a flat float32 array")
+        self.p2p, self.handler_name, self.group_id = p2p, handler_name, group_id
+        self.peer_ids, self.index, self.round_no, self.identity = list(peer_ids), index, round_no, identity
+        self.n, self.threshold = n, n // 2 + 1
+        self.vector, self.omega = vector, omega
+        self.parts = split_parts(vector.size + 1, part_sizes)
+        self.reducers = [k for k, size in enumerate(part_sizes) if size > 0]
+        self.codec = FixedPointCodec(group_size=n, bound=bound)
+        self.timeouts = timeouts
+        self.executor = executor
+        self.view: list[Message] | None = [] if record_view else None
+        self.dead: set[int] = set()
+        self.stats = {"bytes_sent": 0, "messages_sent": 0, "rejected": 0}
+        self._inbox: dict[tuple[str, int, int], Message] = {}  # (kind, sender, part or attempt) -> message
+        self._changed = asyncio.Event()
+        self._keys: dict[int, dict[str, Any]] = {}  # verified key adverts by sender
+        self._closed = False
+
+    # ------------------------------------------------------------------ receiving
+
+    def check_header(self, message: Message, remote: PeerID, payload_size: int) -> None:
+        """Refuse a message not meant for this all-reduce, before its payload is read."""
+        if message.group != self.group_id:
+            raise MessageError("wrong group id")
+        if message.round != self.round_no:
+            raise MessageError(f"message for round {message.round}, this all-reduce is round {self.round_no}")
+        if message.sender >= self.n or self.peer_ids[message.sender] != remote:
+            raise MessageError(f"sender index {message.sender} is not the stream's peer {remote}")
+        if message.recipient != self.index or message.sender == self.index:
+            raise MessageError(f"message addressed to peer {message.recipient}, this is peer {self.index}")
+        if any(i >= self.n for i in _indices(message.data)):
+            raise MessageError(f"a {message.kind!r} message names a peer outside the group of {self.n}")
+        if message.kind == "claim" and len(message.data["holders"]) != self.n:
+            raise MessageError(f"a claim must name one holder per part ({self.n})")
+        if message.kind in ("part", "sum"):
+            part = message.data["part"]
+            if part >= self.n:
+                raise MessageError(f"part {part} does not exist in a group of {self.n}")
+            start, stop = self.parts[part]
+            if payload_size != 4 * (stop - start):
+                raise MessageError(f"part {part} must be {4 * (stop - start)} bytes, got {payload_size}")
+        elif payload_size:
+            raise MessageError(f"a {message.kind!r} message carries no payload")
+        if message.kind == "keys":
+            data = message.data
+            if not verify_binding(str(remote), data["signing_pk"], data["binding"]):
+                raise MessageError(f"peer {message.sender}'s signing key is not bound to its PeerID")
+            message.verify(data["signing_pk"])
+        else:
+            keys = self._keys.get(message.sender)
+            if keys is None:
+                raise MessageError(f"peer {message.sender} sent {message.kind!r} before its keys")
+            message.verify(keys["signing_pk"])
+
+    def deliver(self, message: Message) -> None:
+        """Store a checked message; a second message for the same slot is refused."""
+        if self._closed:
+            raise MessageError("this all-reduce has finished")
+        slot_id = message.data.get("part", message.data.get("attempt", 0))
+        slot = (message.kind, message.sender, slot_id)
+        if slot in self._inbox:
+            raise MessageError(f"duplicate {message.kind!r} message from peer {message.sender}")
+        if message.kind == "keys":
+            self._keys[message.sender] = message.data
+        self._inbox[slot] = message
+        if self.view is not None:
+            self.view.append(message)
+        self._changed.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._changed.set()
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(self, to: int, kind: str, data: dict[str, Any], payload: Any = b"", timeout: float = 0) -> bool:
+        """Deliver one message; False (and ``to`` marked dead) if it could not be delivered."""
+        if to in self.dead:
+            return False
+        message = Message(kind, self.group_id, self.round_no, self.index, to, data, payload=payload)
+        header = message.seal(self.identity.sign)
+        writer = None
+        try:
+            async with asyncio.timeout(timeout or self.timeouts.message):
+                _, reader, writer = await self.p2p.call_binary_stream_handler(self.peer_ids[to], self.handler_name)
+                writer.write(len(header).to_bytes(4, "big") + header)
+                if len(payload):
+                    writer.write(payload)
+                await writer.drain()
+                length = int.from_bytes(await reader.readexactly(4), "big")
+                if length > 1024:
+                    raise MessageError("oversized reply")
+                ok, reason = msgpack.unpackb(await reader.readexactly(length), raw=False)
+        except Exception as e:  # a dead, slow or refusing peer: any failure means "not delivered"
+            logger.debug(f"group {self.group_id.hex()[:8]}: {kind} to peer {to} failed: {e!r}")
+            self.dead.add(to)
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
+        if not ok:
+            logger.warning(f"group {self.group_id.hex()[:8]}: peer {to} refused our {kind}: {reason}")
+            self.dead.add(to)
+            return False
+        self.stats["bytes_sent"] += 4 + len(header) + len(payload)
+        self.stats["messages_sent"] += 1
+        return True
+
+    async def _broadcast(self, to: Iterable[int], kind: str, make: Callable[[int], dict[str, Any]]) -> None:
+        await asyncio.gather(*(self._send(j, kind, make(j)) for j in to if j != self.index))
+
+    async def _collect(
+        self, kind: str, senders: Iterable[int], timeout: float, slot: int = 0, need: int | None = None
+    ) -> dict[int, Message]:
+        """Wait until every live sender's message arrived (or ``need`` of them), or the timeout."""
+        senders = [j for j in senders if j != self.index]
+        deadline = time.monotonic() + timeout
+        while True:
+            got = {j: self._inbox[(kind, j, slot)] for j in senders if (kind, j, slot) in self._inbox}
+            waiting = [j for j in senders if j not in got and j not in self.dead]
+            if not waiting or (need is not None and len(got) >= need) or self._closed:
+                return got
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.dead.update(waiting)
+                logger.info(f"group {self.group_id.hex()[:8]}: no {kind} from peers {waiting}")
+                return got
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
+            except TimeoutError:
+                pass
+
+    async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ------------------------------------------------------------------ the protocol
+
+    async def run(self) -> SecAggResult:
+        try:
+            return await self._run()
+        finally:
+            self.close()
+
+    async def _run(self) -> SecAggResult:
+        me, minimum = self.index, max(3, self.threshold)
+        everyone = range(self.n)
+
+        # keys
+        c_sk, s_sk, b_seed = PrivateKey.generate(), PrivateKey.generate(), os.urandom(32)
+        own_keys = {
+            "c_pk": bytes(c_sk.public_key),
+            "s_pk": bytes(s_sk.public_key),
+            "b_commit": _commit(b_seed),
+            "signing_pk": self.identity.signing_public_key,
+            "binding": self.identity.binding,
+        }
+        self._keys[me] = own_keys
+        await self._broadcast(everyone, "keys", lambda j: own_keys)
+        await self._collect("keys", everyone, self.timeouts.message)
+        u1 = sorted(self._keys)
+        self._require(len(u1) >= minimum, f"only {len(u1)} peers sent keys")
+
+        # shares
+        s_shares = split_secret(bytes(s_sk), self.threshold, self.n)
+        b_shares = split_secret(b_seed, self.threshold, self.n)
+
+        def boxed(j: int) -> dict[str, Any]:
+            plain = msgpack.packb([self.group_id, self.round_no, me, j, s_shares[j], b_shares[j]])
+            box = Box(c_sk, PublicKey(self._keys[j]["c_pk"])).encrypt(plain)
+            return {"view": u1, "box": bytes(box)}
+
+        await self._broadcast(u1, "shares", boxed)
+        held = {me: (s_shares[me], b_shares[me])}  # shares we hold, by owner
+        for j, message in (await self._collect("shares", u1, self.timeouts.message)).items():
+            share = self._open_shares(c_sk, j, message, u1)
+            if share is not None:
+                held[j] = share
+        u2 = sorted(held)
+        self._require(len(u2) >= minimum, f"only {len(u2)} peers shared their secrets consistently")
+
+        # parts: encode, mask, send each to its reducer (or the next live one)
+        masked = await self._offload(self._mask_input, s_sk, b_seed, u2)
+        holders = [-1] * self.n
+        stored: dict[tuple[int, int], np.ndarray] = {}  # (part, sender) -> masked words we hold
+
+        async def place(part: int, live: set[int]) -> None:
+            start, stop = self.parts[part]
+            for h in self._candidates(part, live):
+                if h == me:
+                    stored[(part, me)] = masked[start:stop]
+                    holders[part] = me
+                    return
+                payload = masked[start:stop].data.cast("B")
+                if await self._send(h, "part", {"part": part, "maskset": u2}, payload, self.timeouts.data):
+                    holders[part] = h
+                    return
+            holders[part] = -1
+
+        live = set(u2)
+        await asyncio.gather(*(place(k, live) for k in self.reducers))
+
+        # claims: who holds what; parts on peers that went silent are placed again once
+        claims: dict[int, dict[str, Any]] = {}
+        for attempt in range(CLAIM_ATTEMPTS):
+            own: dict[str, Any] = {"attempt": attempt, "holders": list(holders), "maskset": u2}
+            await asyncio.gather(*(self._send(j, "claim", own, timeout=self.timeouts.data) for j in live if j != me))
+            got = await self._collect("claim", live, self.timeouts.data, slot=attempt)
+            live = {me} | set(got)
+            claims = {j: m.data for j, m in got.items()} | {me: own}
+            lost = [k for k in self.reducers if holders[k] not in live]
+            if attempt + 1 < CLAIM_ATTEMPTS and lost:
+                await asyncio.gather(*(place(k, live) for k in lost))
+
+        # agree on U
+        u, designation = self._contributors(claims, live)
+        self._require(len(u) >= minimum, f"only {len(u)} peers' inputs reached live reducers")
+        digest = hashlib.blake2b(msgpack.packb([u, designation]), digest_size=32).digest()
+        await self._broadcast(live, "agree", lambda j: {"u": u, "digest": digest})
+        agreed = await self._collect("agree", live, self.timeouts.message)
+        conflicting = [j for j, m in agreed.items() if m.data["digest"] != digest]
+        self._require(not conflicting, f"peers {conflicting} derived a different contributor set")
+        self._require(len(agreed) + 1 >= self.threshold, f"only {len(agreed) + 1} peers confirmed U")
+
+        # sums: every holder broadcasts its masked partial sums over U; all assemble the total
+        total = np.zeros(self.parts[-1][1], dtype=np.uint32)
+        mine: dict[int, list[int]] = {}  # part -> senders whose part we hold
+        expected: dict[tuple[int, int], list[int]] = {}  # (part, holder) -> senders summed there
+        for part, sender, holder in designation:
+            expected.setdefault((part, holder), []).append(sender)
+            if holder != me:
+                continue
+            mine.setdefault(part, []).append(sender)
+            if (part, sender) not in stored:
+                received = self._inbox.get(("part", sender, part))
+                if received is None:
+                    raise SecAggError(f"we acknowledged part {part} of peer {sender} but lost it")
+                stored[(part, sender)] = np.frombuffer(received.payload, dtype="<u4")
+        sends = []
+        for part, senders in mine.items():
+            start, stop = self.parts[part]
+            partial = np.zeros(stop - start, dtype=np.uint32)
+            for sender in senders:
+                np.add(partial, stored[(part, sender)], out=partial)
+            total[start:stop] += partial
+            data = {"part": part, "senders": senders}
+            payload = partial.data.cast("B")
+            sends += [self._send(j, "sum", data, payload, self.timeouts.data) for j in live if j != me]
+        await asyncio.gather(*sends)
+        for (part, holder), senders in expected.items():
+            if holder == me:
+                continue
+            partial_sum = await self._wait_for(("sum", holder, part), self.timeouts.data)
+            if partial_sum is None:
+                raise SecAggError(f"no partial sum of part {part} from peer {holder}")
+            self._require(partial_sum.data["senders"] == senders, f"peer {holder} summed part {part} over another set")
+            start, stop = self.parts[part]
+            total[start:stop] += np.frombuffer(partial_sum.payload, dtype="<u4")
+
+        # reveal: b of contributors, s of dropouts whose pairwise masks remain
+        dropped = sorted({d for j in u for d in claims[j]["maskset"]} - set(u))
+        reveal = {"b": {j: held[j][1] for j in u if j in held}, "s": {d: held[d][0] for d in dropped if d in held}}
+        await self._broadcast(live, "reveal", lambda j: reveal)
+        reveals = await self._collect("reveal", live, self.timeouts.message, need=self.threshold - 1)
+        shares_b = {j: {me + 1: held[j][1]} for j in u}  # every j in U is in our u2, so we hold its share
+        self._require(all(d in self._keys for d in dropped), "a contributor masked with a peer whose keys we lack")
+        shares_s = {d: ({me + 1: held[d][0]} if d in held else {}) for d in dropped}
+        for sender, message in reveals.items():
+            for j, share in message.data["b"].items():
+                if j in shares_b:
+                    shares_b[j][sender + 1] = share
+            for d, share in message.data["s"].items():
+                if d in shares_s:
+                    shares_s[d][sender + 1] = share
+        seeds = {j: self._rebuild(shares, "b", j) for j, shares in shares_b.items()}
+        secrets_s = {d: self._rebuild(shares, "s", d) for d, shares in shares_s.items()}
+
+        # unmask and decode
+        def unmask() -> tuple[np.ndarray, float]:
+            for part, (start, stop) in enumerate(self.parts):
+                if stop == start:
+                    continue
+                for j in u:
+                    apply_mask(total[start:stop], self_mask_key(seeds[j], self.group_id, self.round_no, part), -1)
+                for d, secret in secrets_s.items():
+                    for j in u:
+                        if d not in claims[j]["maskset"]:
+                            continue
+                        shared = pair_secret(secret, self._keys[j]["s_pk"])
+                        key = pair_mask_key(shared, self.group_id, self.round_no, part, min(j, d), max(j, d))
+                        apply_mask(total[start:stop], key, -pair_sign(j, d))
+            return self.codec.decode_sum(total)
+
+        try:
+            mean, weight_sum = await self._offload(unmask)
+        except (ValueError, MaskError) as e:
+            raise SecAggError(f"group {self.group_id.hex()[:8]}: unmasking failed: {e}") from e
+        return SecAggResult(mean=mean, contributors=tuple(u), weight_sum=weight_sum)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require(self, ok: bool, reason: str) -> None:
+        if not ok:
+            raise SecAggError(f"group {self.group_id.hex()[:8]} round {self.round_no}: {reason}")
+
+    async def _wait_for(self, slot: tuple[str, int, int], timeout: float) -> Message | None:
+        deadline = time.monotonic() + timeout
+        while slot not in self._inbox and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or slot[1] in self.dead:
+                return None
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
+            except TimeoutError:
+                pass
+        return self._inbox.get(slot)
+
+    def _open_shares(self, c_sk: PrivateKey, j: int, message: Message, u1: list[int]) -> tuple[bytes, bytes] | None:
+        if message.data["view"] != u1:
+            logger.info(f"peer {j} saw keys from {message.data['view']}, we saw {u1}: left out")
+            return None
+        try:
+            plain = Box(c_sk, PublicKey(self._keys[j]["c_pk"])).decrypt(message.data["box"])
+            group, round_no, sender, recipient, s_share, b_share = msgpack.unpackb(plain)
+        except (CryptoError, ValueError, TypeError, msgpack.ExtraData) as e:
+            logger.warning(f"peer {j}'s shares do not open: {e}")
+            self.stats["rejected"] += 1
+            return None
+        if (group, round_no, sender, recipient) != (self.group_id, self.round_no, j, self.index):
+            logger.warning(f"peer {j}'s shares are bound to another group, round or pair")
+            self.stats["rejected"] += 1
+            return None
+        if not (isinstance(s_share, bytes) and isinstance(b_share, bytes) and len(s_share) == len(b_share) == 66):
+            return None
+        return s_share, b_share
+
+    def _mask_input(self, s_sk: PrivateKey, b_seed: bytes, maskset: list[int]) -> np.ndarray:
+        """enc(omega * x) + PRG(b) + sum_j sign * PRG(s_ij), per part (parts have their own keys)."""
+        masked = np.empty(self.parts[-1][1], dtype=np.uint32)
+        self.codec.encode_into(self.vector, self.omega, masked[:-1])
+        masked[-1] = self.codec.encode_weight(self.omega)
+        secrets = {j: pair_secret(bytes(s_sk), self._keys[j]["s_pk"]) for j in maskset if j != self.index}
+        for part, (start, stop) in enumerate(self.parts):
+            if stop == start:
+                continue
+            words = masked[start:stop]
+            apply_mask(words, self_mask_key(b_seed, self.group_id, self.round_no, part), 1)
+            for j, shared in secrets.items():
+                low, high = min(j, self.index), max(j, self.index)
+                key = pair_mask_key(shared, self.group_id, self.round_no, part, low, high)
+                apply_mask(words, key, pair_sign(self.index, j))
+        return masked
+
+    def _candidates(self, part: int, live: set[int]) -> list[int]:
+        """Reducers that may hold ``part``: its owner first, then the others in ring order."""
+        order = [(part + step) % self.n for step in range(self.n)]
+        return [h for h in order if h in live and h in self.reducers and h not in self.dead]
+
+    def _contributors(self, claims: dict[int, dict[str, Any]], live: set[int]) -> tuple[list[int], list[list[int]]]:
+        """U (every part on a live holder, masks consistent) and [part, sender, holder] for each part of U."""
+        u = {
+            j
+            for j, claim in claims.items()
+            if all(claim["holders"][k] in live for k in self.reducers) and j in claim["maskset"]
+        }
+        while True:  # a contributor must have masked with every other contributor, and vice versa
+            broken = sorted(j for j in u if not u <= set(claims[j]["maskset"]))
+            if not broken:
+                break
+            u.discard(broken[-1])
+        members = sorted(u)
+        designation = [[k, j, claims[j]["holders"][k]] for k in self.reducers for j in members]
+        return members, designation
+
+    def _rebuild(self, shares: dict[int, bytes], kind: str, owner: int) -> bytes:
+        count = len(shares)
+        self._require(count >= self.threshold, f"{count} shares of peer {owner}'s {kind}, need {self.threshold}")
+        chosen = dict(sorted(shares.items())[: self.threshold])
+        try:
+            secret = combine_secret(chosen)
+        except ShareError as e:
+            raise SecAggError(f"peer {owner}'s {kind} cannot be rebuilt: {e}") from e
+        if kind == "b":
+            ok = _commit(secret) == self._keys[owner]["b_commit"]
+        else:
+            ok = crypto_scalarmult_base(secret) == self._keys[owner]["s_pk"]
+        self._require(ok, f"peer {owner}'s rebuilt {kind} does not match what it committed to")
+        return secret
+
+
+def _indices(data: dict[str, Any]) -> list[int]:
+    """Every peer index a message's data names."""
+    found: list[int] = []
+    for key in ("view", "maskset", "u", "senders", "holders"):
+        found += data.get(key, [])
+    for key in ("b", "s"):
+        found += list(data.get(key, {}))
+    if "part" in data:
+        found.append(data["part"])
+    return found
+
+
+def _commit(seed: bytes) -> bytes:
+    return hashlib.blake2b(seed, digest_size=32, person=b"zen-b-commit").digest()

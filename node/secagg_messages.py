@@ -1,0 +1,185 @@
+"""Wire format of the masked all-reduce: signed, size-limited, schema-checked msgpack; never pickle.
+
+One message is one libp2p stream: a 4-byte big-endian length, a header, then ``size`` raw payload
+bytes (masked vectors only), answered by one short frame ``[ok, reason]``.
+
+    header = msgpack [TAG, body, signature]      (at most MAX_HEADER_BYTES)
+    body   = msgpack {kind, group, round, sender, recipient, data, size, digest}
+
+``signature`` is the sender's Ed25519 identity signature over SIGN_CONTEXT + body, and ``digest``
+the SHA-256 of the payload, so the signature covers the payload too. ``group`` (random per group,
+from matchmaking) and ``round`` bind a message to one all-reduce: a message replayed from another
+round or group is refused. ``sender`` and ``recipient`` are indices in the group's peer order; the
+receiver checks that ``sender`` is the libp2p-authenticated peer on the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+TAG = b"zsa1"
+SIGN_CONTEXT = b"zen-federation/secagg-message/v1"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = 1 << 32
+MAX_GROUP = 64  # the largest group the protocol accepts (the issue's 32, with room)
+_MAX_REASON = 200
+
+
+class MessageError(ValueError):
+    """A message that is malformed, oversized, unsigned or of the wrong shape."""
+
+
+def _is_bytes(size: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, bytes) and len(v) == size
+
+
+def _is_bytes_max(size: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, bytes) and len(v) <= size
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_GROUP
+
+
+def _is_index_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_GROUP and all(map(_is_index, v)) and len(set(v)) == len(v)
+
+
+def _is_holders(v: Any) -> bool:  # part -> holder index, -1 where no reducer took the part
+    return isinstance(v, list) and len(v) <= MAX_GROUP and all(h == -1 or _is_index(h) for h in v)
+
+
+def _is_share_map(v: Any) -> bool:
+    return (
+        isinstance(v, dict)
+        and len(v) <= MAX_GROUP
+        and all(_is_index(k) and isinstance(s, bytes) and len(s) == 66 for k, s in v.items())
+    )
+
+
+# kind -> field -> check; every field is required and no other field is allowed
+SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    # ephemeral X25519 keys for this round, a commitment to the self-mask seed, and the proof
+    # that the signing key belongs to the sender's PeerID
+    "keys": {
+        "c_pk": _is_bytes(32),
+        "s_pk": _is_bytes(32),
+        "b_commit": _is_bytes(32),
+        "signing_pk": _is_bytes(32),
+        "binding": _is_bytes(64),
+    },
+    # the sender's view of who advertised keys, and its shares for the recipient, boxed
+    "shares": {"view": _is_index_list, "box": _is_bytes_max(1024)},
+    # one masked part (payload: uint32 words); "maskset" = the peers the sender masked with
+    "part": {"part": _is_index, "maskset": _is_index_list},
+    # where the sender's parts landed (holders[k] holds part k; acknowledged), and its maskset
+    "claim": {"attempt": _is_index, "holders": _is_holders, "maskset": _is_index_list},
+    # the contributor set U and a digest of everything the sums depend on
+    "agree": {"u": _is_index_list, "digest": _is_bytes(32)},
+    # a partial masked sum of one part over the listed contributors (payload: uint32 words)
+    "sum": {"part": _is_index, "senders": _is_index_list},
+    # shares of self-mask seeds of contributors and of mask keys of dropouts, never both for a peer
+    "reveal": {"b": _is_share_map, "s": _is_share_map},
+}
+
+_BODY_FIELDS = {"kind", "group", "round", "sender", "recipient", "data", "size", "digest"}
+
+
+@dataclass
+class Message:
+    """One protocol message (its payload, if any, is raw bytes)."""
+
+    kind: str
+    group: bytes
+    round: int
+    sender: int
+    recipient: int
+    data: dict[str, Any]
+    payload: bytes = b""
+    body: bytes = field(default=b"", repr=False)
+    signature: bytes = field(default=b"", repr=False)
+
+    def seal(self, sign: Callable[[bytes], bytes]) -> bytes:
+        """Sign and serialize the header; ``sign`` is the identity's Ed25519 signer."""
+        check_data(self.kind, self.data)
+        digest = hashlib.sha256(self.payload).digest() if self.payload else b""
+        body = {
+            "kind": self.kind,
+            "group": self.group,
+            "round": self.round,
+            "sender": self.sender,
+            "recipient": self.recipient,
+            "data": self.data,
+            "size": len(self.payload),
+            "digest": digest,
+        }
+        self.body = msgpack.packb(body, use_bin_type=True)
+        self.signature = sign(SIGN_CONTEXT + self.body)
+        header = msgpack.packb([TAG, self.body, self.signature], use_bin_type=True)
+        if len(header) > MAX_HEADER_BYTES:
+            raise MessageError(f"a {self.kind!r} header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        return header
+
+    def verify(self, signing_public_key: bytes) -> None:
+        """Raise MessageError unless the header's signature is the given key's."""
+        try:
+            VerifyKey(signing_public_key).verify(SIGN_CONTEXT + self.body, self.signature)
+        except (BadSignatureError, ValueError, TypeError) as e:
+            raise MessageError(f"bad signature on a {self.kind!r} message from peer {self.sender}") from e
+
+
+def check_data(kind: str, data: Any) -> None:
+    schema = SCHEMAS.get(kind)
+    if schema is None:
+        raise MessageError(f"unknown message kind {kind!r}")
+    if not isinstance(data, dict) or set(data) != set(schema):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise MessageError(f"a {kind!r} message needs fields {sorted(schema)}, got {got}")
+    bad = [name for name, check in schema.items() if not check(data[name])]
+    if bad:
+        raise MessageError(f"a {kind!r} message has malformed fields {bad}")
+
+
+def parse_header(header: bytes) -> tuple[Message, int, bytes]:
+    """Decode and schema-check a header; returns (message without payload, payload size, digest)."""
+    if len(header) > MAX_HEADER_BYTES:
+        raise MessageError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        outer = msgpack.unpackb(header, raw=False, strict_map_key=False, max_bin_len=MAX_HEADER_BYTES)
+        if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == TAG):
+            raise MessageError("not a secure-aggregation message (bad tag or shape)")
+        _, body_bytes, signature = outer
+        if not (isinstance(body_bytes, bytes) and isinstance(signature, bytes) and len(signature) == 64):
+            raise MessageError("malformed envelope")
+        body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=False, max_bin_len=MAX_HEADER_BYTES)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        if isinstance(e, MessageError):
+            raise
+        raise MessageError(f"undecodable header: {e}") from e
+    if not isinstance(body, dict) or set(body) != _BODY_FIELDS:
+        raise MessageError("malformed message body")
+    kind, group, round_no = body["kind"], body["group"], body["round"]
+    sender, recipient, size, digest = body["sender"], body["recipient"], body["size"], body["digest"]
+    if not (isinstance(kind, str) and isinstance(group, bytes) and 0 < len(group) <= 64):
+        raise MessageError("malformed kind or group id")
+    if not (isinstance(round_no, int) and 0 <= round_no < 1 << 63 and _is_index(sender) and _is_index(recipient)):
+        raise MessageError("malformed round or peer index")
+    if not (isinstance(size, int) and 0 <= size <= MAX_PAYLOAD_BYTES and isinstance(digest, bytes)):
+        raise MessageError("malformed payload size or digest")
+    if (size == 0) != (digest == b"") or (size and len(digest) != 32):
+        raise MessageError("payload digest does not match its size")
+    check_data(kind, body["data"])
+    message = Message(kind, group, round_no, sender, recipient, body["data"], body=body_bytes, signature=signature)
+    return message, size, digest
+
+
+def check_payload(payload: bytes, digest: bytes) -> None:
+    if hashlib.sha256(payload).digest() != digest:
+        raise MessageError("payload does not match its signed digest")

@@ -1,0 +1,222 @@
+"""The secure averager: hivemind's matchmaking and process model, our masked all-reduce.
+
+``SecureAverager`` is a hivemind ``DecentralizedAverager`` (its own process, shared-memory
+tensors, matchmaking on the DHT, step control, retries) whose all-reduce is replaced: where
+hivemind would run its float butterfly ``AllReduceRunner``, it runs ``MaskedAllReduce`` over the
+group that matchmaking formed. Part sizes come from hivemind's ``load_balance_peers`` over the
+bandwidths the peers announced, so faster peers reduce larger parts.
+
+``SecAggEndpoint`` is the receiving side: one libp2p stream handler per averager that reads a
+bounded header, checks it against the all-reduce it names (group, round, sender, size,
+signature) before reading any payload, and answers ``[ok, reason]``. Refusals are logged and
+counted; they never raise into the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import multiprocessing as mp
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import hivemind
+import msgpack
+import numpy as np
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.p2p import P2P
+from hivemind.utils import enter_asynchronously
+
+from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts
+from node.secagg_messages import MAX_HEADER_BYTES, MessageError, check_payload, parse_header
+
+logger = logging.getLogger(__name__)
+
+_RECENT_GROUPS = 256  # finished groups remembered, so late messages are refused at once
+
+
+class SecAggEndpoint:
+    """Receives masked all-reduce messages on one P2P and hands each to the all-reduce it names.
+
+    Args:
+        p2p: the libp2p client to serve on.
+        name: the protocol name (per run).
+        wait_for_group: seconds a message may wait for its group to start here (peers enter a
+            group a little apart).
+        max_waiting: messages that may wait at once; more are refused (bounds memory).
+    """
+
+    def __init__(self, p2p: P2P, name: str, wait_for_group: float = 10.0, max_waiting: int = 256):
+        self.p2p, self.name = p2p, name
+        self.wait_for_group, self.max_waiting = wait_for_group, max_waiting
+        self.sessions: dict[bytes, MaskedAllReduce] = {}
+        self.rejected = 0
+        self._finished: collections.deque[bytes] = collections.deque(maxlen=_RECENT_GROUPS)
+        self._registered = asyncio.Event()
+        self._waiting = 0
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(self.name, self._handle)
+
+    def register(self, session: MaskedAllReduce) -> None:
+        self.sessions[session.group_id] = session
+        self._registered.set()
+        self._registered = asyncio.Event()
+
+    def unregister(self, session: MaskedAllReduce) -> None:
+        self.sessions.pop(session.group_id, None)
+        self._finished.append(session.group_id)
+
+    async def _session(self, group_id: bytes) -> MaskedAllReduce:
+        if group_id not in self.sessions and self._waiting >= self.max_waiting:
+            raise MessageError("too many messages waiting for their group")
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.wait_for_group):
+                while group_id not in self.sessions:
+                    if group_id in self._finished:
+                        raise MessageError("that all-reduce has finished here")
+                    await self._registered.wait()
+        except TimeoutError:
+            raise MessageError("wrong group id: no such all-reduce here") from None
+        finally:
+            self._waiting -= 1
+        return self.sessions[group_id]
+
+    async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ok, reason = True, ""
+        try:
+            async with asyncio.timeout(self.wait_for_group):
+                length = int.from_bytes(await reader.readexactly(4), "big")
+                if length > MAX_HEADER_BYTES:
+                    raise MessageError(f"oversized header: {length} bytes > {MAX_HEADER_BYTES}")
+                message, size, digest = parse_header(await reader.readexactly(length))
+            session = await self._session(message.group)
+            session.check_header(message, info.peer_id, size)
+            if size:
+                async with asyncio.timeout(session.timeouts.data):
+                    message.payload = await reader.readexactly(size)
+                check_payload(message.payload, digest)
+            session.deliver(message)
+        except MessageError as e:
+            ok, reason = False, str(e)[:200]
+            self.rejected += 1
+            logger.warning(f"refused a secure-aggregation message from {info.peer_id}: {reason}")
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
+            logger.debug(f"secure-aggregation stream from {info.peer_id} broke: {e!r}")
+            writer.close()
+            return
+        try:
+            reply = msgpack.packb([ok, reason])
+            writer.write(len(reply).to_bytes(4, "big") + reply)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+class SecureAverager(DecentralizedAverager):
+    """A DecentralizedAverager whose all-reduce is the masked one (see the module docstring).
+
+    Args:
+        averaged_tensors, dht, **kwargs: as for ``DecentralizedAverager``.
+        identity: signs this peer's protocol messages.
+        clip_bound: the run-wide bound B on every coordinate of an update.
+        weight_bound: the largest weight a peer may bring (its weight is scaled into (0, 1]).
+        timeouts: per-phase waits of the masked all-reduce.
+        session_class: the all-reduce to run (tests pass subclasses that fail on purpose).
+    """
+
+    def __init__(
+        self,
+        averaged_tensors: Sequence[torch.Tensor],
+        dht: hivemind.DHT,
+        *,
+        identity: SecAggIdentity,
+        clip_bound: float,
+        weight_bound: float,
+        timeouts: SecAggTimeouts,
+        session_class: type[MaskedAllReduce] = MaskedAllReduce,
+        **kwargs: Any,
+    ):
+        if kwargs.get("client_mode"):
+            raise ValueError("secure aggregation needs every peer to reduce a part; client mode is not supported")
+        self._identity, self._clip_bound, self._weight_bound = identity, clip_bound, weight_bound
+        self._secagg_timeouts, self._session_class = timeouts, session_class
+        self._endpoint: SecAggEndpoint | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.bytes_sent = mp.Value("d", 0.0)  # shared with the averager process
+        self.rounds_done = mp.Value("i", 0)
+        super().__init__(averaged_tensors, dht, **kwargs)
+
+    async def add_p2p_handlers(self, p2p: P2P, *args: Any, **kwargs: Any) -> None:
+        await super().add_p2p_handlers(p2p, *args, **kwargs)
+        self._endpoint = SecAggEndpoint(p2p, f"{self.prefix}.secagg")
+        await self._endpoint.start()
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
+        session = None
+        try:
+            bandwidths, mode_ids, user_bytes = zip(*map(self.serializer.loads, group_info.gathered), strict=True)
+            gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_bytes), strict=True))
+            if any(mode != AveragingMode.NODE.value for mode in mode_ids):
+                raise SecAggError("a peer in the group runs in client or aux mode; secure aggregation needs reducers")
+            rounds = {data.get("round") if isinstance(data, dict) else None for data in gathered.values()}
+            round_no = next(iter(rounds))
+            if len(rounds) != 1 or not isinstance(round_no, int):
+                raise SecAggError(f"the group mixes rounds {sorted(map(str, rounds))}")
+            loop = asyncio.get_running_loop()
+            sizes = await loop.run_in_executor(
+                None, load_balance_peers, self.total_size + 1, list(bandwidths), min_vector_size
+            )
+            weight = float(kwargs["weight"])
+            if weight > self._weight_bound:
+                logger.warning(f"weight {weight} exceeds the run's bound {self._weight_bound}; it counts as the bound")
+            omega = min(1.0, weight / self._weight_bound)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg")
+            async with enter_asynchronously(self.get_tensors()) as tensors:
+                vector = np.concatenate([t.detach().cpu().reshape(-1).float().numpy() for t in tensors])
+                session = self._session_class(
+                    p2p=self._p2p,
+                    handler_name=f"{self.prefix}.secagg",
+                    group_id=group_info.group_id,
+                    peer_ids=list(group_info.peer_ids),
+                    index=group_info.peer_ids.index(self.peer_id),
+                    round_no=round_no,
+                    identity=self._identity,
+                    vector=vector,
+                    omega=omega,
+                    part_sizes=[int(s) for s in sizes],
+                    bound=self._clip_bound,
+                    timeouts=self._secagg_timeouts,
+                    executor=self._executor,
+                )
+                self._running_groups[group_info.group_id].set_result(session)
+                assert self._endpoint is not None, "the endpoint starts with the averager"
+                self._endpoint.register(session)
+                result = await session.run()
+                offset = 0
+                for tensor in tensors:
+                    chunk = result.mean[offset : offset + tensor.numel()]
+                    tensor.copy_(torch.from_numpy(chunk).view_as(tensor))
+                    offset += tensor.numel()
+            with self.rounds_done.get_lock():
+                self.rounds_done.value += 1
+            return {group_info.peer_ids[j]: gathered[group_info.peer_ids[j]] for j in result.contributors}
+        except SecAggError as e:
+            logger.warning(str(e))
+            raise AllreduceException(str(e)) from e
+        finally:
+            if session is not None:
+                if self._endpoint is not None:
+                    self._endpoint.unregister(session)
+                with self.bytes_sent.get_lock():
+                    self.bytes_sent.value += session.stats["bytes_sent"]
