@@ -66,33 +66,47 @@ class FixedPointCodec:
         if values.shape != out.shape or out.dtype != np.uint32:
             raise ValueError("out must be a uint32 array shaped like values")
         seed = os.urandom(32) if seed is None else seed
-        noise = np.empty(min(CHUNK, values.size), dtype=np.uint32)
+        size = min(CHUNK, values.size)
+        noise, wide, uniform = np.empty(size, np.uint32), np.empty(size, np.float64), np.empty(size, np.float64)
         factor = self.scale * omega
-        for start in range(0, values.size, CHUNK):
+        for start in range(0, values.size, CHUNK):  # temporaries are reused: no page faults per chunk
             stop = min(start + CHUNK, values.size)
-            chunk = values[start:stop].astype(np.float64)
+            chunk, u, r = wide[: stop - start], noise[: stop - start], uniform[: stop - start]
+            np.copyto(chunk, values[start:stop])
             if not np.isfinite(chunk).all():
                 raise ValueError("the update holds non-finite values")
             np.clip(chunk, -self.bound, self.bound, out=chunk)
             chunk *= factor
-            u = noise[: stop - start]
             keystream_into(u, seed, counter_block=start // 16)
-            chunk += u * (1.0 / 4294967296.0)
+            np.multiply(u, 1.0 / 4294967296.0, out=r)
+            chunk += r
             np.floor(chunk, out=chunk)
-            out[start:stop] = chunk.astype(np.int64).astype(np.uint32)
+            # |chunk| < 2**31 here, so float64 -> int32 is exact; int32 and uint32 share the ring's bits
+            np.copyto(out[start:stop].view(np.int32), chunk, casting="unsafe")
 
     def encode_weight(self, omega: float) -> int:
         """The ring element carrying ``omega`` (exact up to one step, rounded to nearest)."""
         return round(omega * self.bound * self.scale) & 0xFFFFFFFF
 
-    def decode_sum(self, total: np.ndarray) -> tuple[np.ndarray, float]:
-        """Turn a group sum (uint32: values then the weight coordinate) into (weighted mean, weight sum)."""
+    def decode_sum(self, total: np.ndarray, out: np.ndarray) -> float:
+        """Write the weighted mean of a group sum (uint32: values, then the weight word) into ``out``.
+
+        Returns the group's weight sum. ``out`` is float32 with one element less than ``total``.
+        """
+        if out.dtype != np.float32 or out.size + 1 != total.size:
+            raise ValueError("out must be float32 with one element less than the sum")
         signed = total.view(np.int32)
         weight_sum = float(signed[-1]) / (self.bound * self.scale)
         if weight_sum <= 0:
             raise ValueError(f"the group's weight sum decodes to {weight_sum}; the sum is corrupt")
-        mean = signed[:-1].astype(np.float64) * (1.0 / (self.scale * weight_sum))
-        return mean.astype(np.float32), weight_sum
+        factor = 1.0 / (self.scale * weight_sum)
+        wide = np.empty(min(CHUNK, out.size), np.float64)
+        for start in range(0, out.size, CHUNK):
+            stop = min(start + CHUNK, out.size)
+            chunk = wide[: stop - start]
+            np.multiply(signed[start:stop], factor, out=chunk)
+            np.copyto(out[start:stop], chunk, casting="same_kind")
+        return weight_sum
 
     def quantization_bound(self, weight_sum: float, mean_abs_max: float) -> float:
         """An upper bound on |decoded mean - exact weighted mean of the clipped values|."""

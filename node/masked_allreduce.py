@@ -49,7 +49,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from dht.identity import verify_binding
 from node.fixed_point import FixedPointCodec
-from node.masking import MaskError, apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
+from node.masking import apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
 from node.secagg_messages import MAX_GROUP, Message, MessageError
 from node.shamir import ShareError, combine_secret, split_secret
 
@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 SMALL_KINDS = ("keys", "shares", "claim", "agree", "reveal")
 CLAIM_ATTEMPTS = 2
+WRITE_CHUNK = 1 << 18  # bytes handed to the stream at a time
 
 
 class SecAggError(Exception):
@@ -89,6 +90,38 @@ class SecAggTimeouts:
     data: float = 60.0  # masked parts and partial sums
 
 
+class Workspace:
+    """Arrays reused across rounds: a fresh 100 MB array costs a page fault per 4 KiB on first touch.
+
+    ``take`` hands out a view of a free buffer at least as large as asked (or a new one); ``reset``
+    frees them all for the next round. Named arrays (``array``) persist with their contents.
+    """
+
+    def __init__(self) -> None:
+        self._named: dict[str, np.ndarray] = {}
+        self._free: list[np.ndarray] = []
+        self._used: list[np.ndarray] = []
+
+    def array(self, name: str, size: int, dtype: Any = np.uint32) -> np.ndarray:
+        found = self._named.get(name)
+        if found is None or found.size != size or found.dtype != dtype:
+            found = self._named[name] = np.empty(size, dtype)
+        return found
+
+    def take(self, size: int) -> np.ndarray:
+        fitting = [i for i, b in enumerate(self._free) if b.size >= size]
+        if fitting:
+            buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].size))
+        else:
+            buffer = np.empty(size, np.uint32)
+        self._used.append(buffer)
+        return buffer[:size]
+
+    def reset(self) -> None:
+        self._free += self._used
+        self._used = []
+
+
 def split_parts(total: int, sizes: Iterable[int]) -> list[tuple[int, int]]:
     """[start, stop) of each part, from part sizes that sum to ``total``."""
     bounds, start = [], 0
@@ -117,6 +150,8 @@ class MaskedAllReduce:
         bound: the run-wide clip bound B of the fixed-point code.
         timeouts: per-phase waits.
         executor: runs encoding and masking off the event loop.
+        out: float32 array (the vector's length) the mean is written into; may be ``vector`` itself.
+        workspace: buffers to reuse across rounds.
         record_view: keep every received message in ``view`` (tests check what a peer can learn).
     """
 
@@ -136,6 +171,8 @@ class MaskedAllReduce:
         bound: float,
         timeouts: SecAggTimeouts,
         executor: ThreadPoolExecutor | None = None,
+        out: np.ndarray | None = None,
+        workspace: Workspace | None = None,
         record_view: bool = False,
     ):
         n = len(peer_ids)
@@ -155,9 +192,13 @@ class MaskedAllReduce:
         self.codec = FixedPointCodec(group_size=n, bound=bound)
         self.timeouts = timeouts
         self.executor = executor
+        self.out = np.empty_like(vector) if out is None else out
+        if self.out.shape != vector.shape or self.out.dtype != np.float32:
+            raise ValueError("out must be a float32 array shaped like vector")
+        self.workspace = workspace or Workspace()
         self.view: list[Message] | None = [] if record_view else None
         self.dead: set[int] = set()
-        self.stats = {"bytes_sent": 0, "messages_sent": 0, "rejected": 0}
+        self.stats: dict[str, Any] = {"bytes_sent": 0, "messages_sent": 0, "rejected": 0, "phases": []}
         self._inbox: dict[tuple[str, int, int], Message] = {}  # (kind, sender, part or attempt) -> message
         self._changed = asyncio.Event()
         self._keys: dict[int, dict[str, Any]] = {}  # verified key adverts by sender
@@ -199,6 +240,11 @@ class MaskedAllReduce:
                 raise MessageError(f"peer {message.sender} sent {message.kind!r} before its keys")
             message.verify(keys["signing_pk"])
 
+    def payload_buffer(self, message: Message) -> np.ndarray:
+        """Where a checked message's payload is read to (a reused buffer of the part's size)."""
+        start, stop = self.parts[message.data["part"]]
+        return self.workspace.take(stop - start)
+
     def deliver(self, message: Message) -> None:
         """Store a checked message; a second message for the same slot is refused."""
         if self._closed:
@@ -217,6 +263,8 @@ class MaskedAllReduce:
     def close(self) -> None:
         self._closed = True
         self._changed.set()
+        if self.view is None:
+            self.workspace.reset()
 
     # ------------------------------------------------------------------ sending
 
@@ -231,8 +279,9 @@ class MaskedAllReduce:
             async with asyncio.timeout(timeout or self.timeouts.message):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(self.peer_ids[to], self.handler_name)
                 writer.write(len(header).to_bytes(4, "big") + header)
-                if len(payload):
-                    writer.write(payload)
+                for offset in range(0, len(payload), WRITE_CHUNK):  # bounded buffering, no 25 MB copies
+                    writer.write(payload[offset : offset + WRITE_CHUNK])
+                    await writer.drain()
                 await writer.drain()
                 length = int.from_bytes(await reader.readexactly(4), "big")
                 if length > 1024:
@@ -293,6 +342,7 @@ class MaskedAllReduce:
         me, minimum = self.index, max(3, self.threshold)
         everyone = range(self.n)
 
+        self._phase("keys")
         # keys
         c_sk, s_sk, b_seed = PrivateKey.generate(), PrivateKey.generate(), os.urandom(32)
         own_keys = {
@@ -308,6 +358,7 @@ class MaskedAllReduce:
         u1 = sorted(self._keys)
         self._require(len(u1) >= minimum, f"only {len(u1)} peers sent keys")
 
+        self._phase("shares")
         # shares
         s_shares = split_secret(bytes(s_sk), self.threshold, self.n)
         b_shares = split_secret(b_seed, self.threshold, self.n)
@@ -326,8 +377,11 @@ class MaskedAllReduce:
         u2 = sorted(held)
         self._require(len(u2) >= minimum, f"only {len(u2)} peers shared their secrets consistently")
 
+        self._phase("parts")
         # parts: encode, mask, send each to its reducer (or the next live one)
-        masked = await self._offload(self._mask_input, s_sk, b_seed, u2)
+        masked = self.workspace.array("masked", self.parts[-1][1])
+        pair_secrets = {j: pair_secret(bytes(s_sk), self._keys[j]["s_pk"]) for j in u2 if j != me}
+        rounding_seed = os.urandom(32)
         holders = [-1] * self.n
         stored: dict[tuple[int, int], np.ndarray] = {}  # (part, sender) -> masked words we hold
 
@@ -345,8 +399,13 @@ class MaskedAllReduce:
             holders[part] = -1
 
         live = set(u2)
-        await asyncio.gather(*(place(k, live) for k in self.reducers))
+        placing = []
+        for k in sorted(self.reducers, key=lambda k: (k - me - 1) % self.n):  # peers start on different reducers
+            await self._offload(self._mask_part, k, masked, b_seed, pair_secrets, rounding_seed)
+            placing.append(asyncio.create_task(place(k, live)))  # sent while the next part is masked
+        await asyncio.gather(*placing)
 
+        self._phase("claims")
         # claims: who holds what; parts on peers that went silent are placed again once
         claims: dict[int, dict[str, Any]] = {}
         for attempt in range(CLAIM_ATTEMPTS):
@@ -359,6 +418,7 @@ class MaskedAllReduce:
             if attempt + 1 < CLAIM_ATTEMPTS and lost:
                 await asyncio.gather(*(place(k, live) for k in lost))
 
+        self._phase("agree")
         # agree on U
         u, designation = self._contributors(claims, live)
         self._require(len(u) >= minimum, f"only {len(u)} peers' inputs reached live reducers")
@@ -369,48 +429,40 @@ class MaskedAllReduce:
         self._require(not conflicting, f"peers {conflicting} derived a different contributor set")
         self._require(len(agreed) + 1 >= self.threshold, f"only {len(agreed) + 1} peers confirmed U")
 
-        # sums: every holder broadcasts its masked partial sums over U; all assemble the total
-        total = np.zeros(self.parts[-1][1], dtype=np.uint32)
-        mine: dict[int, list[int]] = {}  # part -> senders whose part we hold
+        self._phase("sums")
+        # sums and reveals go out together (U is fixed, so revealing now is as safe as later); each
+        # part is unmasked as soon as its partial sums are in, while the rest are still arriving
+        dropped = sorted({d for j in u for d in claims[j]["maskset"]} - set(u))
+        self._require(all(d in self._keys for d in dropped), "a contributor masked with a peer whose keys we lack")
+        reveal = {"b": {j: held[j][1] for j in u}, "s": {d: held[d][0] for d in dropped if d in held}}
+        outgoing = [self._send(j, "reveal", reveal) for j in live if j != me]
+
+        total = self.workspace.array("total", self.parts[-1][1])
+        total.fill(0)
         expected: dict[tuple[int, int], list[int]] = {}  # (part, holder) -> senders summed there
         for part, sender, holder in designation:
             expected.setdefault((part, holder), []).append(sender)
+        for (part, holder), senders in expected.items():
             if holder != me:
                 continue
-            mine.setdefault(part, []).append(sender)
-            if (part, sender) not in stored:
-                received = self._inbox.get(("part", sender, part))
-                if received is None:
-                    raise SecAggError(f"we acknowledged part {part} of peer {sender} but lost it")
-                stored[(part, sender)] = np.frombuffer(received.payload, dtype="<u4")
-        sends = []
-        for part, senders in mine.items():
             start, stop = self.parts[part]
-            partial = np.zeros(stop - start, dtype=np.uint32)
+            partial = self.workspace.take(stop - start)
+            partial.fill(0)
             for sender in senders:
-                np.add(partial, stored[(part, sender)], out=partial)
+                words = stored.get((part, sender)) if sender == me else self._payload(("part", sender, part))
+                if words is None:
+                    raise SecAggError(f"we acknowledged part {part} of peer {sender} but lost it")
+                np.add(partial, words, out=partial)
             total[start:stop] += partial
             data = {"part": part, "senders": senders}
-            payload = partial.data.cast("B")
-            sends += [self._send(j, "sum", data, payload, self.timeouts.data) for j in live if j != me]
-        await asyncio.gather(*sends)
-        for (part, holder), senders in expected.items():
-            if holder == me:
-                continue
-            partial_sum = await self._wait_for(("sum", holder, part), self.timeouts.data)
-            if partial_sum is None:
-                raise SecAggError(f"no partial sum of part {part} from peer {holder}")
-            self._require(partial_sum.data["senders"] == senders, f"peer {holder} summed part {part} over another set")
-            start, stop = self.parts[part]
-            total[start:stop] += np.frombuffer(partial_sum.payload, dtype="<u4")
+            outgoing += [
+                self._send(j, "sum", data, partial.data.cast("B"), self.timeouts.data) for j in live if j != me
+            ]
+        sending = asyncio.gather(*outgoing)
 
-        # reveal: b of contributors, s of dropouts whose pairwise masks remain
-        dropped = sorted({d for j in u for d in claims[j]["maskset"]} - set(u))
-        reveal = {"b": {j: held[j][1] for j in u if j in held}, "s": {d: held[d][0] for d in dropped if d in held}}
-        await self._broadcast(live, "reveal", lambda j: reveal)
+        self._phase("reveal")
         reveals = await self._collect("reveal", live, self.timeouts.message, need=self.threshold - 1)
         shares_b = {j: {me + 1: held[j][1]} for j in u}  # every j in U is in our u2, so we hold its share
-        self._require(all(d in self._keys for d in dropped), "a contributor masked with a peer whose keys we lack")
         shares_s = {d: ({me + 1: held[d][0]} if d in held else {}) for d in dropped}
         for sender, message in reveals.items():
             for j, share in message.data["b"].items():
@@ -421,30 +473,42 @@ class MaskedAllReduce:
                     shares_s[d][sender + 1] = share
         seeds = {j: self._rebuild(shares, "b", j) for j, shares in shares_b.items()}
         secrets_s = {d: self._rebuild(shares, "s", d) for d, shares in shares_s.items()}
+        dropout_pairs = {
+            (j, d): pair_secret(secret, self._keys[j]["s_pk"])
+            for d, secret in secrets_s.items()
+            for j in u
+            if d in claims[j]["maskset"]
+        }
 
-        # unmask and decode
-        def unmask() -> tuple[np.ndarray, float]:
-            for part, (start, stop) in enumerate(self.parts):
-                if stop == start:
+        self._phase("unmask")
+        for part in sorted(self.reducers, key=lambda k: (k - me) % self.n):
+            for (k, holder), senders in expected.items():
+                if k != part or holder == me:
                     continue
-                for j in u:
-                    apply_mask(total[start:stop], self_mask_key(seeds[j], self.group_id, self.round_no, part), -1)
-                for d, secret in secrets_s.items():
-                    for j in u:
-                        if d not in claims[j]["maskset"]:
-                            continue
-                        shared = pair_secret(secret, self._keys[j]["s_pk"])
-                        key = pair_mask_key(shared, self.group_id, self.round_no, part, min(j, d), max(j, d))
-                        apply_mask(total[start:stop], key, -pair_sign(j, d))
-            return self.codec.decode_sum(total)
-
+                partial_sum = await self._wait_for(("sum", holder, part), self.timeouts.data)
+                if partial_sum is None:
+                    raise SecAggError(f"no partial sum of part {part} from peer {holder}")
+                ok = partial_sum.data["senders"] == senders
+                self._require(ok, f"peer {holder} summed part {part} over another set")
+                start, stop = self.parts[part]
+                total[start:stop] += partial_sum.payload
+            await self._offload(self._unmask_part, part, total, u, seeds, dropout_pairs)
         try:
-            mean, weight_sum = await self._offload(unmask)
-        except (ValueError, MaskError) as e:
-            raise SecAggError(f"group {self.group_id.hex()[:8]}: unmasking failed: {e}") from e
-        return SecAggResult(mean=mean, contributors=tuple(u), weight_sum=weight_sum)
+            weight_sum = await self._offload(self.codec.decode_sum, total, self.out)
+        except ValueError as e:
+            raise SecAggError(f"group {self.group_id.hex()[:8]}: the unmasked sum does not decode: {e}") from e
+        await sending
+        self._phase("done")
+        return SecAggResult(mean=self.out, contributors=tuple(u), weight_sum=weight_sum)
 
     # ------------------------------------------------------------------ helpers
+
+    def _phase(self, name: str) -> None:
+        """Record when a phase starts; ``stats["phases"]`` holds (name, seconds since the start)."""
+        now = time.perf_counter()
+        self._started = getattr(self, "_started", now)
+        self.stats["phases"].append((name, round(now - self._started, 4)))
+        logger.debug(f"group {self.group_id.hex()[:8]} peer {self.index}: {name} at {now - self._started:.3f}s")
 
     def _require(self, ok: bool, reason: str) -> None:
         if not ok:
@@ -462,6 +526,10 @@ class MaskedAllReduce:
             except TimeoutError:
                 pass
         return self._inbox.get(slot)
+
+    def _payload(self, slot: tuple[str, int, int]) -> np.ndarray | None:
+        message = self._inbox.get(slot)
+        return None if message is None else message.payload
 
     def _open_shares(self, c_sk: PrivateKey, j: int, message: Message, u1: list[int]) -> tuple[bytes, bytes] | None:
         if message.data["view"] != u1:
@@ -482,22 +550,39 @@ class MaskedAllReduce:
             return None
         return s_share, b_share
 
-    def _mask_input(self, s_sk: PrivateKey, b_seed: bytes, maskset: list[int]) -> np.ndarray:
-        """enc(omega * x) + PRG(b) + sum_j sign * PRG(s_ij), per part (parts have their own keys)."""
-        masked = np.empty(self.parts[-1][1], dtype=np.uint32)
-        self.codec.encode_into(self.vector, self.omega, masked[:-1])
-        masked[-1] = self.codec.encode_weight(self.omega)
-        secrets = {j: pair_secret(bytes(s_sk), self._keys[j]["s_pk"]) for j in maskset if j != self.index}
-        for part, (start, stop) in enumerate(self.parts):
-            if stop == start:
-                continue
-            words = masked[start:stop]
-            apply_mask(words, self_mask_key(b_seed, self.group_id, self.round_no, part), 1)
-            for j, shared in secrets.items():
-                low, high = min(j, self.index), max(j, self.index)
-                key = pair_mask_key(shared, self.group_id, self.round_no, part, low, high)
-                apply_mask(words, key, pair_sign(self.index, j))
-        return masked
+    def _mask_part(
+        self, part: int, masked: np.ndarray, b_seed: bytes, pair_secrets: dict[int, bytes], rounding_seed: bytes
+    ) -> None:
+        """masked[part] = enc(omega * x) + PRG(b) + sum_j sign * PRG(s_ij), each mask keyed for this part."""
+        start, stop = self.parts[part]
+        words, values = masked[start:stop], self.vector[start : min(stop, self.vector.size)]
+        seed = hashlib.blake2b(part.to_bytes(4, "little"), key=rounding_seed, digest_size=32).digest()
+        self.codec.encode_into(values, self.omega, words[: values.size], seed=seed)
+        if stop > self.vector.size:  # the part that carries the weight word
+            words[-1] = self.codec.encode_weight(self.omega)
+        apply_mask(words, self_mask_key(b_seed, self.group_id, self.round_no, part), 1)
+        for j, shared in pair_secrets.items():
+            low, high = min(j, self.index), max(j, self.index)
+            apply_mask(
+                words, pair_mask_key(shared, self.group_id, self.round_no, part, low, high), pair_sign(self.index, j)
+            )
+
+    def _unmask_part(
+        self,
+        part: int,
+        total: np.ndarray,
+        u: list[int],
+        seeds: dict[int, bytes],
+        dropout_pairs: dict[tuple[int, int], bytes],
+    ) -> None:
+        """Remove the self masks of U and the pairwise masks U shares with dropouts from one part of the sum."""
+        start, stop = self.parts[part]
+        words = total[start:stop]
+        for j in u:
+            apply_mask(words, self_mask_key(seeds[j], self.group_id, self.round_no, part), -1)
+        for (j, d), shared in dropout_pairs.items():
+            key = pair_mask_key(shared, self.group_id, self.round_no, part, min(j, d), max(j, d))
+            apply_mask(words, key, -pair_sign(j, d))
 
     def _candidates(self, part: int, live: set[int]) -> list[int]:
         """Reducers that may hold ``part``: its owner first, then the others in ring order."""

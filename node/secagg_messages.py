@@ -102,7 +102,7 @@ class Message:
     sender: int
     recipient: int
     data: dict[str, Any]
-    payload: bytes = b""
+    payload: Any = b""  # bytes-like: bytes, or a uint32 array once received
     body: bytes = field(default=b"", repr=False)
     signature: bytes = field(default=b"", repr=False)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import multiprocessing as mp
 from collections.abc import Sequence
@@ -33,11 +34,12 @@ from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.p2p import P2P
 from hivemind.utils import enter_asynchronously
 
-from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts
-from node.secagg_messages import MAX_HEADER_BYTES, MessageError, check_payload, parse_header
+from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts, Workspace
+from node.secagg_messages import MAX_HEADER_BYTES, MessageError, parse_header
 
 logger = logging.getLogger(__name__)
 
+READ_CHUNK = 1 << 16  # bytes read from a stream at a time (small reads reuse memory)
 _RECENT_GROUPS = 256  # finished groups remembered, so late messages are refused at once
 
 
@@ -100,9 +102,10 @@ class SecAggEndpoint:
             session = await self._session(message.group)
             session.check_header(message, info.peer_id, size)
             if size:
+                buffer = session.payload_buffer(message)
                 async with asyncio.timeout(session.timeouts.data):
-                    message.payload = await reader.readexactly(size)
-                check_payload(message.payload, digest)
+                    await _read_payload(reader, buffer, digest)
+                message.payload = buffer
             session.deliver(message)
         except MessageError as e:
             ok, reason = False, str(e)[:200]
@@ -112,6 +115,9 @@ class SecAggEndpoint:
             logger.debug(f"secure-aggregation stream from {info.peer_id} broke: {e!r}")
             writer.close()
             return
+        except Exception as e:  # a bug here must not take the node down; the sender sees a refusal
+            logger.exception(f"error handling a secure-aggregation message from {info.peer_id}")
+            ok, reason = False, f"internal error: {e!r}"[:200]
         try:
             reply = msgpack.packb([ok, reason])
             writer.write(len(reply).to_bytes(4, "big") + reply)
@@ -120,6 +126,20 @@ class SecAggEndpoint:
             pass
         finally:
             writer.close()
+
+
+async def _read_payload(reader: asyncio.StreamReader, buffer: np.ndarray, digest: bytes) -> None:
+    """Read exactly ``buffer.nbytes`` into ``buffer``, hashing as it arrives; check the signed digest."""
+    view, hasher, filled = buffer.data.cast("B"), hashlib.sha256(), 0
+    while filled < len(view):
+        chunk = await reader.read(min(READ_CHUNK, len(view) - filled))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", len(view) - filled)
+        view[filled : filled + len(chunk)] = chunk
+        hasher.update(chunk)
+        filled += len(chunk)
+    if hasher.digest() != digest:
+        raise MessageError("payload does not match its signed digest")
 
 
 class SecureAverager(DecentralizedAverager):
@@ -148,10 +168,11 @@ class SecureAverager(DecentralizedAverager):
     ):
         if kwargs.get("client_mode"):
             raise ValueError("secure aggregation needs every peer to reduce a part; client mode is not supported")
-        self._identity, self._clip_bound, self._weight_bound = identity, clip_bound, weight_bound
+        self._signer, self._clip_bound, self._weight_bound = identity, clip_bound, weight_bound
         self._secagg_timeouts, self._session_class = timeouts, session_class
         self._endpoint: SecAggEndpoint | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._workspace = Workspace()
         self.bytes_sent = mp.Value("d", 0.0)  # shared with the averager process
         self.rounds_done = mp.Value("i", 0)
         super().__init__(averaged_tensors, dht, **kwargs)
@@ -183,7 +204,11 @@ class SecureAverager(DecentralizedAverager):
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg")
             async with enter_asynchronously(self.get_tensors()) as tensors:
-                vector = np.concatenate([t.detach().cpu().reshape(-1).float().numpy() for t in tensors])
+                vector = self._workspace.array("flat", self.total_size, np.float32)
+                offset = 0
+                for tensor in tensors:
+                    np.copyto(vector[offset : offset + tensor.numel()], tensor.reshape(-1).numpy())
+                    offset += tensor.numel()
                 session = self._session_class(
                     p2p=self._p2p,
                     handler_name=f"{self.prefix}.secagg",
@@ -191,13 +216,15 @@ class SecureAverager(DecentralizedAverager):
                     peer_ids=list(group_info.peer_ids),
                     index=group_info.peer_ids.index(self.peer_id),
                     round_no=round_no,
-                    identity=self._identity,
+                    identity=self._signer,
                     vector=vector,
                     omega=omega,
                     part_sizes=[int(s) for s in sizes],
                     bound=self._clip_bound,
                     timeouts=self._secagg_timeouts,
                     executor=self._executor,
+                    out=vector,
+                    workspace=self._workspace,
                 )
                 self._running_groups[group_info.group_id].set_result(session)
                 assert self._endpoint is not None, "the endpoint starts with the averager"
@@ -205,8 +232,7 @@ class SecureAverager(DecentralizedAverager):
                 result = await session.run()
                 offset = 0
                 for tensor in tensors:
-                    chunk = result.mean[offset : offset + tensor.numel()]
-                    tensor.copy_(torch.from_numpy(chunk).view_as(tensor))
+                    np.copyto(tensor.reshape(-1).numpy(), result.mean[offset : offset + tensor.numel()])
                     offset += tensor.numel()
             with self.rounds_done.get_lock():
                 self.rounds_done.value += 1
@@ -220,3 +246,4 @@ class SecureAverager(DecentralizedAverager):
                     self._endpoint.unregister(session)
                 with self.bytes_sent.get_lock():
                     self.bytes_sent.value += session.stats["bytes_sent"]
+                logger.info(f"secure all-reduce phases: {session.stats['phases']}")
