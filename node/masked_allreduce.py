@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 SMALL_KINDS = ("keys", "shares", "claim", "agree", "reveal")
 CLAIM_ATTEMPTS = 2
 WRITE_CHUNK = 1 << 18  # bytes handed to the stream at a time
+STREAM_ATTEMPTS = 3  # fresh streams tried for one message when a stream breaks before the reply
 
 
 class SecAggError(Exception):
@@ -198,11 +199,13 @@ class MaskedAllReduce:
         self.workspace = workspace or Workspace()
         self.view: list[Message] | None = [] if record_view else None
         self.dead: set[int] = set()
-        self.stats: dict[str, Any] = {"bytes_sent": 0, "messages_sent": 0, "rejected": 0, "phases": []}
+        self.stats: dict[str, Any] = {"bytes_sent": 0, "messages_sent": 0, "stream_retries": 0, "phases": []}
         self._inbox: dict[tuple[str, int, int], Message] = {}  # (kind, sender, part or attempt) -> message
         self._changed = asyncio.Event()
         self._keys: dict[int, dict[str, Any]] = {}  # verified key adverts by sender
         self._closed = False
+        self._background: list[asyncio.Future[Any]] = []
+        self.held: dict[int, tuple[bytes, bytes]] = {}
 
     # ------------------------------------------------------------------ receiving
 
@@ -252,6 +255,8 @@ class MaskedAllReduce:
         slot_id = message.data.get("part", message.data.get("attempt", 0))
         slot = (message.kind, message.sender, slot_id)
         if slot in self._inbox:
+            if self._inbox[slot].body == message.body:
+                return  # the same signed message again (a retry after a broken stream): already have it
             raise MessageError(f"duplicate {message.kind!r} message from peer {message.sender}")
         if message.kind == "keys":
             self._keys[message.sender] = message.data
@@ -274,26 +279,24 @@ class MaskedAllReduce:
             return False
         message = Message(kind, self.group_id, self.round_no, self.index, to, data, payload=payload)
         header = message.seal(self.identity.sign)
-        writer = None
         try:
             async with asyncio.timeout(timeout or self.timeouts.message):
-                _, reader, writer = await self.p2p.call_binary_stream_handler(self.peer_ids[to], self.handler_name)
-                writer.write(len(header).to_bytes(4, "big") + header)
-                for offset in range(0, len(payload), WRITE_CHUNK):  # bounded buffering, no 25 MB copies
-                    writer.write(payload[offset : offset + WRITE_CHUNK])
-                    await writer.drain()
-                await writer.drain()
-                length = int.from_bytes(await reader.readexactly(4), "big")
-                if length > 1024:
-                    raise MessageError("oversized reply")
-                ok, reason = msgpack.unpackb(await reader.readexactly(length), raw=False)
+                for attempt in range(STREAM_ATTEMPTS):
+                    try:
+                        ok, reason = await self._exchange(to, header, payload)
+                        break
+                    except (asyncio.IncompleteReadError, ConnectionError) as e:
+                        # a stream reset before the reply (seen under load with p2pd); delivery is
+                        # idempotent, so a fresh stream may carry the same message again
+                        if attempt + 1 == STREAM_ATTEMPTS:
+                            raise
+                        logger.debug(f"{kind} to peer {to}: stream broke ({e!r}), retrying")
+                        self.stats["stream_retries"] += 1
+                        await asyncio.sleep(0.05 * (attempt + 1))
         except Exception as e:  # a dead, slow or refusing peer: any failure means "not delivered"
-            logger.debug(f"group {self.group_id.hex()[:8]}: {kind} to peer {to} failed: {e!r}")
+            logger.info(f"group {self.group_id.hex()[:8]}: {kind} to peer {to} failed: {e!r}")
             self.dead.add(to)
             return False
-        finally:
-            if writer is not None:
-                writer.close()
         if not ok:
             logger.warning(f"group {self.group_id.hex()[:8]}: peer {to} refused our {kind}: {reason}")
             self.dead.add(to)
@@ -301,6 +304,23 @@ class MaskedAllReduce:
         self.stats["bytes_sent"] += 4 + len(header) + len(payload)
         self.stats["messages_sent"] += 1
         return True
+
+    async def _exchange(self, to: int, header: bytes, payload: Any) -> tuple[bool, str]:
+        """One stream: the header, the payload in chunks, then the receiver's [ok, reason] reply."""
+        _, reader, writer = await self.p2p.call_binary_stream_handler(self.peer_ids[to], self.handler_name)
+        try:
+            writer.write(len(header).to_bytes(4, "big") + header)
+            for offset in range(0, len(payload), WRITE_CHUNK):  # bounded buffering, no 25 MB copies
+                writer.write(payload[offset : offset + WRITE_CHUNK])
+                await writer.drain()
+            await writer.drain()
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            if length > 1024:
+                raise MessageError("oversized reply")
+            ok, reason = msgpack.unpackb(await reader.readexactly(length), raw=False)
+            return bool(ok), str(reason)
+        finally:
+            writer.close()
 
     async def _broadcast(self, to: Iterable[int], kind: str, make: Callable[[int], dict[str, Any]]) -> None:
         await asyncio.gather(*(self._send(j, kind, make(j)) for j in to if j != self.index))
@@ -336,6 +356,8 @@ class MaskedAllReduce:
         try:
             return await self._run()
         finally:
+            for pending in self._background:  # a failed or cancelled peer stops sending
+                pending.cancel()
             self.close()
 
     async def _run(self) -> SecAggResult:
@@ -369,7 +391,7 @@ class MaskedAllReduce:
             return {"view": u1, "box": bytes(box)}
 
         await self._broadcast(u1, "shares", boxed)
-        held = {me: (s_shares[me], b_shares[me])}  # shares we hold, by owner
+        held = self.held = {me: (s_shares[me], b_shares[me])}  # (s_sk, b) shares we hold, by owner
         for j, message in (await self._collect("shares", u1, self.timeouts.message)).items():
             share = self._open_shares(c_sk, j, message, u1)
             if share is not None:
@@ -403,6 +425,7 @@ class MaskedAllReduce:
         for k in sorted(self.reducers, key=lambda k: (k - me - 1) % self.n):  # peers start on different reducers
             await self._offload(self._mask_part, k, masked, b_seed, pair_secrets, rounding_seed)
             placing.append(asyncio.create_task(place(k, live)))  # sent while the next part is masked
+            self._background.append(placing[-1])
         await asyncio.gather(*placing)
 
         self._phase("claims")
@@ -459,6 +482,7 @@ class MaskedAllReduce:
                 self._send(j, "sum", data, partial.data.cast("B"), self.timeouts.data) for j in live if j != me
             ]
         sending = asyncio.gather(*outgoing)
+        self._background.append(sending)
 
         self._phase("reveal")
         reveals = await self._collect("reveal", live, self.timeouts.message, need=self.threshold - 1)
@@ -493,11 +517,12 @@ class MaskedAllReduce:
                 start, stop = self.parts[part]
                 total[start:stop] += partial_sum.payload
             await self._offload(self._unmask_part, part, total, u, seeds, dropout_pairs)
+        await sending
+        self._phase("decode")
         try:
             weight_sum = await self._offload(self.codec.decode_sum, total, self.out)
         except ValueError as e:
             raise SecAggError(f"group {self.group_id.hex()[:8]}: the unmasked sum does not decode: {e}") from e
-        await sending
         self._phase("done")
         return SecAggResult(mean=self.out, contributors=tuple(u), weight_sum=weight_sum)
 
@@ -540,11 +565,9 @@ class MaskedAllReduce:
             group, round_no, sender, recipient, s_share, b_share = msgpack.unpackb(plain)
         except (CryptoError, ValueError, TypeError, msgpack.ExtraData) as e:
             logger.warning(f"peer {j}'s shares do not open: {e}")
-            self.stats["rejected"] += 1
             return None
         if (group, round_no, sender, recipient) != (self.group_id, self.round_no, j, self.index):
             logger.warning(f"peer {j}'s shares are bound to another group, round or pair")
-            self.stats["rejected"] += 1
             return None
         if not (isinstance(s_share, bytes) and isinstance(b_share, bytes) and len(s_share) == len(b_share) == 66):
             return None

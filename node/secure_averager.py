@@ -112,7 +112,7 @@ class SecAggEndpoint:
             self.rejected += 1
             logger.warning(f"refused a secure-aggregation message from {info.peer_id}: {reason}")
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
-            logger.debug(f"secure-aggregation stream from {info.peer_id} broke: {e!r}")
+            logger.warning(f"secure-aggregation stream from {info.peer_id} broke: {e!r}")
             writer.close()
             return
         except Exception as e:  # a bug here must not take the node down; the sender sees a refusal

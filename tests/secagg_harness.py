@@ -1,0 +1,210 @@
+"""A harness for masked all-reduce tests: real libp2p peers on 127.0.0.1, one asyncio loop in a thread.
+
+``SecAggSwarm`` starts N ``hivemind.P2P`` daemons (real p2pd, real streams) with an endpoint each
+and runs one ``MaskedAllReduce`` per peer for a given group, so tests can drop peers at chosen
+phases, record what each peer saw, and inject raw messages, without matchmaking in the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+from hivemind.p2p import P2P
+
+from dht import NodeIdentity
+from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
+from node.secagg_messages import TAG, Message
+from node.secure_averager import SecAggEndpoint
+
+HANDLER = "test.secagg"
+TEST_TIMEOUTS = SecAggTimeouts(message=5.0, data=20.0)
+
+
+class Dropout(Exception):
+    """Raised inside a session to make its peer vanish at a chosen point."""
+
+
+class DroppingAllReduce(MaskedAllReduce):
+    """A peer that leaves at ``drop_at``: "parts" (before sending any part), "mid-parts" (after
+    sending one part), or "decode" (during unmasking: its sums are out, its reveals reached only
+    the odd-numbered peers)."""
+
+    drop_at: str = ""
+
+    def _phase(self, name: str) -> None:
+        if name == self.drop_at:
+            raise Dropout(f"peer {self.index} drops at {name}")
+        super()._phase(name)
+
+    async def _send(self, to: int, kind: str, data: dict[str, Any], payload: Any = b"", timeout: float = 0) -> bool:
+        if self.drop_at == "mid-parts" and kind == "part":
+            sent = getattr(self, "_parts_sent", 0)
+            if sent >= 1:
+                raise Dropout(f"peer {self.index} drops after sending {sent} part(s)")
+            self._parts_sent = sent + 1
+        if self.drop_at == "decode" and kind == "reveal" and to % 2 == 0:
+            return True  # pretend: this reveal never leaves
+        return await super()._send(to, kind, data, payload, timeout)
+
+
+class SecAggSwarm:
+    """N real P2P peers with identities and endpoints, driven from the test's thread."""
+
+    def __init__(self, folder: Path, size: int, wait_for_group: float = 2.0):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.identities = [NodeIdentity.load_or_create(folder / f"peer{i}") for i in range(size)]
+        self.p2ps: list[P2P] = []
+        self.endpoints: list[SecAggEndpoint] = []
+        self.stream_retries = 0  # streams that broke before their reply and were retried
+        self.call(self._start(wait_for_group))
+
+    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def _start(self, wait_for_group: float) -> None:
+        for identity in self.identities:
+            initial = await self.p2ps[0].get_visible_maddrs() if self.p2ps else []
+            p2p = await P2P.create(
+                identity_path=str(identity.p2p_key_path),
+                check_if_identity_free=False,
+                host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                initial_peers=initial,
+            )
+            endpoint = SecAggEndpoint(p2p, HANDLER, wait_for_group=wait_for_group)
+            await endpoint.start()
+            self.p2ps.append(p2p)
+            self.endpoints.append(endpoint)
+
+    def signer(self, i: int) -> SecAggIdentity:
+        identity = self.identities[i]
+        return SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding)
+
+    def sessions(
+        self,
+        vectors: list[np.ndarray],
+        weights: list[float] | None = None,
+        round_no: int = 1,
+        group_id: bytes | None = None,
+        classes: dict[int, type[MaskedAllReduce]] | None = None,
+        bound: float = 1.0,
+        timeouts: SecAggTimeouts = TEST_TIMEOUTS,
+        record_view: bool = False,
+    ) -> list[MaskedAllReduce]:
+        """One session per vector (peers 0..n-1 of the swarm), registered with their endpoints."""
+        n = len(vectors)
+        group_id = group_id or os.urandom(32)
+        weights = weights or [1.0] * n
+        size = vectors[0].size + 1
+        part_sizes = [size // n + (1 if k < size % n else 0) for k in range(n)]
+        classes = classes or {}
+        result = []
+        for i in range(n):
+            session = classes.get(i, MaskedAllReduce)(
+                p2p=self.p2ps[i],
+                handler_name=HANDLER,
+                group_id=group_id,
+                peer_ids=[p.peer_id for p in self.p2ps[:n]],
+                index=i,
+                round_no=round_no,
+                identity=self.signer(i),
+                vector=vectors[i],
+                omega=weights[i],
+                part_sizes=part_sizes,
+                bound=bound,
+                timeouts=timeouts,
+                record_view=record_view,
+            )
+            self.endpoints[i].register(session)
+            result.append(session)
+        return result
+
+    def run(self, sessions: list[MaskedAllReduce]) -> list[SecAggResult | BaseException]:
+        """Run every session to completion; each entry is a result or the exception it ended with."""
+
+        async def run_all() -> list[Any]:
+            try:
+                outcomes = await asyncio.gather(*(s.run() for s in sessions), return_exceptions=True)
+                self.stream_retries += sum(s.stats["stream_retries"] for s in sessions)
+                return outcomes
+            finally:
+                for session, endpoint in zip(sessions, self.endpoints, strict=False):
+                    endpoint.unregister(session)
+
+        return self.call(run_all())
+
+    def send_raw(self, sender: int, recipient: int, header: bytes, payload: bytes = b"") -> tuple[bool, str]:
+        """Put bytes on a stream from one peer to another's endpoint; returns its [ok, reason] reply."""
+
+        async def send() -> tuple[bool, str]:
+            _, reader, writer = await self.p2ps[sender].call_binary_stream_handler(
+                self.p2ps[recipient].peer_id, HANDLER
+            )
+            try:
+                writer.write(len(header).to_bytes(4, "big") + header + payload)
+                await writer.drain()
+                length = int.from_bytes(await reader.readexactly(4), "big")
+                ok, reason = msgpack.unpackb(await reader.readexactly(length))
+                return ok, reason
+            finally:
+                writer.close()
+
+        return self.call(send())
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for p2p in self.p2ps:
+                await p2p.shutdown()
+
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def header_of(message: Message) -> bytes:
+    """The exact header bytes a recorded message arrived with (for replays)."""
+    return msgpack.packb([TAG, message.body, message.signature], use_bin_type=True)
+
+
+def forged(message: Message, sign: Callable[[bytes], bytes], **changes: Any) -> bytes:
+    """A header with fields changed and signed by ``sign`` (a key of the attacker's choice)."""
+    fields = dict(
+        kind=message.kind,
+        group=message.group,
+        round=message.round,
+        sender=message.sender,
+        recipient=message.recipient,
+        data=message.data,
+        payload=message.payload,
+    )
+    fields.update(changes)
+    return Message(**fields).seal(sign)
+
+
+def contributors_mean(vectors: list[np.ndarray], weights: list[float], members: list[int], bound: float) -> np.ndarray:
+    """The exact (float64) weighted mean of the clipped inputs of ``members``."""
+    total = sum(weights[j] * np.clip(vectors[j].astype(np.float64), -bound, bound) for j in members)
+    return total / sum(weights[j] for j in members)
+
+
+def results_of(outcomes: list[SecAggResult | BaseException], members: list[int]) -> list[SecAggResult]:
+    """The results of ``members``; fails the test with the exception if one of them failed."""
+    found = []
+    for i in members:
+        outcome = outcomes[i]
+        if isinstance(outcome, BaseException):
+            raise AssertionError(f"peer {i} failed: {outcome!r}") from outcome
+        found.append(outcome)
+    return found
+
+
+__all__ = ["Dropout", "DroppingAllReduce", "SecAggError", "SecAggSwarm", "contributors_mean", "forged", "header_of"]
