@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="zen-demo", help="scratch folder for the demo, e.g. zen-demo")
     demo.add_argument("--inner-steps", type=int, default=30, help="inner steps per round, e.g. 30")
     demo.add_argument("--log-level", default="WARNING", help="nodes' logging level, e.g. INFO")
+    demo.add_argument(
+        "--aggregation",
+        choices=("secure", "plain"),
+        default="secure",
+        help="secure (masked all-reduce, needs >= 3 peers) or plain (hivemind's averager), e.g. plain",
+    )
     return parser
 
 

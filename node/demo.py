@@ -31,7 +31,7 @@ from node.trainer import REPORT_FILE
 BYTES_PER_PEER = 60_000
 
 
-def _demo_config(peers: int, inner_steps: int) -> str:
+def _demo_config(peers: int, inner_steps: int, mode: str) -> str:
     return f"""# Written by `zen-node demo`: the run every demo node shares.
 [run]
 run_id = "zen-demo"
@@ -49,8 +49,8 @@ batch_size = 16
 inner_lr = 0.003
 
 [run.aggregation]
-mode = "plain"
-min_group_size = {max(2, peers)}
+mode = "{mode}"
+min_group_size = {max(3 if mode == "secure" else 2, peers)}
 matchmaking_time = 2.0
 timeout = 180.0
 """
@@ -109,10 +109,15 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--peers must be in [1, 32], got {args.peers}")
     if not 1 <= args.rounds <= 1000:
         raise ValueError(f"--rounds must be in [1, 1000], got {args.rounds}")
+    if args.aggregation == "secure" and args.peers < 3:
+        raise ValueError(
+            f"secure aggregation needs --peers >= 3 (a sum of two reveals both inputs), got {args.peers}; "
+            "use --aggregation plain for a smaller demo"
+        )
     root = Path(args.workdir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    (root / "run.toml").write_text(_demo_config(args.peers, args.inner_steps))
+    (root / "run.toml").write_text(_demo_config(args.peers, args.inner_steps, args.aggregation))
     corpus = generate_corpus(BYTES_PER_PEER * args.peers, seed=7)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
@@ -179,6 +184,7 @@ def _summarize(args: argparse.Namespace, root: Path, started: float) -> int:
         finals.append(work / "rounds" / f"round-{args.rounds:05d}.pt")
     summary = {
         "peers": args.peers,
+        "aggregation": args.aggregation,
         "rounds": args.rounds,
         "initial_loss": sum(p["initial_loss"] for p in per_peer) / len(per_peer),
         "final_loss": sum(p["final_loss"] for p in per_peer) / len(per_peer),

@@ -294,7 +294,7 @@ class MaskedAllReduce:
                         self.stats["stream_retries"] += 1
                         await asyncio.sleep(0.05 * (attempt + 1))
         except Exception as e:  # a dead, slow or refusing peer: any failure means "not delivered"
-            logger.info(f"group {self.group_id.hex()[:8]}: {kind} to peer {to} failed: {e!r}")
+            logger.warning(f"group {self.group_id.hex()[:8]}: {kind} to peer {to} failed, counted as gone: {e!r}")
             self.dead.add(to)
             return False
         if not ok:
@@ -307,7 +307,13 @@ class MaskedAllReduce:
 
     async def _exchange(self, to: int, header: bytes, payload: Any) -> tuple[bool, str]:
         """One stream: the header, the payload in chunks, then the receiver's [ok, reason] reply."""
-        _, reader, writer = await self.p2p.call_binary_stream_handler(self.peer_ids[to], self.handler_name)
+        opening = asyncio.ensure_future(self.p2p.call_binary_stream_handler(self.peer_ids[to], self.handler_name))
+        try:
+            _, reader, writer = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # hivemind's stream_open leaks its daemon connection if cancelled midway: let it finish, then close
+            opening.add_done_callback(_close_stream)
+            raise
         try:
             writer.write(len(header).to_bytes(4, "big") + header)
             for offset in range(0, len(payload), WRITE_CHUNK):  # bounded buffering, no 25 MB copies
@@ -642,6 +648,11 @@ class MaskedAllReduce:
             ok = crypto_scalarmult_base(secret) == self._keys[owner]["s_pk"]
         self._require(ok, f"peer {owner}'s rebuilt {kind} does not match what it committed to")
         return secret
+
+
+def _close_stream(opening: asyncio.Future[Any]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result()[2].close()
 
 
 def _indices(data: dict[str, Any]) -> list[int]:

@@ -92,7 +92,18 @@ class SecAggEndpoint:
         return self.sessions[group_id]
 
     async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ok, reason = True, ""
+        try:
+            ok, reason = await self._receive(info, reader)
+            reply = msgpack.packb([ok, reason])
+            writer.write(len(reply).to_bytes(4, "big") + reply)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
+            logger.debug(f"secure-aggregation stream from {info.peer_id} broke: {e!r}")
+        finally:
+            writer.close()
+
+    async def _receive(self, info: Any, reader: asyncio.StreamReader) -> tuple[bool, str]:
+        """Read, check and deliver one message; returns the reply (refusals are logged and counted)."""
         try:
             async with asyncio.timeout(self.wait_for_group):
                 length = int.from_bytes(await reader.readexactly(4), "big")
@@ -107,25 +118,17 @@ class SecAggEndpoint:
                     await _read_payload(reader, buffer, digest)
                 message.payload = buffer
             session.deliver(message)
+            return True, ""
         except MessageError as e:
-            ok, reason = False, str(e)[:200]
-            self.rejected += 1
-            logger.warning(f"refused a secure-aggregation message from {info.peer_id}: {reason}")
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
-            logger.warning(f"secure-aggregation stream from {info.peer_id} broke: {e!r}")
-            writer.close()
-            return
+            reason = str(e)[:200]
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            raise
         except Exception as e:  # a bug here must not take the node down; the sender sees a refusal
             logger.exception(f"error handling a secure-aggregation message from {info.peer_id}")
-            ok, reason = False, f"internal error: {e!r}"[:200]
-        try:
-            reply = msgpack.packb([ok, reason])
-            writer.write(len(reply).to_bytes(4, "big") + reply)
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+            reason = f"internal error: {e!r}"[:200]
+        self.rejected += 1
+        logger.warning(f"refused a secure-aggregation message from {info.peer_id}: {reason}")
+        return False, reason
 
 
 async def _read_payload(reader: asyncio.StreamReader, buffer: np.ndarray, digest: bytes) -> None:

@@ -45,10 +45,14 @@ class DroppingAllReduce(MaskedAllReduce):
 
     async def _send(self, to: int, kind: str, data: dict[str, Any], payload: Any = b"", timeout: float = 0) -> bool:
         if self.drop_at == "mid-parts" and kind == "part":
-            sent = getattr(self, "_parts_sent", 0)
-            if sent >= 1:
-                raise Dropout(f"peer {self.index} drops after sending {sent} part(s)")
-            self._parts_sent = sent + 1
+            first_sent = self.__dict__.setdefault("_first_part_sent", asyncio.Event())
+            if self.__dict__.setdefault("_parts_started", 0):
+                await first_sent.wait()  # leave only once the first part has reached its reducer
+                raise Dropout(f"peer {self.index} drops after sending one part")
+            self._parts_started = 1
+            delivered = await super()._send(to, kind, data, payload, timeout)
+            first_sent.set()
+            return delivered
         if self.drop_at == "decode" and kind == "reveal" and to % 2 == 0:
             return True  # pretend: this reveal never leaves
         return await super()._send(to, kind, data, payload, timeout)
@@ -157,7 +161,13 @@ class SecAggSwarm:
             finally:
                 writer.close()
 
-        return self.call(send())
+        for attempt in range(3):  # p2pd now and then resets a fresh stream; MaskedAllReduce retries too
+            try:
+                return self.call(send())
+            except asyncio.IncompleteReadError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         async def stop() -> None:

@@ -25,7 +25,10 @@ EXPECTED_FLAGS = {
         "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--help", "--host-maddrs",
         "--initial-peers", "--json", "--log-level", "--no-relay", "--run-id",
     ],
-    "demo": ["--help", "--inner-steps", "--log-level", "--peers", "--rounds", "--summary-json", "--workdir"],
+    "demo": [
+        "--aggregation", "--help", "--inner-steps", "--log-level", "--peers", "--rounds", "--summary-json",
+        "--workdir",
+    ],
 }  # fmt: skip
 
 

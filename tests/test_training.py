@@ -101,7 +101,8 @@ class NodeProcess:
             pytest.fail(f"{self.folder.name} did not exit in {timeout}s:\n{self.output()[-3000:]}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.folder / "node.log").read_text()
 
     def stop(self) -> None:
@@ -183,7 +184,7 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
 def test_a_lone_node_trains_solo_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """With no peers a node applies its own updates; --resume continues at the saved round."""
     # Prepare
-    config = write_config(tmp_path / "run.toml", group=2, matchmaking=0.5, timeout=2.0, inner_steps=4)
+    config = write_config(tmp_path / "run.toml", group=3, matchmaking=0.5, timeout=2.0, inner_steps=4)
     data = generate_corpus(20_000, seed=5)
 
     # Execute
