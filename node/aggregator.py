@@ -175,6 +175,7 @@ class SecureAggregator(_AveragerAggregator):
         weight_bound: the largest weight (samples per round) a peer brings.
         stop_event: when set, a pending aggregation is cancelled and returns None.
         session_class: the all-reduce implementation (tests inject failing subclasses).
+        bandwidth: this node's upload bandwidth (bytes/s) for load balancing; None: unknown.
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class SecureAggregator(_AveragerAggregator):
         weight_bound: float,
         stop_event: threading.Event | None = None,
         session_class: type[MaskedAllReduce] = MaskedAllReduce,
+        bandwidth: float | None = None,
     ):
         if config.min_group_size < 3:
             raise ValueError("secure aggregation needs min_group_size >= 3: a sum of two reveals both inputs")
@@ -201,6 +203,7 @@ class SecureAggregator(_AveragerAggregator):
             session_class=session_class,
             prefix=f"zen_{run_id}_secagg",
             target_group_size=MAX_SECURE_GROUP,
+            bandwidth=bandwidth,
             **_averager_kwargs(config),
         )
         super().__init__(averager, config, stop_event)
@@ -220,8 +223,9 @@ def make_aggregator(
     weight_bound: float,
     client_mode: bool = False,
     stop_event: threading.Event | None = None,
+    bandwidth: float | None = None,
 ) -> Aggregator:
-    """The aggregator that ``config.mode`` names."""
+    """The aggregator that ``config.mode`` names (``bandwidth``: upload bytes/s, None if unknown)."""
     if config.mode == "plain":
         return PlainAggregator(dht, run_id, templates, config, client_mode=client_mode, stop_event=stop_event)
     if config.mode == "secure":
@@ -230,5 +234,7 @@ def make_aggregator(
                 "secure aggregation needs every peer to be reachable (it reduces a part); "
                 "drop client mode or set aggregation.mode = 'plain'"
             )
-        return SecureAggregator(dht, run_id, templates, config, identity, weight_bound, stop_event=stop_event)
+        return SecureAggregator(
+            dht, run_id, templates, config, identity, weight_bound, stop_event=stop_event, bandwidth=bandwidth
+        )
     raise ValueError(f"unknown aggregation mode {config.mode!r}")

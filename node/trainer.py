@@ -195,6 +195,7 @@ class TrainingNode:
             weight_bound=float(self.run.train.inner_steps * self.run.train.batch_size),
             client_mode=client_mode,
             stop_event=self.stop_event,
+            bandwidth=self.capacity.upload_bytes_per_second or None,
         )
         if any(p.round > self.round for p in peers):
             self._catch_up("loaded")

@@ -19,19 +19,18 @@ from node.config import AggregationConfig, ConfigError, load_node_config
 
 def test_secure_mode_refuses_groups_of_two_in_the_config() -> None:
     """A config asking for secure groups of 2 is refused, naming the field and the way out."""
-    with pytest.raises(ConfigError, match="min_group_size must be >= 3 in secure mode"):
-        AggregationConfig(mode="secure", min_group_size=2)
+    with pytest.raises(ConfigError, match=r"min_group_size must be >= 3 in secure mode.*mode = 'plain'"):
+        load_node_config(None, {"run.aggregation.min_group_size": 2})
     assert AggregationConfig(mode="plain", min_group_size=2).min_group_size == 2
 
 
-def test_secure_is_the_default_mode(tmp_path: Path) -> None:
+def test_secure_is_the_default_mode() -> None:
     """A node config without an aggregation section aggregates securely."""
-    config = load_node_config(None, {"data": str(tmp_path)})
-    assert config.run.aggregation.mode == "secure"
+    assert load_node_config(None, {}).run.aggregation.mode == "secure"
 
 
 def test_secure_aggregators_average_through_matchmaking(identity_factory: Callable[..., NodeIdentity]) -> None:
-    """Three nodes' SecureAggregators find each other on the DHT and all get the same weighted mean."""
+    """Three SecureAggregators meet through matchmaking and get the same weighted mean; parts follow bandwidth."""
     config = AggregationConfig(mode="secure", min_group_size=3, matchmaking_time=1.0, timeout=60.0)
     identities = [identity_factory() for _ in range(3)]
     first = start_dht(SwarmConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), identities[0])
@@ -41,11 +40,13 @@ def test_secure_aggregators_average_through_matchmaking(identity_factory: Callab
         for identity in identities[1:]
     ]
     generator = torch.Generator().manual_seed(3)
-    updates = [[torch.randn(17, 5, generator=generator) * 0.1, torch.randn(9, generator=generator) * 0.1] for _ in dhts]
+    updates = [[torch.randn(400, 50, generator=generator) / 8, torch.randn(9, generator=generator) / 8] for _ in dhts]
+    originals = [[t.clone() for t in update] for update in updates]
     weights = [16.0, 32.0, 48.0]
+    bandwidths = [1e6, 1e6, 4e6]  # hivemind's load balancing gives the whole vector to the fast peer
     aggregators = [
-        SecureAggregator(dht, "t", updates[0], config, identity, weight_bound=64.0)
-        for dht, identity in zip(dhts, identities, strict=True)
+        SecureAggregator(dht, "t", updates[0], config, identity, weight_bound=64.0, bandwidth=bandwidth)
+        for dht, identity, bandwidth in zip(dhts, identities, bandwidths, strict=True)
     ]
     results: list[AggregationResult | None] = [None] * 3
     try:
@@ -67,11 +68,14 @@ def test_secure_aggregators_average_through_matchmaking(identity_factory: Callab
 
     assert all(r is not None and r.group_size == 3 and r.round == 4 for r in results)
     for k in range(2):
-        expected = sum(w * u[k].double() for w, u in zip(weights, updates, strict=True)) / sum(weights)
+        expected = sum(w * u[k].double().clamp(-1, 1) for w, u in zip(weights, originals, strict=True)) / sum(weights)
         for update in updates:
             assert torch.allclose(update[k].double(), expected, atol=1e-6)
         assert all(torch.equal(update[k], updates[0][k]) for update in updates)  # bit-identical on every node
-    assert all(s > 4 * (17 * 5 + 9) for s in sent)  # at least the masked parts left each node
+    vector_bytes = 4 * (400 * 50 + 9 + 1)
+    assert all(s >= vector_bytes for s in sent[:2])  # the slow peers sent their whole masked vector to the reducer
+    assert sent[2] >= 2 * vector_bytes  # the fast peer reduced it all and sent the sums to both
+    assert sent[2] > 1.8 * max(sent[:2])  # an equal split would have them all send about the same
 
 
 def run_demo(tmp_path: Path, mode: str) -> dict[str, object]:
