@@ -8,7 +8,8 @@ them have found their group and are released together, so matchmaking is not tim
     python benchmarks/allreduce.py --peers 4 --numel 25000000 --rounds 3 --json
 
 JSON fields: ``peers``, ``numel``, ``rounds``, ``secure_seconds`` and ``plain_seconds`` (median
-over rounds, slowest peer), ``ratio`` (median over rounds of secure / plain), ``max_abs_error``
+over rounds, slowest peer), ``ratio`` (median over rounds of secure / plain), ``secure_first_seconds``
+and ``plain_first_seconds`` (the first, cold round: buffers are allocated and first touched), ``max_abs_error``
 (secure result vs the float64 weighted mean; ``plain_max_abs_error`` likewise),
 ``bytes_sent_per_peer`` (secure, counted where messages leave the node),
 ``plain_bytes_per_peer_model`` (2(N-1)/N x 4 x M, hivemind's butterfly without compression),
@@ -144,6 +145,8 @@ def main() -> int:
             "secure_seconds": round(statistics.median(secure_times), 4),
             "plain_seconds": round(statistics.median(plain_times), 4),
             "ratio": round(statistics.median(ratios), 4),
+            "secure_first_seconds": round(secure_times[0], 4),  # cold: buffers are first touched here
+            "plain_first_seconds": round(plain_times[0], 4),
             "max_abs_error": max(errors),
             "plain_max_abs_error": max(plain_errors),
             "bytes_sent_per_peer": int(bytes_sent),

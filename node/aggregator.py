@@ -204,6 +204,7 @@ class SecureAggregator(_AveragerAggregator):
             prefix=f"zen_{run_id}_secagg",
             target_group_size=MAX_SECURE_GROUP,
             bandwidth=bandwidth,
+            allreduce_timeout=config.timeout,  # a hung peer cannot hold the round past the timeout
             **_averager_kwargs(config),
         )
         super().__init__(averager, config, stop_event)

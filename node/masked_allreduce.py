@@ -17,15 +17,18 @@ ever sees uniformly random words. Phases, each bounded by a timeout:
     agree    each peer derives the contributor set U from the claims (every part held by a live
              peer, masks consistent) and all check they derived the same U; nothing is revealed
              before ``t`` peers confirm one U
-    sums     holders broadcast masked partial sums over U, so every peer holds the masked total
     reveal   survivors reveal shares of b_j for j in U and of s_sk_d for dropouts d, never both
-             for one peer (t > n/2 makes two conflicting reveals impossible to complete)
-    unmask   every peer rebuilds the secrets (checked against the keys and commitments), removes
-             self masks and the dropouts' pairwise masks, and decodes the weighted mean over U
+             for one peer (t > n/2 makes two conflicting reveals impossible to complete); each
+             peer rebuilds the secrets it needs, checked against the keys and commitments
+    sums     each holder removes from its partial sums the self masks of their senders and their
+             pairwise masks with dropouts (pairwise masks within U cancel only in the total, so a
+             partial sum stays masked), and sends them to every peer; all decode the same total
 
 The threshold is ``t = n // 2 + 1``; U must hold at least ``max(3, t)`` peers, since a sum over two
 reveals both inputs. Any missing piece makes the round fail with ``SecAggError``: a partial result
-is never returned.
+is never returned. A peer that leaves after sending its sums (while others unmask) costs
+nothing; one that leaves between ``agree`` and its sums takes its parts with it and fails the
+round for everyone (it is then out of the next group).
 """
 
 from __future__ import annotations
@@ -458,39 +461,16 @@ class MaskedAllReduce:
         self._require(not conflicting, f"peers {conflicting} derived a different contributor set")
         self._require(len(agreed) + 1 >= self.threshold, f"only {len(agreed) + 1} peers confirmed U")
 
-        self._phase("sums")
-        # sums and reveals go out together (U is fixed, so revealing now is as safe as later); each
-        # part is unmasked as soon as its partial sums are in, while the rest are still arriving
+        self._phase("reveal")
+        # U is fixed and confirmed, so shares are revealed now; each holder then strips the masks
+        # of the parts it holds (self masks of U, pairwise masks shared with dropouts) and sends
+        # the clean partial sums, so the unmasking work is split n ways like the reduction
         dropped = sorted({d for j in u for d in claims[j]["maskset"]} - set(u))
         self._require(all(d in self._keys for d in dropped), "a contributor masked with a peer whose keys we lack")
         reveal = {"b": {j: held[j][1] for j in u}, "s": {d: held[d][0] for d in dropped if d in held}}
         outgoing = [self._send(j, "reveal", reveal) for j in live if j != me]
-
-        total = self.workspace.array("total", self.parts[-1][1])
-        total.fill(0)
-        expected: dict[tuple[int, int], list[int]] = {}  # (part, holder) -> senders summed there
-        for part, sender, holder in designation:
-            expected.setdefault((part, holder), []).append(sender)
-        for (part, holder), senders in expected.items():
-            if holder != me:
-                continue
-            start, stop = self.parts[part]
-            partial = self.workspace.take(stop - start)
-            partial.fill(0)
-            for sender in senders:
-                words = stored.get((part, sender)) if sender == me else self._payload(("part", sender, part))
-                if words is None:
-                    raise SecAggError(f"we acknowledged part {part} of peer {sender} but lost it")
-                np.add(partial, words, out=partial)
-            total[start:stop] += partial
-            data = {"part": part, "senders": senders}
-            outgoing += [
-                self._send(j, "sum", data, partial.data.cast("B"), self.timeouts.data) for j in live if j != me
-            ]
-        sending = asyncio.gather(*outgoing)
-        self._background.append(sending)
-
-        self._phase("reveal")
+        revealing = asyncio.gather(*outgoing)
+        self._background.append(revealing)
         reveals = await self._collect("reveal", live, self.timeouts.message, need=self.threshold - 1)
         shares_b = {j: {me + 1: held[j][1]} for j in u}  # every j in U is in our u2, so we hold its share
         shares_s = {d: ({me + 1: held[d][0]} if d in held else {}) for d in dropped}
@@ -510,20 +490,41 @@ class MaskedAllReduce:
             if d in claims[j]["maskset"]
         }
 
-        self._phase("unmask")
-        for part in sorted(self.reducers, key=lambda k: (k - me) % self.n):
-            for (k, holder), senders in expected.items():
-                if k != part or holder == me:
-                    continue
-                partial_sum = await self._wait_for(("sum", holder, part), self.timeouts.data)
-                if partial_sum is None:
-                    raise SecAggError(f"no partial sum of part {part} from peer {holder}")
-                ok = partial_sum.data["senders"] == senders
-                self._require(ok, f"peer {holder} summed part {part} over another set")
-                start, stop = self.parts[part]
-                total[start:stop] += partial_sum.payload
-            await self._offload(self._unmask_part, part, total, u, seeds, dropout_pairs)
+        self._phase("sums")
+        total = self.workspace.array("total", self.parts[-1][1])
+        total.fill(0)
+        expected: dict[tuple[int, int], list[int]] = {}  # (part, holder) -> senders summed there
+        for part, sender, holder in designation:
+            expected.setdefault((part, holder), []).append(sender)
+        sends = []
+        for (part, holder), senders in expected.items():
+            if holder != me:
+                continue
+            start, stop = self.parts[part]
+            partial = self.workspace.take(stop - start)
+            partial.fill(0)
+            for sender in senders:
+                words = stored.get((part, sender)) if sender == me else self._payload(("part", sender, part))
+                if words is None:
+                    raise SecAggError(f"we acknowledged part {part} of peer {sender} but lost it")
+                np.add(partial, words, out=partial)
+            await self._offload(self._unmask_partial, part, partial, senders, seeds, dropout_pairs)
+            total[start:stop] += partial
+            data = {"part": part, "senders": senders}
+            sends += [self._send(j, "sum", data, partial.data.cast("B"), self.timeouts.data) for j in live if j != me]
+        sending = asyncio.gather(*sends)
+        self._background.append(sending)
+        for (part, holder), senders in expected.items():
+            if holder == me:
+                continue
+            partial_sum = await self._wait_for(("sum", holder, part), self.timeouts.data)
+            if partial_sum is None:
+                raise SecAggError(f"no partial sum of part {part} from peer {holder}")
+            self._require(partial_sum.data["senders"] == senders, f"peer {holder} summed part {part} over another set")
+            start, stop = self.parts[part]
+            total[start:stop] += partial_sum.payload
         await sending
+        await revealing
         self._phase("decode")
         try:
             weight_sum = await self._offload(self.codec.decode_sum, total, self.out)
@@ -596,22 +597,24 @@ class MaskedAllReduce:
                 words, pair_mask_key(shared, self.group_id, self.round_no, part, low, high), pair_sign(self.index, j)
             )
 
-    def _unmask_part(
+    def _unmask_partial(
         self,
         part: int,
-        total: np.ndarray,
-        u: list[int],
+        partial: np.ndarray,
+        senders: list[int],
         seeds: dict[int, bytes],
         dropout_pairs: dict[tuple[int, int], bytes],
     ) -> None:
-        """Remove the self masks of U and the pairwise masks U shares with dropouts from one part of the sum."""
-        start, stop = self.parts[part]
-        words = total[start:stop]
-        for j in u:
-            apply_mask(words, self_mask_key(seeds[j], self.group_id, self.round_no, part), -1)
+        """Remove from a partial sum of one part its senders' self masks and their masks with dropouts.
+
+        Pairwise masks between contributors are left: they cancel only in the total over U.
+        """
+        for j in senders:
+            apply_mask(partial, self_mask_key(seeds[j], self.group_id, self.round_no, part), -1)
         for (j, d), shared in dropout_pairs.items():
-            key = pair_mask_key(shared, self.group_id, self.round_no, part, min(j, d), max(j, d))
-            apply_mask(words, key, -pair_sign(j, d))
+            if j in senders:
+                key = pair_mask_key(shared, self.group_id, self.round_no, part, min(j, d), max(j, d))
+                apply_mask(partial, key, -pair_sign(j, d))
 
     def _candidates(self, part: int, live: set[int]) -> list[int]:
         """Reducers that may hold ``part``: its owner first, then the others in ring order."""
