@@ -25,7 +25,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from dht import NodeIdentity
-from node.config import AggregationConfig
+from node.config import AggregationConfig, ConfigError
 from node.masked_allreduce import MaskedAllReduce, SecAggIdentity, SecAggTimeouts
 from node.secure_averager import SecureAverager
 
@@ -231,7 +231,7 @@ def make_aggregator(
         return PlainAggregator(dht, run_id, templates, config, client_mode=client_mode, stop_event=stop_event)
     if config.mode == "secure":
         if client_mode:
-            raise AggregationError(
+            raise ConfigError(
                 "secure aggregation needs every peer to be reachable (it reduces a part); "
                 "drop client mode or set aggregation.mode = 'plain'"
             )

@@ -43,7 +43,7 @@ from dht.records import Capacity
 from node import __version__
 from node.aggregator import AggregationError, make_aggregator
 from node.capacity import pick_device, probe_capacity
-from node.config import NodeConfig, describe_difference
+from node.config import ConfigError, NodeConfig, describe_difference
 from node.data import ByteBatches, byte_histogram, load_corpus
 from node.model import build_model
 from node.state_sharing import StateSharer
@@ -111,6 +111,11 @@ class TrainingNode:
     # ---- enrollment -------------------------------------------------------------------------
     def prepare(self) -> None:
         """Everything that can fail without the network: identity, data, device, model, checkpoint."""
+        if self.config.swarm.client_mode and self.run.aggregation.mode == "secure":
+            raise ConfigError(
+                "swarm.client_mode cannot aggregate securely (every peer reduces a part, so it must be "
+                "reachable); drop --client-mode or set aggregation.mode = 'plain'"
+            )
         self.identity = NodeIdentity.load_or_create(self.config.identity_path)
         if self.config.data is None:
             raise ValueError("no data: pass --data with a text file or a folder of .txt/.jsonl files")

@@ -119,6 +119,15 @@ def test_initial_peer_without_peer_id_is_a_one_line_error(tmp_path: Path, data_f
     _assert_one_line_error(result, "/p2p/")
 
 
+def test_client_mode_with_secure_aggregation_is_a_one_line_error(tmp_path: Path, data_file: Path) -> None:
+    """A peer that cannot be dialled cannot reduce a part: secure mode says so and names the way out."""
+    # Execute
+    result = run_cli("join", "--client-mode", "--data", str(data_file), "--identity", str(tmp_path / "id"))
+
+    # Assert
+    _assert_one_line_error(result, "client_mode", "aggregation.mode = 'plain'")
+
+
 def test_unreachable_bootstrap_is_a_one_line_error(tmp_path: Path, data_file: Path) -> None:
     """A bootstrap address where nobody listens fails fast with a hint."""
     # Prepare
