@@ -134,7 +134,8 @@ class TrainingNode:
             allow_low_memory=self.config.allow_low_memory,
         )
         train = self.run.train
-        self.batches = ByteBatches(train_bytes, self.run.model.context, train.batch_size, seed=_seed_of(self.identity))
+        seed = _batch_seed(train.seed, train_bytes)
+        self.batches = ByteBatches(train_bytes, self.run.model.context, train.batch_size, seed=seed)
         evaluation = ByteBatches(eval_bytes, self.run.model.context, train.batch_size, seed=1234)
         self.eval_set = [evaluation.next() for _ in range(EVAL_BATCHES)]
         self.model = build_model(self.run.model, train.seed).to(self.device)
@@ -410,8 +411,10 @@ class TrainingNode:
             dht.shutdown()
 
 
-def _seed_of(identity: NodeIdentity) -> int:
-    return int.from_bytes(hashlib.blake2b(identity.peer_id.encode(), digest_size=4).digest(), "little")
+def _batch_seed(run_seed: int, data: bytes) -> int:
+    """The batch order: fixed by the run's seed and the local data, so a rerun on the same data repeats it."""
+    digest = hashlib.blake2b(data, digest_size=4, key=run_seed.to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _decode_run_config(raw: bytes) -> dict[str, Any]:
