@@ -91,7 +91,8 @@ class SecAggTimeouts:
     """Seconds each phase may wait for peers before going on without them."""
 
     message: float = 10.0  # small messages (keys, shares, claims, agreement, reveals)
-    data: float = 60.0  # masked parts and partial sums
+    data: float = 60.0  # masked parts and partial sums (one send gives up after half of it, so a
+    # stalled reducer is replaced while its peers still wait for our claims)
 
 
 class Workspace:
@@ -299,10 +300,12 @@ class MaskedAllReduce:
         except Exception as e:  # a dead, slow or refusing peer: any failure means "not delivered"
             logger.warning(f"group {self.group_id.hex()[:8]}: {kind} to peer {to} failed, counted as gone: {e!r}")
             self.dead.add(to)
+            self._changed.set()  # a collector waiting on this peer stops waiting
             return False
         if not ok:
             logger.warning(f"group {self.group_id.hex()[:8]}: peer {to} refused our {kind}: {reason}")
             self.dead.add(to)
+            self._changed.set()
             return False
         self.stats["bytes_sent"] += 4 + len(header) + len(payload)
         self.stats["messages_sent"] += 1
@@ -332,7 +335,14 @@ class MaskedAllReduce:
             writer.close()
 
     async def _broadcast(self, to: Iterable[int], kind: str, make: Callable[[int], dict[str, Any]]) -> None:
+        """Send to each peer and wait for every acknowledgement (or failure)."""
         await asyncio.gather(*(self._send(j, kind, make(j)) for j in to if j != self.index))
+
+    def _post(self, to: Iterable[int], kind: str, data: dict[str, Any]) -> None:
+        """Send to each peer in the background: a peer that stalls must not hold up our next phase."""
+        for j in to:
+            if j != self.index:
+                self._background.append(asyncio.ensure_future(self._send(j, kind, data)))
 
     async def _collect(
         self, kind: str, senders: Iterable[int], timeout: float, slot: int = 0, need: int | None = None
@@ -384,7 +394,7 @@ class MaskedAllReduce:
             "binding": self.identity.binding,
         }
         self._keys[me] = own_keys
-        await self._broadcast(everyone, "keys", lambda j: own_keys)
+        await self._broadcast(everyone, "keys", lambda j: own_keys)  # acknowledged before any share is sent
         await self._collect("keys", everyone, self.timeouts.message)
         u1 = sorted(self._keys)
         self._require(len(u1) >= minimum, f"only {len(u1)} peers sent keys")
@@ -424,7 +434,7 @@ class MaskedAllReduce:
                     holders[part] = me
                     return
                 payload = masked[start:stop].data.cast("B")
-                if await self._send(h, "part", {"part": part, "maskset": u2}, payload, self.timeouts.data):
+                if await self._send(h, "part", {"part": part, "maskset": u2}, payload, self.timeouts.data / 2):
                     holders[part] = h
                     return
             holders[part] = -1
@@ -442,7 +452,7 @@ class MaskedAllReduce:
         claims: dict[int, dict[str, Any]] = {}
         for attempt in range(CLAIM_ATTEMPTS):
             own: dict[str, Any] = {"attempt": attempt, "holders": list(holders), "maskset": u2}
-            await asyncio.gather(*(self._send(j, "claim", own, timeout=self.timeouts.data) for j in live if j != me))
+            self._post(live, "claim", own)
             got = await self._collect("claim", live, self.timeouts.data, slot=attempt)
             live = {me} | set(got)
             claims = {j: m.data for j, m in got.items()} | {me: own}
@@ -455,7 +465,7 @@ class MaskedAllReduce:
         u, designation = self._contributors(claims, live)
         self._require(len(u) >= minimum, f"only {len(u)} peers' inputs reached live reducers")
         digest = hashlib.blake2b(msgpack.packb([u, designation]), digest_size=32).digest()
-        await self._broadcast(live, "agree", lambda j: {"u": u, "digest": digest})
+        self._post(live, "agree", {"u": u, "digest": digest})
         agreed = await self._collect("agree", live, self.timeouts.message)
         conflicting = [j for j, m in agreed.items() if m.data["digest"] != digest]
         self._require(not conflicting, f"peers {conflicting} derived a different contributor set")
@@ -511,7 +521,8 @@ class MaskedAllReduce:
             await self._offload(self._unmask_partial, part, partial, senders, seeds, dropout_pairs)
             total[start:stop] += partial
             data = {"part": part, "senders": senders}
-            sends += [self._send(j, "sum", data, partial.data.cast("B"), self.timeouts.data) for j in live if j != me]
+            payload = partial.data.cast("B")
+            sends += [self._send(j, "sum", data, payload, self.timeouts.data / 2) for j in live if j != me]
         sending = asyncio.gather(*sends)
         self._background.append(sending)
         for (part, holder), senders in expected.items():
