@@ -70,6 +70,7 @@ class PeerRecord:
     maddrs: tuple[str, ...] = field(default=())  # multiaddrs others may dial
     run_config: bytes = b""  # msgpack of the run's configuration, so a mismatch can be named
     ttl: float = 60.0  # seconds the signer wants this record to live; signed, so nobody can extend it
+    epsilon: float = -1.0  # differential privacy spent so far (at the run's delta); -1 without DP
 
     def sketch_vector(self) -> list[float]:
         return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))
@@ -165,6 +166,7 @@ _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "maddrs": list,
     "run_config": bytes,
     "ttl": (int, float),
+    "epsilon": (int, float),
 }
 
 
@@ -203,6 +205,8 @@ def _check_fields(record: PeerRecord) -> None:
         raise RecordError("record.sketch holds a non-finite value")
     if len(record.state_digest) not in (0, 16):
         raise RecordError("record.state_digest must be empty or 16 bytes")
+    if not (record.epsilon == -1 or (math.isfinite(record.epsilon) and 0 <= record.epsilon <= 1e6)):
+        raise RecordError("record.epsilon must be -1 (no differential privacy) or in [0, 1e6]")
     if not record.roles or not set(record.roles) <= ROLES or len(set(record.roles)) != len(record.roles):
         raise RecordError(f"record.roles must be distinct names from {sorted(ROLES)}")
     if record.capacity.device_kind not in DEVICE_KINDS:

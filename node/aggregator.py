@@ -27,6 +27,7 @@ from hivemind.averaging import DecentralizedAverager
 from dht import NodeIdentity
 from node.config import AggregationConfig, ConfigError
 from node.masked_allreduce import MaskedAllReduce, SecAggIdentity, SecAggTimeouts
+from node.privacy import NoiseShare
 from node.secure_averager import SecureAverager
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,8 @@ class SecureAggregator(_AveragerAggregator):
         stop_event: when set, a pending aggregation is cancelled and returns None.
         session_class: the all-reduce implementation (tests inject failing subclasses).
         bandwidth: this node's upload bandwidth (bytes/s) for load balancing; None: unknown.
+        noise: this node's share of differential-privacy noise (None: no DP). The ring's clip
+            bound then leaves room for the noise: max(clip_bound, C * (1 + 10 sigma)).
     """
 
     def __init__(
@@ -189,6 +192,7 @@ class SecureAggregator(_AveragerAggregator):
         stop_event: threading.Event | None = None,
         session_class: type[MaskedAllReduce] = MaskedAllReduce,
         bandwidth: float | None = None,
+        noise: NoiseShare | None = None,
     ):
         if config.min_group_size < 3:
             raise ValueError("secure aggregation needs min_group_size >= 3: a sum of two reveals both inputs")
@@ -197,10 +201,11 @@ class SecureAggregator(_AveragerAggregator):
             buffers,
             dht,
             identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
-            clip_bound=config.clip_bound,
+            clip_bound=ring_bound(config, noise),
             weight_bound=weight_bound,
             timeouts=SecAggTimeouts(message=config.message_timeout, data=config.timeout),
             session_class=session_class,
+            noise=noise,
             prefix=f"zen_{run_id}_secagg",
             target_group_size=MAX_SECURE_GROUP,
             bandwidth=bandwidth,
@@ -215,6 +220,13 @@ class SecureAggregator(_AveragerAggregator):
         return float(self._averager.bytes_sent.value)
 
 
+def ring_bound(config: AggregationConfig, noise: NoiseShare | None) -> float:
+    """The fixed-point code's bound: the clip bound, widened with DP so the noise cannot wrap the ring."""
+    if noise is None:
+        return config.clip_bound
+    return max(config.clip_bound, noise.clip_norm * (1 + 10 * noise.noise_multiplier))
+
+
 def make_aggregator(
     dht: hivemind.DHT,
     run_id: str,
@@ -225,6 +237,7 @@ def make_aggregator(
     client_mode: bool = False,
     stop_event: threading.Event | None = None,
     bandwidth: float | None = None,
+    noise: NoiseShare | None = None,
 ) -> Aggregator:
     """The aggregator that ``config.mode`` names (``bandwidth``: upload bytes/s, None if unknown)."""
     if config.mode == "plain":
@@ -236,6 +249,14 @@ def make_aggregator(
                 "drop client mode or set aggregation.mode = 'plain'"
             )
         return SecureAggregator(
-            dht, run_id, templates, config, identity, weight_bound, stop_event=stop_event, bandwidth=bandwidth
+            dht,
+            run_id,
+            templates,
+            config,
+            identity,
+            weight_bound,
+            stop_event=stop_event,
+            bandwidth=bandwidth,
+            noise=noise,
         )
     raise ValueError(f"unknown aggregation mode {config.mode!r}")

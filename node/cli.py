@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--resume", action="store_true", default=None, help="continue from the checkpoint in --workdir")
     join.add_argument("--min-peers", type=int, default=None, help="wait for this many trainers before training, e.g. 3")
     join.add_argument("--save-round-params", action="store_true", default=None, help="keep each round's global params")
+    join.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=None,
+        help="stop sending updates before this node's privacy loss exceeds it (with [run.privacy]), e.g. 4.0",
+    )
 
     status = commands.add_parser("status", help="list the swarm's peers as the DHT shows them")
     _add_swarm_flags(status)
@@ -95,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("secure", "plain"),
         default="secure",
         help="secure (masked all-reduce, needs >= 3 peers) or plain (hivemind's averager), e.g. plain",
+    )
+    demo.add_argument(
+        "--privacy-epsilon",
+        type=float,
+        default=0.0,
+        help="train with differential privacy at this epsilon over the demo's rounds (0: off), e.g. 8",
     )
     return parser
 
@@ -115,6 +127,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "resume": "node.resume",
         "min_peers": "node.min_peers",
         "save_round_params": "node.save_round_params",
+        "epsilon_budget": "node.epsilon_budget",
     }
     values = {key: getattr(args, name) for name, key in mapping.items() if getattr(args, name, None) is not None}
     if getattr(args, "no_relay", False):
@@ -153,7 +166,7 @@ def _print_progress(report: RoundReport) -> None:
     print(
         f"round {report.round:4d} | {report.mode:7s} | eval loss {report.eval_loss:.4f} | "
         f"train loss {report.train_loss:.4f} | {report.samples_per_second:8.1f} samples/s | "
-        f"peers {report.group_size}",
+        f"peers {report.group_size}" + ("" if report.epsilon is None else f" | epsilon {report.epsilon:.3f}"),
         flush=True,
     )
 
@@ -194,17 +207,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "device_name": peer.capacity.device_name,
                 "memory_gb": round(peer.capacity.memory_bytes / 1024**3, 2),
                 "samples_per_second": peer.capacity.samples_per_second,
+                "epsilon": None if peer.epsilon < 0 else peer.epsilon,
                 "last_heartbeat_seconds_ago": round(now - peer.timestamp, 1),
             }
             print(json.dumps(row))
         return 0
     print(f"run {config.run.run_id!r}: {len(peers)} peer(s)")
-    print(f"{'peer id':54s} {'roles':10s} {'round':>5s} {'device':8s} {'mem GB':>7s} {'samples/s':>10s} {'seen':>6s}")
+    header = f"{'peer id':54s} {'roles':10s} {'round':>5s} {'device':8s} {'mem GB':>7s} {'samples/s':>10s}"
+    print(f"{header} {'epsilon':>8s} {'seen':>6s}")
     for peer in peers:
+        epsilon = "-" if peer.epsilon < 0 else f"{peer.epsilon:.3f}"
         print(
             f"{peer.peer_id:54s} {','.join(peer.roles):10s} {peer.round:5d} {peer.capacity.device_kind:8s} "
             f"{peer.capacity.memory_bytes / 1024**3:7.1f} {peer.capacity.samples_per_second:10.1f} "
-            f"{now - peer.timestamp:5.1f}s"
+            f"{epsilon:>8s} {now - peer.timestamp:5.1f}s"
         )
     return 0
 

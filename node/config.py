@@ -111,6 +111,34 @@ class AggregationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """User-level differential privacy of every contribution (node/privacy.py); off unless enabled."""
+
+    enabled: bool = False  # clip, add noise shares in the ring, account the budget
+    clip_norm: float = 1.0  # C: L2 bound on a node's pseudo-gradient each round
+    noise_multiplier: float = 0.0  # sigma; 0 = derived from target_epsilon over planned_rounds
+    target_epsilon: float = 0.0  # the budget: a node stops sending updates before exceeding it; 0 = none
+    delta: float = 1e-5  # the delta of every epsilon
+    max_dropouts: int = 1  # t: the aggregate keeps its noise when this many peers drop out or collude
+    planned_rounds: int = 100  # rounds the budget is planned for, when sigma is derived
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.clip_norm) and self.clip_norm > 0, "privacy.clip_norm must be > 0")
+        _require(
+            math.isfinite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1e3,
+            "privacy.noise_multiplier must be in [0, 1000]",
+        )
+        _require(math.isfinite(self.target_epsilon) and self.target_epsilon >= 0, "privacy.target_epsilon must be >= 0")
+        _require(0 < self.delta < 0.1, f"privacy.delta must be in (0, 0.1), got {self.delta}")
+        _require(0 <= self.max_dropouts <= 29, f"privacy.max_dropouts must be in [0, 29], got {self.max_dropouts}")
+        _require(1 <= self.planned_rounds <= 100_000, "privacy.planned_rounds must be in [1, 100000]")
+        _require(
+            not self.enabled or self.noise_multiplier > 0 or self.target_epsilon > 0,
+            "privacy needs privacy.noise_multiplier > 0 or a privacy.target_epsilon to derive it from",
+        )
+
+
+@dataclass
 class RunConfig:
     """Everything the peers of one run must agree on."""
 
@@ -119,8 +147,13 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            not self.privacy.enabled or self.aggregation.mode == "secure",
+            "privacy needs aggregation.mode = 'secure' (the noise shares are added inside the masked ring)",
+        )
         _require(
             0 < len(self.run_id) <= 64 and all(c.isalnum() or c in "-_" for c in self.run_id),
             f"run.run_id must be 1-64 letters, digits, '-' or '_', got {self.run_id!r}",
@@ -153,11 +186,16 @@ class NodeConfig:
     resume: bool = False  # continue from the checkpoint in workdir
     min_peers: int = 1  # wait until this many trainers (self included) are listed before training
     save_round_params: bool = False  # keep the global parameters of every round in workdir/rounds/
+    epsilon_budget: float = 0.0  # this node's privacy budget if lower than run.privacy.target_epsilon; 0 = the run's
     heartbeat_period: float = 5.0  # seconds between record refreshes
     record_ttl: float = 20.0  # seconds a record lives; a dead node leaves the listing within this
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, f"node.rounds must be >= 0, got {self.rounds}")
+        _require(
+            math.isfinite(self.epsilon_budget) and self.epsilon_budget >= 0,
+            f"node.epsilon_budget must be >= 0, got {self.epsilon_budget}",
+        )
         _require(1 <= self.min_peers <= 1024, f"node.min_peers must be in [1, 1024], got {self.min_peers}")
         _require(
             0 < self.heartbeat_period < self.record_ttl <= 60,
@@ -177,6 +215,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "aggregation": AggregationConfig,
+    "privacy": PrivacyConfig,
 }
 
 

@@ -31,7 +31,7 @@ from node.trainer import REPORT_FILE
 BYTES_PER_PEER = 60_000
 
 
-def _demo_config(peers: int, inner_steps: int, mode: str) -> str:
+def _demo_config(peers: int, inner_steps: int, mode: str, rounds: int = 3, epsilon: float = 0.0) -> str:
     return f"""# Written by `zen-node demo`: the run every demo node shares.
 [run]
 run_id = "zen-demo"
@@ -53,6 +53,13 @@ mode = "{mode}"
 min_group_size = {max(3 if mode == "secure" else 2, peers)}
 matchmaking_time = 2.0
 timeout = 180.0
+
+[run.privacy]
+enabled = {"true" if epsilon > 0 else "false"}
+target_epsilon = {epsilon}
+planned_rounds = {rounds}
+clip_norm = 2.0
+delta = 1e-5
 """
 
 
@@ -109,6 +116,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--peers must be in [1, 32], got {args.peers}")
     if not 1 <= args.rounds <= 1000:
         raise ValueError(f"--rounds must be in [1, 1000], got {args.rounds}")
+    if args.privacy_epsilon < 0 or (args.privacy_epsilon > 0 and args.aggregation != "secure"):
+        raise ValueError("--privacy-epsilon must be > 0 and needs --aggregation secure")
     if args.aggregation == "secure" and args.peers < 3:
         raise ValueError(
             f"secure aggregation needs --peers >= 3 (a sum of two reveals both inputs), got {args.peers}; "
@@ -117,7 +126,8 @@ def run_demo(args: argparse.Namespace) -> int:
     root = Path(args.workdir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    (root / "run.toml").write_text(_demo_config(args.peers, args.inner_steps, args.aggregation))
+    config = _demo_config(args.peers, args.inner_steps, args.aggregation, args.rounds, args.privacy_epsilon)
+    (root / "run.toml").write_text(config)
     corpus = generate_corpus(BYTES_PER_PEER * args.peers, seed=7)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
@@ -185,6 +195,7 @@ def _summarize(args: argparse.Namespace, root: Path, started: float) -> int:
     summary = {
         "peers": args.peers,
         "aggregation": args.aggregation,
+        "privacy_epsilon": args.privacy_epsilon or None,
         "rounds": args.rounds,
         "initial_loss": sum(p["initial_loss"] for p in per_peer) / len(per_peer),
         "final_loss": sum(p["final_loss"] for p in per_peer) / len(per_peer),

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -55,6 +55,9 @@ from node.fixed_point import FixedPointCodec
 from node.masking import apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
 from node.secagg_messages import MAX_GROUP, Message, MessageError
 from node.shamir import ShareError, combine_secret, split_secret
+
+if TYPE_CHECKING:
+    from node.privacy import NoiseShare
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class MaskedAllReduce:
         executor: runs encoding and masking off the event loop.
         out: float32 array (the vector's length) the mean is written into; may be ``vector`` itself.
         workspace: buffers to reuse across rounds.
+        noise: this peer's share of the differential-privacy noise, added in the ring before masking.
         record_view: keep every received message in ``view`` (tests check what a peer can learn).
     """
 
@@ -178,6 +182,7 @@ class MaskedAllReduce:
         executor: ThreadPoolExecutor | None = None,
         out: np.ndarray | None = None,
         workspace: Workspace | None = None,
+        noise: NoiseShare | None = None,
         record_view: bool = False,
     ):
         n = len(peer_ids)
@@ -201,6 +206,7 @@ class MaskedAllReduce:
         if self.out.shape != vector.shape or self.out.dtype != np.float32:
             raise ValueError("out must be a float32 array shaped like vector")
         self.workspace = workspace or Workspace()
+        self.noise = noise
         self.view: list[Message] | None = [] if record_view else None
         self.dead: set[int] = set()
         self.stats: dict[str, Any] = {"bytes_sent": 0, "messages_sent": 0, "stream_retries": 0, "phases": []}
@@ -599,6 +605,8 @@ class MaskedAllReduce:
         words, values = masked[start:stop], self.vector[start : min(stop, self.vector.size)]
         seed = hashlib.blake2b(part.to_bytes(4, "little"), key=rounding_seed, digest_size=32).digest()
         self.codec.encode_into(values, self.omega, words[: values.size], seed=seed)
+        if self.noise is not None:
+            self.noise.add_to(words[: values.size], self.n, self.codec.scale)
         if stop > self.vector.size:  # the part that carries the weight word
             words[-1] = self.codec.encode_weight(self.omega)
         apply_mask(words, self_mask_key(b_seed, self.group_id, self.round_no, part), 1)

@@ -35,6 +35,7 @@ from hivemind.p2p import P2P
 from hivemind.utils import enter_asynchronously
 
 from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts, Workspace
+from node.privacy import NoiseShare
 from node.secagg_messages import MAX_HEADER_BYTES, MessageError, parse_header
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class SecureAverager(DecentralizedAverager):
         weight_bound: the largest weight a peer may bring (its weight is scaled into (0, 1]).
         timeouts: per-phase waits of the masked all-reduce.
         session_class: the all-reduce to run (tests pass subclasses that fail on purpose).
+        noise: this node's share of differential-privacy noise per round (None: no DP).
     """
 
     def __init__(
@@ -167,12 +169,13 @@ class SecureAverager(DecentralizedAverager):
         weight_bound: float,
         timeouts: SecAggTimeouts,
         session_class: type[MaskedAllReduce] = MaskedAllReduce,
+        noise: NoiseShare | None = None,
         **kwargs: Any,
     ):
         if kwargs.get("client_mode"):
             raise ValueError("secure aggregation needs every peer to reduce a part; client mode is not supported")
         self._signer, self._clip_bound, self._weight_bound = identity, clip_bound, weight_bound
-        self._secagg_timeouts, self._session_class = timeouts, session_class
+        self._secagg_timeouts, self._session_class, self._noise = timeouts, session_class, noise
         self._endpoint: SecAggEndpoint | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._workspace = Workspace()
@@ -228,6 +231,7 @@ class SecureAverager(DecentralizedAverager):
                     executor=self._executor,
                     out=vector,
                     workspace=self._workspace,
+                    noise=self._noise,
                 )
                 self._running_groups[group_info.group_id].set_result(session)
                 assert self._endpoint is not None, "the endpoint starts with the averager"

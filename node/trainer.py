@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -41,11 +42,19 @@ from dht import (
 )
 from dht.records import Capacity
 from node import __version__
-from node.aggregator import AggregationError, make_aggregator
+from node.aggregator import MAX_SECURE_GROUP, AggregationError, make_aggregator, ring_bound
 from node.capacity import pick_device, probe_capacity
 from node.config import ConfigError, NodeConfig, describe_difference
 from node.data import ByteBatches, byte_histogram, load_corpus
+from node.fixed_point import FixedPointCodec
 from node.model import build_model
+from node.privacy import (
+    NoiseShare,
+    PrivacyAccountant,
+    calibrate_noise_multiplier,
+    clip_update,
+    effective_multiplier,
+)
 from node.state_sharing import StateSharer
 
 logger = logging.getLogger(__name__)
@@ -65,7 +74,7 @@ class RoundReport:
     """One line of ``report.jsonl``, and what the progress bar shows."""
 
     round: int
-    mode: str  # "group", "solo", "resync" or "loaded"
+    mode: str  # "group", "solo", "resync", "loaded", or "local" (privacy budget spent: not sending)
     eval_loss: float
     train_loss: float
     group_size: int
@@ -73,6 +82,7 @@ class RoundReport:
     samples_per_second: float
     seconds: float
     state_digest: str
+    epsilon: float | None = None  # privacy spent so far (PLD, at privacy.delta); None without DP
 
 
 def state_digest(tensors: Sequence[torch.Tensor]) -> bytes:
@@ -107,6 +117,9 @@ class TrainingNode:
         self.round = 0
         self.capacity = Capacity()
         self._digest = b""
+        self.noise: NoiseShare | None = None  # this node's DP noise share (privacy.enabled)
+        self.accountant: PrivacyAccountant | None = None
+        self._budget_spent = False
 
     # ---- enrollment -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -147,9 +160,30 @@ class TrainingNode:
         )
         self.inner_opt = torch.optim.AdamW(self.model.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.run.privacy.enabled:
+            self._setup_privacy()
         if self.config.resume:
             self._load_checkpoint()
         self._digest = state_digest(self.global_params)
+
+    def _setup_privacy(self) -> None:
+        """The noise share each round adds and the accountant of this node's budget."""
+        privacy = self.run.privacy
+        sigma = privacy.noise_multiplier or calibrate_noise_multiplier(
+            privacy.target_epsilon, privacy.delta, privacy.planned_rounds
+        )
+        self.noise = NoiseShare(noise_multiplier=sigma, clip_norm=privacy.clip_norm, max_dropouts=privacy.max_dropouts)
+        scale = FixedPointCodec(MAX_SECURE_GROUP, ring_bound(self.run.aggregation, self.noise)).scale
+        dimension = sum(p.numel() for p in self.global_params)
+        budgets = [b for b in (privacy.target_epsilon, self.config.epsilon_budget) if b > 0]
+        budget = min(budgets, default=math.inf)
+        self.accountant = PrivacyAccountant(
+            effective_multiplier(sigma, privacy.clip_norm, scale, dimension), privacy.delta, budget
+        )
+        logger.info(
+            f"differential privacy: clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, "
+            f"delta {privacy.delta}, budget epsilon {budget}"
+        )
 
     def _record(self) -> bytes:
         return PeerRecord(
@@ -168,6 +202,7 @@ class TrainingNode:
             run_config=self.run.to_bytes(),
             ttl=self.config.record_ttl,
             maddrs=getattr(self, "maddrs", ()),
+            epsilon=-1.0 if self.accountant is None else self.accountant.epsilon(),
         ).sign(self.identity)
 
     def join(self) -> None:
@@ -202,6 +237,7 @@ class TrainingNode:
             client_mode=client_mode,
             stop_event=self.stop_event,
             bandwidth=self.capacity.upload_bytes_per_second or None,
+            noise=self.noise,
         )
         if any(p.round > self.round for p in peers):
             self._catch_up("loaded")
@@ -282,6 +318,20 @@ class TrainingNode:
         samples = train.inner_steps * train.batch_size
         with torch.no_grad():
             delta = [g.detach() - p.detach() for g, p in zip(self.global_params, self.model.parameters(), strict=True)]
+        train_loss = sum(losses) / len(losses)
+        if self.accountant is not None:
+            clip_update(delta, self.run.privacy.clip_norm)
+            if not self.accountant.can_contribute():
+                if not self._budget_spent:
+                    logger.warning(
+                        f"privacy budget spent (epsilon {self.accountant.epsilon():.3f} of "
+                        f"{self.run.privacy.target_epsilon}): no longer sending updates; training locally"
+                    )
+                    self._budget_spent = True
+                self._outer_step(delta)
+                self.round += 1
+                self._finish_round("local", train_loss, 1, samples, started)
+                return
         try:
             result = self.aggregator.aggregate(self.round + 1, delta, weight=samples)
         except AggregationError as e:
@@ -289,7 +339,8 @@ class TrainingNode:
             result = None
         if self.stop_event.is_set():
             return
-        train_loss = sum(losses) / len(losses)
+        if result is not None and self.accountant is not None and self.identity.peer_id in result.peers:
+            self.accountant.record()
         if result is None:
             if self._others_alive() and self._wait_for_peer_ahead() and self._catch_up("resync"):
                 return
@@ -339,6 +390,7 @@ class TrainingNode:
             samples_per_second=samples / max(seconds, 1e-9),
             seconds=seconds,
             state_digest=self._digest.hex(),
+            epsilon=None if self.accountant is None else round(self.accountant.epsilon(), 4),
         )
         self._save_checkpoint()
         if self.config.save_round_params:
@@ -361,6 +413,7 @@ class TrainingNode:
                 "outer_opt": self.outer_opt.state_dict(),
                 "inner_opt": self.inner_opt.state_dict(),
                 "data_rng": self.batches.state(),
+                "dp_rounds": 0 if self.accountant is None else self.accountant.rounds,
             },
             self.workdir / CHECKPOINT_FILE,
         )
@@ -385,6 +438,8 @@ class TrainingNode:
         self.inner_opt.load_state_dict(state["inner_opt"])
         self.batches.restore(state["data_rng"])
         self.round = int(state["round"])
+        if self.accountant is not None:
+            self.accountant.rounds = int(state.get("dp_rounds", 0))
         logger.info(f"resumed from {path} at round {self.round}")
 
     # ---- lifecycle --------------------------------------------------------------------------

@@ -18,16 +18,16 @@ from node.cli import build_parser
 EXPECTED_FLAGS = {
     "join": [
         "--allow-low-memory", "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--data",
-        "--device", "--help", "--host-maddrs", "--identity", "--initial-peers", "--log-level", "--min-peers",
-        "--no-relay", "--resume", "--rounds", "--run-id", "--save-round-params", "--workdir",
+        "--device", "--epsilon-budget", "--help", "--host-maddrs", "--identity", "--initial-peers", "--log-level",
+        "--min-peers", "--no-relay", "--resume", "--rounds", "--run-id", "--save-round-params", "--workdir",
     ],
     "status": [
         "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--help", "--host-maddrs",
         "--initial-peers", "--json", "--log-level", "--no-relay", "--run-id",
     ],
     "demo": [
-        "--aggregation", "--help", "--inner-steps", "--log-level", "--peers", "--rounds", "--summary-json",
-        "--workdir",
+        "--aggregation", "--help", "--inner-steps", "--log-level", "--peers", "--privacy-epsilon", "--rounds",
+        "--summary-json", "--workdir",
     ],
 }  # fmt: skip
 
