@@ -1,10 +1,16 @@
 """The training node: capacity probe, data, model, DiLoCo training loop, aggregation, CLI.
 
-class NodeConfig, RunConfig, ModelConfig, TrainConfig, AggregationConfig (config.py): configuration
+class NodeConfig, RunConfig, ModelConfig, TrainConfig, AggregationConfig, PrivacyConfig (config.py): configuration
 class GPT (model.py): the run's small byte-level GPT
 class ByteBatches (data.py): random windows over local bytes; load_corpus, byte_histogram, generate_corpus
 probe_capacity (capacity.py): device, memory and measured samples/s at enrollment
-class Aggregator, PlainAggregator (aggregator.py): merge pseudo-gradients with a group of peers
+class Aggregator, SecureAggregator, PlainAggregator (aggregator.py): merge pseudo-gradients with a group of peers
+class MaskedAllReduce (masked_allreduce.py): secure aggregation on a butterfly all-reduce, dropout-tolerant
+class SecureAverager, SecAggEndpoint (secure_averager.py): hivemind matchmaking around it; the receiving side
+class FixedPointCodec (fixed_point.py): weighted updates in the ring Z_2^32
+apply_mask, pair_mask_key (masking.py): ChaCha20 masks; split_secret, combine_secret (shamir.py): t-of-n shares
+class Message (secagg_messages.py): the signed, schema-checked wire format of the masked all-reduce
+class NoiseShare, PrivacyAccountant (privacy.py): differential-privacy noise and the per-node budget
 class StateSharer (state_sharing.py): late joiners download the current state from peers
 class TrainingNode (trainer.py): enroll, join, catch up, train outer rounds, checkpoint
 main (cli.py): the ``zen-node`` command (join, status, demo)
@@ -12,9 +18,18 @@ main (cli.py): the ``zen-node`` command (join, status, demo)
 
 __version__ = "0.1.0"
 
-from node.aggregator import AggregationError, AggregationResult, Aggregator, PlainAggregator, make_aggregator
-from node.config import AggregationConfig, ConfigError, ModelConfig, NodeConfig, RunConfig, TrainConfig
+from node.aggregator import (
+    AggregationError,
+    AggregationResult,
+    Aggregator,
+    PlainAggregator,
+    SecureAggregator,
+    make_aggregator,
+)
+from node.config import AggregationConfig, ConfigError, ModelConfig, NodeConfig, PrivacyConfig, RunConfig, TrainConfig
+from node.masked_allreduce import MaskedAllReduce, SecAggError
 from node.model import GPT, build_model
+from node.privacy import NoiseShare, PrivacyAccountant
 from node.state_sharing import StateSharer
 from node.trainer import ConfigMismatchError, RoundReport, TrainingNode
 
@@ -26,11 +41,17 @@ __all__ = [
     "Aggregator",
     "ConfigError",
     "ConfigMismatchError",
+    "MaskedAllReduce",
     "ModelConfig",
     "NodeConfig",
+    "NoiseShare",
     "PlainAggregator",
+    "PrivacyAccountant",
+    "PrivacyConfig",
     "RoundReport",
     "RunConfig",
+    "SecAggError",
+    "SecureAggregator",
     "StateSharer",
     "TrainConfig",
     "TrainingNode",

@@ -26,7 +26,7 @@ from hivemind.averaging import DecentralizedAverager
 
 from dht import NodeIdentity
 from node.config import AggregationConfig, ConfigError
-from node.masked_allreduce import MaskedAllReduce, SecAggIdentity, SecAggTimeouts
+from node.masked_allreduce import SecAggIdentity, SecAggTimeouts
 from node.privacy import NoiseShare
 from node.secure_averager import SecureAverager
 
@@ -175,7 +175,6 @@ class SecureAggregator(_AveragerAggregator):
         identity: the node's identity; it signs every protocol message.
         weight_bound: the largest weight (samples per round) a peer brings.
         stop_event: when set, a pending aggregation is cancelled and returns None.
-        session_class: the all-reduce implementation (tests inject failing subclasses).
         bandwidth: this node's upload bandwidth (bytes/s) for load balancing; None: unknown.
         noise: this node's share of differential-privacy noise (None: no DP). The ring's clip
             bound then leaves room for the noise: max(clip_bound, C * (1 + 10 sigma)).
@@ -190,7 +189,6 @@ class SecureAggregator(_AveragerAggregator):
         identity: NodeIdentity,
         weight_bound: float,
         stop_event: threading.Event | None = None,
-        session_class: type[MaskedAllReduce] = MaskedAllReduce,
         bandwidth: float | None = None,
         noise: NoiseShare | None = None,
     ):
@@ -204,7 +202,6 @@ class SecureAggregator(_AveragerAggregator):
             clip_bound=ring_bound(config, noise),
             weight_bound=weight_bound,
             timeouts=SecAggTimeouts(message=config.message_timeout, data=config.timeout),
-            session_class=session_class,
             noise=noise,
             prefix=f"zen_{run_id}_secagg",
             target_group_size=MAX_SECURE_GROUP,

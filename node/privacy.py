@@ -33,12 +33,13 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
 import torch
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 VALUE_DISCRETIZATION = 1e-3  # PLD grid: epsilon to about 1e-3, a fraction of a second per evaluation
 
@@ -72,7 +73,12 @@ def clip_update(tensors: Sequence[torch.Tensor], clip_norm: float) -> float:
     return norm
 
 
+# dp-accounting is imported where it is used: it costs 0.6 s at start-up, and only DP runs need it.
+
+
 def gaussian_rounds(noise_multiplier: float, rounds: int) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), rounds)
 
 
@@ -80,6 +86,8 @@ def pld_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """Epsilon of ``rounds`` Gaussian mechanisms with this multiplier (PLD accountant)."""
     if rounds == 0:
         return 0.0
+    from dp_accounting.pld import pld_privacy_accountant
+
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=VALUE_DISCRETIZATION)
     accountant.compose(gaussian_rounds(noise_multiplier, rounds))
     return float(accountant.get_epsilon(delta))
@@ -89,6 +97,8 @@ def rdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """The same with the RDP accountant (a looser cross-check)."""
     if rounds == 0:
         return 0.0
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     accountant = rdp_privacy_accountant.RdpAccountant()
     accountant.compose(gaussian_rounds(noise_multiplier, rounds))
     return float(accountant.get_epsilon(delta))
@@ -96,6 +106,9 @@ def rdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int) -> float:
     """The smallest multiplier whose ``rounds`` compositions stay within ``target_epsilon`` (PLD)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
     sigma = dp_accounting.calibrate_dp_mechanism(
         lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=VALUE_DISCRETIZATION),
         lambda s: gaussian_rounds(s, rounds),

@@ -155,7 +155,6 @@ class SecureAverager(DecentralizedAverager):
         clip_bound: the run-wide bound B on every coordinate of an update.
         weight_bound: the largest weight a peer may bring (its weight is scaled into (0, 1]).
         timeouts: per-phase waits of the masked all-reduce.
-        session_class: the all-reduce to run (tests pass subclasses that fail on purpose).
         noise: this node's share of differential-privacy noise per round (None: no DP).
     """
 
@@ -168,14 +167,13 @@ class SecureAverager(DecentralizedAverager):
         clip_bound: float,
         weight_bound: float,
         timeouts: SecAggTimeouts,
-        session_class: type[MaskedAllReduce] = MaskedAllReduce,
         noise: NoiseShare | None = None,
         **kwargs: Any,
     ):
         if kwargs.get("client_mode"):
             raise ValueError("secure aggregation needs every peer to reduce a part; client mode is not supported")
         self._signer, self._clip_bound, self._weight_bound = identity, clip_bound, weight_bound
-        self._secagg_timeouts, self._session_class, self._noise = timeouts, session_class, noise
+        self._secagg_timeouts, self._noise = timeouts, noise
         self._endpoint: SecAggEndpoint | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._workspace = Workspace()
@@ -215,7 +213,7 @@ class SecureAverager(DecentralizedAverager):
                 for tensor in tensors:
                     np.copyto(vector[offset : offset + tensor.numel()], tensor.reshape(-1).numpy())
                     offset += tensor.numel()
-                session = self._session_class(
+                session = MaskedAllReduce(
                     p2p=self._p2p,
                     handler_name=f"{self.prefix}.secagg",
                     group_id=group_info.group_id,
