@@ -89,6 +89,11 @@ def _averager_kwargs(config: AggregationConfig) -> dict[str, Any]:
     )
 
 
+def _buffers(templates: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The averager's own float32 CPU copies of the update (shared with its process)."""
+    return [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates]
+
+
 class _AveragerAggregator(Aggregator):
     """Runs one step of a hivemind averager per round; subclasses build the averager."""
 
@@ -157,9 +162,8 @@ class PlainAggregator(_AveragerAggregator):
         client_mode: bool = False,
         stop_event: threading.Event | None = None,
     ):
-        buffers = [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates]
         averager = DecentralizedAverager(
-            buffers, dht, prefix=f"zen_{run_id}_grads", client_mode=client_mode, **_averager_kwargs(config)
+            _buffers(templates), dht, prefix=f"zen_{run_id}_grads", client_mode=client_mode, **_averager_kwargs(config)
         )
         super().__init__(averager, config, stop_event)
 
@@ -194,9 +198,8 @@ class SecureAggregator(_AveragerAggregator):
     ):
         if config.min_group_size < 3:
             raise ValueError("secure aggregation needs min_group_size >= 3: a sum of two reveals both inputs")
-        buffers = [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates]
         averager = SecureAverager(
-            buffers,
+            _buffers(templates),
             dht,
             identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
             clip_bound=ring_bound(config, noise),

@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SMALL_KINDS = ("keys", "shares", "claim", "agree", "reveal")
 CLAIM_ATTEMPTS = 2
 WRITE_CHUNK = 1 << 18  # bytes handed to the stream at a time
 STREAM_ATTEMPTS = 3  # fresh streams tried for one message when a stream breaks before the reply
@@ -534,7 +533,7 @@ class MaskedAllReduce:
         for (part, holder), senders in expected.items():
             if holder == me:
                 continue
-            partial_sum = await self._wait_for(("sum", holder, part), self.timeouts.data)
+            partial_sum = (await self._collect("sum", [holder], self.timeouts.data, slot=part)).get(holder)
             if partial_sum is None:
                 raise SecAggError(f"no partial sum of part {part} from peer {holder}")
             self._require(partial_sum.data["senders"] == senders, f"peer {holder} summed part {part} over another set")
@@ -562,19 +561,6 @@ class MaskedAllReduce:
     def _require(self, ok: bool, reason: str) -> None:
         if not ok:
             raise SecAggError(f"group {self.group_id.hex()[:8]} round {self.round_no}: {reason}")
-
-    async def _wait_for(self, slot: tuple[str, int, int], timeout: float) -> Message | None:
-        deadline = time.monotonic() + timeout
-        while slot not in self._inbox and not self._closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or slot[1] in self.dead:
-                return None
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
-            except TimeoutError:
-                pass
-        return self._inbox.get(slot)
 
     def _payload(self, slot: tuple[str, int, int]) -> np.ndarray | None:
         message = self._inbox.get(slot)

@@ -178,8 +178,3 @@ def parse_header(header: bytes) -> tuple[Message, int, bytes]:
     check_data(kind, body["data"])
     message = Message(kind, group, round_no, sender, recipient, body["data"], body=body_bytes, signature=signature)
     return message, size, digest
-
-
-def check_payload(payload: bytes, digest: bytes) -> None:
-    if hashlib.sha256(payload).digest() != digest:
-        raise MessageError("payload does not match its signed digest")

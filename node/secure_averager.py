@@ -178,7 +178,6 @@ class SecureAverager(DecentralizedAverager):
         self._executor: ThreadPoolExecutor | None = None
         self._workspace = Workspace()
         self.bytes_sent = mp.Value("d", 0.0)  # shared with the averager process
-        self.rounds_done = mp.Value("i", 0)
         super().__init__(averaged_tensors, dht, **kwargs)
 
     async def add_p2p_handlers(self, p2p: P2P, *args: Any, **kwargs: Any) -> None:
@@ -239,8 +238,6 @@ class SecureAverager(DecentralizedAverager):
                 for tensor in tensors:
                     np.copyto(tensor.reshape(-1).numpy(), result.mean[offset : offset + tensor.numel()])
                     offset += tensor.numel()
-            with self.rounds_done.get_lock():
-                self.rounds_done.value += 1
             return {group_info.peer_ids[j]: gathered[group_info.peer_ids[j]] for j in result.contributors}
         except SecAggError as e:
             logger.warning(str(e))
