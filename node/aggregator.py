@@ -25,6 +25,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from dht import NodeIdentity
+from node.compression import Compression
 from node.config import AggregationConfig, ConfigError
 from node.masked_allreduce import SecAggIdentity, SecAggTimeouts
 from node.privacy import NoiseShare
@@ -182,6 +183,8 @@ class SecureAggregator(_AveragerAggregator):
         bandwidth: this node's upload bandwidth (bytes/s) for load balancing; None: unknown.
         noise: this node's share of differential-privacy noise (None: no DP). The ring's clip
             bound then leaves room for the noise: max(clip_bound, C * (1 + 10 sigma)).
+        compression: low-bit words and random-k inside the ring, with error feedback.
+        bound: the code's clip bound (``ring_bound``).
     """
 
     def __init__(
@@ -195,6 +198,8 @@ class SecureAggregator(_AveragerAggregator):
         stop_event: threading.Event | None = None,
         bandwidth: float | None = None,
         noise: NoiseShare | None = None,
+        compression: Compression | None = None,
+        bound: float | None = None,
     ):
         if config.min_group_size < 3:
             raise ValueError("secure aggregation needs min_group_size >= 3: a sum of two reveals both inputs")
@@ -202,10 +207,11 @@ class SecureAggregator(_AveragerAggregator):
             _buffers(templates),
             dht,
             identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
-            clip_bound=ring_bound(config, noise),
+            clip_bound=bound or ring_bound(config, noise),
             weight_bound=weight_bound,
             timeouts=SecAggTimeouts(message=config.message_timeout, data=config.timeout),
             noise=noise,
+            compression=compression,
             prefix=f"zen_{run_id}_secagg",
             target_group_size=MAX_SECURE_GROUP,
             bandwidth=bandwidth,
@@ -219,12 +225,19 @@ class SecureAggregator(_AveragerAggregator):
         """Protocol bytes this node has put on the wire for secure aggregation."""
         return float(self._averager.bytes_sent.value)
 
+    @property
+    def residual(self) -> torch.Tensor:
+        """Error feedback: what this node has not sent yet (flat; empty without compression)."""
+        return self._averager.residual
 
-def ring_bound(config: AggregationConfig, noise: NoiseShare | None) -> float:
-    """The fixed-point code's bound: the clip bound, widened with DP so the noise cannot wrap the ring."""
+
+def ring_bound(config: AggregationConfig, noise: NoiseShare | None, compression_bound: float = 0.0) -> float:
+    """The fixed-point code's bound: the clip bound (or a low-bit code's bound), widened with DP so
+    the noise cannot wrap the ring."""
+    base = compression_bound or config.clip_bound
     if noise is None:
-        return config.clip_bound
-    return max(config.clip_bound, noise.clip_norm * (1 + 10 * noise.noise_multiplier))
+        return base
+    return max(base, noise.clip_norm * (1 + 10 * noise.noise_multiplier))
 
 
 def make_aggregator(
@@ -238,6 +251,8 @@ def make_aggregator(
     stop_event: threading.Event | None = None,
     bandwidth: float | None = None,
     noise: NoiseShare | None = None,
+    compression: Compression | None = None,
+    compression_bound: float = 0.0,
 ) -> Aggregator:
     """The aggregator that ``config.mode`` names (``bandwidth``: upload bytes/s, None if unknown)."""
     if config.mode == "plain":
@@ -258,5 +273,7 @@ def make_aggregator(
             stop_event=stop_event,
             bandwidth=bandwidth,
             noise=noise,
+            compression=compression,
+            bound=ring_bound(config, noise, compression_bound),
         )
     raise ValueError(f"unknown aggregation mode {config.mode!r}")

@@ -86,3 +86,33 @@ def probe_capacity(
         samples_per_second=measure_throughput(config, batch_size, device),
         upload_bytes_per_second=upload_bytes_per_second,
     )
+
+
+def activation_bytes(config: ModelConfig, batch_size: int) -> int:
+    """Rough training memory of one step's activations (float32): per token and layer about 34 d_model
+    values plus 5 n_head * context for attention (the usual transformer estimate), plus the logits."""
+    per_layer = 34 * config.d_model + 5 * config.n_head * config.context
+    return 4 * batch_size * config.context * (config.n_layer * per_layer + 2 * config.vocab_size)
+
+
+def fit_batch_size(config: ModelConfig, batch_size: int, device: torch.device) -> int:
+    """The run's batch size, halved until one training step fits the device (a small GPU sends fewer samples).
+
+    On CUDA a real step is tried (out of memory: halve); elsewhere the estimate must fit in half the
+    available memory. The node's weight in a group is its sample count, so a smaller batch only
+    lowers its share.
+    """
+    fitted = batch_size
+    while fitted > 1:
+        if device.type == "cuda":
+            try:
+                measure_throughput(config, fitted, device, steps=1)
+                break
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        elif activation_bytes(config, fitted) <= psutil.virtual_memory().available // 2:
+            break
+        fitted //= 2
+    if fitted < batch_size:
+        logger.warning(f"batch size {batch_size} does not fit this {device.type} device; training with {fitted}")
+    return fitted

@@ -162,11 +162,16 @@ def _exit_hard() -> None:
     os._exit(1)
 
 
+def _megabytes(count: int) -> str:
+    return "?" if count < 0 else f"{count / 1e6:.2f} MB"
+
+
 def _print_progress(report: RoundReport) -> None:
     print(
         f"round {report.round:4d} | {report.mode:7s} | eval loss {report.eval_loss:.4f} | "
         f"train loss {report.train_loss:.4f} | {report.samples_per_second:8.1f} samples/s | "
-        f"peers {report.group_size}" + ("" if report.epsilon is None else f" | epsilon {report.epsilon:.3f}"),
+        f"peers {report.group_size} | busy {report.utilization:4.0%} | sent {_megabytes(report.bytes_sent)}"
+        + ("" if report.epsilon is None else f" | epsilon {report.epsilon:.3f}"),
         flush=True,
     )
 

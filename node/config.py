@@ -69,8 +69,14 @@ class TrainConfig:
     outer_lr: float = 0.7  # outer Nesterov learning rate (DiLoCo's default)
     outer_momentum: float = 0.9  # outer Nesterov momentum (DiLoCo's default)
     seed: int = 0  # initial weights are seeded by this, so every peer starts equal
+    round_seconds: float = 0.0  # T: inner steps also stop after T seconds (a slow peer sends fewer samples); 0 = off
+    overlap: bool = True  # aggregate in the background while the next round trains (outer update one round late)
 
     def __post_init__(self) -> None:
+        _require(
+            math.isfinite(self.round_seconds) and 0 <= self.round_seconds <= 86_400,
+            f"train.round_seconds must be in [0, 86400], got {self.round_seconds}",
+        )
         _require(self.inner_steps >= 1, f"train.inner_steps must be >= 1, got {self.inner_steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(0 < self.inner_lr < 1, f"train.inner_lr must be in (0, 1), got {self.inner_lr}")
@@ -111,6 +117,28 @@ class AggregationConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Compression of updates inside the secure ring (node/compression.py); off at the defaults."""
+
+    bits: int = 32  # bits per value before the group's headroom bits: 4, 8 or 16; 32 = no quantization
+    fraction: float = 1.0  # random-k: share of coordinates each round sends (index set from a group-shared seed)
+    error_feedback: bool = True  # keep what was not sent (and rounding errors) for the next round
+    bound: float = 0.0  # per-coordinate clip bound of the low-bit code; 0 = inner_steps * inner_lr (Adam's reach)
+
+    def __post_init__(self) -> None:
+        _require(self.bits in (4, 8, 16, 32), f"compression.bits must be 4, 8, 16 or 32, got {self.bits}")
+        _require(0 < self.fraction <= 1, f"compression.fraction must be in (0, 1], got {self.fraction}")
+        _require(
+            math.isfinite(self.bound) and 0 <= self.bound <= 1e6,
+            f"compression.bound must be in [0, 1e6] (0 = automatic), got {self.bound}",
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.bits < 32 or self.fraction < 1
+
+
+@dataclass
 class PrivacyConfig:
     """User-level differential privacy of every contribution (node/privacy.py); off unless enabled."""
 
@@ -148,8 +176,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            not self.compression.active or self.aggregation.mode == "secure",
+            "compression works inside the secure ring; set aggregation.mode = 'secure' or compression.bits = 32 "
+            "and compression.fraction = 1",
+        )
         _require(
             not self.privacy.enabled or self.aggregation.mode == "secure",
             "privacy needs aggregation.mode = 'secure' (the noise shares are added inside the masked ring)",
@@ -216,6 +250,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "aggregation": AggregationConfig,
     "privacy": PrivacyConfig,
+    "compression": CompressionConfig,
 }
 
 

@@ -51,6 +51,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from dht.identity import verify_binding
+from node.compression import Compression, pack_bits, packed_size, select_coordinates, unpack_bits
 from node.fixed_point import FixedPointCodec
 from node.masking import apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
 from node.secagg_messages import MAX_GROUP, Message, MessageError
@@ -160,6 +161,10 @@ class MaskedAllReduce:
         out: float32 array (the vector's length) the mean is written into; may be ``vector`` itself.
         workspace: buffers to reuse across rounds.
         noise: this peer's share of the differential-privacy noise, added in the ring before masking.
+        compression: low-bit words and random-k (node/compression.py); None: full 32-bit words.
+            With random-k, ``part_sizes`` split ``compression.count(vector.size) + 1`` elements.
+        residual: error feedback (float32, the vector's length): added to ``vector`` before encoding;
+            on success it holds what this peer's contribution left out. Untouched on failure.
         record_view: keep every received message in ``view`` (tests check what a peer can learn).
     """
 
@@ -182,6 +187,8 @@ class MaskedAllReduce:
         out: np.ndarray | None = None,
         workspace: Workspace | None = None,
         noise: NoiseShare | None = None,
+        compression: Compression | None = None,
+        residual: np.ndarray | None = None,
         record_view: bool = False,
     ):
         n = len(peer_ids)
@@ -196,15 +203,23 @@ class MaskedAllReduce:
         self.peer_ids, self.index, self.round_no, self.identity = list(peer_ids), index, round_no, identity
         self.n, self.threshold = n, n // 2 + 1
         self.vector, self.omega = vector, omega
-        self.parts = split_parts(vector.size + 1, part_sizes)
+        self.workspace = workspace or Workspace()
+        self.compression = compression or Compression()
+        self.residual = residual
+        if residual is not None and (residual.shape != vector.shape or residual.dtype != np.float32):
+            raise ValueError("residual must be a float32 array shaped like vector")
+        self.selected = select_coordinates(vector.size, self.compression.count(vector.size), group_id, round_no)
+        self.values = self._inputs()  # what this peer encodes: selected coordinates of vector + residual
+        self.parts = split_parts(self.values.size + 1, part_sizes)
         self.reducers = [k for k, size in enumerate(part_sizes) if size > 0]
-        self.codec = FixedPointCodec(group_size=n, bound=bound)
+        self.codec = FixedPointCodec(group_size=n, bound=bound, bits=self.compression.bits)
+        self.width = self.codec.ring_bits
+        self.sent_error = None if residual is None else self.workspace.array("sent_error", self.values.size, np.float32)
         self.timeouts = timeouts
         self.executor = executor
         self.out = np.empty_like(vector) if out is None else out
         if self.out.shape != vector.shape or self.out.dtype != np.float32:
             raise ValueError("out must be a float32 array shaped like vector")
-        self.workspace = workspace or Workspace()
         self.noise = noise
         self.view: list[Message] | None = [] if record_view else None
         self.dead: set[int] = set()
@@ -236,9 +251,8 @@ class MaskedAllReduce:
             part = message.data["part"]
             if part >= self.n:
                 raise MessageError(f"part {part} does not exist in a group of {self.n}")
-            start, stop = self.parts[part]
-            if payload_size != 4 * (stop - start):
-                raise MessageError(f"part {part} must be {4 * (stop - start)} bytes, got {payload_size}")
+            if payload_size != self._wire_size(part):
+                raise MessageError(f"part {part} must be {self._wire_size(part)} bytes, got {payload_size}")
         elif payload_size:
             raise MessageError(f"a {message.kind!r} message carries no payload")
         if message.kind == "keys":
@@ -254,8 +268,10 @@ class MaskedAllReduce:
 
     def payload_buffer(self, message: Message) -> np.ndarray:
         """Where a checked message's payload is read to (a reused buffer of the part's size)."""
-        start, stop = self.parts[message.data["part"]]
-        return self.workspace.take(stop - start)
+        size = self._wire_size(message.data["part"])
+        if self.width == 32:
+            return self.workspace.take(size // 4)
+        return self.workspace.take((size + 3) // 4).view(np.uint8)[:size]
 
     def deliver(self, message: Message) -> None:
         """Store a checked message; a second message for the same slot is refused."""
@@ -438,7 +454,7 @@ class MaskedAllReduce:
                     stored[(part, me)] = masked[start:stop]
                     holders[part] = me
                     return
-                payload = masked[start:stop].data.cast("B")
+                payload = self._to_wire(masked[start:stop], part)
                 if await self._send(h, "part", {"part": part, "maskset": u2}, payload, self.timeouts.data / 2):
                     holders[part] = h
                     return
@@ -519,14 +535,14 @@ class MaskedAllReduce:
             partial = self.workspace.take(stop - start)
             partial.fill(0)
             for sender in senders:
-                words = stored.get((part, sender)) if sender == me else self._payload(("part", sender, part))
+                words = stored.get((part, sender)) if sender == me else self._words(("part", sender, part))
                 if words is None:
                     raise SecAggError(f"we acknowledged part {part} of peer {sender} but lost it")
                 np.add(partial, words, out=partial)
             await self._offload(self._unmask_partial, part, partial, senders, seeds, dropout_pairs)
             total[start:stop] += partial
             data = {"part": part, "senders": senders}
-            payload = partial.data.cast("B")
+            payload = self._to_wire(partial, part)
             sends += [self._send(j, "sum", data, payload, self.timeouts.data / 2) for j in live if j != me]
         sending = asyncio.gather(*sends)
         self._background.append(sending)
@@ -538,12 +554,12 @@ class MaskedAllReduce:
                 raise SecAggError(f"no partial sum of part {part} from peer {holder}")
             self._require(partial_sum.data["senders"] == senders, f"peer {holder} summed part {part} over another set")
             start, stop = self.parts[part]
-            total[start:stop] += partial_sum.payload
+            total[start:stop] += self._words(("sum", holder, part))
         await sending
         await revealing
         self._phase("decode")
         try:
-            weight_sum = await self._offload(self.codec.decode_sum, total, self.out)
+            weight_sum = await self._offload(self._decode, total)
         except ValueError as e:
             raise SecAggError(f"group {self.group_id.hex()[:8]}: the unmasked sum does not decode: {e}") from e
         self._phase("done")
@@ -562,9 +578,60 @@ class MaskedAllReduce:
         if not ok:
             raise SecAggError(f"group {self.group_id.hex()[:8]} round {self.round_no}: {reason}")
 
-    def _payload(self, slot: tuple[str, int, int]) -> np.ndarray | None:
+    def _words(self, slot: tuple[str, int, int]) -> np.ndarray | None:
+        """A received part or partial sum as uint32 words (unpacked from its ``width``-bit wire form)."""
         message = self._inbox.get(slot)
-        return None if message is None else message.payload
+        if message is None or self.width == 32:
+            return None if message is None else message.payload
+        start, stop = self.parts[slot[2]]
+        words = self.workspace.take(stop - start)
+        count = min(stop, self.values.size) - start
+        unpack_bits(message.payload[: packed_size(count, self.width)], self.width, words[:count])
+        if stop > self.values.size:  # the weight word travels as 32 bits after the packed values
+            words[-1] = message.payload[-4:].view("<u4")[0]
+        return words
+
+    def _wire_size(self, part: int) -> int:
+        start, stop = self.parts[part]
+        count = min(stop, self.values.size) - start
+        return packed_size(count, self.width) + (4 if stop > self.values.size else 0)
+
+    def _to_wire(self, words: np.ndarray, part: int) -> Any:
+        """A part's words as sent: raw 32-bit words, or the low ``width`` bits packed (weight word: 32)."""
+        if self.width == 32:
+            return words.data.cast("B")
+        start, stop = self.parts[part]
+        count = min(stop, self.values.size) - start
+        packed = pack_bits(words[:count], self.width)
+        return packed + (words[-1:].astype("<u4").tobytes() if stop > self.values.size else b"")
+
+    def _inputs(self) -> np.ndarray:
+        """This peer's values to encode: ``vector + residual`` (error feedback) on the selected coordinates."""
+        source = self.vector
+        if self.residual is not None:
+            source = self.workspace.array("with_residual", self.vector.size, np.float32)
+            np.add(self.vector, self.residual, out=source)
+        if self.selected is None:
+            return source
+        return np.take(source, self.selected, out=self.workspace.array("selected", self.selected.size, np.float32))
+
+    def _decode(self, total: np.ndarray) -> float:
+        """Decode the group sum into ``out`` (zeros off the selected coordinates); commit the residual."""
+        if self.selected is None:
+            weight_sum = self.codec.decode_sum(total, self.out)
+        else:
+            mean = self.workspace.array("selected_mean", self.selected.size, np.float32)
+            weight_sum = self.codec.decode_sum(total, mean)
+            self.out.fill(0)
+            self.out[self.selected] = mean
+        if self.residual is not None and self.sent_error is not None:
+            # what was not sent stays: every unselected coordinate, and the error of each sent one
+            if self.selected is None:
+                np.copyto(self.residual, self.sent_error)
+            else:
+                np.copyto(self.residual, self.workspace.array("with_residual", self.vector.size, np.float32))
+                self.residual[self.selected] = self.sent_error
+        return weight_sum
 
     def _open_shares(self, c_sk: PrivateKey, j: int, message: Message, u1: list[int]) -> tuple[bytes, bytes] | None:
         if message.data["view"] != u1:
@@ -588,12 +655,16 @@ class MaskedAllReduce:
     ) -> None:
         """masked[part] = enc(omega * x) + PRG(b) + sum_j sign * PRG(s_ij), each mask keyed for this part."""
         start, stop = self.parts[part]
-        words, values = masked[start:stop], self.vector[start : min(stop, self.vector.size)]
+        words, values = masked[start:stop], self.values[start : min(stop, self.values.size)]
         seed = hashlib.blake2b(part.to_bytes(4, "little"), key=rounding_seed, digest_size=32).digest()
         self.codec.encode_into(values, self.omega, words[: values.size], seed=seed)
+        if self.sent_error is not None:  # error feedback: what the encoded words fail to carry
+            error = self.sent_error[start : start + values.size]
+            self.codec.dequantize_into(words[: values.size], self.omega, error)
+            np.subtract(values, error, out=error)
         if self.noise is not None:
             self.noise.add_to(words[: values.size], self.n, self.codec.scale)
-        if stop > self.vector.size:  # the part that carries the weight word
+        if stop > self.values.size:  # the part that carries the weight word
             words[-1] = self.codec.encode_weight(self.omega)
         apply_mask(words, self_mask_key(b_seed, self.group_id, self.round_no, part), 1)
         for j, shared in pair_secrets.items():

@@ -2,15 +2,20 @@
 
 One outer round (see docs/architecture.md):
 
-1. ``inner_steps`` AdamW steps on the local copy of the model, on local data.
-2. pseudo-gradient = global params - local params.
-3. the Aggregator replaces it with the weighted (by samples) mean over a group at this round.
-4. outer Nesterov SGD step on the global params with that mean as the gradient; local = global.
+1. ``inner_steps`` AdamW steps (or fewer, if ``round_seconds`` runs out) on the local model.
+2. pseudo-gradient = global params - local params - what is already in flight: everything this
+   node has trained and not yet sent, so a missed round's progress is carried, not lost.
+3. the Aggregator replaces it with the weighted (by samples) mean over a group at this round,
+   in a background thread: with ``train.overlap`` the next round's inner steps run meanwhile.
+4. when the mean lands (at the end of the next round's inner steps: one round late), an outer
+   Nesterov step on the global params; the local model moves by the same change and drops its
+   own in-flight delta, which the mean now stands for (the staleness rule):
+   ``local += (global_new - global_old) + sent``.
 5. checkpoint, report, heartbeat with the new round and state digest.
 
-If no group forms in time while other trainers are alive, the node waits for one of them to
-finish the round and downloads its state (``resync``): its own delta is dropped rather than
-letting its parameters drift from the swarm's. A node alone applies its own delta (``solo``).
+If no group forms while other trainers are alive, the node waits for one of them to finish the
+round and downloads its state (``resync``), keeping its own unsent progress on top of it. A node
+alone applies its own delta (``solo``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +48,9 @@ from dht import (
 )
 from dht.records import Capacity
 from node import __version__
-from node.aggregator import MAX_SECURE_GROUP, AggregationError, make_aggregator, ring_bound
-from node.capacity import pick_device, probe_capacity
+from node.aggregator import MAX_SECURE_GROUP, AggregationError, AggregationResult, make_aggregator, ring_bound
+from node.capacity import fit_batch_size, pick_device, probe_capacity
+from node.compression import Compression
 from node.config import ConfigError, NodeConfig, describe_difference
 from node.data import ByteBatches, byte_histogram, load_corpus
 from node.fixed_point import FixedPointCodec
@@ -55,7 +62,8 @@ from node.privacy import (
     clip_update,
     effective_multiplier,
 )
-from node.state_sharing import StateSharer
+from node.state_sharing import SharedState, StateSharer
+from node.wire_meter import WireMeter
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +91,20 @@ class RoundReport:
     seconds: float
     state_digest: str
     epsilon: float | None = None  # privacy spent so far (PLD, at privacy.delta); None without DP
+    utilization: float = 0.0  # fraction of the wall time since the last report spent in inner steps
+    bytes_sent: int = 0  # every byte this node's libp2p daemon put on the wire so far (TCP, DHT included)
+    inner_steps: int = 0  # inner steps behind this report's training loss
+
+
+@dataclass
+class _InFlight:
+    """One round's aggregation running in the background."""
+
+    round: int
+    sent: list[torch.Tensor]  # our own delta as sent (it stands in for the group's mean until it lands)
+    mean: list[torch.Tensor]  # overwritten with the group's mean on success
+    samples: int  # the samples behind ``sent`` (its weight)
+    future: Future[tuple[str, AggregationResult | SharedState | None]] = field(repr=False)
 
 
 def state_digest(tensors: Sequence[torch.Tensor]) -> bytes:
@@ -120,6 +142,13 @@ class TrainingNode:
         self.noise: NoiseShare | None = None  # this node's DP noise share (privacy.enabled)
         self.accountant: PrivacyAccountant | None = None
         self._budget_spent = False
+        self._inflight: _InFlight | None = None
+        self._unsent_samples = 0  # samples behind the progress not yet sent (carried when a round is missed)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate")
+        self._inner_seconds = 0.0  # inner-step time since the last report
+        self._last_report = time.perf_counter()
+        self._last_inner: tuple[float, int] = (float("nan"), 0)  # mean train loss and steps of the last inner phase
+        self.meter: WireMeter | None = None
 
     # ---- enrollment -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -139,16 +168,17 @@ class TrainingNode:
             eval_bytes = train_bytes
         self.sketch = byte_histogram(corpus)
         self.device = pick_device(self.config.device)
+        train = self.run.train
+        self.batch_size = fit_batch_size(self.run.model, train.batch_size, self.device)
         self.capacity = probe_capacity(
             self.run.model,
-            self.run.train.batch_size,
+            self.batch_size,
             self.device,
             self.run.min_memory_gb,
             allow_low_memory=self.config.allow_low_memory,
         )
-        train = self.run.train
         seed = _batch_seed(train.seed, train_bytes)
-        self.batches = ByteBatches(train_bytes, self.run.model.context, train.batch_size, seed=seed)
+        self.batches = ByteBatches(train_bytes, self.run.model.context, self.batch_size, seed=seed)
         evaluation = ByteBatches(eval_bytes, self.run.model.context, train.batch_size, seed=1234)
         self.eval_set = [evaluation.next() for _ in range(EVAL_BATCHES)]
         self.model = build_model(self.run.model, train.seed).to(self.device)
@@ -173,7 +203,8 @@ class TrainingNode:
             privacy.target_epsilon, privacy.delta, privacy.planned_rounds
         )
         self.noise = NoiseShare(noise_multiplier=sigma, clip_norm=privacy.clip_norm, max_dropouts=privacy.max_dropouts)
-        scale = FixedPointCodec(MAX_SECURE_GROUP, ring_bound(self.run.aggregation, self.noise)).scale
+        bound = ring_bound(self.run.aggregation, self.noise, self._compression_bound())
+        scale = FixedPointCodec(MAX_SECURE_GROUP, bound, bits=self.run.compression.bits).scale
         dimension = sum(p.numel() for p in self.global_params)
         budgets = [b for b in (privacy.target_epsilon, self.config.epsilon_budget) if b > 0]
         budget = min(budgets, default=math.inf)
@@ -184,6 +215,14 @@ class TrainingNode:
             f"differential privacy: clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, "
             f"delta {privacy.delta}, budget epsilon {budget}"
         )
+
+    def _compression_bound(self) -> float:
+        """The low-bit code's clip bound: configured, or ``inner_steps * inner_lr`` (how far Adam moves a
+        weight in a round, at most about lr per step); 0 when values keep the full ring."""
+        compression, train = self.run.compression, self.run.train
+        if compression.bits == 32:
+            return 0.0
+        return compression.bound or train.inner_steps * train.inner_lr
 
     def _record(self) -> bytes:
         return PeerRecord(
@@ -209,6 +248,7 @@ class TrainingNode:
         """Start the DHT peer, refuse a mismatched run, publish our record, and catch up with the swarm."""
         self.dht = start_dht(self.config.swarm, self.identity, [self.run.run_id])
         self.maddrs = tuple(str(m) for m in self.dht.get_visible_maddrs())[:16]
+        self.meter = WireMeter.for_dht(self.dht)
         peers = [p for p in list_peers(self.dht, self.run.run_id) if p.peer_id != self.identity.peer_id]
         connect_to_peers(self.dht, peers)
         for peer in peers:
@@ -238,6 +278,10 @@ class TrainingNode:
             stop_event=self.stop_event,
             bandwidth=self.capacity.upload_bytes_per_second or None,
             noise=self.noise,
+            compression=Compression(
+                self.run.compression.bits, self.run.compression.fraction, self.run.compression.error_feedback
+            ),
+            compression_bound=self._compression_bound(),
         )
         if any(p.round > self.round for p in peers):
             self._catch_up("loaded")
@@ -255,17 +299,32 @@ class TrainingNode:
         ]
 
     def _catch_up(self, mode: str) -> bool:
-        """Download the most advanced peer's state; return whether it was applied."""
+        """Download the most advanced peer's state and start from it; return whether it was applied."""
         logger.info(f"downloading the swarm's state (we are at round {self.round})")
+        state = self._download(self.round)
+        if state is None:
+            logger.warning("no usable state from peers; continuing from our own")
+            return False
+        self._apply_state(state)
+        with torch.no_grad():
+            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                local.copy_(param)
+        self._finish_round(mode, samples=0)
+        logger.info(f"loaded the swarm's state at round {self.round}")
+        return True
+
+    def _download(self, at_least: int) -> SharedState | None:
+        """The most advanced peer's state if it has finished round ``at_least`` or later (retried)."""
         state = None
         for attempt in range(DOWNLOAD_ATTEMPTS):
             # A fresh peer's first dials can fail (libp2p then backs off for a few seconds): retry.
             state = self.sharer.download(self._state_tensors(), self.run_hash)
             if state is not None or self.stop_event.wait(2.0 * 2**attempt):
                 break
-        if state is None or state.round < self.round:
-            logger.warning("no usable state from peers; continuing from our own")
-            return False
+        return state if state is not None and state.round >= at_least else None
+
+    def _apply_state(self, state: SharedState) -> None:
+        """Global parameters, outer momentum and round from a downloaded state (the local model is left)."""
         count = len(self.global_params)
         with torch.no_grad():
             for param, value, momentum in zip(
@@ -273,12 +332,7 @@ class TrainingNode:
             ):
                 param.copy_(value.to(param.device))
                 self.outer_opt.state[param]["momentum_buffer"] = momentum.to(param.device).clone()
-            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
-                local.copy_(param)
         self.round = state.round
-        self._finish_round(mode, train_loss=float("nan"), group_size=0, samples=0, started=time.perf_counter())
-        logger.info(f"loaded the swarm's state at round {self.round}")
-        return True
 
     def _wait_for_peers(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -302,25 +356,48 @@ class TrainingNode:
         return sum(losses) / len(losses)
 
     def train_round(self) -> None:
-        started = time.perf_counter()
+        """Inner steps; then land the previous round's aggregation and launch this one's (module docstring)."""
+        self._inner_phase()
+        if self.stop_event.is_set():
+            return
+        if self._inflight is not None:
+            self._land()
+            if self.stop_event.is_set() or (self.config.rounds and self.round >= self.config.rounds):
+                return
+        self._launch()
+        last = bool(self.config.rounds) and self.round + 1 >= self.config.rounds
+        if not self.run.train.overlap or last:
+            self._land()
+
+    def _inner_phase(self) -> None:
+        """Up to ``inner_steps`` AdamW steps, cut short after ``round_seconds`` (a slow peer sends fewer samples)."""
         train = self.run.train
-        losses = []
+        started = time.perf_counter()
+        deadline = started + train.round_seconds if train.round_seconds else math.inf
+        losses: list[float] = []
         self.model.train()
         for _ in range(train.inner_steps):
-            if self.stop_event.is_set():
-                return
+            if self.stop_event.is_set() or (losses and time.perf_counter() >= deadline):
+                break
             tokens, targets = self.batches.next()
             loss = self.model(tokens.to(self.device), targets.to(self.device))
             self.inner_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.inner_opt.step()
             losses.append(loss.item())
-        samples = train.inner_steps * train.batch_size
+        self._inner_seconds += time.perf_counter() - started
+        self._unsent_samples += len(losses) * self.batch_size
+        self._last_inner = (sum(losses) / len(losses) if losses else float("nan"), len(losses))
+
+    def _launch(self) -> None:
+        """Hand everything trained and not yet sent (global - local) to the aggregation, in the background."""
+        samples, self._unsent_samples = self._unsent_samples, 0
         with torch.no_grad():
-            delta = [g.detach() - p.detach() for g, p in zip(self.global_params, self.model.parameters(), strict=True)]
-        train_loss = sum(losses) / len(losses)
+            sent = [g.detach() - p.detach() for g, p in zip(self.global_params, self.model.parameters(), strict=True)]
+        round_no = self.round + 1
+        future: Future[tuple[str, Any]] = Future()
         if self.accountant is not None:
-            clip_update(delta, self.run.privacy.clip_norm)
+            clip_update(sent, self.run.privacy.clip_norm)  # the clipped-off excess stays unsent, for later
             if not self.accountant.can_contribute():
                 if not self._budget_spent:
                     logger.warning(
@@ -328,29 +405,60 @@ class TrainingNode:
                         f"{self.run.privacy.target_epsilon}): no longer sending updates; training locally"
                     )
                     self._budget_spent = True
-                self._outer_step(delta)
-                self.round += 1
-                self._finish_round("local", train_loss, 1, samples, started)
-                return
+                future.set_result(("local", None))
+        mean = [t.clone() for t in sent]
+        if not future.done():
+            future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1))
+        self._inflight = _InFlight(round_no, sent, mean, samples, future)
+
+    def _aggregate(self, round_no: int, mean: list[torch.Tensor], samples: int) -> tuple[str, Any]:
+        """Runs in the background: a group's mean, else a peer's newer state, else our own delta alone."""
         try:
-            result = self.aggregator.aggregate(self.round + 1, delta, weight=samples)
+            result = self.aggregator.aggregate(round_no, mean, weight=samples)
         except AggregationError as e:
             logger.warning(str(e))
             result = None
+        if result is not None:
+            return "group", result
         if self.stop_event.is_set():
+            return "stopped", None
+        if self._others_alive() and self._wait_for_peer_ahead():
+            state = self._download(round_no)
+            if state is not None:
+                return "resync", state
+        logger.warning(f"round {round_no}: no group formed; applying our own update alone")
+        return "solo", None  # ``mean`` still holds our own update
+
+    def _land(self) -> None:
+        """Wait for the in-flight aggregation and apply it (the staleness rule in the module docstring)."""
+        flight, self._inflight = self._inflight, None
+        assert flight is not None
+        mode, outcome = flight.future.result()
+        if mode == "stopped":
             return
-        if result is not None and self.accountant is not None and self.identity.peer_id in result.peers:
-            self.accountant.record()
-        if result is None:
-            if self._others_alive() and self._wait_for_peer_ahead() and self._catch_up("resync"):
-                return
-            logger.warning(f"round {self.round + 1}: no group formed; applying our own update alone")
-            mode, group_size = "solo", 1  # the aggregator left ``delta`` as our own update
-        else:
-            mode, group_size = "group", result.group_size
-        self._outer_step(delta)
-        self.round += 1
-        self._finish_round(mode, train_loss, group_size, samples, started)
+        before = [g.detach().clone() for g in self.global_params]
+        group_size = 1
+        if mode == "group":
+            assert isinstance(outcome, AggregationResult)
+            self._outer_step(flight.mean)
+            group_size = outcome.group_size
+            if self.accountant is not None and self.identity.peer_id in outcome.peers:
+                self.accountant.record()
+        elif mode == "resync":
+            assert isinstance(outcome, SharedState)
+            self._apply_state(outcome)
+            self._unsent_samples += flight.samples  # our delta was not merged: it is still ours to send
+            group_size = 0
+        else:  # "solo" or "local": our own update alone
+            self._outer_step(flight.sent)
+        with torch.no_grad():
+            moved = zip(self.model.parameters(), self.global_params, before, flight.sent, strict=True)
+            for local, new, old, sent in moved:
+                local.add_(new.detach() - old)
+                if mode != "resync":
+                    local.add_(sent)  # the global step now carries it (or the group's mean in its place)
+        self.round = max(self.round, flight.round) if mode != "resync" else self.round
+        self._finish_round(mode, group_size=group_size, samples=flight.samples)
 
     def _others_alive(self) -> bool:
         return any(
@@ -373,12 +481,13 @@ class TrainingNode:
             param.grad = grad.to(param.device, param.dtype)
         self.outer_opt.step()
         self.outer_opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
-                local.copy_(param)
 
-    def _finish_round(self, mode: str, train_loss: float, group_size: int, samples: int, started: float) -> None:
-        seconds = time.perf_counter() - started
+    def _finish_round(self, mode: str, group_size: int = 0, samples: int = 0) -> None:
+        now = time.perf_counter()
+        seconds = now - self._last_report
+        train_loss, steps = self._last_inner if mode not in ("initial", "loaded") else (float("nan"), 0)
+        utilization = min(1.0, self._inner_seconds / max(seconds, 1e-9)) if steps else 0.0
+        self._inner_seconds, self._last_report = 0.0, now
         self._digest = state_digest(self.global_params)
         report = RoundReport(
             round=self.round,
@@ -391,6 +500,9 @@ class TrainingNode:
             seconds=seconds,
             state_digest=self._digest.hex(),
             epsilon=None if self.accountant is None else round(self.accountant.epsilon(), 4),
+            utilization=round(utilization, 4),
+            bytes_sent=self.meter.bytes_sent() if self.meter is not None else 0,
+            inner_steps=steps,
         )
         self._save_checkpoint()
         if self.config.save_round_params:
@@ -446,14 +558,19 @@ class TrainingNode:
     def run_forever(self) -> None:
         """Train until ``config.rounds`` rounds are done (0: forever) or the stop event is set."""
         if self.round == 0 and not (self.workdir / REPORT_FILE).exists():
-            self._finish_round("initial", float("nan"), 0, 0, time.perf_counter())
+            self._finish_round("initial")
+        self._last_report = time.perf_counter()
         while not self.stop_event.is_set():
-            if self.config.rounds and self.round >= self.config.rounds:
+            if self.config.rounds and self.round >= self.config.rounds and self._inflight is None:
                 break
             self.train_round()
 
     def close(self) -> None:
         """Stop background work; safe to call more than once and after a partial start."""
+        self.stop_event.set()  # a pending aggregation returns at once
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        if self.meter is not None:
+            self.meter.stop()
         for name in ("heartbeat", "aggregator", "sharer"):
             component = self.__dict__.pop(name, None)
             if component is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from hivemind.p2p import P2P
 
 from dht import NodeIdentity
+from node.compression import Compression
 from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
 from node.secagg_messages import TAG, Message
 from node.secure_averager import SecAggEndpoint
@@ -102,12 +103,14 @@ class SecAggSwarm:
         bound: float = 1.0,
         timeouts: SecAggTimeouts = TEST_TIMEOUTS,
         record_view: bool = False,
+        compression: Compression | None = None,
+        residuals: list[np.ndarray] | None = None,
     ) -> list[MaskedAllReduce]:
         """One session per vector (peers 0..n-1 of the swarm), registered with their endpoints."""
         n = len(vectors)
         group_id = group_id or os.urandom(32)
         weights = weights or [1.0] * n
-        size = vectors[0].size + 1
+        size = (compression or Compression()).count(vectors[0].size) + 1
         part_sizes = [size // n + (1 if k < size % n else 0) for k in range(n)]
         classes = classes or {}
         result = []
@@ -126,6 +129,8 @@ class SecAggSwarm:
                 bound=bound,
                 timeouts=timeouts,
                 record_view=record_view,
+                compression=compression,
+                residual=None if residuals is None else residuals[i],
             )
             self.endpoints[i].register(session)
             result.append(session)
