@@ -44,7 +44,7 @@ heartbeat_period = 1.0
 record_ttl = 6.0
 """
 LOSS_TOLERANCE = 0.02  # the issue's bound: the sharded loss curve within 2% of the unsharded one
-SERVING = re.compile(r"serving stage\(s\) \[([0-9, ]+)\] .* multiaddrs (\S+)")
+SERVING = re.compile(r"serving stage\(s\) \[([0-9, ]+)\] of run \S+ as (\S+) .* multiaddrs (\S+)")
 
 
 def write_config(path: Path, inner_steps: int = 10, spot_check: float = 0.1) -> Path:
@@ -57,6 +57,7 @@ class Process:
 
     def __init__(self, folder: Path, *args: str):
         self.folder = folder
+        self.peer_id = ""
         folder.mkdir(parents=True, exist_ok=True)
         self.log = open(folder / "node.log", "w")
         command = [sys.executable, "-m", "node.cli", *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
@@ -94,13 +95,15 @@ class Process:
 
 
 def serve(root: Path, name: str, config: Path, initial: str | None, *extra: str) -> tuple[Process, list[int], str]:
+    """Start `zen-node serve`; return it, the stages it chose and its multiaddr (its PeerID is ``.peer_id``)."""
     args = ["serve", "--config", str(config), *extra]
     if initial:
         args += ["--initial-peers", initial]
     server = Process(root / name, *args)
     match = server.wait_for(SERVING, 90)
     stages = [int(s) for s in match.group(1).split(",")]
-    return server, stages, match.group(2)
+    server.peer_id = match.group(2)
+    return server, stages, match.group(3)
 
 
 def reports(trainer: Process) -> list[dict]:
@@ -147,6 +150,48 @@ def test_sharded_training_matches_unsharded_loss_curve(tmp_path: Path) -> None:
         assert relative_gap([r["loss"] for r in steps], reference) <= LOSS_TOLERANCE
         assert reference[-1] < reference[0]
         assert "step     20 | loss" in trainer.output()
+    finally:
+        for process in processes:
+            process.stop()
+
+
+@pytest.mark.slow
+def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> None:
+    """Stage 1's server in use is SIGKILLed mid-run: the trainer reroutes to the replica; every step applies once."""
+    # Prepare
+    config = write_config(tmp_path / "run.toml", inner_steps=100)
+    corpus = generate_corpus(30_000, seed=12)
+    processes: list[Process] = []
+    try:
+        first, _, maddr = serve(tmp_path, "s0", config, None, "--stages", "0")
+        processes.append(first)
+        replicas = [serve(tmp_path, f"s1-{i}", config, maddr, "--stages", "1")[0] for i in range(2)]
+        processes += replicas
+        trainer = train(tmp_path, config, maddr, corpus, rounds=2)
+        processes.append(trainer)
+
+        # Execute
+        deadline = time.monotonic() + 90
+        while len(reports(trainer)) < 10 and time.monotonic() < deadline and trainer.process.poll() is None:
+            time.sleep(0.05)
+        in_use = reports(trainer)[-1]["servers"][1]
+        victim = next(r for r in replicas if r.peer_id.startswith(in_use))
+        killed_at = len(reports(trainer))
+        victim.crash()
+        code = trainer.process.wait(timeout=120)
+
+        # Assert
+        assert code == 0, trainer.output()[-3000:]
+        assert 10 <= killed_at < 200
+        steps = reports(trainer)
+        assert [r["step"] for r in steps] == list(range(1, 201))
+        assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 201)]
+        assert steps[-1]["failovers"] >= 1
+        assert all(
+            not r["servers"][1] or not victim.peer_id.startswith(r["servers"][1]) for r in steps[killed_at + 1 :]
+        )
+        reference = unsharded_losses(load_node_config(str(config)).run, corpus, 200)
+        assert relative_gap([r["loss"] for r in steps], reference) <= LOSS_TOLERANCE
     finally:
         for process in processes:
             process.stop()
