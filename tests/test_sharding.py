@@ -5,22 +5,33 @@ The run's 4-block GPT keeps block 0 on the trainer and cuts blocks 1-3 into 2 re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 
-from node.config import load_node_config
+from dht import SwarmConfig, start_dht
+from dht.bans import BanError, BanRecord, list_bans
+from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
+from node.config import ModelConfig, NodeConfig, RunConfig, ShardingConfig, TrainConfig, load_node_config
 from node.data import generate_corpus
 from node.demo import stop_process
-from node.sharded_trainer import unsharded_losses
+from node.sharded_trainer import ShardedTrainer, StepReport, unsharded_losses
+from node.stage_messages import StageReply, StageRequest
+from node.stage_server import ServeConfig, StageServer
+from tests.conftest import LOCALHOST_MADDR
 
 RUN_TOML = """
 [run]
@@ -195,3 +206,136 @@ def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> Non
     finally:
         for process in processes:
             process.stop()
+
+
+def node_config(tmp_path: Path, name: str, initial: list[str]) -> NodeConfig:
+    """An in-process node's config: one remote stage (blocks 1-2 of a 3-block GPT), every call spot-checked."""
+    run = RunConfig(
+        run_id="shard",
+        min_memory_gb=0.0,
+        model=ModelConfig(n_layer=3, d_model=32, context=32),
+        train=TrainConfig(batch_size=4),
+        sharding=ShardingConfig(stages=1, local_blocks=1, request_timeout=3.0, spot_check_fraction=1.0),
+    )
+    swarm = SwarmConfig(host_maddrs=[LOCALHOST_MADDR], initial_peers=initial)
+    folder = tmp_path / name
+    return NodeConfig(
+        run=run,
+        swarm=swarm,
+        identity=str(folder / "id"),
+        workdir=str(folder / "work"),
+        device="cpu",
+        heartbeat_period=1.0,
+        record_ttl=6.0,
+    )
+
+
+class PerturbingServer(StageServer):
+    """A cheating server: its forward outputs are shifted, while it publishes its honest weights."""
+
+    def _host(self, stage: int, records: list) -> None:  # type: ignore[type-arg]
+        super()._host(stage, records)
+        honest = self.hosted[stage].forward
+        self.hosted[stage].forward = lambda hidden: honest(hidden) + 0.05  # type: ignore[method-assign]
+
+
+def test_a_server_returning_perturbed_activations_is_banned(tmp_path: Path) -> None:
+    """Spot-checks catch the shifted activations: a signed ban with the evidence digest, and the step reroutes."""
+    # Prepare
+    cheater = PerturbingServer(node_config(tmp_path, "cheater", []), ServeConfig(rebalance_period=0)).start()
+    initial = list(cheater.maddrs)
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=4))
+    trainer_config = node_config(tmp_path, "trainer", initial)
+    trainer_config.data = str(tmp_path / "data.txt")
+    trainer = ShardedTrainer(trainer_config)
+    honest: StageServer | None = None
+    try:
+        trainer.prepare()
+        trainer.join()
+        first: list[StepReport] = []
+        stepping = threading.Thread(target=lambda: first.append(trainer.train_step()))
+
+        # Execute
+        stepping.start()
+        deadline = time.monotonic() + 30
+        while not trainer.remote.bans_published and time.monotonic() < deadline:
+            time.sleep(0.05)
+        honest = StageServer(node_config(tmp_path, "honest", initial), ServeConfig(rebalance_period=0)).start()
+        stepping.join(timeout=60)
+        later = [trainer.train_step() for _ in range(2)]
+        published = list_bans(honest.dht, "shard")
+
+        # Assert
+        assert len(trainer.remote.bans_published) == 1
+        ban = trainer.remote.bans_published[0]
+        assert ban.banned == cheater.identity.peer_id and ban.stage == 0
+        assert [b.banned for b in published] == [cheater.identity.peer_id]
+        assert published[0].reporter == trainer.identity.peer_id
+        evidence = (trainer.workdir / "evidence" / f"{ban.evidence.hex()}.msgpack").read_bytes()
+        assert hashlib.blake2b(evidence, digest_size=32).digest() == ban.evidence
+        envelope = bytearray(ban.sign(trainer.identity))
+        envelope[-70] ^= 1  # inside the signed body
+        with pytest.raises(BanError):
+            BanRecord.verify(bytes(envelope))
+        assert [r.step for r in first + later] == [1, 2, 3]
+        assert [r.versions for r in first + later] == [[1], [2], [3]]
+        assert all(honest.identity.peer_id.startswith(r.servers[0]) for r in first + later)
+        assert trainer.remote.stats["spot_checks"] >= 4
+    finally:
+        trainer.close()
+        for server in (honest, cheater):
+            if server is not None:
+                server.shutdown()
+
+
+def test_a_serve_node_whose_gpu_is_busy_refuses_work_and_malformed_requests(tmp_path: Path) -> None:
+    """While the (faked) NVML reading says another process uses the GPU, forward is refused; junk never crashes."""
+    # Prepare
+    gpu_in_use = threading.Event()
+    serve_config = ServeConfig(busy_poll=0.05, rebalance_period=0)
+    server = StageServer(node_config(tmp_path, "server", []), serve_config, gpu_probe=gpu_in_use.is_set).start()
+    client = start_dht(SwarmConfig(host_maddrs=[LOCALHOST_MADDR], initial_peers=list(server.maddrs)), None, ["shard"])
+    loop = P2PLoop(client, "test-client")
+    me = client.peer_id.to_base58()
+    name = stage_handler_name("shard")
+    hidden = torch.randn(2, 8, 32)
+
+    def forward(trainer: str = me) -> StageReply:
+        request = StageRequest("forward", 0, trainer, 1, tensors=(hidden,))
+        return loop.run(call_stage(loop.p2p, server.identity.peer_id, name, request, 10.0), timeout=15)
+
+    async def junk(payload: bytes) -> StageReply:
+        message = runtime_pb2.ExpertRequest(metadata=payload)
+        peer = PeerID.from_base58(server.identity.peer_id)
+        response = await loop.p2p.call_protobuf_handler(peer, name, message, runtime_pb2.ExpertResponse)
+        return StageReply.decode(response.metadata)
+
+    try:
+        # Execute
+        idle = forward()
+        gpu_in_use.set()
+        while not server.busy:
+            time.sleep(0.02)
+        busy = forward()
+        gpu_in_use.clear()
+        while server.busy:
+            time.sleep(0.02)
+        again = forward()
+        garbage = loop.run(junk(b"\xc1 not msgpack"), timeout=15)
+        impostor = forward(trainer=server.identity.peer_id)
+        wrong_width = StageRequest("forward", 0, me, 1, tensors=(torch.randn(2, 8, 16),))
+        misshapen = loop.run(call_stage(loop.p2p, server.identity.peer_id, name, wrong_width, 10.0), timeout=15)
+        after = forward()
+
+        # Assert
+        assert idle.ok and idle.tensors[0].shape == hidden.shape
+        assert not busy.ok and busy.reason == "busy"
+        assert again.ok and torch.allclose(again.tensors[0], idle.tensors[0])
+        assert not garbage.ok and "malformed" in garbage.reason
+        assert not impostor.ok and "sent by" in impostor.reason
+        assert not misshapen.ok and "hidden states must be" in misshapen.reason
+        assert after.ok and server.refused == 3
+    finally:
+        loop.shutdown()
+        client.shutdown()
+        server.shutdown()
