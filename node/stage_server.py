@@ -228,14 +228,17 @@ class StageServer:
         self.device = pick_device(self.config.device)
         if self._gpu_probe is None:
             self._gpu_probe = nvml_probe(self.device)
+        fit = self._stages_that_fit()  # before the network: a bad --max-memory fails fast
+        if len(self.serve.stages) > fit:
+            raise CapacityError(
+                f"--stages names {len(self.serve.stages)} stages but --max-memory fits {fit}; name fewer stages"
+            )
         self.dht = start_dht(self.config.swarm, self.identity, [self.run.run_id])
         self.maddrs = tuple(str(m) for m in self.dht.get_visible_maddrs())[:16]
         self.handler_name = stage_handler_name(self.run.run_id)
         self.rpc = P2PLoop(self.dht, "zen-stage-server")
         records = list_peers(self.dht, self.run.run_id)
-        stages = list(self.serve.stages) or choose_stages(
-            records, self.num_stages, self._stages_that_fit(), me=self.identity.peer_id
-        )
+        stages = list(self.serve.stages) or choose_stages(records, self.num_stages, fit, me=self.identity.peer_id)
         for stage in stages:
             self._host(stage, records)
         self.capacity = self._measure()
@@ -254,13 +257,13 @@ class StageServer:
 
     def _stages_that_fit(self) -> int:
         budget = self.serve.max_memory or device_memory_bytes(self.device)
-        fit = budget // self._stage_bytes()
+        fit = min(budget // self._stage_bytes(), self.serve.max_stages, self.num_stages)
         if fit < 1:
             raise CapacityError(
                 f"one stage needs about {self._stage_bytes() / 1024**3:.2f} GB but --max-memory allows "
                 f"{budget / 1024**3:.2f} GB; raise --max-memory or use a run with more stages"
             )
-        return int(min(fit, self.serve.max_stages))
+        return int(fit)
 
     def _host(self, stage: int, records: list[PeerRecord]) -> None:
         if not 0 <= stage < self.num_stages:
