@@ -77,7 +77,7 @@ class BanRecord:
         names = {f.name: f.type for f in fields(cls)}
         if not isinstance(wire, dict) or set(wire) != set(names):
             raise BanError(f"ban fields must be exactly {sorted(names)}")
-        types = {"str": str, "bytes": bytes, "int": int, "float": (int, float)}
+        types: dict[str, type | tuple[type, ...]] = {"str": str, "bytes": bytes, "int": int, "float": (int, float)}
         for name, type_name in names.items():
             if isinstance(wire[name], bool) or not isinstance(wire[name], types[str(type_name)]):
                 raise BanError(f"ban.{name} has type {type(wire[name]).__name__}")

@@ -179,6 +179,7 @@ class ShardedTrainer:
             out = hidden.to(self.device).requires_grad_(True)
             loss = self.local.head(out, piece_targets) * (piece.shape[0] / tokens.shape[0])
             loss.backward()
+            assert out.grad is not None
             grad = out.grad.detach().cpu()
             for stage in reversed(range(stages)):
                 saved[stage].append((inputs[stage], grad))

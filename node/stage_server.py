@@ -74,7 +74,7 @@ def nvml_probe(device: torch.device) -> GpuProbe | None:
     if device.type != "cuda":
         return None
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
 
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)

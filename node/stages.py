@@ -25,7 +25,7 @@ from torch import nn
 
 from dht import PeerRecord
 from node.config import ModelConfig, ShardingConfig
-from node.model import GPT, Block, build_model
+from node.model import GPT, build_model
 
 DEFAULT_HYSTERESIS = 0.2  # a move must raise the weakest stage's throughput by more than 20%
 
@@ -54,7 +54,7 @@ def stage_ranges(n_layer: int, sharding: ShardingConfig) -> list[range]:
 class Stage(nn.Module):
     """A contiguous range of the GPT's blocks: hidden states in, hidden states out (same shape)."""
 
-    def __init__(self, blocks: Sequence[Block]):
+    def __init__(self, blocks: Sequence[nn.Module]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
