@@ -89,20 +89,22 @@ class RemoteStages:
         self._refreshed = 0.0
         self._chooser = random.SystemRandom()
         self._templates: dict[int, Stage] = {}
+        self.versions: dict[int, int] = {}  # each stage's version after our last commit
 
     # ---- server choice ----------------------------------------------------------------------
     def servers(self, stage: int) -> list[str]:
-        """Usable servers of ``stage``, best first."""
+        """Servers of ``stage`` that are not banned, best first; those that failed lately come last."""
         self._refresh()
         now = time.monotonic()
-        usable = [
-            p
-            for p in self._servers.get(stage, [])
-            if p not in self.banned and now - self.failed_at.get(p, -COOLDOWN_SECONDS) >= COOLDOWN_SECONDS
-        ]
+        usable = [p for p in self._servers.get(stage, []) if p not in self.banned]
         known = [self.latency[p] for p in usable if p in self.latency]
         default = min(known, default=0.0)
-        return sorted(usable, key=lambda p: (self.latency.get(p, default) * (1 + self.load.get(p, 0)), p))
+
+        def rank(peer: str) -> tuple[bool, float, str]:
+            cooling = now - self.failed_at.get(peer, -COOLDOWN_SECONDS) < COOLDOWN_SECONDS
+            return cooling, self.latency.get(peer, default) * (1 + self.load.get(peer, 0)), peer
+
+        return sorted(usable, key=rank)
 
     def _refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._refreshed < REFRESH_SECONDS:
@@ -161,6 +163,11 @@ class RemoteStages:
             previous = self.latency.get(peer, elapsed)
             self.latency[peer] = (1 - LATENCY_SMOOTHING) * previous + LATENCY_SMOOTHING * elapsed
             self.load[peer] = reply.load
+            if reply.version < self.versions.get(request.stage, 0) and request.method != "state":
+                # it lacks steps we committed (a replica that missed a replication): stale, skip it
+                logger.warning(f"stage {request.stage}: {peer[:16]} is at version {reply.version}, behind ours")
+                self._mark_failed(peer, tried)
+                continue
             if reply.ok or reply.missing:
                 return reply, peer
             if reply.reason == "busy":
@@ -208,6 +215,7 @@ class RemoteStages:
         while True:
             reply, peer = self._call(commit, peer)
             if reply.ok:
+                self.versions[stage] = max(self.versions.get(stage, 0), reply.version)
                 return reply.version
             for micro_batch in reply.missing:  # this server lacks them: send them again, then commit again
                 hidden, grad = saved[micro_batch]

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 MAX_PENDING_STEPS = 64  # (trainer, step) pairs whose gradients may wait for a commit
 MAX_APPLIED_REMEMBERED = 4096  # applied pairs remembered, so a retried commit is recognized
 PEER_REFRESH_SECONDS = 2.0  # how stale this server's view of the stage's replicas may be
+REPLICA_COOLDOWN_SECONDS = 60.0  # a replica that missed a step gets no more until this passes (it is stale)
 GpuProbe = Callable[[], bool]  # True while another process uses this server's GPU
 
 
@@ -217,6 +218,7 @@ class StageServer:
         self.refused = 0  # malformed or unauthorized requests, for monitoring
         self._replicas: dict[int, list[str]] = {}
         self._replicas_at = 0.0
+        self._replica_failed: dict[str, float] = {}
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zen-stage-compute")
         self._batches: dict[int, asyncio.Queue[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -384,10 +386,23 @@ class StageServer:
         # Replicas apply the same step before the trainer hears ok: if this server dies next, the
         # trainer's next step finds the update on any replica (a dead replica simply fails here).
         replicate = StageRequest("replicate", request.stage, request.trainer, request.step, tensors=tuple(grads))
-        peers = [p for p in await self._stage_replicas(request.stage) if p != self.identity.peer_id]
-        results = await asyncio.gather(*(self._call(peer, replicate) for peer in peers), return_exceptions=True)
+        # A replica that missed a step is stale: trainers skip it (its version lags theirs), and it
+        # gets no more steps for a while, so one hung replica does not slow every step down.
+        now = time.monotonic()
+        peers = [
+            p
+            for p in await self._stage_replicas(request.stage)
+            if p != self.identity.peer_id
+            and now - self._replica_failed.get(p, -REPLICA_COOLDOWN_SECONDS) > REPLICA_COOLDOWN_SECONDS
+        ]
+        # a third of the trainer's timeout, so a hung replica cannot make the trainer give up on us
+        timeout = self.run.sharding.request_timeout / 3
+        results = await asyncio.gather(
+            *(self._call(peer, replicate, timeout) for peer in peers), return_exceptions=True
+        )
         for peer, result in zip(peers, results, strict=True):
             if isinstance(result, BaseException) or not result.ok:
+                self._replica_failed[peer] = time.monotonic()
                 logger.warning(f"stage {request.stage}: replica {peer[:16]} missed step {key}: {result!r}")
         return StageReply(ok=True, version=version, load=self.load)
 
@@ -467,8 +482,9 @@ class StageServer:
             self._replicas, self._replicas_at = replicas, time.monotonic()
         return self._replicas.get(stage, [])
 
-    async def _call(self, peer: str, request: StageRequest) -> StageReply:
-        return await call_stage(self.rpc.p2p, peer, self.handler_name, request, self.run.sharding.request_timeout)
+    async def _call(self, peer: str, request: StageRequest, timeout: float | None = None) -> StageReply:
+        timeout = timeout or self.run.sharding.request_timeout
+        return await call_stage(self.rpc.p2p, peer, self.handler_name, request, timeout)
 
     async def _watch_gpu(self) -> None:
         while True:
