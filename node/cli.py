@@ -205,17 +205,11 @@ def cmd_join(args: argparse.Namespace) -> int:
     config = load_node_config(args.config, _overrides(args))
     stop = threading.Event()
     _install_signal_handlers(stop)
+    node: TrainingNode | ShardedTrainer
     if config.run.sharding.stages:
-        trainer = ShardedTrainer(config, stop_event=stop, on_step=_print_step)
-        try:
-            trainer.prepare()
-            trainer.join()
-            print(f"joined sharded run {config.run.run_id!r} as {trainer.identity.peer_id}", flush=True)
-            trainer.run_forever()
-        finally:
-            trainer.close()
-        return 0
-    node = TrainingNode(config, stop_event=stop, on_round=_print_progress)
+        node = ShardedTrainer(config, stop_event=stop, on_step=_print_step)
+    else:
+        node = TrainingNode(config, stop_event=stop, on_round=_print_progress)
     try:
         node.prepare()
         node.join()

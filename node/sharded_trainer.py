@@ -30,10 +30,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from hivemind.utils import get_dht_time
 
-from dht import Capacity, Heartbeat, NodeIdentity, PeerRecord, encode_sketch, list_peers, start_dht
-from node import __version__
+from dht import Capacity, Heartbeat, NodeIdentity, encode_sketch, list_peers, start_dht
+from node._announce import signed_record
 from node.capacity import device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, RunConfig
 from node.data import ByteBatches, byte_histogram, load_corpus
@@ -109,6 +108,11 @@ class ShardedTrainer:
         self.session = secrets.randbits(30)
         self.workdir = config.workdir_path
 
+    @property
+    def round(self) -> int:
+        """Rounds of ``train.inner_steps`` steps done (what ``--rounds`` counts)."""
+        return self.step // self.run.train.inner_steps
+
     def prepare(self) -> None:
         """Identity, data, device and the local parts (everything that needs no network)."""
         self.identity = NodeIdentity.load_or_create(self.config.identity_path)
@@ -126,23 +130,17 @@ class ShardedTrainer:
 
     def _record(self) -> bytes:
         kind = self.device.type if self.device.type in ("cpu", "cuda", "mps", "xpu") else "cpu"
-        return PeerRecord(
-            peer_id=self.identity.peer_id,
-            signing_key=self.identity.signing_public_key,
-            binding=self.identity.binding,
-            x25519_key=self.identity.x25519_public_key,
-            version=__version__,
-            run_hash=self.run.digest(),
+        return signed_record(
+            self.identity,
+            self.run,
+            self.config.record_ttl,
             capacity=Capacity(kind, device_name(self.device)[:128], device_memory_bytes(self.device)),
             sketch=encode_sketch(self.sketch),
             roles=("trainer",),
             round=self.step,
             state_digest=b"",
-            timestamp=get_dht_time(),
             maddrs=self.maddrs,
-            run_config=self.run.to_bytes(),
-            ttl=self.config.record_ttl,
-        ).sign(self.identity)
+        )
 
     def join(self) -> None:
         """Start the DHT peer, announce ourselves, and wait until every stage has a server."""

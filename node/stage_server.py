@@ -38,10 +38,9 @@ from typing import Any
 import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
-from hivemind.utils import get_dht_time
 
-from dht import Capacity, Heartbeat, NodeIdentity, PeerRecord, encode_sketch, list_peers, start_dht
-from node import __version__
+from dht import SKETCH_DIM, Capacity, Heartbeat, NodeIdentity, PeerRecord, encode_sketch, list_peers, start_dht
+from node._announce import signed_record
 from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
 from node.capacity import CapacityError, device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig
@@ -303,24 +302,18 @@ class StageServer:
         )
 
     def _record(self) -> bytes:
-        return PeerRecord(
-            peer_id=self.identity.peer_id,
-            signing_key=self.identity.signing_public_key,
-            binding=self.identity.binding,
-            x25519_key=self.identity.x25519_public_key,
-            version=__version__,
-            run_hash=self.run.digest(),
+        return signed_record(
+            self.identity,
+            self.run,
+            self.config.record_ttl,
             capacity=self.capacity,
-            sketch=encode_sketch([0.0] * 256),
+            sketch=encode_sketch([0.0] * SKETCH_DIM),  # a server holds no data
             roles=("server",),
             round=max((h.version for h in self.hosted.values()), default=0),
             state_digest=b"",
-            timestamp=get_dht_time(),
             maddrs=self.maddrs,
-            run_config=self.run.to_bytes(),
-            ttl=self.config.record_ttl,
             stages=tuple(sorted(self.hosted)),
-        ).sign(self.identity)
+        )
 
     async def _start_serving(self) -> None:
         await self.rpc.p2p.add_protobuf_handler(self.handler_name, self._handle, runtime_pb2.ExpertRequest)
