@@ -2,6 +2,7 @@
 
 class NodeIdentity (identity.py): a node's libp2p key (its PeerID) and the record-signing key bound to it
 class PeerRecord, Capacity (records.py): a node's signed self-description, msgpack on the wire
+class BanRecord (bans.py): a trainer's signed claim that a stage server cheated; publish_ban, list_bans
 class PeerRecordValidator (validator.py): hivemind validator that drops forged, stale or malformed records
 class SwarmConfig, Heartbeat (swarm.py): join options; keep a node's record fresh
 start_dht, publish_record, list_peers (swarm.py): start a DHT peer, publish, read the live peers
@@ -9,6 +10,7 @@ start_dht, publish_record, list_peers (swarm.py): start a DHT peer, publish, rea
 ``dht`` never imports ``node`` or ``bootstrap``.
 """
 
+from dht.bans import BanError, BanRecord, list_bans, publish_ban
 from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
 from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
 from dht.swarm import (
@@ -26,6 +28,8 @@ from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
 __all__ = [
     "MAX_TTL",
     "SKETCH_DIM",
+    "BanError",
+    "BanRecord",
     "Capacity",
     "Heartbeat",
     "IdentityError",
@@ -38,10 +42,12 @@ __all__ = [
     "check_multiaddr",
     "connect_to_peers",
     "encode_sketch",
+    "list_bans",
     "list_peers",
     "peer_id_from_public_key",
     "peers_key",
     "public_key_from_peer_id",
+    "publish_ban",
     "publish_record",
     "start_dht",
 ]

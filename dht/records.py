@@ -34,6 +34,7 @@ MAX_UINT64 = 2**64 - 1  # msgpack's largest integer
 SKETCH_DIM = 256  # floats in a data sketch
 ROLES = frozenset({"trainer", "server", "bootstrap"})
 DEVICE_KINDS = frozenset({"cpu", "cuda", "mps", "xpu", "none"})
+MAX_STAGES = 64  # most pipeline stages a run has, and a server may announce
 
 
 class RecordError(ValueError):
@@ -71,6 +72,7 @@ class PeerRecord:
     run_config: bytes = b""  # msgpack of the run's configuration, so a mismatch can be named
     ttl: float = 60.0  # seconds the signer wants this record to live; signed, so nobody can extend it
     epsilon: float = -1.0  # differential privacy spent so far (at the run's delta); -1 without DP
+    stages: tuple[int, ...] = field(default=())  # pipeline stages this server hosts (node/stages.py); () if none
 
     def sketch_vector(self) -> list[float]:
         return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))
@@ -140,6 +142,13 @@ def _to_wire(record: PeerRecord) -> dict[str, Any]:
     wire = asdict(record)
     wire["roles"] = list(record.roles)
     wire["maddrs"] = list(record.maddrs)
+    # Optional fields leave the wire when they hold their default, so a record without them
+    # is byte-for-byte what older nodes sign and accept.
+    for name in _OPTIONAL_FIELDS:
+        if not wire[name]:
+            del wire[name]
+        else:
+            wire[name] = list(wire[name])
     return wire
 
 
@@ -167,25 +176,35 @@ _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "run_config": bytes,
     "ttl": (int, float),
     "epsilon": (int, float),
+    "stages": list,
 }
+_OPTIONAL_FIELDS = ("stages",)  # may be absent on the wire (then their default)
 
 
-def _check_types(obj: Any, types: dict[str, type | tuple[type, ...]], what: str) -> None:
-    if not isinstance(obj, dict) or set(obj) != set(types):
+def _check_types(
+    obj: Any, types: dict[str, type | tuple[type, ...]], what: str, optional: tuple[str, ...] = ()
+) -> None:
+    if not isinstance(obj, dict) or not set(types) - set(optional) <= set(obj) <= set(types):
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise RecordError(f"{what} fields must be exactly {sorted(types)}, got {got}")
     for name, expected in types.items():
+        if name not in obj:
+            continue
         value = obj[name]
         if isinstance(value, bool) or not isinstance(value, expected):
             raise RecordError(f"{what}.{name} has type {type(value).__name__}")
 
 
 def _from_wire(wire: Any) -> PeerRecord:
-    _check_types(wire, _RECORD_TYPES, "record")
+    _check_types(wire, _RECORD_TYPES, "record", _OPTIONAL_FIELDS)
     _check_types(wire["capacity"], _CAPACITY_TYPES, "capacity")
     if not all(isinstance(item, str) for item in wire["roles"] + wire["maddrs"]):
         raise RecordError("roles and maddrs must be lists of strings")
+    stages = wire.get("stages", [])
+    if not all(isinstance(item, int) and not isinstance(item, bool) for item in stages):
+        raise RecordError("record.stages must be a list of integers")
     values = dict(wire)
+    values["stages"] = tuple(stages)
     values["capacity"] = Capacity(**wire["capacity"])
     values["roles"] = tuple(wire["roles"])
     values["maddrs"] = tuple(wire["maddrs"])
@@ -225,6 +244,12 @@ def _check_fields(record: PeerRecord) -> None:
         raise RecordError("record.timestamp must be finite")
     if len(record.run_config) > MAX_RUN_CONFIG_BYTES:
         raise RecordError(f"record.run_config is over {MAX_RUN_CONFIG_BYTES} bytes")
+    if len(record.stages) > MAX_STAGES or len(set(record.stages)) != len(record.stages):
+        raise RecordError(f"record.stages must be at most {MAX_STAGES} distinct stage numbers")
+    if any(not 0 <= stage < MAX_STAGES for stage in record.stages):
+        raise RecordError(f"record.stages must be in [0, {MAX_STAGES})")
+    if record.stages and "server" not in record.roles:
+        raise RecordError("only a record with the server role may announce stages")
     if len(record.maddrs) > 16 or len(record.run_hash) > 128 or len(record.version) > 64:
         raise RecordError("record.maddrs, run_hash or version is too long")
 

@@ -1,6 +1,7 @@
 """The training node: capacity probe, data, model, DiLoCo training loop, aggregation, CLI.
 
-class NodeConfig, RunConfig, ModelConfig, TrainConfig, AggregationConfig, PrivacyConfig (config.py): configuration
+class NodeConfig, RunConfig, ModelConfig, TrainConfig, AggregationConfig, PrivacyConfig, ShardingConfig (config.py):
+    configuration
 class GPT (model.py): the run's small byte-level GPT
 class ByteBatches (data.py): random windows over local bytes; load_corpus, byte_histogram, generate_corpus
 probe_capacity (capacity.py): device, memory and measured samples/s at enrollment
@@ -13,7 +14,12 @@ class Message (secagg_messages.py): the signed, schema-checked wire format of th
 class NoiseShare, PrivacyAccountant (privacy.py): differential-privacy noise and the per-node budget
 class StateSharer (state_sharing.py): late joiners download the current state from peers
 class TrainingNode (trainer.py): enroll, join, catch up, train outer rounds, checkpoint
-main (cli.py): the ``zen-node`` command (join, status, demo)
+class Stage, LocalParts (stages.py): the cut of the GPT into pipeline stages; choose_stages: block selection
+class StageServer, ServeConfig (stage_server.py): ``zen-node serve``, hosting stages with forward/backward RPCs
+class StageRequest, StageReply (stage_messages.py): the msgpack wire format of stage calls
+class RemoteStages (remote_stages.py): a trainer's stage calls: server choice, failover, spot-checks, bans
+class ShardedTrainer (sharded_trainer.py): a trainer whose middle blocks live on stage servers
+main (cli.py): the ``zen-node`` command (join, serve, status, demo)
 """
 
 __version__ = "0.1.0"
@@ -26,10 +32,24 @@ from node.aggregator import (
     SecureAggregator,
     make_aggregator,
 )
-from node.config import AggregationConfig, ConfigError, ModelConfig, NodeConfig, PrivacyConfig, RunConfig, TrainConfig
+from node.config import (
+    AggregationConfig,
+    ConfigError,
+    ModelConfig,
+    NodeConfig,
+    PrivacyConfig,
+    RunConfig,
+    ShardingConfig,
+    TrainConfig,
+)
 from node.masked_allreduce import MaskedAllReduce, SecAggError
 from node.model import GPT, build_model
 from node.privacy import NoiseShare, PrivacyAccountant
+from node.remote_stages import RemoteStages, StageUnavailableError
+from node.sharded_trainer import ShardedTrainer, StepReport
+from node.stage_messages import StageMessageError, StageReply, StageRequest
+from node.stage_server import ServeConfig, StageServer
+from node.stages import LocalParts, Stage, choose_stages, rebalance_target, stage_ranges
 from node.state_sharing import StateSharer
 from node.trainer import ConfigMismatchError, RoundReport, TrainingNode
 
@@ -41,6 +61,7 @@ __all__ = [
     "Aggregator",
     "ConfigError",
     "ConfigMismatchError",
+    "LocalParts",
     "MaskedAllReduce",
     "ModelConfig",
     "NodeConfig",
@@ -48,14 +69,28 @@ __all__ = [
     "PlainAggregator",
     "PrivacyAccountant",
     "PrivacyConfig",
+    "RemoteStages",
     "RoundReport",
     "RunConfig",
     "SecAggError",
     "SecureAggregator",
+    "ServeConfig",
+    "ShardedTrainer",
+    "ShardingConfig",
+    "Stage",
+    "StageMessageError",
+    "StageReply",
+    "StageRequest",
+    "StageServer",
+    "StageUnavailableError",
     "StateSharer",
+    "StepReport",
     "TrainConfig",
     "TrainingNode",
     "__version__",
     "build_model",
+    "choose_stages",
     "make_aggregator",
+    "rebalance_target",
+    "stage_ranges",
 ]

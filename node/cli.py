@@ -3,6 +3,7 @@
     zen-node join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --data ./corpus
     zen-node status --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...
     zen-node demo --peers 3 --rounds 3 --summary-json out.json
+    zen-node serve --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --config run.toml --max-memory 20GB
 
 Errors a user can fix print one line, ``zen-node: error: ...``, and exit with status 2.
 """
@@ -27,11 +28,23 @@ from dht.swarm import SwarmConfig
 from node.capacity import CapacityError
 from node.config import ConfigError, load_node_config
 from node.data import DataError
+from node.remote_stages import StageUnavailableError
+from node.sharded_trainer import ShardedTrainer, StepReport
+from node.stage_server import ServeConfig, StageServer, parse_memory
 from node.trainer import ConfigMismatchError, RoundReport, TrainingNode
 
 logger = logging.getLogger(__name__)
 
-USER_ERRORS = (ConfigError, ValueError, IdentityError, DataError, CapacityError, SwarmError, ConfigMismatchError)
+USER_ERRORS = (
+    ConfigError,
+    ValueError,
+    IdentityError,
+    DataError,
+    CapacityError,
+    SwarmError,
+    ConfigMismatchError,
+    StageUnavailableError,
+)
 EXAMPLE_PEER = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWExample"
 
 
@@ -83,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="stop sending updates before this node's privacy loss exceeds it (with [run.privacy]), e.g. 4.0",
+    )
+
+    serve = commands.add_parser("serve", help="lend this machine's GPU (or CPU): host stages of a sharded run")
+    _add_swarm_flags(serve)
+    serve.add_argument("--identity", default=None, help="folder holding this node's keys, e.g. ~/.zen/serve-identity")
+    serve.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N, e.g. cuda:0")
+    serve.add_argument("--max-memory", default=None, help="device memory the stages may use, e.g. 20GB")
+    serve.add_argument(
+        "--stages", type=int, nargs="+", default=None, help="host these stages instead of choosing, e.g. 0 1"
     )
 
     status = commands.add_parser("status", help="list the swarm's peers as the DHT shows them")
@@ -176,11 +198,23 @@ def _print_progress(report: RoundReport) -> None:
     )
 
 
+def _print_step(report: StepReport) -> None:
+    print(
+        f"step {report.step:6d} | loss {report.loss:.4f} | {report.tokens_per_second:9.1f} tokens/s | "
+        f"stage versions {report.versions} | failovers {report.failovers} | bans {report.bans}",
+        flush=True,
+    )
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     config = load_node_config(args.config, _overrides(args))
     stop = threading.Event()
     _install_signal_handlers(stop)
-    node = TrainingNode(config, stop_event=stop, on_round=_print_progress)
+    node: TrainingNode | ShardedTrainer
+    if config.run.sharding.stages:
+        node = ShardedTrainer(config, stop_event=stop, on_step=_print_step)
+    else:
+        node = TrainingNode(config, stop_event=stop, on_round=_print_progress)
     try:
         node.prepare()
         node.join()
@@ -188,6 +222,28 @@ def cmd_join(args: argparse.Namespace) -> int:
         node.run_forever()
     finally:
         node.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config, _overrides(args))
+    serve = ServeConfig(
+        max_memory=0 if args.max_memory is None else parse_memory(args.max_memory),
+        stages=tuple(args.stages or ()),
+    )
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    server = StageServer(config, serve, stop_event=stop)
+    try:
+        server.start()
+        print(
+            f"serving stage(s) {sorted(server.hosted)} of run {config.run.run_id!r} as {server.identity.peer_id} "
+            f"on {server.device}; multiaddrs {' '.join(server.maddrs)}",
+            flush=True,
+        )
+        server.run_forever()
+    finally:
+        server.shutdown()
     return 0
 
 
@@ -241,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_join(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         from node.demo import run_demo
 
         return run_demo(args)

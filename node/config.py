@@ -8,6 +8,7 @@ section::
     [run.model]      ModelConfig
     [run.train]      TrainConfig
     [run.aggregation] AggregationConfig
+    [run.sharding]   ShardingConfig
     [swarm]          dht.SwarmConfig
     [node]           NodeConfig's own fields (data, identity, workdir, ...)
 """
@@ -167,6 +168,29 @@ class PrivacyConfig:
 
 
 @dataclass
+class ShardingConfig:
+    """Pipeline stages over the GPT's blocks (node/stages.py); off (a full replica per trainer) unless stages > 0."""
+
+    stages: int = 0  # remote stages the blocks after ``local_blocks`` are cut into; 0 = no sharding
+    local_blocks: int = 1  # first blocks every trainer keeps (with the embedding and the head)
+    micro_batches: int = 1  # a trainer's batch is sent through the stages in this many pieces
+    request_timeout: float = 10.0  # seconds one stage call may take before the trainer tries another server
+    spot_check_fraction: float = 0.05  # share of stage calls a trainer recomputes locally to catch a cheater
+    spot_check_tolerance: float = 1e-3  # largest relative difference a recomputed activation may show
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.stages <= 64, f"sharding.stages must be in [0, 64], got {self.stages}")
+        _require(0 <= self.local_blocks <= 95, f"sharding.local_blocks must be in [0, 95], got {self.local_blocks}")
+        _require(1 <= self.micro_batches <= 64, f"sharding.micro_batches must be in [1, 64], got {self.micro_batches}")
+        _require(0.1 <= self.request_timeout <= 600, "sharding.request_timeout must be in [0.1, 600] s")
+        _require(0 <= self.spot_check_fraction <= 1, "sharding.spot_check_fraction must be in [0, 1]")
+        _require(
+            math.isfinite(self.spot_check_tolerance) and 0 < self.spot_check_tolerance < 1,
+            "sharding.spot_check_tolerance must be in (0, 1)",
+        )
+
+
+@dataclass
 class RunConfig:
     """Everything the peers of one run must agree on."""
 
@@ -177,12 +201,18 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def __post_init__(self) -> None:
         _require(
             not self.compression.active or self.aggregation.mode == "secure",
             "compression works inside the secure ring; set aggregation.mode = 'secure' or compression.bits = 32 "
             "and compression.fraction = 1",
+        )
+        _require(
+            self.sharding.stages == 0 or self.sharding.local_blocks + self.sharding.stages <= self.model.n_layer,
+            f"sharding needs local_blocks + stages <= model.n_layer ({self.sharding.local_blocks} + "
+            f"{self.sharding.stages} > {self.model.n_layer}); lower sharding.stages",
         )
         _require(
             not self.privacy.enabled or self.aggregation.mode == "secure",
@@ -251,6 +281,7 @@ _SECTIONS: dict[str, type] = {
     "aggregation": AggregationConfig,
     "privacy": PrivacyConfig,
     "compression": CompressionConfig,
+    "sharding": ShardingConfig,
 }
 
 

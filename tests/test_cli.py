@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dht import NodeIdentity
@@ -24,6 +25,10 @@ EXPECTED_FLAGS = {
     "status": [
         "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--help", "--host-maddrs",
         "--initial-peers", "--json", "--log-level", "--no-relay", "--run-id",
+    ],
+    "serve": [
+        "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--device", "--help", "--host-maddrs",
+        "--identity", "--initial-peers", "--log-level", "--max-memory", "--no-relay", "--run-id", "--stages",
     ],
     "demo": [
         "--aggregation", "--help", "--inner-steps", "--log-level", "--peers", "--privacy-epsilon", "--rounds",
@@ -73,7 +78,7 @@ def run_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.parametrize("command", ["join", "status", "demo"])
+@pytest.mark.parametrize("command", ["join", "status", "demo", "serve"])
 def test_help_works(command: str) -> None:
     """`zen-node <command> --help` prints usage and exits 0."""
     # Execute
@@ -219,3 +224,27 @@ def test_low_memory_is_refused_without_the_override(tmp_path: Path, data_file: P
 
     # Assert
     _assert_one_line_error(result, "--allow-low-memory")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        pytest.param(["--max-memory", "lots"], ["--max-memory 'lots'", "20GB"], id="bad-max-memory"),
+        pytest.param(["--max-memory", "1KB"], ["--max-memory", "raise --max-memory"], id="max-memory-below-a-stage"),
+        pytest.param([], ["not sharded", "[run.sharding]"], id="unsharded-run"),
+    ],
+)
+def test_serve_errors_are_one_line(tmp_path: Path, extra: list[str], needles: list[str]) -> None:
+    """`zen-node serve` names a bad --max-memory, one too small for a stage, and a run that is not sharded."""
+    # Prepare
+    config = tmp_path / "run.toml"
+    stages = "[run.sharding]\nstages = 1\n" if extra else ""
+    config.write_text(f"[run]\nrun_id = 'serve-errors'\n{stages}")
+
+    # Execute
+    result = run_cli("serve", "--config", str(config), "--identity", str(tmp_path / "id"),
+                     "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", *extra)  # fmt: skip
+
+    # Assert
+    _assert_one_line_error(result, *needles)
+    assert "p2pd" not in " ".join(p.name() for p in psutil.Process().children(recursive=True))

@@ -11,6 +11,8 @@ import dht
 DHT_EXPORTS = [
     "MAX_TTL",
     "SKETCH_DIM",
+    "BanError",
+    "BanRecord",
     "Capacity",
     "Heartbeat",
     "IdentityError",
@@ -23,10 +25,12 @@ DHT_EXPORTS = [
     "check_multiaddr",
     "connect_to_peers",
     "encode_sketch",
+    "list_bans",
     "list_peers",
     "peer_id_from_public_key",
     "peers_key",
     "public_key_from_peer_id",
+    "publish_ban",
     "publish_record",
     "start_dht",
 ]

@@ -1,0 +1,297 @@
+"""The trainer's side of sharding: call remote stages, pick servers, fail over, spot-check, ban.
+
+Server choice. The servers of a stage are the live records that announce it (same run hash),
+less those banned and those that failed in the last ``COOLDOWN_SECONDS``. Each is scored by its
+measured latency (an exponential moving average of call times) times one plus the queue length
+it last reported; the lowest score wins, and a server never measured scores as the best measured
+one so it gets tried. Within one step a trainer keeps using the server a stage's forward went to,
+so backward and commit usually land where the step's gradients already wait.
+
+Failover. A call that times out, breaks or is refused (``busy``, a stage not hosted) moves on to
+the next server; a stage with no server left waits for one (up to ``WAIT_FOR_SERVER_SECONDS``).
+Exactly once: backward recomputes from the inputs, so any replica can take it; commit names
+(trainer, step); a server that lacks some micro-batches' gradients says which, the trainer sends
+them again and commits again; a server that already applied the step (itself or through
+replication) answers ok without applying it twice.
+
+Spot-checks. A ``spot_check_fraction`` of forward calls, drawn from the OS's randomness so a
+server cannot tell which, is recomputed here with the weights the server publishes for that
+version; an output further than ``spot_check_tolerance`` (relative, max norm) from ours bans the
+server: a signed ban record (dht/bans.py) with the digest of the evidence, which is kept in
+``<workdir>/evidence/``; the call is redone on another server. Bans signed by trainers of the run
+are honoured by every trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+
+import hivemind
+import msgpack
+import torch
+from hivemind.utils import get_dht_time
+
+from dht import NodeIdentity, list_peers
+from dht.bans import BanRecord, list_bans, publish_ban
+from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
+from node.config import RunConfig
+from node.stage_messages import StageReply, StageRequest
+from node.stages import Stage, build_stage
+
+logger = logging.getLogger(__name__)
+
+COOLDOWN_SECONDS = 30.0  # a server that failed a call is skipped this long
+REFRESH_SECONDS = 2.0  # how stale the view of servers and bans may be
+WAIT_FOR_SERVER_SECONDS = 120.0  # how long a stage with no server is waited for before giving up
+LATENCY_SMOOTHING = 0.3  # weight of the newest call in the latency average
+
+
+class StageUnavailableError(Exception):
+    """No server of a stage answered; the message names the stage and what to do."""
+
+
+class RemoteStages:
+    """Calls the run's remote stages on behalf of one trainer.
+
+    Args:
+        dht: the trainer's running DHT.
+        run: the run's configuration (sharding, model, seed).
+        identity: the trainer's identity: it names the work and signs ban records.
+        workdir: where evidence of bans is kept.
+        stop_event: when set, waits for servers give up.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run: RunConfig,
+        identity: NodeIdentity,
+        workdir: Path,
+        stop_event: threading.Event | None = None,
+    ):
+        self.dht, self.run, self.identity, self.workdir = dht, run, identity, workdir
+        self.sharding = run.sharding
+        self.stop_event = stop_event or threading.Event()
+        self.rpc = P2PLoop(dht, "zen-remote-stages")
+        self.handler_name = stage_handler_name(run.run_id)
+        self.latency: dict[str, float] = {}
+        self.load: dict[str, int] = {}
+        self.failed_at: dict[str, float] = {}
+        self.banned: set[str] = set()
+        self.bans_published: list[BanRecord] = []
+        self.stats = {"calls": 0, "failovers": 0, "spot_checks": 0, "busy": 0}
+        self._servers: dict[int, list[str]] = {}
+        self._refreshed = 0.0
+        self._chooser = random.SystemRandom()
+        self._templates: dict[int, Stage] = {}
+        self.versions: dict[int, int] = {}  # each stage's version after our last commit
+
+    # ---- server choice ----------------------------------------------------------------------
+    def servers(self, stage: int) -> list[str]:
+        """Servers of ``stage`` that are not banned, best first; those that failed lately come last."""
+        self._refresh()
+        now = time.monotonic()
+        usable = [p for p in self._servers.get(stage, []) if p not in self.banned]
+        known = [self.latency[p] for p in usable if p in self.latency]
+        default = min(known, default=0.0)
+
+        def rank(peer: str) -> tuple[bool, float, str]:
+            cooling = now - self.failed_at.get(peer, -COOLDOWN_SECONDS) < COOLDOWN_SECONDS
+            return cooling, self.latency.get(peer, default) * (1 + self.load.get(peer, 0)), peer
+
+        return sorted(usable, key=rank)
+
+    def _refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._refreshed < REFRESH_SECONDS:
+            return
+        records = list_peers(self.dht, self.run.run_id)
+        servers: dict[int, list[str]] = {}
+        for record in records:
+            if "server" in record.roles and record.run_hash == self.run.digest():
+                for stage in record.stages:
+                    servers.setdefault(stage, []).append(record.peer_id)
+        trainers = {r.peer_id for r in records if "trainer" in r.roles} | {self.identity.peer_id}
+        self.banned |= {ban.banned for ban in list_bans(self.dht, self.run.run_id) if ban.reporter in trainers}
+        self._servers, self._refreshed = servers, time.monotonic()
+
+    def wait_for_stages(self, timeout: float = WAIT_FOR_SERVER_SECONDS) -> bool:
+        """Wait until every stage has a usable server; return whether they all do."""
+        deadline = time.monotonic() + timeout
+        while not self.stop_event.is_set():
+            missing = [s for s in range(self.sharding.stages) if not self.servers(s)]
+            if not missing:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            logger.info(f"waiting for servers of stage(s) {missing}")
+            self.stop_event.wait(1.0)
+        return False
+
+    # ---- calls with failover ----------------------------------------------------------------
+    def _call(self, request: StageRequest, prefer: str | None = None) -> tuple[StageReply, str]:
+        """Send ``request`` to the preferred (else the best) server of its stage, moving on when one fails."""
+        tried: set[str] = set()
+        deadline = time.monotonic() + WAIT_FOR_SERVER_SECONDS
+        while not self.stop_event.is_set():
+            candidates = [p for p in self.servers(request.stage) if p not in tried]
+            if not candidates:
+                if time.monotonic() > deadline:
+                    break
+                tried.clear()
+                self.stop_event.wait(1.0)
+                self._refresh(force=True)
+                continue
+            peer = prefer if prefer in candidates else candidates[0]
+            prefer = None
+            started = time.monotonic()
+            self.stats["calls"] += 1
+            try:
+                reply = self.rpc.run(
+                    call_stage(self.rpc.p2p, peer, self.handler_name, request, self.sharding.request_timeout),
+                    timeout=self.sharding.request_timeout + 5,
+                )
+            except Exception as e:
+                logger.warning(f"stage {request.stage} {request.method} on {peer[:16]} failed ({e!r}); rerouting")
+                self._mark_failed(peer, tried)
+                continue
+            elapsed = time.monotonic() - started
+            previous = self.latency.get(peer, elapsed)
+            self.latency[peer] = (1 - LATENCY_SMOOTHING) * previous + LATENCY_SMOOTHING * elapsed
+            self.load[peer] = reply.load
+            if reply.version < self.versions.get(request.stage, 0) and request.method != "state":
+                # it lacks steps we committed (a replica that missed a replication): stale, skip it
+                logger.warning(f"stage {request.stage}: {peer[:16]} is at version {reply.version}, behind ours")
+                self._mark_failed(peer, tried)
+                continue
+            if reply.ok or reply.missing:
+                return reply, peer
+            if reply.reason == "busy":
+                self.stats["busy"] += 1
+            logger.info(f"stage {request.stage} {request.method} refused by {peer[:16]}: {reply.reason}; rerouting")
+            self._mark_failed(peer, tried)
+        raise StageUnavailableError(
+            f"no server of stage {request.stage} answered a {request.method}; start `zen-node serve` for this run"
+        )
+
+    def _mark_failed(self, peer: str, tried: set[str]) -> None:
+        tried.add(peer)
+        self.failed_at[peer] = time.monotonic()
+        self.stats["failovers"] += 1
+
+    def forward(
+        self, stage: int, step: int, hidden: torch.Tensor, prefer: str | None = None
+    ) -> tuple[torch.Tensor, str]:
+        """The stage's output for ``hidden`` and the server that computed it (spot-checked now and then)."""
+        request = StageRequest("forward", stage, self.identity.peer_id, step, tensors=(hidden,))
+        while True:
+            reply, peer = self._call(request, prefer)
+            (output,) = self._expect(reply, 1, hidden.shape)
+            if self._chooser.random() >= self.sharding.spot_check_fraction or self._spot_check(
+                stage, peer, reply.version, hidden, output
+            ):
+                return output, peer
+            prefer = None  # the server was banned: redo the call elsewhere
+
+    def backward(
+        self, stage: int, step: int, micro_batch: int, hidden: torch.Tensor, grad: torch.Tensor, prefer: str | None
+    ) -> tuple[torch.Tensor, str]:
+        """The gradient of the stage's input; the server keeps the parameter gradients for the commit."""
+        request = StageRequest(
+            "backward", stage, self.identity.peer_id, step, micro_batch, self.sharding.micro_batches, (hidden, grad)
+        )
+        reply, peer = self._call(request, prefer)
+        (grad_input,) = self._expect(reply, 1, hidden.shape)
+        return grad_input, peer
+
+    def commit(self, stage: int, step: int, saved: list[tuple[torch.Tensor, torch.Tensor]], prefer: str | None) -> int:
+        """Apply the step on the stage exactly once; return the stage's version after it."""
+        commit = StageRequest("commit", stage, self.identity.peer_id, step, 0, len(saved))
+        peer = prefer
+        while True:
+            reply, peer = self._call(commit, peer)
+            if reply.ok:
+                self.versions[stage] = max(self.versions.get(stage, 0), reply.version)
+                return reply.version
+            for micro_batch in reply.missing:  # this server lacks them: send them again, then commit again
+                hidden, grad = saved[micro_batch]
+                request = StageRequest(
+                    "backward", stage, self.identity.peer_id, step, micro_batch, len(saved), (hidden, grad)
+                )
+                _, used = self._call(request, peer)
+                if used != peer:
+                    break  # that server failed meanwhile; start the commit over on another
+
+    @staticmethod
+    def _expect(reply: StageReply, count: int, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+        if len(reply.tensors) != count or any(t.shape != shape for t in reply.tensors):
+            raise StageUnavailableError(f"a stage server answered with the wrong tensors (expected {list(shape)})")
+        return reply.tensors
+
+    # ---- spot-checks and bans ---------------------------------------------------------------
+    def _spot_check(self, stage: int, peer: str, version: int, hidden: torch.Tensor, output: torch.Tensor) -> bool:
+        """Recompute ``output`` with the server's published weights; ban it on a mismatch. True: it passed."""
+        self.stats["spot_checks"] += 1
+        try:
+            state = self.rpc.run(
+                call_stage(self.rpc.p2p, peer, self.handler_name, StageRequest("state", stage), 30.0), timeout=35.0
+            )
+        except Exception as e:
+            logger.info(f"spot-check of {peer[:16]} skipped: no state ({e!r})")
+            return True
+        module = self._template(stage)
+        params = list(module.parameters())
+        if state.version != version or len(state.tensors) != 3 * len(params):
+            return True  # the stage moved on (another trainer's step) or the reply is odd: nothing to compare
+        with torch.no_grad():
+            for param, value in zip(params, state.tensors, strict=False):
+                if param.shape != value.shape:
+                    return True
+                param.copy_(value)
+            expected = module(hidden)
+        error = float((output - expected).abs().max() / (expected.abs().max() + 1e-6))
+        if error <= self.sharding.spot_check_tolerance:
+            return True
+        self._ban(stage, peer, version, error, [hidden, output, expected, *state.tensors[: len(params)]])
+        return False
+
+    def _template(self, stage: int) -> Stage:
+        if stage not in self._templates:
+            self._templates[stage] = build_stage(self.run.model, self.sharding, self.run.train.seed, stage)
+        return self._templates[stage]
+
+    def _ban(self, stage: int, peer: str, version: int, error: float, evidence: list[torch.Tensor]) -> None:
+        blob = msgpack.packb(
+            [peer, stage, version, [t.detach().cpu().contiguous().numpy().tobytes() for t in evidence]],
+            use_bin_type=True,
+        )
+        digest = hashlib.blake2b(blob, digest_size=32).digest()
+        folder = self.workdir / "evidence"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{digest.hex()}.msgpack").write_bytes(blob)
+        tolerance = self.sharding.spot_check_tolerance
+        reason = f"stage {stage} forward differs from recomputation by {error:.3g} (tolerance {tolerance:g})"
+        record = BanRecord(
+            reporter=self.identity.peer_id,
+            signing_key=self.identity.signing_public_key,
+            binding=self.identity.binding,
+            banned=peer,
+            stage=stage,
+            reason=reason,
+            evidence=digest,
+            timestamp=get_dht_time(),
+        )
+        self.banned.add(peer)
+        self.bans_published.append(record)
+        logger.warning(f"banned stage server {peer}: {reason}; evidence {digest.hex()[:16]}")
+        try:
+            publish_ban(self.dht, self.run.run_id, record.sign(self.identity))
+        except Exception as e:
+            logger.warning(f"could not publish the ban of {peer[:16]}: {e!r}")
+
+    def shutdown(self) -> None:
+        self.rpc.shutdown()
