@@ -65,6 +65,8 @@ context = {args.context}
 inner_steps = {args.inner_steps}
 batch_size = {args.batch_size}
 inner_lr = {args.inner_lr}
+outer_lr = {args.outer_lr}
+outer_momentum = {args.outer_momentum}
 seed = {SEED}
 overlap = {"true" if args.overlap else "false"}
 
@@ -175,10 +177,12 @@ def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Pat
 
 def samples_to_reach(curve: list[tuple[int, float]], loss: float) -> float | None:
     """Samples at which the curve first gets down to ``loss`` (linear between measurements); None: never."""
+    if curve[0][1] <= loss:
+        return 0.0
     for (s0, l0), (s1, l1) in itertools.pairwise(curve):
         if l1 <= loss:
             return s1 if l0 <= l1 else s0 + (s1 - s0) * (l0 - loss) / (l0 - l1)
-    return 0.0 if curve[0][1] <= loss else None
+    return None
 
 
 def main() -> int:
@@ -189,6 +193,8 @@ def main() -> int:
     parser.add_argument("--inner-steps", type=int, default=50, help="H inner steps per round, e.g. 50")
     parser.add_argument("--batch-size", type=int, default=16, help="per-peer batch (sequences), e.g. 16")
     parser.add_argument("--inner-lr", type=float, default=3e-3, help="AdamW learning rate, e.g. 0.003")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="outer Nesterov learning rate, e.g. 0.7")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum, e.g. 0.9")
     parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks, e.g. 2")
     parser.add_argument("--n-head", type=int, default=2, help="attention heads, e.g. 2")
     parser.add_argument("--d-model", type=int, default=64, help="model width, e.g. 64")
@@ -239,6 +245,8 @@ def main() -> int:
         "bits": args.bits,
         "fraction": args.fraction,
         "overlap": args.overlap,
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
         "central_final_loss": round(curve[-1][1], 4),
         "swarm_final_loss": round(result["final_loss"], 4),
         "efficiency": round(efficiency, 4),

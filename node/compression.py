@@ -11,9 +11,9 @@ and compression compose:
 - **Random-k.** The group keeps ``count(size)`` coordinates chosen by ``select_coordinates``
   from a seed every member derives from the group id and the round: the index set depends on no
   one's data (a data-dependent top-k tells the group which coordinates matter to whom).
-- **Error feedback.** What a peer did not send (unselected coordinates, the clipped excess and
-  the rounding error of what it did send) is kept as a residual and added to its next update,
-  so no mass is lost, only delayed.
+- **Error feedback.** The all-reduce reports what a peer's delta lost (unselected coordinates,
+  the clipped excess and the rounding error of what it did send); the trainer keeps that in its
+  local model, so its next pseudo-gradient carries it: no mass is lost, only delayed.
 """
 
 from __future__ import annotations

@@ -163,8 +163,9 @@ class MaskedAllReduce:
         noise: this peer's share of the differential-privacy noise, added in the ring before masking.
         compression: low-bit words and random-k (node/compression.py); None: full 32-bit words.
             With random-k, ``part_sizes`` split ``compression.count(vector.size) + 1`` elements.
-        residual: error feedback (float32, the vector's length): added to ``vector`` before encoding;
-            on success it holds what this peer's contribution left out. Untouched on failure.
+        residual: for error feedback (float32, the vector's length): on success it is overwritten with
+            what of ``vector`` the group's sum did not take (unselected coordinates, clipped excess,
+            rounding error), for the caller to keep and send again; untouched on failure.
         record_view: keep every received message in ``view`` (tests check what a peer can learn).
     """
 
@@ -209,7 +210,7 @@ class MaskedAllReduce:
         if residual is not None and (residual.shape != vector.shape or residual.dtype != np.float32):
             raise ValueError("residual must be a float32 array shaped like vector")
         self.selected = select_coordinates(vector.size, self.compression.count(vector.size), group_id, round_no)
-        self.values = self._inputs()  # what this peer encodes: selected coordinates of vector + residual
+        self.values = self._inputs()  # what this peer encodes: the selected coordinates of vector
         self.parts = split_parts(self.values.size + 1, part_sizes)
         self.reducers = [k for k, size in enumerate(part_sizes) if size > 0]
         self.codec = FixedPointCodec(group_size=n, bound=bound, bits=self.compression.bits)
@@ -606,11 +607,11 @@ class MaskedAllReduce:
         return packed + (words[-1:].astype("<u4").tobytes() if stop > self.values.size else b"")
 
     def _inputs(self) -> np.ndarray:
-        """This peer's values to encode: ``vector + residual`` (error feedback) on the selected coordinates."""
-        source = self.vector
-        if self.residual is not None:
-            source = self.workspace.array("with_residual", self.vector.size, np.float32)
-            np.add(self.vector, self.residual, out=source)
+        """This peer's values to encode: ``vector`` on the selected coordinates (a copy: ``out`` may be ``vector``)."""
+        if self.selected is None and self.residual is None:
+            return self.vector
+        source = self.workspace.array("inputs", self.vector.size, np.float32)
+        np.copyto(source, self.vector)
         if self.selected is None:
             return source
         return np.take(source, self.selected, out=self.workspace.array("selected", self.selected.size, np.float32))
@@ -629,7 +630,7 @@ class MaskedAllReduce:
             if self.selected is None:
                 np.copyto(self.residual, self.sent_error)
             else:
-                np.copyto(self.residual, self.workspace.array("with_residual", self.vector.size, np.float32))
+                np.copyto(self.residual, self.workspace.array("inputs", self.vector.size, np.float32))
                 self.residual[self.selected] = self.sent_error
         return weight_sum
 

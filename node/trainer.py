@@ -10,7 +10,8 @@ One outer round (see docs/architecture.md):
 4. when the mean lands (at the end of the next round's inner steps: one round late), an outer
    Nesterov step on the global params; the local model moves by the same change and drops its
    own in-flight delta, which the mean now stands for (the staleness rule):
-   ``local += (global_new - global_old) + sent``.
+   ``local += (global_new - global_old) + delivered`` (with compression, ``delivered`` is only the
+   part of our delta the ring carried; the rest stays in the local model: error feedback).
 5. checkpoint, report, heartbeat with the new round and state digest.
 
 If no group forms while other trainers are alive, the node waits for one of them to finish the
@@ -104,6 +105,7 @@ class _InFlight:
     sent: list[torch.Tensor]  # our own delta as sent (it stands in for the group's mean until it lands)
     mean: list[torch.Tensor]  # overwritten with the group's mean on success
     samples: int  # the samples behind ``sent`` (its weight)
+    undelivered: list[torch.Tensor]  # filled on success with compression: what of ``sent`` the group's sum left out
     future: Future[tuple[str, AggregationResult | SharedState | None]] = field(repr=False)
 
 
@@ -407,11 +409,14 @@ class TrainingNode:
                     self._budget_spent = True
                 future.set_result(("local", None))
         mean = [t.clone() for t in sent]
+        undelivered: list[torch.Tensor] = []
         if not future.done():
-            future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1))
-        self._inflight = _InFlight(round_no, sent, mean, samples, future)
+            future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1), undelivered)
+        self._inflight = _InFlight(round_no, sent, mean, samples, undelivered, future)
 
-    def _aggregate(self, round_no: int, mean: list[torch.Tensor], samples: int) -> tuple[str, Any]:
+    def _aggregate(
+        self, round_no: int, mean: list[torch.Tensor], samples: int, undelivered: list[torch.Tensor]
+    ) -> tuple[str, Any]:
         """Runs in the background: a group's mean, else a peer's newer state, else our own delta alone."""
         try:
             result = self.aggregator.aggregate(round_no, mean, weight=samples)
@@ -419,6 +424,12 @@ class TrainingNode:
             logger.warning(str(e))
             result = None
         if result is not None:
+            residual = getattr(self.aggregator, "residual", None)
+            if residual is not None and residual.numel():  # compression: what the sum left out stays ours
+                pieces = residual.split([t.numel() for t in mean])
+                undelivered += [
+                    piece.view_as(t).to(t.device, t.dtype, copy=True) for piece, t in zip(pieces, mean, strict=True)
+                ]
             return "group", result
         if self.stop_event.is_set():
             return "stopped", None
@@ -438,8 +449,11 @@ class TrainingNode:
             return
         before = [g.detach().clone() for g in self.global_params]
         group_size = 1
+        delivered = flight.sent
         if mode == "group":
             assert isinstance(outcome, AggregationResult)
+            if flight.undelivered:  # compression left part of our delta out: the local model keeps it
+                delivered = [s - u for s, u in zip(flight.sent, flight.undelivered, strict=True)]
             self._outer_step(flight.mean)
             group_size = outcome.group_size
             if self.accountant is not None and self.identity.peer_id in outcome.peers:
@@ -452,7 +466,7 @@ class TrainingNode:
         else:  # "solo" or "local": our own update alone
             self._outer_step(flight.sent)
         with torch.no_grad():
-            moved = zip(self.model.parameters(), self.global_params, before, flight.sent, strict=True)
+            moved = zip(self.model.parameters(), self.global_params, before, delivered, strict=True)
             for local, new, old, sent in moved:
                 local.add_(new.detach() - old)
                 if mode != "resync":

@@ -113,9 +113,9 @@ def test_error_feedback_loses_no_mass(swarm: SecAggSwarm) -> None:
         vectors = [(rng.standard_normal(NUMEL) * 0.2).astype(np.float32) for _ in range(n)]
         vectors[0][:5] = 3.0  # beyond the clip bound: the excess must come back through the residual
         inputs_total += sum(v.astype(np.float64) for v in vectors)
-        sessions = swarm.sessions(
-            [v.copy() for v in vectors], round_no=round_no, compression=compression, residuals=residuals
-        )
+        # error feedback: each peer sends its new update plus what the last round did not take
+        inputs = [v + r for v, r in zip(vectors, residuals, strict=True)]
+        sessions = swarm.sessions(inputs, round_no=round_no, compression=compression, residuals=residuals)
         result = results_of(swarm.run(sessions), list(range(n)))[0]
         assert result.weight_sum == n
         carried += n * result.mean.astype(np.float64)  # equal weights: n * mean is the sum of what was sent

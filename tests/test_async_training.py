@@ -1,0 +1,140 @@
+"""The overlapped outer loop with real node processes on 127.0.0.1: a slow peer sends fewer samples
+and nobody waits for it; the efficiency benchmark runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from test_training import NodeProcess, bootstrap_maddr  # noqa: F401
+
+from node.data import generate_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUN_TOML = """
+[run]
+run_id = "overlap"
+min_memory_gb = 0.0
+
+[run.model]
+d_model = 32
+context = 32
+
+[run.train]
+inner_steps = 100000
+batch_size = 8
+round_seconds = {round_seconds}
+overlap = true
+
+[run.aggregation]
+min_group_size = 3
+matchmaking_time = 1.0
+timeout = 30.0
+
+[run.compression]
+bits = 8
+fraction = 0.5
+"""
+
+
+class Throttle:
+    """Slows a process down from outside, like a weaker machine: SIGSTOP and SIGCONT in turn."""
+
+    def __init__(self, pid: int, stopped: float = 0.06, running: float = 0.02):
+        self.pid, self.stopped, self.running = pid, stopped, running
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._done.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                self._done.wait(self.stopped)
+                os.kill(self.pid, signal.SIGCONT)
+                self._done.wait(self.running)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        try:
+            os.kill(self.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path, bootstrap_maddr: str) -> None:  # noqa: F811
+    rounds, round_seconds = 4, 4.0
+    config = tmp_path / "run.toml"
+    config.write_text(RUN_TOML.format(round_seconds=round_seconds))
+    corpus = generate_corpus(3 * 20_000, seed=11)
+    nodes = [
+        NodeProcess(
+            tmp_path,
+            f"n{i}",
+            config,
+            bootstrap_maddr,
+            corpus[i * 20_000 : (i + 1) * 20_000],
+            "--rounds",
+            str(rounds),
+            "--min-peers",
+            "3",
+        )
+        for i in range(3)
+    ]
+    throttle = Throttle(nodes[2].process.pid)  # the trainer process only: its DHT and averager keep pace
+    try:
+        for node in nodes:
+            assert node.wait(timeout=180) == 0, node.output()[-3000:]
+    finally:
+        throttle.stop()
+        for node in nodes:
+            node.stop()
+
+    trained = [[r for r in node.reports() if r["mode"] not in ("initial", "loaded")] for node in nodes]
+    assert all(len(t) == rounds for t in trained)
+    assert all(r["mode"] == "group" and r["group_size"] == 3 for t in trained for r in t)
+    samples = [sum(r["samples"] for r in t) for t in trained]
+    # every round's inner steps end after round_seconds: the throttled peer gets through fewer of them
+    assert samples[2] < 0.6 * min(samples[:2]), samples
+    for t in trained[:2]:
+        # the fast peers train while their rounds aggregate: the rounds before the last one (which only
+        # waits for its own aggregation) spend most of their wall time in inner steps
+        assert min(r["utilization"] for r in t[:-1]) >= 0.6, [r["utilization"] for r in t]
+        assert all(r["bytes_sent"] > 0 for r in t)
+    # the slow peer's rounds are no longer than round_seconds plus aggregation, not stretched by its pace
+    assert max(r["seconds"] for r in trained[2][1:-1]) < 2 * round_seconds + 10
+
+
+@pytest.mark.slow
+def test_efficiency_benchmark_reports_every_field(tmp_path: Path) -> None:
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(generate_corpus(60_000, seed=4))
+    command = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--data", str(data), "--peers", "3"]
+    command += ["--rounds", "2", "--inner-steps", "5", "--batch-size", "4", "--d-model", "16", "--context", "16"]
+    command += ["--eval-every", "2", "--bits", "8", "--fraction", "0.5", "--timeout", "240", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for field in (
+        "central_final_loss",
+        "swarm_final_loss",
+        "efficiency",
+        "naive_bytes_per_peer",
+        "swarm_bytes_per_peer",
+        "bytes_ratio",
+        "utilization",
+    ):
+        assert isinstance(summary[field], (int, float)), field
+    assert summary["swarm_samples"] == summary["central_samples"] == 3 * 2 * 5 * 4
+    assert summary["swarm_bytes_per_peer"] > 0 and 0 < summary["utilization"] <= 1
