@@ -1,14 +1,16 @@
 """The training node: capacity probe, data, model, DiLoCo training loop, aggregation, CLI.
 
-class NodeConfig, RunConfig, ModelConfig, TrainConfig, AggregationConfig, PrivacyConfig, ShardingConfig (config.py):
-    configuration
+class NodeConfig, RunConfig, ModelConfig, TrainConfig, AggregationConfig, CompressionConfig, PrivacyConfig,
+    ShardingConfig (config.py): configuration
 class GPT (model.py): the run's small byte-level GPT
 class ByteBatches (data.py): random windows over local bytes; load_corpus, byte_histogram, generate_corpus
 probe_capacity (capacity.py): device, memory and measured samples/s at enrollment
 class Aggregator, SecureAggregator, PlainAggregator (aggregator.py): merge pseudo-gradients with a group of peers
 class MaskedAllReduce (masked_allreduce.py): secure aggregation on a butterfly all-reduce, dropout-tolerant
 class SecureAverager, SecAggEndpoint (secure_averager.py): hivemind matchmaking around it; the receiving side
-class FixedPointCodec (fixed_point.py): weighted updates in the ring Z_2^32
+class FixedPointCodec (fixed_point.py): weighted updates in the ring Z_2^W
+class Compression (compression.py): low-bit words, bit packing and group-seeded random-k inside the ring
+class WireMeter (wire_meter.py): bytes the node puts on the wire, from the kernel's TCP counters
 apply_mask, pair_mask_key (masking.py): ChaCha20 masks; split_secret, combine_secret (shamir.py): t-of-n shares
 class Message (secagg_messages.py): the signed, schema-checked wire format of the masked all-reduce
 class NoiseShare, PrivacyAccountant (privacy.py): differential-privacy noise and the per-node budget
@@ -32,8 +34,10 @@ from node.aggregator import (
     SecureAggregator,
     make_aggregator,
 )
+from node.compression import Compression
 from node.config import (
     AggregationConfig,
+    CompressionConfig,
     ConfigError,
     ModelConfig,
     NodeConfig,
@@ -52,6 +56,7 @@ from node.stage_server import ServeConfig, StageServer
 from node.stages import LocalParts, Stage, choose_stages, rebalance_target, stage_ranges
 from node.state_sharing import StateSharer
 from node.trainer import ConfigMismatchError, RoundReport, TrainingNode
+from node.wire_meter import WireMeter
 
 __all__ = [
     "GPT",
@@ -59,6 +64,8 @@ __all__ = [
     "AggregationError",
     "AggregationResult",
     "Aggregator",
+    "Compression",
+    "CompressionConfig",
     "ConfigError",
     "ConfigMismatchError",
     "LocalParts",
@@ -87,6 +94,7 @@ __all__ = [
     "StepReport",
     "TrainConfig",
     "TrainingNode",
+    "WireMeter",
     "__version__",
     "build_model",
     "choose_stages",

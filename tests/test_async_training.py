@@ -11,9 +11,13 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from test_training import NodeProcess, bootstrap_maddr  # noqa: F401
 
+from node.capacity import activation_bytes, fit_batch_size
+from node.config import ModelConfig
 from node.data import generate_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,3 +142,13 @@ def test_efficiency_benchmark_reports_every_field(tmp_path: Path) -> None:
         assert isinstance(summary[field], (int, float)), field
     assert summary["swarm_samples"] == summary["central_samples"] == 3 * 2 * 5 * 4
     assert summary["swarm_bytes_per_peer"] > 0 and 0 < summary["utilization"] <= 1
+
+
+def test_batch_size_is_halved_until_a_step_fits_in_memory() -> None:
+    small = ModelConfig(d_model=32, context=32)
+    assert fit_batch_size(small, 16, torch.device("cpu")) == 16
+    huge = ModelConfig(n_layer=48, n_head=16, d_model=1024, context=8192)
+    fitted = fit_batch_size(huge, 4096, torch.device("cpu"))
+    assert fitted < 4096
+    assert fitted == 1 or activation_bytes(huge, fitted) <= psutil.virtual_memory().available // 2
+    assert fitted == 4096 or activation_bytes(huge, fitted * 2) > psutil.virtual_memory().available // 2 * 0.9
