@@ -187,8 +187,9 @@ class TrainingNode:
         self.global_params = [
             torch.nn.Parameter(p.detach().clone(), requires_grad=True) for p in self.model.parameters()
         ]
+        nesterov = train.outer_momentum > 0  # torch refuses Nesterov without momentum
         self.outer_opt = torch.optim.SGD(
-            self.global_params, lr=train.outer_lr, momentum=train.outer_momentum, nesterov=True
+            self.global_params, lr=train.outer_lr, momentum=train.outer_momentum, nesterov=nesterov
         )
         self.inner_opt = torch.optim.AdamW(self.model.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
         self.workdir.mkdir(parents=True, exist_ok=True)
