@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -37,9 +38,11 @@ from node.config import (
 )
 from node.data import generate_corpus
 from node.demo import stop_process
-from node.sharded_trainer import ShardedTrainer, StepReport, unsharded_losses
+from node.model import build_model
+from node.sharded_trainer import ShardedTrainer, StepReport, training_batches, unsharded_losses
 from node.stage_messages import StageReply, StageRequest
 from node.stage_server import ServeConfig, StageServer
+from node.stages import LocalParts, build_stage
 from tests.conftest import LOCALHOST_MADDR
 
 RUN_TOML = """
@@ -458,5 +461,127 @@ def test_replicas_that_cannot_average_copy_the_newest_state(tmp_path: Path, coun
             assert all(torch.equal(a, b) for a, b in zip(server.hosted[0].params, expected, strict=True))
             assert server.hosted[0].anchor_digest == ahead.hosted[0].anchor_digest
     finally:
+        for server in servers:
+            server.shutdown()
+
+
+def interleaved_reference(run: RunConfig, corpora: list[bytes], order: list[int]) -> list[list[float]]:
+    """Trainers with their own local parts and one shared remote stage, stepping in ``order``, on one machine."""
+    stage = build_stage(run.model, run.sharding, run.train.seed, 0)
+    stage_optimizer = torch.optim.AdamW(stage.parameters(), lr=run.train.inner_lr, weight_decay=run.train.weight_decay)
+    parts = [LocalParts(build_model(run.model, run.train.seed), run.sharding.local_blocks) for _ in corpora]
+    optimizers = [
+        torch.optim.AdamW(p.parameters(), lr=run.train.inner_lr, weight_decay=run.train.weight_decay) for p in parts
+    ]
+    batches = [training_batches(run, corpus) for corpus in corpora]
+    losses: list[list[float]] = [[] for _ in corpora]
+    for t in order:
+        tokens, targets = batches[t].next()
+        loss = parts[t].head(stage(parts[t].front(tokens)), targets)
+        stage_optimizer.zero_grad(set_to_none=True)
+        optimizers[t].zero_grad(set_to_none=True)
+        loss.backward()
+        stage_optimizer.step()
+        optimizers[t].step()
+        losses[t].append(loss.item())
+    return losses
+
+
+def test_two_trainers_share_the_stage_servers_without_losing_or_repeating_a_step(tmp_path: Path) -> None:
+    """Two trainers: in lockstep they match the one-machine reference; concurrently every step applies exactly once."""
+    # Prepare
+    (server,) = start_replicas(tmp_path, 1)
+    corpora = [generate_corpus(20_000, seed=21), generate_corpus(20_000, seed=22)]
+    trainers: list[ShardedTrainer] = []
+    try:
+        for i, corpus in enumerate(corpora):
+            (tmp_path / f"data{i}.txt").write_bytes(corpus)
+            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0)  # the servers' run
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+            trainers[-1].prepare()
+            trainers[-1].join()
+        lockstep_steps, concurrent_steps = 4, 4
+
+        # Execute
+        lockstep: list[list[StepReport]] = [[], []]
+        for _ in range(lockstep_steps):
+            for i, trainer in enumerate(trainers):
+                lockstep[i].append(trainer.train_step())
+        concurrent: list[list[StepReport]] = [[], []]
+
+        def train(i: int) -> None:
+            concurrent[i] += [trainers[i].train_step() for _ in range(concurrent_steps)]
+
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+
+        # Assert
+        reference = interleaved_reference(trainers[0].run, corpora, [0, 1] * lockstep_steps)
+        for i in range(2):
+            assert relative_gap([r.loss for r in lockstep[i]], reference[i]) <= LOSS_TOLERANCE
+            assert [r.versions[0] for r in lockstep[i]] == [2 * k + i + 1 for k in range(lockstep_steps)]
+            versions = [r.versions[0] for r in lockstep[i] + concurrent[i]]
+            assert versions == sorted(set(versions))  # each trainer sees the stage only move forward
+            assert len(concurrent[i]) == concurrent_steps
+            assert all(math.isfinite(r.loss) and r.loss < lockstep[i][0].loss * 1.05 for r in concurrent[i])
+        total = 2 * (lockstep_steps + concurrent_steps)
+        hosted = server.hosted[0]
+        assert hosted.version == total
+        step_ids = {(t.identity.peer_id, (t.session << 24) | s) for t in trainers for s in range(t.step)}
+        assert set(hosted.applied) == step_ids and len(step_ids) == total
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_periodic_averaging_while_two_trainers_train_leaves_replicas_identical(tmp_path: Path) -> None:
+    """Three replicas average every 3 s under two concurrent trainers; after a quiet round they hold the same bits."""
+    # Prepare
+    servers = start_replicas(tmp_path, 3, average_period=3.0)
+    trainers: list[ShardedTrainer] = []
+    try:
+        for i in range(2):
+            (tmp_path / f"data{i}.txt").write_bytes(generate_corpus(20_000, seed=31 + i))
+            config = node_config(tmp_path, f"trainer{i}", list(servers[0].maddrs), spot_check=0.0, average_period=3.0)
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+            trainers[-1].prepare()
+            trainers[-1].join()
+        reports: list[list[StepReport]] = [[], []]
+
+        def train(i: int) -> None:
+            rounds = servers[0].averager.rounds
+            while servers[0].averager.rounds < rounds + 2 or len(reports[i]) < 5:
+                reports[i].append(trainers[i].train_step())
+
+        # Execute
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        quiet = max(s.averager.rounds for s in servers) + 1
+        assert all(s.averager.wait_for_rounds(quiet, timeout=60) for s in servers)
+
+        # Assert
+        assert all(s.averager.stats["averaged"] >= 2 for s in servers)
+        hosted = [s.hosted[0] for s in servers]
+        assert len({h.version for h in hosted}) == 1
+        for other in hosted[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(hosted[0].params, other.params, strict=True))
+        step_ids = {(t.identity.peer_id, (t.session << 24) | s) for t in trainers for s in range(t.step)}
+        assert all(step_ids <= set(h.applied) for h in hosted)
+        for i in range(2):
+            versions = [r.versions[0] for r in reports[i]]
+            assert versions == sorted(set(versions)) and all(math.isfinite(r.loss) for r in reports[i])
+    finally:
+        for trainer in trainers:
+            trainer.close()
         for server in servers:
             server.shutdown()
