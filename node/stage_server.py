@@ -13,7 +13,12 @@ them in its signed record (role ``server``), and answers stage calls (node/stage
   the pair as applied, and before answering sends the summed gradients to the other servers of
   the stage (``replicate``), which apply them once too. A repeated commit answers ``ok`` without
   applying again; so a trainer may retry a step on any replica and it is applied exactly once.
-- state: parameters, Adam moments, version and recently applied pairs, for a joining replica.
+- state: parameters, Adam moments, averaging anchor, version and recently applied pairs, for a
+  joining replica, a resync and trainers' spot-checks.
+
+Every ``sharding.average_period`` seconds the servers of a stage average it and leave with the
+same bits and version (node/stage_averaging.py); trainer calls meanwhile are refused with
+``averaging``.
 
 Only the trainer named in a call may make it (the stream's PeerID is checked), only a listed
 server of the same stage may replicate into it, and every tensor's shape is checked against the
