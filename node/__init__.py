@@ -18,6 +18,8 @@ class StateSharer (state_sharing.py): late joiners download the current state fr
 class TrainingNode (trainer.py): enroll, join, catch up, train outer rounds, checkpoint
 class Stage, LocalParts (stages.py): the cut of the GPT into pipeline stages; choose_stages: block selection
 class StageServer, ServeConfig (stage_server.py): ``zen-node serve``, hosting stages with forward/backward RPCs
+class HostedStage (hosted_stage.py): a served stage's weights, optimizer, exactly-once bookkeeping, anchor
+class StageAverager (stage_averaging.py): periodic rounds that leave a stage's replicas bit-identical
 class StageRequest, StageReply (stage_messages.py): the msgpack wire format of stage calls
 class RemoteStages (remote_stages.py): a trainer's stage calls: server choice, failover, spot-checks, bans
 class ShardedTrainer (sharded_trainer.py): a trainer whose middle blocks live on stage servers

@@ -177,6 +177,7 @@ class ShardingConfig:
     request_timeout: float = 10.0  # seconds one stage call may take before the trainer tries another server
     spot_check_fraction: float = 0.05  # share of stage calls a trainer recomputes locally to catch a cheater
     spot_check_tolerance: float = 1e-3  # largest relative difference a recomputed activation may show
+    average_period: float = 60.0  # seconds between rounds averaging a stage's params among its servers; 0 = never
 
     def __post_init__(self) -> None:
         _require(0 <= self.stages <= 64, f"sharding.stages must be in [0, 64], got {self.stages}")
@@ -187,6 +188,10 @@ class ShardingConfig:
         _require(
             math.isfinite(self.spot_check_tolerance) and 0 < self.spot_check_tolerance < 1,
             "sharding.spot_check_tolerance must be in (0, 1)",
+        )
+        _require(
+            self.average_period == 0 or 1 <= self.average_period <= 86400,
+            f"sharding.average_period must be 0 (never) or in [1, 86400] s, got {self.average_period}",
         )
 
 

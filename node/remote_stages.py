@@ -40,7 +40,7 @@ from dht import NodeIdentity, list_peers
 from dht.bans import BanRecord, list_bans, publish_ban
 from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
 from node.config import RunConfig
-from node.stage_messages import StageReply, StageRequest
+from node.stage_messages import STATE_BLOCKS, StageReply, StageRequest
 from node.stages import Stage, build_stage
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class RemoteStages:
             return True
         module = self._template(stage)
         params = list(module.parameters())
-        if state.version != version or len(state.tensors) != 3 * len(params):
+        if state.version != version or len(state.tensors) != STATE_BLOCKS * len(params):
             return True  # the stage moved on (another trainer's step) or the reply is odd: nothing to compare
         with torch.no_grad():
             for param, value in zip(params, state.tensors, strict=False):

@@ -15,8 +15,9 @@ Raw bytes and labels never leave the trainer: servers see hidden states after th
 server remembers as applied.
 
 Each step appends a line to ``<workdir>/report.jsonl`` (loss, the stages' versions, the servers
-used) and calls ``on_step`` (the CLI prints a progress line). Averaging the local parts among
-several trainers is not done yet: each trainer's embedding and head are its own.
+used) and calls ``on_step`` (the CLI prints a progress line). Several trainers may train against
+the same servers at once (each step is applied once, in arrival order); their local parts are
+not averaged with each other: each trainer's embedding and head are its own.
 """
 
 from __future__ import annotations

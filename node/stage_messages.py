@@ -15,7 +15,7 @@ Methods:
 | backward | trainer | hidden states, grad of output | grad of input (param grads stay pending) |
 | commit | trainer | - | - (applies the step's pending grads once) |
 | replicate | server of the same stage | the step's summed param grads | - |
-| state | anyone | - | params, Adam exp_avg, Adam exp_avg_sq |
+| state | anyone | - | params, Adam exp_avg, Adam exp_avg_sq, averaging anchor |
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ MAX_RANK = 4
 METHODS = frozenset({"forward", "backward", "commit", "replicate", "state"})
 TRAINER_CALLS = frozenset({"forward", "backward", "commit"})
 DTYPES = {"float32": torch.float32}
+STATE_BLOCKS = 4  # a state reply holds the stage's params, Adam exp_avg, Adam exp_avg_sq and averaging anchor
 
 
 class StageMessageError(ValueError):

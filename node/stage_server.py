@@ -13,7 +13,12 @@ them in its signed record (role ``server``), and answers stage calls (node/stage
   the pair as applied, and before answering sends the summed gradients to the other servers of
   the stage (``replicate``), which apply them once too. A repeated commit answers ``ok`` without
   applying again; so a trainer may retry a step on any replica and it is applied exactly once.
-- state: parameters, Adam moments, version and recently applied pairs, for a joining replica.
+- state: parameters, Adam moments, averaging anchor, version and recently applied pairs, for a
+  joining replica, a resync and trainers' spot-checks.
+
+Every ``sharding.average_period`` seconds the servers of a stage average it and leave with the
+same bits and version (node/stage_averaging.py); trainer calls meanwhile are refused with
+``averaging``.
 
 Only the trainer named in a call may make it (the stream's PeerID is checked), only a listed
 server of the same stage may replicate into it, and every tensor's shape is checked against the
@@ -44,13 +49,13 @@ from node._announce import signed_record
 from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
 from node.capacity import CapacityError, device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig
+from node.hosted_stage import HostedStage
+from node.stage_averaging import StageAverager
 from node.stage_messages import TRAINER_CALLS, StageMessageError, StageReply, StageRequest
-from node.stages import DEFAULT_HYSTERESIS, Stage, build_stage, choose_stages, rebalance_target, stage_ranges
+from node.stages import DEFAULT_HYSTERESIS, build_stage, choose_stages, rebalance_target, stage_ranges
 
 logger = logging.getLogger(__name__)
 
-MAX_PENDING_STEPS = 64  # (trainer, step) pairs whose gradients may wait for a commit
-MAX_APPLIED_REMEMBERED = 4096  # applied pairs remembered, so a retried commit is recognized
 PEER_REFRESH_SECONDS = 2.0  # how stale this server's view of the stage's replicas may be
 REPLICA_COOLDOWN_SECONDS = 60.0  # a replica that missed a step gets no more until this passes (it is stale)
 GpuProbe = Callable[[], bool]  # True while another process uses this server's GPU
@@ -114,79 +119,6 @@ class ServeConfig:
             raise ValueError("serve.batch_wait must be in [0, 1] s; busy_poll > 0; rebalance_period, hysteresis >= 0")
 
 
-class HostedStage:
-    """One stage's module, optimizer and exactly-once bookkeeping (all touched from the compute thread)."""
-
-    def __init__(self, module: Stage, lr: float, weight_decay: float):
-        self.module = module
-        self.params = list(module.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.version = 0
-        self.pending: collections.OrderedDict[tuple[str, int], dict[int, list[torch.Tensor]]] = (
-            collections.OrderedDict()
-        )
-        self.applied: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.module(hidden)
-
-    def backward(
-        self, key: tuple[str, int], micro_batch: int, hidden: torch.Tensor, grad: torch.Tensor
-    ) -> torch.Tensor:
-        hidden = hidden.detach().requires_grad_(True)
-        grads = torch.autograd.grad(self.module(hidden), [hidden, *self.params], grad)
-        self.pending.setdefault(key, {})[micro_batch] = [g.detach() for g in grads[1:]]
-        self.pending.move_to_end(key)
-        while len(self.pending) > MAX_PENDING_STEPS:
-            self.pending.popitem(last=False)
-        return grads[0]
-
-    def take_pending(self, key: tuple[str, int], micro_batches: int) -> list[torch.Tensor] | list[int]:
-        """The summed gradients of all micro-batches of ``key``, or the micro-batches still missing."""
-        parts = self.pending.get(key, {})
-        missing = [m for m in range(micro_batches) if m not in parts]
-        if missing:
-            return missing
-        del self.pending[key]
-        return [torch.stack(grads).sum(0) for grads in zip(*(parts[m] for m in range(micro_batches)), strict=True)]
-
-    def apply(self, key: tuple[str, int], grads: list[torch.Tensor]) -> None:
-        for param, grad in zip(self.params, grads, strict=True):
-            param.grad = grad.to(param.device, param.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
-        self.applied[key] = self.version
-        self.pending.pop(key, None)
-        while len(self.applied) > MAX_APPLIED_REMEMBERED:
-            self.applied.popitem(last=False)
-
-    def state(self) -> list[torch.Tensor]:
-        moments = [self.optimizer.state.get(p, {}) for p in self.params]
-        return [
-            *(p.detach() for p in self.params),
-            *(m.get("exp_avg", torch.zeros_like(p)) for m, p in zip(moments, self.params, strict=True)),
-            *(m.get("exp_avg_sq", torch.zeros_like(p)) for m, p in zip(moments, self.params, strict=True)),
-        ]
-
-    def load_state(self, tensors: tuple[torch.Tensor, ...], version: int, applied: tuple[tuple[str, int], ...]) -> None:
-        count = len(self.params)
-        if len(tensors) != 3 * count or any(t.shape != p.shape for t, p in zip(tensors, self.params * 3, strict=True)):
-            raise StageMessageError("a stage state must hold params and two Adam moments of the stage's shapes")
-        with torch.no_grad():
-            for i, param in enumerate(self.params):
-                param.copy_(tensors[i])
-                if version > 0:
-                    self.optimizer.state[param] = {
-                        "step": torch.tensor(float(version)),
-                        "exp_avg": tensors[count + i].clone().to(param.device),
-                        "exp_avg_sq": tensors[2 * count + i].clone().to(param.device),
-                    }
-        self.version = version
-        self.applied.update({pair: version for pair in applied})
-
-
 class StageServer:
     """A compute-only node hosting stages of the run's model.
 
@@ -221,6 +153,7 @@ class StageServer:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zen-stage-compute")
         self._batches: dict[int, asyncio.Queue[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self.averager = StageAverager(self)
 
     # ---- start-up ---------------------------------------------------------------------------
     def start(self) -> StageServer:
@@ -281,6 +214,8 @@ class StageServer:
                     break
             except Exception as e:
                 logger.warning(f"stage {stage}: could not load its state from {donor[:16]}: {e!r}")
+        if self.run.sharding.average_period:
+            self.averager.prepare(stage, hosted.params)
         self.hosted[stage] = hosted
 
     def _measure(self) -> Capacity:
@@ -318,6 +253,8 @@ class StageServer:
     async def _start_serving(self) -> None:
         await self.rpc.p2p.add_protobuf_handler(self.handler_name, self._handle, runtime_pb2.ExpertRequest)
         self._tasks.append(asyncio.create_task(self._watch_gpu()))
+        if self.run.sharding.average_period:
+            self._tasks.append(asyncio.create_task(self.averager.run_periodically()))
 
     # ---- request handling -------------------------------------------------------------------
     async def _handle(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -344,6 +281,9 @@ class StageServer:
             raise StageMessageError(f"{request.method} for trainer {request.trainer[:16]} sent by {remote[:16]}")
         if request.method in ("forward", "backward") and self.busy:
             return StageReply(ok=False, reason="busy", version=hosted.version, load=self.load)
+        if request.method in TRAINER_CALLS and hosted.averaging:
+            # params are about to change without a step: trainers go elsewhere or wait a second
+            return StageReply(ok=False, reason="averaging", version=hosted.version, load=self.load)
         key = (request.trainer, request.step)
         if request.method == "forward":
             (hidden,) = self._check_hidden(request, 1)
@@ -361,6 +301,7 @@ class StageServer:
             if remote not in await self._stage_replicas(request.stage):
                 raise StageMessageError(f"replicate from {remote[:16]}, not a listed server of stage {request.stage}")
             self._check_shapes(request.tensors, hosted)
+            await hosted.thawed.wait()  # a step that lands between a round's snapshot and result would be lost
             if key not in hosted.applied:
                 await self._in_compute(hosted.apply, key, list(request.tensors))
             return StageReply(ok=True, version=hosted.version)
@@ -371,6 +312,15 @@ class StageServer:
         key = (request.trainer, request.step)
         if key in hosted.applied:
             return StageReply(ok=True, version=hosted.applied[key])
+        hosted.committing += 1  # an averaging round waits for this commit's replication to finish
+        try:
+            return await self._apply_and_replicate(request, hosted, key)
+        finally:
+            hosted.committing -= 1
+
+    async def _apply_and_replicate(
+        self, request: StageRequest, hosted: HostedStage, key: tuple[str, int]
+    ) -> StageReply:
         grads = await self._in_compute(hosted.take_pending, key, request.micro_batches)
         if grads and isinstance(grads[0], int):
             return StageReply(ok=False, reason="missing micro-batches", version=hosted.version, missing=tuple(grads))
@@ -515,16 +465,19 @@ class StageServer:
         logger.info(f"rebalancing: moving from stage {current} to the weaker stage {target}")
         self._host(target, records)
         self.hosted.pop(current, None)
+        self.averager.forget(current)
         self.heartbeat.beat()
 
     def shutdown(self) -> None:
         """Stop serving; safe after a partial start."""
+        self.stop_event.set()  # a pending averaging round gives up
         heartbeat = self.__dict__.pop("heartbeat", None)
         if heartbeat is not None:
             heartbeat.stop()
         rpc = self.__dict__.pop("rpc", None)
         if rpc is not None:
             rpc.shutdown()
+        self.averager.shutdown()
         self._compute.shutdown(wait=True, cancel_futures=True)
         dht = self.__dict__.pop("dht", None)
         if dht is not None:

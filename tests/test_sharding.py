@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -25,12 +27,22 @@ from hivemind.proto import runtime_pb2
 from dht import SwarmConfig, start_dht
 from dht.bans import BanError, BanRecord, list_bans
 from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
-from node.config import ModelConfig, NodeConfig, RunConfig, ShardingConfig, TrainConfig, load_node_config
+from node.config import (
+    AggregationConfig,
+    ModelConfig,
+    NodeConfig,
+    RunConfig,
+    ShardingConfig,
+    TrainConfig,
+    load_node_config,
+)
 from node.data import generate_corpus
 from node.demo import stop_process
-from node.sharded_trainer import ShardedTrainer, StepReport, unsharded_losses
+from node.model import build_model
+from node.sharded_trainer import ShardedTrainer, StepReport, training_batches, unsharded_losses
 from node.stage_messages import StageReply, StageRequest
 from node.stage_server import ServeConfig, StageServer
+from node.stages import LocalParts, build_stage
 from tests.conftest import LOCALHOST_MADDR
 
 RUN_TOML = """
@@ -50,6 +62,7 @@ local_blocks = 1
 micro_batches = 2
 request_timeout = 3.0
 spot_check_fraction = {spot_check}
+average_period = 0  # these tests count one version per step; averaging is tested in-process below
 [node]
 heartbeat_period = 1.0
 record_ttl = 6.0
@@ -208,14 +221,23 @@ def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> Non
             process.stop()
 
 
-def node_config(tmp_path: Path, name: str, initial: list[str]) -> NodeConfig:
+def node_config(
+    tmp_path: Path, name: str, initial: list[str], spot_check: float = 1.0, average_period: float = 0.0
+) -> NodeConfig:
     """An in-process node's config: one remote stage (blocks 1-2 of a 3-block GPT), every call spot-checked."""
     run = RunConfig(
         run_id="shard",
         min_memory_gb=0.0,
         model=ModelConfig(n_layer=3, d_model=32, context=32),
         train=TrainConfig(batch_size=4),
-        sharding=ShardingConfig(stages=1, local_blocks=1, request_timeout=3.0, spot_check_fraction=1.0),
+        aggregation=AggregationConfig(matchmaking_time=1.0, timeout=6.0),
+        sharding=ShardingConfig(
+            stages=1,
+            local_blocks=1,
+            request_timeout=3.0,
+            spot_check_fraction=spot_check,
+            average_period=average_period,
+        ),
     )
     swarm = SwarmConfig(host_maddrs=[LOCALHOST_MADDR], initial_peers=initial)
     folder = tmp_path / name
@@ -339,3 +361,227 @@ def test_a_serve_node_whose_gpu_is_busy_refuses_work_and_malformed_requests(tmp_
         loop.shutdown()
         client.shutdown()
         server.shutdown()
+
+
+def start_replicas(tmp_path: Path, count: int, average_period: float = 0.0) -> list[StageServer]:
+    """``count`` in-process servers of stage 0, each seeing all of them listed before this returns."""
+    servers: list[StageServer] = []
+    initial: list[str] = []
+    serve_config = ServeConfig(rebalance_period=0, stages=(0,))
+    for i in range(count):
+        config = node_config(tmp_path, f"s{i}", initial, spot_check=0.0, average_period=average_period)
+        servers.append(StageServer(config, serve_config).start())
+        if not average_period:  # rounds run on demand: start the aggregators a periodic server starts itself
+            servers[-1].averager.prepare(0, servers[-1].hosted[0].params)
+        initial = initial or list(servers[0].maddrs)
+    deadline = time.monotonic() + 60
+    while any(len(s.rpc.run(s._stage_replicas(0), timeout=30)) < count for s in servers):
+        assert time.monotonic() < deadline, "replicas never saw each other's records"
+        time.sleep(0.2)
+    return servers
+
+
+def in_compute(server: StageServer, fn: Callable[[], object]) -> object:
+    return server.rpc.run(server._in_compute(fn), timeout=30)
+
+
+def shift_params(server: StageServer, offset: float) -> None:
+    """Move every parameter of the server's stage 0 by ``offset`` without a step (a drifted replica)."""
+
+    def shift() -> None:
+        with torch.no_grad():
+            for param in server.hosted[0].params:
+                param.add_(offset)
+
+    in_compute(server, shift)
+
+
+def average_together(servers: list[StageServer]) -> list[str]:
+    """Run one averaging round of stage 0 on every server at once; return their outcomes."""
+    outcomes = [""] * len(servers)
+
+    def one(i: int) -> None:
+        outcomes[i] = servers[i].rpc.run(servers[i].averager.average(0), timeout=90)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(servers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return outcomes
+
+
+def test_drifted_replicas_of_a_stage_are_bit_identical_after_one_secure_averaging_round(tmp_path: Path) -> None:
+    """Three replicas whose params drifted apart average securely and leave with the same bits and version."""
+    # Prepare
+    servers = start_replicas(tmp_path, 3)
+    try:
+        start = [p.detach().clone() for p in servers[0].hosted[0].params]
+        offsets = [0.03, -0.01, 0.0]
+        for server, offset in zip(servers, offsets, strict=True):
+            shift_params(server, offset)
+
+        # Execute
+        outcomes = average_together(servers)
+
+        # Assert
+        assert outcomes == ["averaged"] * 3
+        params = [[p.detach().clone() for p in s.hosted[0].params] for s in servers]
+        for other in params[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(params[0], other, strict=True))
+        mean_offset = sum(offsets) / 3
+        assert all(torch.allclose(p, s + mean_offset, atol=1e-6) for p, s in zip(params[0], start, strict=True))
+        assert [s.hosted[0].version for s in servers] == [1, 1, 1]
+        assert len({s.hosted[0].anchor_digest for s in servers}) == 1
+        assert all(s.averager.last[0].group_size == 3 for s in servers)
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_replicas_that_cannot_average_copy_the_newest_state(tmp_path: Path, count: int) -> None:
+    """One replica applied a step the others missed (2 servers: never secure): all end with its bits and version."""
+    # Prepare
+    servers = start_replicas(tmp_path, count)
+    try:
+        ahead = servers[-1]
+        grads = [torch.full_like(p, 0.1) for p in ahead.hosted[0].params]
+        in_compute(ahead, lambda: ahead.hosted[0].apply(("trainer", 7), grads))
+        expected = [p.detach().clone() for p in ahead.hosted[0].params]
+
+        # Execute
+        outcomes = average_together(servers)
+
+        # Assert
+        assert outcomes == ["resynced"] * (count - 1) + ["kept"]
+        assert [s.hosted[0].version for s in servers] == [1] * count
+        for server in servers:
+            assert ("trainer", 7) in server.hosted[0].applied
+            assert all(torch.equal(a, b) for a, b in zip(server.hosted[0].params, expected, strict=True))
+            assert server.hosted[0].anchor_digest == ahead.hosted[0].anchor_digest
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def interleaved_reference(run: RunConfig, corpora: list[bytes], order: list[int]) -> list[list[float]]:
+    """Trainers with their own local parts and one shared remote stage, stepping in ``order``, on one machine."""
+    stage = build_stage(run.model, run.sharding, run.train.seed, 0)
+    stage_optimizer = torch.optim.AdamW(stage.parameters(), lr=run.train.inner_lr, weight_decay=run.train.weight_decay)
+    parts = [LocalParts(build_model(run.model, run.train.seed), run.sharding.local_blocks) for _ in corpora]
+    optimizers = [
+        torch.optim.AdamW(p.parameters(), lr=run.train.inner_lr, weight_decay=run.train.weight_decay) for p in parts
+    ]
+    batches = [training_batches(run, corpus) for corpus in corpora]
+    losses: list[list[float]] = [[] for _ in corpora]
+    for t in order:
+        tokens, targets = batches[t].next()
+        loss = parts[t].head(stage(parts[t].front(tokens)), targets)
+        stage_optimizer.zero_grad(set_to_none=True)
+        optimizers[t].zero_grad(set_to_none=True)
+        loss.backward()
+        stage_optimizer.step()
+        optimizers[t].step()
+        losses[t].append(loss.item())
+    return losses
+
+
+def test_two_trainers_share_the_stage_servers_without_losing_or_repeating_a_step(tmp_path: Path) -> None:
+    """Two trainers: in lockstep they match the one-machine reference; concurrently every step applies exactly once."""
+    # Prepare
+    (server,) = start_replicas(tmp_path, 1)
+    corpora = [generate_corpus(20_000, seed=21), generate_corpus(20_000, seed=22)]
+    trainers: list[ShardedTrainer] = []
+    try:
+        for i, corpus in enumerate(corpora):
+            (tmp_path / f"data{i}.txt").write_bytes(corpus)
+            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0)  # the servers' run
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+            trainers[-1].prepare()
+            trainers[-1].join()
+        lockstep_steps, concurrent_steps = 4, 4
+
+        # Execute
+        lockstep: list[list[StepReport]] = [[], []]
+        for _ in range(lockstep_steps):
+            for i, trainer in enumerate(trainers):
+                lockstep[i].append(trainer.train_step())
+        concurrent: list[list[StepReport]] = [[], []]
+
+        def train(i: int) -> None:
+            concurrent[i] += [trainers[i].train_step() for _ in range(concurrent_steps)]
+
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+
+        # Assert
+        reference = interleaved_reference(trainers[0].run, corpora, [0, 1] * lockstep_steps)
+        for i in range(2):
+            assert relative_gap([r.loss for r in lockstep[i]], reference[i]) <= LOSS_TOLERANCE
+            assert [r.versions[0] for r in lockstep[i]] == [2 * k + i + 1 for k in range(lockstep_steps)]
+            versions = [r.versions[0] for r in lockstep[i] + concurrent[i]]
+            assert versions == sorted(set(versions))  # each trainer sees the stage only move forward
+            assert len(concurrent[i]) == concurrent_steps
+            assert all(math.isfinite(r.loss) and r.loss < lockstep[i][0].loss * 1.05 for r in concurrent[i])
+        total = 2 * (lockstep_steps + concurrent_steps)
+        hosted = server.hosted[0]
+        assert hosted.version == total
+        step_ids = {(t.identity.peer_id, (t.session << 24) | s) for t in trainers for s in range(t.step)}
+        assert set(hosted.applied) == step_ids and len(step_ids) == total
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_periodic_averaging_while_two_trainers_train_leaves_replicas_identical(tmp_path: Path) -> None:
+    """Three replicas average every 3 s under two concurrent trainers; after a quiet round they hold the same bits."""
+    # Prepare
+    servers = start_replicas(tmp_path, 3, average_period=3.0)
+    trainers: list[ShardedTrainer] = []
+    try:
+        for i in range(2):
+            (tmp_path / f"data{i}.txt").write_bytes(generate_corpus(20_000, seed=31 + i))
+            config = node_config(tmp_path, f"trainer{i}", list(servers[0].maddrs), spot_check=0.0, average_period=3.0)
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+            trainers[-1].prepare()
+            trainers[-1].join()
+        reports: list[list[StepReport]] = [[], []]
+
+        def train(i: int) -> None:
+            rounds = servers[0].averager.rounds
+            while servers[0].averager.rounds < rounds + 2 or len(reports[i]) < 5:
+                reports[i].append(trainers[i].train_step())
+
+        # Execute
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        quiet = max(s.averager.rounds for s in servers) + 2  # a whole round that began after the last step
+        assert all(s.averager.wait_for_rounds(quiet, timeout=60) for s in servers)
+
+        # Assert
+        assert all(s.averager.stats["averaged"] >= 2 for s in servers)
+        hosted = [s.hosted[0] for s in servers]
+        assert len({h.version for h in hosted}) == 1
+        for other in hosted[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(hosted[0].params, other.params, strict=True))
+        step_ids = {(t.identity.peer_id, (t.session << 24) | s) for t in trainers for s in range(t.step)}
+        assert all(step_ids <= set(h.applied) for h in hosted)
+        for i in range(2):
+            versions = [r.versions[0] for r in reports[i]]
+            assert versions == sorted(set(versions)) and all(math.isfinite(r.loss) for r in reports[i])
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        for server in servers:
+            server.shutdown()

@@ -1,0 +1,152 @@
+"""One stage as a server holds it: module, optimizer, exactly-once bookkeeping and the averaging anchor.
+
+Everything here runs on the server's single compute thread, so a step, a replicated step, an
+averaging result and a state download never interleave.
+
+Version. ``version`` counts the updates this replica has made to the stage: one per applied
+step (its own commit or a replicated one) and one per averaging round it took part in. Every
+member of an averaging group held the same version before the round (the round's key includes
+it) and adds one, so the group agrees on it afterwards; it never goes down, so a trainer that
+skips servers behind its last committed version never sees it go backwards.
+
+Anchor. ``anchor`` is the stage's parameters as they were right after the last averaging round
+(bit-identical on every member of that round's group) or, for a lone server, at its last
+averaging period. A round averages ``anchor - params`` (small: one period's drift, so a
+fixed-point code keeps its precision), and every member then sets ``params = anchor - mean``,
+the same float32 operations on the same bits. A joining replica downloads the anchor with the
+state, so it can take part in the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+
+import torch
+
+from node.stage_messages import STATE_BLOCKS, StageMessageError
+from node.stages import Stage
+
+MAX_PENDING_STEPS = 64  # (trainer, step) pairs whose gradients may wait for a commit
+MAX_APPLIED_REMEMBERED = 4096  # applied pairs remembered, so a retried commit is recognized
+
+
+def tensors_digest(tensors: list[torch.Tensor]) -> bytes:
+    """BLAKE2b of the tensors' float32 bytes and shapes (which anchor a replica averages against)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        data = tensor.detach().float().cpu().contiguous()
+        digest.update(repr(tuple(data.shape)).encode())
+        digest.update(data.numpy().tobytes())
+    return digest.digest()
+
+
+class HostedStage:
+    """One stage's module, optimizer, exactly-once bookkeeping and averaging anchor (compute thread only)."""
+
+    def __init__(self, module: Stage, lr: float, weight_decay: float):
+        self.module = module
+        self.params = list(module.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.version = 0
+        self.pending: collections.OrderedDict[tuple[str, int], dict[int, list[torch.Tensor]]] = (
+            collections.OrderedDict()
+        )
+        self.applied: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
+        self.anchor: list[torch.Tensor] = []
+        self.anchor_digest = b""
+        self.reanchor()
+        # set from the server's event loop while a round runs (node/stage_averaging.py)
+        self.averaging = False  # trainer calls are refused ("averaging")
+        self.committing = 0  # commits being applied or replicated right now
+        self.thawed = asyncio.Event()  # cleared between the snapshot and the result: replicated steps wait
+        self.thawed.set()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(hidden)
+
+    def backward(
+        self, key: tuple[str, int], micro_batch: int, hidden: torch.Tensor, grad: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = hidden.detach().requires_grad_(True)
+        grads = torch.autograd.grad(self.module(hidden), [hidden, *self.params], grad)
+        self.pending.setdefault(key, {})[micro_batch] = [g.detach() for g in grads[1:]]
+        self.pending.move_to_end(key)
+        while len(self.pending) > MAX_PENDING_STEPS:
+            self.pending.popitem(last=False)
+        return grads[0]
+
+    def take_pending(self, key: tuple[str, int], micro_batches: int) -> list[torch.Tensor] | list[int]:
+        """The summed gradients of all micro-batches of ``key``, or the micro-batches still missing."""
+        parts = self.pending.get(key, {})
+        missing = [m for m in range(micro_batches) if m not in parts]
+        if missing:
+            return missing
+        del self.pending[key]
+        return [torch.stack(grads).sum(0) for grads in zip(*(parts[m] for m in range(micro_batches)), strict=True)]
+
+    def apply(self, key: tuple[str, int], grads: list[torch.Tensor]) -> None:
+        for param, grad in zip(self.params, grads, strict=True):
+            param.grad = grad.to(param.device, param.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        self.applied[key] = self.version
+        self.pending.pop(key, None)
+        while len(self.applied) > MAX_APPLIED_REMEMBERED:
+            self.applied.popitem(last=False)
+
+    # ---- averaging (node/stage_averaging.py) ---------------------------------------------------
+    def reanchor(self) -> None:
+        """Take the current parameters as the anchor the next round's drift is measured from."""
+        self.anchor = [p.detach().clone() for p in self.params]
+        self.anchor_digest = tensors_digest(self.anchor)
+
+    def drift(self) -> tuple[list[torch.Tensor], int]:
+        """``anchor - params`` (float32, CPU: what a round averages) and the version it was taken at."""
+        with torch.no_grad():
+            delta = [(a - p).float().cpu() for a, p in zip(self.anchor, self.params, strict=True)]
+        return delta, self.version
+
+    def apply_mean_drift(self, mean: list[torch.Tensor]) -> None:
+        """``params = anchor - mean`` (the same bits on every member of the group); it becomes the new anchor."""
+        with torch.no_grad():
+            for param, anchor, drift in zip(self.params, self.anchor, mean, strict=True):
+                param.copy_(anchor - drift.to(param.device, param.dtype))
+        self.version += 1
+        self.reanchor()
+
+    # ---- state for joining replicas, spot-checks and resyncs ----------------------------------
+    def state(self) -> list[torch.Tensor]:
+        moments = [self.optimizer.state.get(p, {}) for p in self.params]
+        return [
+            *(p.detach() for p in self.params),
+            *(m.get("exp_avg", torch.zeros_like(p)) for m, p in zip(moments, self.params, strict=True)),
+            *(m.get("exp_avg_sq", torch.zeros_like(p)) for m, p in zip(moments, self.params, strict=True)),
+            *self.anchor,
+        ]
+
+    def load_state(self, tensors: tuple[torch.Tensor, ...], version: int, applied: tuple[tuple[str, int], ...]) -> None:
+        count = len(self.params)
+        if len(tensors) != STATE_BLOCKS * count or any(
+            t.shape != p.shape or not torch.isfinite(t).all()
+            for t, p in zip(tensors, self.params * STATE_BLOCKS, strict=True)
+        ):
+            raise StageMessageError(
+                "a stage state must hold finite params, two Adam moments and an anchor of the stage's shapes"
+            )
+        with torch.no_grad():
+            for i, param in enumerate(self.params):
+                param.copy_(tensors[i])
+                if version > 0:
+                    self.optimizer.state[param] = {
+                        "step": torch.tensor(float(version)),
+                        "exp_avg": tensors[count + i].clone().to(param.device),
+                        "exp_avg_sq": tensors[2 * count + i].clone().to(param.device),
+                    }
+        self.anchor = [t.clone().to(p.device) for t, p in zip(tensors[3 * count :], self.params, strict=True)]
+        self.anchor_digest = tensors_digest(self.anchor)
+        self.version = version
+        self.applied.update({pair: version for pair in applied})
