@@ -124,7 +124,7 @@ class CompressionConfig:
     bits: int = 32  # bits per value before the group's headroom bits: 4, 8 or 16; 32 = no quantization
     fraction: float = 1.0  # random-k: share of coordinates each round sends (index set from a group-shared seed)
     error_feedback: bool = True  # keep what was not sent (and rounding errors) for the next round
-    bound: float = 0.0  # per-coordinate clip bound of the low-bit code; 0 = inner_steps * inner_lr (Adam's reach)
+    bound: float = 0.0  # cap on the low-bit code's bound (groups agree on 3x RMS, a power of 2); 0 = clip_bound
 
     def __post_init__(self) -> None:
         _require(self.bits in (4, 8, 16, 32), f"compression.bits must be 4, 8, 16 or 32, got {self.bits}")

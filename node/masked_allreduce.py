@@ -54,7 +54,7 @@ from dht.identity import verify_binding
 from node.compression import Compression, pack_bits, packed_size, select_coordinates, unpack_bits
 from node.fixed_point import FixedPointCodec
 from node.masking import apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
-from node.secagg_messages import MAX_GROUP, Message, MessageError
+from node.secagg_messages import MAX_GROUP, NO_BOUND, Message, MessageError
 from node.shamir import ShareError, combine_secret, split_secret
 
 if TYPE_CHECKING:
@@ -163,6 +163,9 @@ class MaskedAllReduce:
         noise: this peer's share of the differential-privacy noise, added in the ring before masking.
         compression: low-bit words and random-k (node/compression.py); None: full 32-bit words.
             With random-k, ``part_sizes`` split ``compression.count(vector.size) + 1`` elements.
+        adaptive_bound: agree on the code's bound in the keys phase: each peer proposes the power of two
+            at or above 3x the RMS of its values and the group takes the largest, capped at ``bound``
+            (for low-bit codes; a proposal reveals the order of magnitude of a peer's update).
         residual: for error feedback (float32, the vector's length): on success it is overwritten with
             what of ``vector`` the group's sum did not take (unselected coordinates, clipped excess,
             rounding error), for the caller to keep and send again; untouched on failure.
@@ -190,6 +193,7 @@ class MaskedAllReduce:
         noise: NoiseShare | None = None,
         compression: Compression | None = None,
         residual: np.ndarray | None = None,
+        adaptive_bound: bool = False,
         record_view: bool = False,
     ):
         n = len(peer_ids)
@@ -214,6 +218,7 @@ class MaskedAllReduce:
         self.parts = split_parts(self.values.size + 1, part_sizes)
         self.reducers = [k for k, size in enumerate(part_sizes) if size > 0]
         self.codec = FixedPointCodec(group_size=n, bound=bound, bits=self.compression.bits)
+        self.adaptive_bound = adaptive_bound
         self.width = self.codec.ring_bits
         self.sent_error = None if residual is None else self.workspace.array("sent_error", self.values.size, np.float32)
         self.timeouts = timeouts
@@ -414,12 +419,17 @@ class MaskedAllReduce:
             "b_commit": _commit(b_seed),
             "signing_pk": self.identity.signing_public_key,
             "binding": self.identity.binding,
+            "bound_exp": self._propose_bound() if self.adaptive_bound else NO_BOUND,
         }
         self._keys[me] = own_keys
         await self._broadcast(everyone, "keys", lambda j: own_keys)  # acknowledged before any share is sent
         await self._collect("keys", everyone, self.timeouts.message)
         u1 = sorted(self._keys)
         self._require(len(u1) >= minimum, f"only {len(u1)} peers sent keys")
+        proposals = [self._keys[j]["bound_exp"] for j in u1 if self._keys[j]["bound_exp"] != NO_BOUND]
+        if self.adaptive_bound and proposals:  # every member of u1 (checked in shares) derives the same bound
+            bound = min(self.codec.bound, 2.0 ** max(proposals))
+            self.codec = FixedPointCodec(group_size=self.n, bound=bound, bits=self.compression.bits)
 
         self._phase("shares")
         # shares
@@ -567,6 +577,13 @@ class MaskedAllReduce:
         return SecAggResult(mean=self.out, contributors=tuple(u), weight_sum=weight_sum)
 
     # ------------------------------------------------------------------ helpers
+
+    def _propose_bound(self) -> int:
+        """log2 of the power of two at or above 3x the RMS of our values (NO_BOUND for an all-zero update)."""
+        rms = float(np.sqrt(np.mean(np.square(self.values, dtype=np.float64)))) if self.values.size else 0.0
+        if not (np.isfinite(rms) and rms > 0):
+            return NO_BOUND
+        return int(min(30, max(-100, np.ceil(np.log2(3 * rms)))))
 
     def _phase(self, name: str) -> None:
         """Record when a phase starts; ``stats["phases"]`` holds (name, seconds since the start)."""

@@ -56,6 +56,13 @@ def _is_holders(v: Any) -> bool:  # part -> holder index, -1 where no reducer to
     return isinstance(v, list) and len(v) <= MAX_GROUP and all(h == -1 or _is_index(h) for h in v)
 
 
+NO_BOUND = -128  # a keys message's "bound_exp" when its sender proposes no code bound
+
+
+def _is_bound_exp(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (v == NO_BOUND or -100 <= v <= 30)
+
+
 def _is_share_map(v: Any) -> bool:
     return (
         isinstance(v, dict)
@@ -74,6 +81,8 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
         "b_commit": _is_bytes(32),
         "signing_pk": _is_bytes(32),
         "binding": _is_bytes(64),
+        # the sender's proposed code bound 2**bound_exp (low-bit compression; NO_BOUND: none)
+        "bound_exp": _is_bound_exp,
     },
     # the sender's view of who advertised keys, and its shares for the recipient, boxed
     "shares": {"view": _is_index_list, "box": _is_bytes_max(1024)},

@@ -290,6 +290,7 @@ class SecureAverager(DecentralizedAverager):
                     noise=self._noise,
                     compression=self._compression,
                     residual=self.residual.numpy() if self.residual.numel() else None,
+                    adaptive_bound=self._compression.bits < 32 and self._noise is None,
                 )
                 self._running_groups[group_info.group_id].set_result(session)
                 assert self._endpoint is not None, "the endpoint starts with the averager"

@@ -220,12 +220,12 @@ class TrainingNode:
         )
 
     def _compression_bound(self) -> float:
-        """The low-bit code's clip bound: configured, or ``inner_steps * inner_lr`` (how far Adam moves a
-        weight in a round, at most about lr per step); 0 when values keep the full ring."""
-        compression, train = self.run.compression, self.run.train
+        """The low-bit code's clip bound (a cap: each group agrees on a tighter one from its members'
+        update sizes, node/masked_allreduce.py); 0 when values keep the full ring."""
+        compression = self.run.compression
         if compression.bits == 32:
             return 0.0
-        return compression.bound or train.inner_steps * train.inner_lr
+        return compression.bound or self.run.aggregation.clip_bound
 
     def _record(self) -> bytes:
         return PeerRecord(

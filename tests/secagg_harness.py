@@ -105,6 +105,7 @@ class SecAggSwarm:
         record_view: bool = False,
         compression: Compression | None = None,
         residuals: list[np.ndarray] | None = None,
+        adaptive_bound: bool = False,
     ) -> list[MaskedAllReduce]:
         """One session per vector (peers 0..n-1 of the swarm), registered with their endpoints."""
         n = len(vectors)
@@ -131,6 +132,7 @@ class SecAggSwarm:
                 record_view=record_view,
                 compression=compression,
                 residual=None if residuals is None else residuals[i],
+                adaptive_bound=adaptive_bound,
             )
             self.endpoints[i].register(session)
             result.append(session)

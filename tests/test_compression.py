@@ -122,3 +122,19 @@ def test_error_feedback_loses_no_mass(swarm: SecAggSwarm) -> None:
     remaining = sum(r.astype(np.float64) for r in residuals)
     np.testing.assert_allclose(carried + remaining, inputs_total, atol=1e-4)
     assert np.abs(remaining).max() > 0.1  # the residual is doing work (clipped excess, unsent coordinates)
+
+
+def test_group_agrees_on_a_tight_bound_for_low_bit_codes(swarm: SecAggSwarm) -> None:
+    """Each peer proposes 2**ceil(log2(3 rms)); everyone uses the largest proposal, capped by the run's bound."""
+    rng = np.random.default_rng(9)
+    scales = [0.001, 0.002, 0.004, 0.003]
+    vectors = [(rng.standard_normal(NUMEL) * s).astype(np.float32) for s in scales]
+    sessions = swarm.sessions(vectors, compression=Compression(bits=8), adaptive_bound=True)
+    outcomes = results_of(swarm.run(sessions), [0, 1, 2, 3])
+    expected = max(2.0 ** np.ceil(np.log2(3 * np.sqrt(np.mean(np.square(v, dtype=np.float64))))) for v in vectors)
+    assert expected < 0.02  # far tighter than the cap of 1.0
+    assert all(session.codec.bound == expected for session in sessions)
+    exact = sum(np.clip(v, -expected, expected).astype(np.float64) for v in vectors) / 4
+    bound = sessions[0].codec.quantization_bound(4.0, float(np.abs(exact).max()))
+    assert bound < 1e-3  # a code at the cap of 1.0 would be ~60x coarser
+    assert np.abs(outcomes[0].mean - exact).max() <= bound
