@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from dht import Cohort, CohortMatcher, PeerRecord, adjusted_rand_index, encode_sketch, list_peers, publish_record
+from node.cli import main
 from node.data import CORPUS_STYLES, generate_corpus
 from node.sketch import data_sketch
 
@@ -17,6 +22,7 @@ if TYPE_CHECKING:
     from conftest import SwarmPeer
 
 RecordFactory = Callable[..., PeerRecord]
+ROOT = Path(__file__).resolve().parents[1]
 SLICE = 20_000  # bytes of data per peer
 THRESHOLD = 0.1  # the default cohorts.distance_threshold
 
@@ -200,3 +206,49 @@ def test_twelve_peers_from_three_corpora_form_three_cohorts_and_a_thirteenth_mov
     assert moved == []
     newcomer_cohort = {after[p] for p, (k, _) in zip(ids, first, strict=False) if k == thirteenth[0]}
     assert newcomer_cohort == {after[ids[12]]}
+
+
+@pytest.mark.slow
+def test_cohort_personalized_models_beat_one_global_model_on_their_own_corpus() -> None:
+    """On 12 peers from 3 corpora, each cohort's own models reach a lower held-out loss than the global model."""
+    # Execute
+    command = [sys.executable, str(ROOT / "benchmarks" / "cohorts.py"), "--peers", "12", "--corpora", "3"]
+    command += ["--rounds", "10", "--inner-steps", "20", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+
+    # Assert
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ari"] >= 0.9 and summary["cohorts"] == 3
+    personal, shared = summary["per_cohort_val_loss"], summary["global_only_val_loss"]
+    assert personal.keys() == shared.keys() and len(personal) == 3
+    assert all(personal[c] < shared[c] for c in personal), (personal, shared)
+
+
+def test_status_shows_each_peers_cohort_and_distance(
+    swarm_factory, record_factory: RecordFactory, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """`zen-node status` lists the cohorts (members, distance to centroid), in text and in --json."""
+    # Prepare
+    slices = corpus_slices(2, 2)[:3]  # two peers of corpus 0, one of corpus 1
+    peers = swarm_factory(3, run_ids=[run_id])
+    for peer, (_, data) in zip(peers, slices, strict=True):
+        record = record_factory(peer.identity, sketch=encode_sketch(data_sketch(data)))
+        assert publish_record(peer.dht, run_id, record.sign(peer.identity))
+    flags = ["--initial-peers", peers[0].maddrs[0], "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--run-id", run_id]
+
+    # Execute
+    json_code = main(["status", *flags, "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    text_code = main(["status", *flags])
+    text = capsys.readouterr().out
+
+    # Assert
+    assert json_code == text_code == 0
+    by_peer = {row["peer_id"]: row for row in rows}
+    first, second, third = (by_peer[p.identity.peer_id] for p in peers)
+    assert first["cohort"] == second["cohort"] != third["cohort"]
+    assert (first["cohort_size"], third["cohort_size"]) == (2, 1)
+    assert 0 < first["distance_to_centroid"] < THRESHOLD and third["distance_to_centroid"] == 0
+    assert "2 cohort(s)" in text and f"cohort {first['cohort']}: 2 member(s)" in text
+    assert f"{peers[2].identity.peer_id}" in text.split(f"cohort {third['cohort']}")[1]
