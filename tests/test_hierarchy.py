@@ -9,13 +9,23 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+from test_training import NodeProcess, bootstrap_maddr  # noqa: F401
 from torch import nn
 
 from dht import PeerRecord, encode_sketch, publish_record
 from node.aggregator import AggregationResult, Aggregator, SecureAggregator, make_aggregator
-from node.config import AggregationConfig, CohortConfig, ConfigError, NodeConfig, RunConfig, load_node_config
+from node.config import (
+    AggregationConfig,
+    CohortConfig,
+    ConfigError,
+    ModelConfig,
+    NodeConfig,
+    RunConfig,
+    load_node_config,
+)
 from node.data import generate_corpus
 from node.hierarchy import HierarchicalAggregator, importance_weight, partition_parameters
+from node.model import build_model
 from node.sketch import data_sketch
 from node.trainer import TrainingNode
 
@@ -197,3 +207,64 @@ def test_a_node_shares_zeros_in_place_of_its_local_parameters(tmp_path: Path) ->
         else:
             assert torch.equal(shared[i], param.detach())
     assert {node.partition.names[i].split(".")[0] for i in node.partition.local} == {"ln_f", "wpe"}
+
+
+COHORT_TOML = """
+[run]
+run_id = "cohorts"
+min_memory_gb = 0.0
+[run.model]
+d_model = 32
+context = 32
+[run.train]
+inner_steps = 4
+batch_size = 8
+[run.aggregation]
+min_group_size = 3
+matchmaking_time = 1.0
+timeout = 30.0
+[run.cohorts]
+enabled = true
+global_every = 2
+"""
+
+
+@pytest.mark.slow
+def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Path, bootstrap_maddr: str) -> None:  # noqa: F811
+    """Real `zen-node join` processes with cohorts: one cohort, group rounds, identical shared params, own ln_f."""
+    # Prepare
+    config = tmp_path / "run.toml"
+    config.write_text(COHORT_TOML)
+    corpus = generate_corpus(60_000, seed=3)
+    rounds = 3
+    nodes = [
+        NodeProcess(
+            tmp_path,
+            f"n{i}",
+            config,
+            bootstrap_maddr,
+            corpus[i * 20_000 : (i + 1) * 20_000],
+            "--rounds",
+            str(rounds),
+            "--min-peers",
+            "3",
+        )
+        for i in range(3)
+    ]
+    try:
+        # Execute
+        codes = [node.wait(240) for node in nodes]
+    finally:
+        for node in nodes:
+            node.stop()
+
+    # Assert
+    assert codes == [0, 0, 0], [node.output()[-2000:] for node in nodes]
+    trained = [[r for r in node.reports() if r["mode"] not in ("initial", "loaded")] for node in nodes]
+    assert all(r["mode"] == "group" and r["group_size"] == 3 for t in trained for r in t), trained
+    assert len({r["cohort"] for t in trained for r in t}) == 1
+    names = [name for name, _ in build_model(ModelConfig(d_model=32, context=32), seed=0).named_parameters()]
+    params = [torch.load(node.params(rounds), weights_only=True) for node in nodes]
+    for j, name in enumerate(names):
+        same = all(torch.equal(params[0][j], other[j]) for other in params[1:])
+        assert same != name.startswith("ln_f."), name  # local layers differ, everything else is the group's
