@@ -1,7 +1,9 @@
-"""The swarm's shared state: joining, identities, signed typed records, discovery.
+"""The swarm's shared state: joining, identities, signed typed records, discovery, cohorts.
 
 class NodeIdentity (identity.py): a node's libp2p key (its PeerID) and the record-signing key bound to it
 class PeerRecord, Capacity (records.py): a node's signed self-description, msgpack on the wire
+class CohortMatcher, Cohort (cohorts.py): peers with similar data, by a deterministic rule over the records;
+    adjusted_rand_index
 class BanRecord (bans.py): a trainer's signed claim that a stage server cheated; publish_ban, list_bans
 class PeerRecordValidator (validator.py): hivemind validator that drops forged, stale or malformed records
 class SwarmConfig, Heartbeat (swarm.py): join options; keep a node's record fresh
@@ -11,6 +13,7 @@ start_dht, publish_record, list_peers (swarm.py): start a DHT peer, publish, rea
 """
 
 from dht.bans import BanError, BanRecord, list_bans, publish_ban
+from dht.cohorts import Cohort, CohortMatcher, adjusted_rand_index
 from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
 from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
 from dht.swarm import (
@@ -31,6 +34,8 @@ __all__ = [
     "BanError",
     "BanRecord",
     "Capacity",
+    "Cohort",
+    "CohortMatcher",
     "Heartbeat",
     "IdentityError",
     "NodeIdentity",
@@ -39,6 +44,7 @@ __all__ = [
     "RecordError",
     "SwarmConfig",
     "SwarmError",
+    "adjusted_rand_index",
     "check_multiaddr",
     "connect_to_peers",
     "encode_sketch",

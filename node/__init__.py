@@ -1,9 +1,11 @@
 """The training node: capacity probe, data, model, DiLoCo training loop, aggregation, CLI.
 
 class NodeConfig, RunConfig, ModelConfig, TrainConfig, AggregationConfig, CompressionConfig, PrivacyConfig,
-    ShardingConfig (config.py): configuration
+    ShardingConfig, CohortConfig (config.py): configuration
 class GPT (model.py): the run's small byte-level GPT
 class ByteBatches (data.py): random windows over local bytes; load_corpus, byte_histogram, generate_corpus
+data_sketch (sketch.py): the data sketch in a PeerRecord (hashed byte n-gram frequencies)
+class HierarchicalAggregator, ParameterPartition (hierarchy.py): cohort/global/local parameters, importance weights
 probe_capacity (capacity.py): device, memory and measured samples/s at enrollment
 class Aggregator, SecureAggregator, PlainAggregator (aggregator.py): merge pseudo-gradients with a group of peers
 class MaskedAllReduce (masked_allreduce.py): secure aggregation on a butterfly all-reduce, dropout-tolerant
@@ -39,6 +41,7 @@ from node.aggregator import (
 from node.compression import Compression
 from node.config import (
     AggregationConfig,
+    CohortConfig,
     CompressionConfig,
     ConfigError,
     ModelConfig,
@@ -48,11 +51,13 @@ from node.config import (
     ShardingConfig,
     TrainConfig,
 )
+from node.hierarchy import HierarchicalAggregator, ParameterPartition, importance_weight, partition_parameters
 from node.masked_allreduce import MaskedAllReduce, SecAggError
 from node.model import GPT, build_model
 from node.privacy import NoiseShare, PrivacyAccountant
 from node.remote_stages import RemoteStages, StageUnavailableError
 from node.sharded_trainer import ShardedTrainer, StepReport
+from node.sketch import data_sketch
 from node.stage_messages import StageMessageError, StageReply, StageRequest
 from node.stage_server import ServeConfig, StageServer
 from node.stages import LocalParts, Stage, choose_stages, rebalance_target, stage_ranges
@@ -66,15 +71,18 @@ __all__ = [
     "AggregationError",
     "AggregationResult",
     "Aggregator",
+    "CohortConfig",
     "Compression",
     "CompressionConfig",
     "ConfigError",
     "ConfigMismatchError",
+    "HierarchicalAggregator",
     "LocalParts",
     "MaskedAllReduce",
     "ModelConfig",
     "NodeConfig",
     "NoiseShare",
+    "ParameterPartition",
     "PlainAggregator",
     "PrivacyAccountant",
     "PrivacyConfig",
@@ -100,7 +108,10 @@ __all__ = [
     "__version__",
     "build_model",
     "choose_stages",
+    "data_sketch",
+    "importance_weight",
     "make_aggregator",
+    "partition_parameters",
     "rebalance_target",
     "stage_ranges",
 ]

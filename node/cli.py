@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 from hivemind.utils import get_dht_time
 
-from dht import IdentityError, SwarmError, list_peers, start_dht
+from dht import CohortMatcher, IdentityError, SwarmError, list_peers, start_dht
 from dht.swarm import SwarmConfig
 from node.capacity import CapacityError
 from node.config import ConfigError, load_node_config
@@ -256,8 +256,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         dht.shutdown()
     now = get_dht_time()
+    matcher = CohortMatcher(config.run.run_id, config.run.cohorts.distance_threshold)
+    cohorts = matcher.cohorts(peers)
+    placed = {m: (c, d) for c in cohorts for m, d in zip(c.members, c.distances, strict=True)}
     if args.json:
         for peer in peers:
+            cohort, distance = placed.get(peer.peer_id, (None, None))
             row = {
                 "peer_id": peer.peer_id,
                 "roles": list(peer.roles),
@@ -270,6 +274,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "samples_per_second": peer.capacity.samples_per_second,
                 "epsilon": None if peer.epsilon < 0 else peer.epsilon,
                 "last_heartbeat_seconds_ago": round(now - peer.timestamp, 1),
+                "cohort": None if cohort is None else cohort.cohort_id,
+                "cohort_size": None if cohort is None else len(cohort),
+                "distance_to_centroid": distance,
             }
             print(json.dumps(row))
         return 0
@@ -283,6 +290,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{peer.capacity.memory_bytes / 1024**3:7.1f} {peer.capacity.samples_per_second:10.1f} "
             f"{epsilon:>8s} {now - peer.timestamp:5.1f}s"
         )
+    print(f"{len(cohorts)} cohort(s) of trainers (cosine distance threshold {matcher.threshold}):")
+    for cohort in cohorts:
+        print(f"cohort {cohort.cohort_id}: {len(cohort)} member(s)")
+        for member, distance in zip(cohort.members, cohort.distances, strict=True):
+            print(f"    {member:54s} distance to centroid {distance:.4f}")
     return 0
 
 

@@ -9,6 +9,7 @@ section::
     [run.train]      TrainConfig
     [run.aggregation] AggregationConfig
     [run.sharding]   ShardingConfig
+    [run.cohorts]    CohortConfig
     [swarm]          dht.SwarmConfig
     [node]           NodeConfig's own fields (data, identity, workdir, ...)
 """
@@ -195,6 +196,49 @@ class ShardingConfig:
         )
 
 
+MAX_PATTERNS = 32  # most name patterns in each of cohorts.local_patterns and cohorts.cohort_patterns
+
+
+@dataclass
+class CohortConfig:
+    """Cohorts of peers with similar data and hierarchical averaging (node/hierarchy.py); off unless enabled."""
+
+    enabled: bool = False  # average cohort params within the cohort, global params also across cohorts
+    distance_threshold: float = 0.1  # cosine distance up to which two data sketches link (dht/cohorts.py)
+    local_patterns: list[str] = field(default_factory=lambda: ["ln_f.*"])  # fnmatch names: never sent
+    cohort_patterns: list[str] = field(default_factory=lambda: ["blocks.*"])  # averaged within the cohort only
+    global_every: int = 4  # the global params are also averaged across cohorts every this many rounds
+    alpha: float = 0.5  # a cohort's weight across cohorts is its samples * size**-alpha (0: by samples)
+    sketch_noise: float = 0.0  # std of Gaussian noise on each sketch coordinate (node/sketch.py)
+    sketch_every: int = 10  # recompute the sketch from the data every this many rounds; 0 = only at enrollment
+
+    def __post_init__(self) -> None:
+        _require(
+            math.isfinite(self.distance_threshold) and 0 <= self.distance_threshold <= 2,
+            f"cohorts.distance_threshold must be in [0, 2] (cosine distance), got {self.distance_threshold}",
+        )
+        for name in ("local_patterns", "cohort_patterns"):
+            patterns = getattr(self, name)
+            _require(
+                isinstance(patterns, list)
+                and len(patterns) <= MAX_PATTERNS
+                and all(isinstance(p, str) and 0 < len(p) <= 128 for p in patterns),
+                f"cohorts.{name} must be a list of at most {MAX_PATTERNS} name patterns (1-128 characters), "
+                f"e.g. ['head.*'], got {patterns!r}",
+            )
+        _require(
+            1 <= self.global_every <= 10_000, f"cohorts.global_every must be in [1, 10000], got {self.global_every}"
+        )
+        _require(
+            math.isfinite(self.alpha) and 0 <= self.alpha <= 4, f"cohorts.alpha must be in [0, 4], got {self.alpha}"
+        )
+        _require(
+            math.isfinite(self.sketch_noise) and 0 <= self.sketch_noise <= 1,
+            f"cohorts.sketch_noise must be in [0, 1], got {self.sketch_noise}",
+        )
+        _require(0 <= self.sketch_every <= 1_000_000, f"cohorts.sketch_every must be >= 0, got {self.sketch_every}")
+
+
 @dataclass
 class RunConfig:
     """Everything the peers of one run must agree on."""
@@ -207,6 +251,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    cohorts: CohortConfig = field(default_factory=CohortConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -228,6 +273,12 @@ class RunConfig:
             f"run.run_id must be 1-64 letters, digits, '-' or '_', got {self.run_id!r}",
         )
         _require(self.min_memory_gb >= 0, f"run.min_memory_gb must be >= 0, got {self.min_memory_gb}")
+        _require(
+            not self.cohorts.enabled
+            or (not self.compression.active and not self.privacy.enabled and self.sharding.stages == 0),
+            "cohorts cannot yet be combined with compression, privacy or sharding; set cohorts.enabled = false "
+            "or turn those off",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,6 +338,7 @@ _SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "compression": CompressionConfig,
     "sharding": ShardingConfig,
+    "cohorts": CohortConfig,
 }
 
 

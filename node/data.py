@@ -1,8 +1,7 @@
 """Local data: byte-level tokens from a text file or a folder of .txt/.jsonl files.
 
-Nothing is downloaded. The data sketch published in a PeerRecord is a normalized byte
-histogram (256 floats): it says which bytes are common in the corpus, never which records it
-holds. A later issue replaces it with a richer sketch.
+Nothing is downloaded. The data sketch published in a PeerRecord is computed by
+node/sketch.py (hashed byte n-gram frequencies); ``byte_histogram`` is the older, coarser one.
 """
 
 from __future__ import annotations
@@ -110,13 +109,39 @@ _WORDS = (
 ).split()
 
 
-def generate_corpus(num_bytes: int, seed: int = 0) -> bytes:
-    """A deterministic synthetic text (a word-level Markov chain) for the demo and tests."""
+CORPUS_STYLES = ("prose", "digits", "cyrillic", "dna")  # generate_corpus's clearly different kinds of text
+_ALPHABETS = {
+    "digits": "0123456789,.;:-+",
+    "cyrillic": "абвгдеёжзийклмнопрстуфхцчшщъыьэюя",
+    "dna": "ACGT",
+}
+
+
+def _vocabulary(style: str, rng: random.Random) -> list[str]:
+    if style == "prose":
+        return list(_WORDS)
+    alphabet = _ALPHABETS[style]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 8))) for _ in range(40)]
+
+
+def generate_corpus(num_bytes: int, seed: int = 0, style: str = "prose") -> bytes:
+    """A deterministic synthetic text (a word-level Markov chain) for the demo and tests.
+
+    Args:
+        num_bytes: length of the text.
+        seed: seeds the chain (and, except for "prose", its vocabulary).
+        style: one of CORPUS_STYLES; each draws its words from another alphabet (English words,
+            digits and punctuation, Cyrillic letters in UTF-8, DNA bases), so their byte statistics
+            differ clearly.
+    """
+    if style not in CORPUS_STYLES:
+        raise ValueError(f"corpus style must be one of {CORPUS_STYLES}, got {style!r}")
     rng = random.Random(seed)
-    successors = {word: rng.sample(_WORDS, 4) for word in _WORDS}
-    words, word, size = [], rng.choice(_WORDS), 0
+    vocabulary = _vocabulary(style, rng)
+    successors = {word: rng.sample(vocabulary, 4) for word in vocabulary}
+    words, word, size = [], rng.choice(vocabulary), 0
     while size < num_bytes:
         words.append(word)
-        size += len(word) + 1
-        word = rng.choice(successors[word]) if rng.random() < 0.9 else rng.choice(_WORDS)
+        size += len(word.encode()) + 1
+        word = rng.choice(successors[word]) if rng.random() < 0.9 else rng.choice(vocabulary)
     return " ".join(words).encode()[:num_bytes]

@@ -17,6 +17,13 @@ One outer round (see docs/architecture.md):
 If no group forms while other trainers are alive, the node waits for one of them to finish the
 round and downloads its state (``resync``), keeping its own unsent progress on top of it. A node
 alone applies its own delta (``solo``).
+
+With ``[run.cohorts]`` enabled, the Aggregator is a ``HierarchicalAggregator`` (node/hierarchy.py):
+local parameters are never handed to it (their entries of the update are left as this node's own
+delta), cohort parameters are averaged within the node's cohort, global ones also across cohorts.
+A missed round is then applied solo, never resynced from a peer (whose cohort parameters may be
+another cohort's), and the state this node shares with late joiners holds zeros in place of its
+local parameters.
 """
 
 from __future__ import annotations
@@ -53,8 +60,9 @@ from node.aggregator import MAX_SECURE_GROUP, AggregationError, AggregationResul
 from node.capacity import fit_batch_size, pick_device, probe_capacity
 from node.compression import Compression
 from node.config import ConfigError, NodeConfig, describe_difference
-from node.data import ByteBatches, byte_histogram, load_corpus
+from node.data import ByteBatches, DataError, load_corpus
 from node.fixed_point import FixedPointCodec
+from node.hierarchy import HierarchicalAggregator, ParameterPartition, partition_parameters
 from node.model import build_model
 from node.privacy import (
     NoiseShare,
@@ -63,6 +71,7 @@ from node.privacy import (
     clip_update,
     effective_multiplier,
 )
+from node.sketch import data_sketch
 from node.state_sharing import SharedState, StateSharer
 from node.wire_meter import WireMeter
 
@@ -95,6 +104,7 @@ class RoundReport:
     utilization: float = 0.0  # fraction of the wall time since the last report spent in inner steps
     bytes_sent: int = 0  # every byte this node's libp2p daemon put on the wire so far (TCP, DHT included)
     inner_steps: int = 0  # inner steps behind this report's training loss
+    cohort: str | None = None  # the cohort this node placed itself in (with [run.cohorts]); None otherwise
 
 
 @dataclass
@@ -151,6 +161,7 @@ class TrainingNode:
         self._last_report = time.perf_counter()
         self._last_inner: tuple[float, int] = (float("nan"), 0)  # mean train loss and steps of the last inner phase
         self.meter: WireMeter | None = None
+        self.partition: ParameterPartition | None = None  # parameter tags, with [run.cohorts]
 
     # ---- enrollment -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -168,7 +179,7 @@ class TrainingNode:
         train_bytes, eval_bytes = corpus[:split], corpus[split:]
         if len(eval_bytes) <= self.run.model.context + 1:
             eval_bytes = train_bytes
-        self.sketch = byte_histogram(corpus)
+        self.sketch = data_sketch(corpus, noise=self.run.cohorts.sketch_noise)
         self.device = pick_device(self.config.device)
         train = self.run.train
         self.batch_size = fit_batch_size(self.run.model, train.batch_size, self.device)
@@ -187,6 +198,8 @@ class TrainingNode:
         self.global_params = [
             torch.nn.Parameter(p.detach().clone(), requires_grad=True) for p in self.model.parameters()
         ]
+        if self.run.cohorts.enabled:
+            self.partition = partition_parameters([name for name, _ in self.model.named_parameters()], self.run.cohorts)
         nesterov = train.outer_momentum > 0  # torch refuses Nesterov without momentum
         self.outer_opt = torch.optim.SGD(
             self.global_params, lr=train.outer_lr, momentum=train.outer_momentum, nesterov=nesterov
@@ -270,11 +283,8 @@ class TrainingNode:
         ).start()
         client_mode = self.config.swarm.client_mode
         self.sharer = StateSharer(self.dht, self.run.run_id, self._shared_state, client_mode=client_mode)
-        self.aggregator = make_aggregator(
-            self.dht,
-            self.run.run_id,
-            self.global_params,
-            self.run.aggregation,
+        options: dict[str, Any] = dict(
+            config=self.run.aggregation,
             identity=self.identity,
             weight_bound=float(self.run.train.inner_steps * self.run.train.batch_size),
             client_mode=client_mode,
@@ -286,6 +296,21 @@ class TrainingNode:
             ),
             compression_bound=self._compression_bound(),
         )
+        self.aggregator = (
+            make_aggregator(self.dht, self.run.run_id, self.global_params, **options)
+            if self.partition is None
+            else HierarchicalAggregator(
+                self.dht,
+                self.run.run_id,
+                self.run_hash,
+                self.identity.peer_id,
+                self.global_params,
+                self.partition,
+                self.run.cohorts,
+                self.run.aggregation.min_group_size,
+                **options,
+            )
+        )
         if any(p.round > self.round for p in peers):
             self._catch_up("loaded")
         self.sharer.announce(self.round)
@@ -295,10 +320,13 @@ class TrainingNode:
         return {"round": self.round, "run_hash": self.run_hash}, self._state_tensors()
 
     def _state_tensors(self) -> list[torch.Tensor]:
+        """Global params and outer momentum, as shared with late joiners (local params as zeros: never sent)."""
+        local = set(self.partition.local) if self.partition is not None else set()
         momentum = [self.outer_opt.state.get(p, {}).get("momentum_buffer") for p in self.global_params]
-        return [p.detach() for p in self.global_params] + [
-            m.detach() if m is not None else torch.zeros_like(p)
-            for m, p in zip(momentum, self.global_params, strict=True)
+        params = [torch.zeros_like(p) if i in local else p.detach() for i, p in enumerate(self.global_params)]
+        return params + [
+            m.detach() if m is not None and i not in local else torch.zeros_like(p)
+            for i, (m, p) in enumerate(zip(momentum, self.global_params, strict=True))
         ]
 
     def _catch_up(self, mode: str) -> bool:
@@ -327,12 +355,16 @@ class TrainingNode:
         return state if state is not None and state.round >= at_least else None
 
     def _apply_state(self, state: SharedState) -> None:
-        """Global parameters, outer momentum and round from a downloaded state (the local model is left)."""
+        """Global parameters, outer momentum and round from a downloaded state (the local model is left, and so
+        are our own local parameters with [run.cohorts])."""
         count = len(self.global_params)
+        local = set(self.partition.local) if self.partition is not None else set()
         with torch.no_grad():
-            for param, value, momentum in zip(
-                self.global_params, state.tensors[:count], state.tensors[count:], strict=True
+            for i, (param, value, momentum) in enumerate(
+                zip(self.global_params, state.tensors[:count], state.tensors[count:], strict=True)
             ):
+                if i in local:
+                    continue
                 param.copy_(value.to(param.device))
                 self.outer_opt.state[param]["momentum_buffer"] = momentum.to(param.device).clone()
         self.round = state.round
@@ -411,6 +443,8 @@ class TrainingNode:
                 future.set_result(("local", None))
         mean = [t.clone() for t in sent]
         undelivered: list[torch.Tensor] = []
+        if isinstance(self.aggregator, HierarchicalAggregator):
+            self.aggregator.place()  # here, not in the worker: hivemind starts averagers from the main thread only
         if not future.done():
             future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1), undelivered)
         self._inflight = _InFlight(round_no, sent, mean, samples, undelivered, future)
@@ -434,7 +468,7 @@ class TrainingNode:
             return "group", result
         if self.stop_event.is_set():
             return "stopped", None
-        if self._others_alive() and self._wait_for_peer_ahead():
+        if self.partition is None and self._others_alive() and self._wait_for_peer_ahead():
             state = self._download(round_no)
             if state is not None:
                 return "resync", state
@@ -518,6 +552,7 @@ class TrainingNode:
             utilization=round(utilization, 4),
             bytes_sent=self.meter.bytes_sent() if self.meter is not None else 0,
             inner_steps=steps,
+            cohort=self._cohort_id(),
         )
         self._save_checkpoint()
         if self.config.save_round_params:
@@ -527,8 +562,23 @@ class TrainingNode:
         with open(self.workdir / REPORT_FILE, "a") as f:
             f.write(json.dumps(asdict(report)) + "\n")
         self.sharer.announce(self.round)
+        self._refresh_sketch()
         self.heartbeat.beat()
         self.on_round(report)
+
+    def _cohort_id(self) -> str | None:
+        cohort = getattr(self.__dict__.get("aggregator"), "cohort", None)
+        return cohort.cohort_id if cohort is not None else None
+
+    def _refresh_sketch(self) -> None:
+        """Every ``cohorts.sketch_every`` rounds, sketch the data again (the folder may have changed)."""
+        every = self.run.cohorts.sketch_every
+        if not (self.partition is not None and every and self.round % every == 0 and self.round and self.config.data):
+            return
+        try:
+            self.sketch = data_sketch(load_corpus(self.config.data), noise=self.run.cohorts.sketch_noise)
+        except (DataError, ValueError) as e:  # keep the old sketch: the data may be mid-update
+            logger.warning(f"could not refresh the data sketch: {e}")
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:

@@ -1,0 +1,193 @@
+"""Hierarchical averaging: cohort parameters within the cohort, global ones also across cohorts, local never.
+
+Every parameter of the model carries one tag, from its name (``ParameterPartition``):
+
+- ``local`` (``cohorts.local_patterns``, fnmatch): personalization layers. They are never handed to
+  an aggregator, so they never leave the node; each node applies its own delta to them.
+- ``cohort`` (``cohorts.cohort_patterns``): averaged every round within the node's cohort.
+- ``global`` (everything else): averaged every round within the cohort, and every
+  ``cohorts.global_every`` rounds also across cohorts, through the run-wide aggregator.
+
+One round of ``HierarchicalAggregator.aggregate`` (it is the trainer's Aggregator; the trainer's
+overlapped loop, staleness rule and round alignment are unchanged):
+
+1. place this node: ``CohortMatcher`` over the run's live trainer records (dht/cohorts.py);
+2. cohort step: the cohort and global tensors through the cohort's own aggregator, keyed
+   ``<run_id>-cohort-<cohort id>`` (another hivemind matchmaking key, so groups form inside the
+   cohort), weighted by samples;
+3. cross-cohort step, on rounds that are multiples of ``global_every``: the global tensors, now
+   holding the cohort's mean, through the run-wide aggregator with the importance weight
+   ``samples * cohort_size ** -alpha``. A cohort's members together weigh
+   ``cohort_samples * cohort_size ** -alpha``: alpha = 0 weighs cohorts by their samples, alpha = 1
+   (with equal samples per peer) weighs every cohort the same, so small cohorts are weighted up.
+
+A cohort smaller than the aggregation's ``min_group_size`` (a secure group needs 3) cannot average
+on its own: its members skip the cohort step, train their cohort params solo, and still bring
+their global params to the cross-cohort rounds (with their own delta in place of a cohort mean).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hivemind
+import torch
+
+from dht import Cohort, CohortMatcher, list_peers
+from node.aggregator import AggregationError, AggregationResult, Aggregator, make_aggregator
+from node.config import CohortConfig, ConfigError
+
+logger = logging.getLogger(__name__)
+
+TAGS = ("global", "cohort", "local")
+
+
+@dataclass(frozen=True)
+class ParameterPartition:
+    """Indices (in ``model.named_parameters()`` order) of each tag's parameters."""
+
+    names: tuple[str, ...]
+    global_: tuple[int, ...]
+    cohort: tuple[int, ...]
+    local: tuple[int, ...]
+
+    @property
+    def shared(self) -> tuple[int, ...]:
+        """What the cohort step averages: cohort and global params, in model order."""
+        return tuple(sorted(self.global_ + self.cohort))
+
+    def tag(self, index: int) -> str:
+        return "local" if index in self.local else "cohort" if index in self.cohort else "global"
+
+
+def partition_parameters(names: Sequence[str], config: CohortConfig) -> ParameterPartition:
+    """Tag each parameter name: ``local`` if a local pattern matches, else ``cohort`` if a cohort pattern does,
+    else ``global``.
+
+    Raises:
+        ConfigError: every parameter would be local (nothing would be averaged).
+    """
+    tags = []
+    for name in names:
+        if any(fnmatch.fnmatchcase(name, p) for p in config.local_patterns):
+            tags.append("local")
+        elif any(fnmatch.fnmatchcase(name, p) for p in config.cohort_patterns):
+            tags.append("cohort")
+        else:
+            tags.append("global")
+    if tags and all(tag == "local" for tag in tags):
+        raise ConfigError(f"cohorts.local_patterns {config.local_patterns} match every parameter; nothing is averaged")
+    indices = {tag: tuple(i for i, t in enumerate(tags) if t == tag) for tag in TAGS}
+    return ParameterPartition(tuple(names), indices["global"], indices["cohort"], indices["local"])
+
+
+def importance_weight(samples: float, cohort_size: int, alpha: float) -> float:
+    """A member's weight in cross-cohort averaging: ``samples * cohort_size ** -alpha`` (module docstring)."""
+    return float(samples) * max(1, cohort_size) ** -alpha
+
+
+AggregatorFactory = Callable[..., Aggregator]  # make_aggregator's signature
+
+
+class HierarchicalAggregator(Aggregator):
+    """The trainer's Aggregator when cohorts are enabled (the round in the module docstring).
+
+    Args:
+        dht: the node's running DHT.
+        run_id: the run (its records are read; its aggregation keys derive from it).
+        run_hash: only records with this run hash are clustered.
+        peer_id: this node's PeerID.
+        templates: one tensor per model parameter (shapes and dtypes of the update).
+        partition: the tags of the parameters.
+        cohorts: the run's cohort settings.
+        min_group_size: the smallest group an aggregator accepts; smaller cohorts skip the cohort step.
+        make: builds an inner aggregator, ``make(dht, run_id, templates, **kwargs)``; kwargs are passed on.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        run_hash: str,
+        peer_id: str,
+        templates: Sequence[torch.Tensor],
+        partition: ParameterPartition,
+        cohorts: CohortConfig,
+        min_group_size: int,
+        make: AggregatorFactory = make_aggregator,
+        **kwargs: Any,
+    ):
+        self.dht, self.run_id, self.run_hash, self.peer_id = dht, run_id, run_hash, peer_id
+        self.partition, self.cohorts, self.min_group_size = partition, cohorts, min_group_size
+        self.matcher = CohortMatcher(run_id, cohorts.distance_threshold)
+        self._make, self._kwargs = make, kwargs
+        self._shared_templates = [templates[i] for i in partition.shared]
+        self._global = (
+            make(dht, run_id, [templates[i] for i in partition.global_], **kwargs) if partition.global_ else None
+        )
+        self._cohort_aggregator: tuple[str, Aggregator] | None = None
+        self._lock = threading.Lock()
+        self.cohort: Cohort | None = None  # where this node placed itself at its last round
+
+    def place(self) -> Cohort | None:
+        """Place this node from the records it reads now, and ready its cohort's aggregator.
+
+        Call it from the main thread before each round's ``aggregate`` (hivemind starts an averager's
+        process only from the main thread), while no aggregation is in flight. Returns None until this
+        node's own record is listed.
+        """
+        self.cohort = self.matcher.cohort_of(self.peer_id, list_peers(self.dht, self.run_id), self.run_hash)
+        wanted = self.cohort.cohort_id if self.cohort is not None and self._can_average(self.cohort) else None
+        with self._lock:
+            if self._cohort_aggregator is not None and self._cohort_aggregator[0] != wanted:
+                logger.info(f"leaving cohort {self._cohort_aggregator[0]} for {wanted}")
+                self._cohort_aggregator[1].shutdown()
+                self._cohort_aggregator = None
+            if wanted is not None and self._cohort_aggregator is None:
+                key = f"{self.run_id}-cohort-{wanted}"
+                self._cohort_aggregator = (wanted, self._make(self.dht, key, self._shared_templates, **self._kwargs))
+        return self.cohort
+
+    def _can_average(self, cohort: Cohort) -> bool:
+        return len(cohort) >= self.min_group_size and bool(self.partition.shared)
+
+    def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
+        """The round in the module docstring, in the cohort found by the last ``place()``."""
+        if len(tensors) != len(self.partition.names):
+            raise ValueError(f"expected {len(self.partition.names)} tensors (one per parameter), got {len(tensors)}")
+        with self._lock:
+            cohort, step = self.cohort, self._cohort_aggregator
+        size = len(cohort) if cohort is not None else 1
+        results: list[AggregationResult] = []
+        if step is not None:
+            shared = [tensors[i] for i in self.partition.shared]  # the same tensors: averaged in place
+            result = step[1].aggregate(round_no, shared, weight)
+            if result is None:
+                logger.warning(f"round {round_no}: no group formed in cohort {step[0]}")
+            else:
+                results.append(result)
+        if self._global is not None and round_no % self.cohorts.global_every == 0:
+            global_ = [tensors[i] for i in self.partition.global_]
+            try:
+                result = self._global.aggregate(round_no, global_, importance_weight(weight, size, self.cohorts.alpha))
+            except AggregationError as e:  # the cohort's mean (if any) still stands
+                logger.warning(f"round {round_no}: cross-cohort averaging failed: {e}")
+                result = None
+            if result is not None:
+                results.append(result)
+        if not results:
+            return None
+        peers = tuple(sorted({p for r in results for p in r.peers}))
+        return AggregationResult(round=round_no, group_size=results[0].group_size, peers=peers)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for aggregator in (self._global, self._cohort_aggregator[1] if self._cohort_aggregator else None):
+                if aggregator is not None:
+                    aggregator.shutdown()
+            self._cohort_aggregator = None

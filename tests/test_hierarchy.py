@@ -1,0 +1,270 @@
+"""Hierarchical averaging: parameter tags, importance weights, and local parameters never sent (real peers)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from test_training import NodeProcess, bootstrap_maddr  # noqa: F401
+from torch import nn
+
+from dht import PeerRecord, encode_sketch, publish_record
+from node.aggregator import AggregationResult, Aggregator, SecureAggregator, make_aggregator
+from node.config import (
+    AggregationConfig,
+    CohortConfig,
+    ConfigError,
+    ModelConfig,
+    NodeConfig,
+    RunConfig,
+    load_node_config,
+)
+from node.data import generate_corpus
+from node.hierarchy import HierarchicalAggregator, importance_weight, partition_parameters
+from node.model import build_model
+from node.sketch import data_sketch
+from node.trainer import TrainingNode
+
+if TYPE_CHECKING:
+    from conftest import SwarmPeer
+
+
+def test_parameters_are_tagged_by_name_patterns() -> None:
+    """Local patterns win over cohort patterns; the rest is global; all-local is refused with one line."""
+    # Prepare
+    names = ["wte.weight", "blocks.0.qkv.weight", "blocks.1.mlp.0.bias", "ln_f.weight", "ln_f.bias"]
+
+    # Execute
+    partition = partition_parameters(names, CohortConfig(local_patterns=["ln_f.*", "blocks.1.*"]))
+
+    # Assert
+    assert [partition.tag(i) for i in range(len(names))] == ["global", "cohort", "local", "local", "local"]
+    assert partition.shared == (0, 1)
+    with pytest.raises(ConfigError, match="match every parameter"):
+        partition_parameters(names, CohortConfig(local_patterns=["*"]))
+
+
+@pytest.mark.parametrize(("alpha", "expected"), [(0.0, [30.0, 10.0]), (1.0, [10.0, 10.0]), (0.5, [30 / 3**0.5, 10.0])])
+def test_importance_weights_scale_a_cohort_by_size_to_the_minus_alpha(alpha: float, expected: list[float]) -> None:
+    """A 3-peer and a 1-peer cohort (10 samples each): alpha 0 weighs by samples, alpha 1 equally."""
+    # Execute
+    totals = [3 * importance_weight(10, 3, alpha), importance_weight(10, 1, alpha)]
+
+    # Assert
+    assert totals == pytest.approx(expected)
+
+
+def test_cohort_config_is_validated_and_refuses_unsupported_combinations() -> None:
+    """Out-of-range fields name themselves; cohorts with compression or privacy are refused for now."""
+    with pytest.raises(ConfigError, match=r"cohorts\.alpha"):
+        load_node_config(None, {"run.cohorts.alpha": -1.0})
+    with pytest.raises(ConfigError, match=r"cohorts\.local_patterns"):
+        load_node_config(None, {"run.cohorts.local_patterns": "head.*"})
+    with pytest.raises(ConfigError, match="cohorts cannot yet be combined"):
+        load_node_config(None, {"run.cohorts.enabled": True, "run.compression.bits": 8})
+    assert load_node_config(None, {"run.cohorts.enabled": True}).run.cohorts.global_every == 4
+
+
+class PersonalizedNet(nn.Module):
+    """A body shared by all, a middle shared in the cohort, and a big personal head (most of the bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.middle = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4096)
+
+
+class Recording(Aggregator):
+    """Passes every call on to a real aggregator, keeping the shapes and values it was given."""
+
+    def __init__(self, inner: Aggregator, calls: list[list[torch.Tensor]]):
+        self.inner, self.calls = inner, calls
+
+    def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
+        self.calls.append([t.detach().clone() for t in tensors])
+        return self.inner.aggregate(round_no, tensors, weight)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+def test_local_parameters_never_reach_an_aggregator_or_the_wire(
+    swarm_factory: Callable[..., list[SwarmPeer]], record_factory: Callable[..., PeerRecord], run_id: str
+) -> None:
+    """3 real peers of one cohort: aggregators see only cohort+global tensors, bytes sent fit them, heads stay own."""
+    # Prepare
+    peers = swarm_factory(3, run_ids=[run_id])
+    corpus = generate_corpus(60_000, seed=2)
+    for i, peer in enumerate(peers):
+        sketch = encode_sketch(data_sketch(corpus[i * 20_000 : (i + 1) * 20_000]))
+        assert publish_record(peer.dht, run_id, record_factory(peer.identity, sketch=sketch).sign(peer.identity))
+    model = PersonalizedNet()
+    names = [name for name, _ in model.named_parameters()]
+    cohorts = CohortConfig(enabled=True, local_patterns=["head.*"], cohort_patterns=["middle.*"], global_every=2)
+    partition = partition_parameters(names, cohorts)
+    aggregation = AggregationConfig(mode="secure", min_group_size=3, matchmaking_time=1.0, timeout=60.0)
+    calls: list[list[list[torch.Tensor]]] = [[] for _ in peers]
+    made: list[list[Aggregator]] = [[] for _ in peers]
+
+    def recording_factory(i: int) -> Callable[..., Aggregator]:
+        def make(*args: Any, **kwargs: Any) -> Aggregator:
+            inner = make_aggregator(*args, **kwargs)
+            made[i].append(inner)
+            return Recording(inner, calls[i])
+
+        return make
+
+    aggregators = [
+        HierarchicalAggregator(
+            peer.dht,
+            run_id,
+            "ab" * 16,
+            peer.identity.peer_id,
+            list(model.parameters()),
+            partition,
+            cohorts,
+            aggregation.min_group_size,
+            make=recording_factory(i),
+            config=aggregation,
+            identity=peer.identity,
+            weight_bound=64.0,
+        )
+        for i, peer in enumerate(peers)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    updates = [[torch.randn(p.shape, generator=generator) / 10 for p in model.parameters()] for _ in peers]
+    originals = [[t.clone() for t in update] for update in updates]
+    results: list[AggregationResult | None] = [None] * 3
+    try:
+        # Execute
+        for aggregator in aggregators:
+            aggregator.place()
+
+        def step(i: int) -> None:
+            results[i] = aggregators[i].aggregate(2, updates[i], weight=16.0)  # round 2: cohort and cross-cohort
+
+        threads = [threading.Thread(target=step, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        sent = [sum(a.bytes_sent for a in m if isinstance(a, SecureAggregator)) for m in made]
+    finally:
+        for aggregator in aggregators:
+            aggregator.shutdown()
+
+    # Assert
+    assert all(r is not None and r.group_size == 3 for r in results), results
+    assert all(a.cohort is not None and len(a.cohort) == 3 for a in aggregators)
+    shared_shapes = [updates[0][i].shape for i in partition.shared]
+    global_shapes = [updates[0][i].shape for i in partition.global_]
+    for node_calls in calls:
+        assert [[t.shape for t in call] for call in node_calls] == [shared_shapes, global_shapes]
+    for i, node_calls in enumerate(calls):  # what went in is this node's own cohort+global delta, nothing else
+        assert all(torch.equal(a, originals[i][j]) for a, j in zip(node_calls[0], partition.shared, strict=True))
+    local_numel = sum(updates[0][i].numel() for i in partition.local)
+    shared_numel = sum(updates[0][i].numel() for i in partition.shared)
+    sent_numel = shared_numel + sum(updates[0][i].numel() for i in partition.global_)
+    assert local_numel > 50 * sent_numel  # the head dwarfs the rest: had it been sent, the bytes would show
+    for count in sent:
+        assert 4 * sent_numel * 2 * 2 / 3 <= count < 4 * local_numel / 4, sent
+    for i in partition.local:  # each node keeps its own head's delta
+        assert all(torch.equal(update[i], original[i]) for update, original in zip(updates, originals, strict=True))
+    for i in partition.shared:  # the rest is the group's mean, the same everywhere
+        assert torch.allclose(updates[0][i], updates[1][i]) and torch.allclose(updates[0][i], updates[2][i])
+        assert not torch.allclose(updates[0][i], originals[0][i])
+
+
+def test_a_node_shares_zeros_in_place_of_its_local_parameters(tmp_path: Path) -> None:
+    """The state a node serves to late joiners (and applies from them) leaves its local parameters out."""
+    # Prepare
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=1))
+    run = RunConfig(min_memory_gb=0.0, cohorts=CohortConfig(enabled=True, local_patterns=["ln_f.*", "wpe.*"]))
+    config = NodeConfig(run=run, data=str(tmp_path / "data.txt"), identity=str(tmp_path / "id"), workdir=str(tmp_path))
+    node = TrainingNode(config)
+    try:
+        node.prepare()
+        assert node.partition is not None
+        with torch.no_grad():
+            for param in node.global_params:
+                param.add_(1.0)
+
+        # Execute
+        shared = node._state_tensors()
+    finally:
+        node.close()
+
+    # Assert
+    count = len(node.global_params)
+    for i, param in enumerate(node.global_params):
+        if i in node.partition.local:
+            assert not shared[i].any() and not shared[count + i].any()
+        else:
+            assert torch.equal(shared[i], param.detach())
+    assert {node.partition.names[i].split(".")[0] for i in node.partition.local} == {"ln_f", "wpe"}
+
+
+COHORT_TOML = """
+[run]
+run_id = "cohorts"
+min_memory_gb = 0.0
+[run.model]
+d_model = 32
+context = 32
+[run.train]
+inner_steps = 4
+batch_size = 8
+[run.aggregation]
+min_group_size = 3
+matchmaking_time = 1.0
+timeout = 30.0
+[run.cohorts]
+enabled = true
+global_every = 2
+"""
+
+
+@pytest.mark.slow
+def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Path, bootstrap_maddr: str) -> None:  # noqa: F811
+    """Real `zen-node join` processes with cohorts: one cohort, group rounds, identical shared params, own ln_f."""
+    # Prepare
+    config = tmp_path / "run.toml"
+    config.write_text(COHORT_TOML)
+    corpus = generate_corpus(60_000, seed=3)
+    rounds = 3
+    nodes = [
+        NodeProcess(
+            tmp_path,
+            f"n{i}",
+            config,
+            bootstrap_maddr,
+            corpus[i * 20_000 : (i + 1) * 20_000],
+            "--rounds",
+            str(rounds),
+            "--min-peers",
+            "3",
+        )
+        for i in range(3)
+    ]
+    try:
+        # Execute
+        codes = [node.wait(240) for node in nodes]
+    finally:
+        for node in nodes:
+            node.stop()
+
+    # Assert
+    assert codes == [0, 0, 0], [node.output()[-2000:] for node in nodes]
+    trained = [[r for r in node.reports() if r["mode"] not in ("initial", "loaded")] for node in nodes]
+    assert all(r["mode"] == "group" and r["group_size"] == 3 for t in trained for r in t), trained
+    assert len({r["cohort"] for t in trained for r in t}) == 1
+    names = [name for name, _ in build_model(ModelConfig(d_model=32, context=32), seed=0).named_parameters()]
+    params = [torch.load(node.params(rounds), weights_only=True) for node in nodes]
+    for j, name in enumerate(names):
+        same = all(torch.equal(params[0][j], other[j]) for other in params[1:])
+        assert same != name.startswith("ln_f."), name  # local layers differ, everything else is the group's
