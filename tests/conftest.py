@@ -6,8 +6,14 @@ Swarms follow hivemind's ``tests/test_utils/dht_swarms.py``: the first peer bind
 
 from __future__ import annotations
 
-import itertools
 import os
+
+# hivemind shares tensors between processes through torch's "file_system" strategy by default; with
+# several DHT peers in one pytest process, torch 2.13's libshm manager then aborts the interpreter at
+# exit (SIGPIPE in THManagedMapAllocator::close, exit code 134). Set before hivemind is imported.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
