@@ -43,7 +43,8 @@ from node.sharded_trainer import ShardedTrainer, StepReport, training_batches, u
 from node.stage_messages import StageReply, StageRequest
 from node.stage_server import ServeConfig, StageServer
 from node.stages import LocalParts, build_stage
-from tests.conftest import LOCALHOST_MADDR
+
+LOCALHOST_MADDR = "/ip4/127.0.0.1/tcp/0"  # listen on loopback, port chosen by the OS
 
 RUN_TOML = """
 [run]
