@@ -208,6 +208,10 @@ class StageAverager:
         version, donor, best = min(candidates, key=lambda c: (-c[0], c[1]))
         if best is None:
             return "kept"
+        if version == hosted.version:
+            mine = await self.server._in_compute(hosted.state)
+            if all(torch.equal(a.detach().cpu(), b.cpu()) for a, b in zip(mine, best.tensors, strict=True)):
+                return "kept"  # the donor already holds our bits (it may have copied them from us this round)
         try:
             await self.server._in_compute(hosted.load_state, best.tensors, best.version, best.applied)
         except StageMessageError as e:

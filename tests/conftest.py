@@ -6,14 +6,8 @@ Swarms follow hivemind's ``tests/test_utils/dht_swarms.py``: the first peer bind
 
 from __future__ import annotations
 
-import os
-
-# hivemind shares tensors between processes through torch's "file_system" strategy by default; with
-# several DHT peers in one pytest process, torch 2.13's libshm manager then aborts the interpreter at
-# exit (SIGPIPE in THManagedMapAllocator::close, exit code 134). Set before hivemind is imported.
-os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
-
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +15,16 @@ from pathlib import Path
 import hivemind
 import psutil
 import pytest
+import torch
 from hivemind.utils import get_dht_time
 
 from dht import SKETCH_DIM, Capacity, NodeIdentity, PeerRecord, SwarmConfig, encode_sketch, start_dht
+
+# hivemind shares tensors between processes through torch's "file_system" strategy (set when it is
+# imported); with several DHT peers in one pytest process, torch 2.13's libshm manager then aborted the
+# interpreter at exit (SIGPIPE in THManagedMapAllocator::close, exit code 134). This process only:
+# node subprocesses keep hivemind's default.
+torch.multiprocessing.set_sharing_strategy("file_descriptor")
 
 LOCALHOST_MADDR = "/ip4/127.0.0.1/tcp/0"  # listen on loopback, port chosen by the OS
 REAP_GRACE_SECONDS = 5.0  # how long leftover children get to exit after SIGTERM before SIGKILL
