@@ -19,7 +19,8 @@ consumed; when the central run never gets that low, central samples / swarm samp
 ``efficiency_is_lower_bound`` true), ``naive_bytes_per_peer`` (a float32 ring all-reduce of all
 parameters every optimizer step: 2(N-1)/N x 4 x params x steps), ``swarm_bytes_per_peer`` (every
 byte each peer's libp2p daemon sent over TCP, DHT included, mean over peers), ``bytes_ratio``
-(naive / measured), ``utilization`` (mean fraction of wall time in inner steps), and the setup.
+(naive / measured), ``utilization`` (inner-step seconds over wall seconds of every round report of
+every peer, from the start of training to the last landed round), and the setup.
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Pat
         "final_loss": evaluate(model, held_out),
         "samples": sum(r["samples"] for peer in trained for r in peer),
         "bytes_per_peer": sum(peer[-1]["bytes_sent"] for peer in reports) / len(reports),
-        "utilization": sum(r["utilization"] for peer in trained for r in peer) / max(1, sum(map(len, trained))),
+        # time-weighted: inner-step seconds over wall seconds, every report of every peer
+        "utilization": sum(r["utilization"] * r["seconds"] for peer in trained for r in peer)
+        / max(1e-9, sum(r["seconds"] for peer in trained for r in peer)),
         "rounds_in_group": min(sum(r["mode"] == "group" for r in peer) for peer in reports),
     }
 
