@@ -151,7 +151,7 @@ async def _read_payload(reader: asyncio.StreamReader, buffer: np.ndarray, digest
 
 
 LEADER_POLL_INTERVAL = 0.25  # seconds between a searching peer's DHT reads of its group key, at first
-LEADER_POLL_MAX = 2.0  # ... growing by half each read that finds nothing new, up to this
+LEADER_POLL_MAX = 2.0  # ... growing by half each read that finds nothing new, up to this (and matchmaking_time / 4)
 
 
 class _PacedKeys:
@@ -190,7 +190,10 @@ class _PacedLeaders(PotentialLeaders):
     """
 
     async def _update_queue_periodically(self, key_manager: Any) -> None:
-        await super()._update_queue_periodically(_PacedKeys(key_manager, LEADER_POLL_INTERVAL, LEADER_POLL_MAX))
+        # a leader's declaration lives for about min_matchmaking_time: poll several times within it
+        longest = min(LEADER_POLL_MAX, self.min_matchmaking_time / 4)
+        paced = _PacedKeys(key_manager, min(LEADER_POLL_INTERVAL, longest), longest)
+        await super()._update_queue_periodically(paced)
 
 
 class SecureAverager(DecentralizedAverager):
