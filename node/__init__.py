@@ -11,7 +11,7 @@ class Aggregator, SecureAggregator, PlainAggregator (aggregator.py): merge pseud
 class MaskedAllReduce (masked_allreduce.py): secure aggregation on a butterfly all-reduce, dropout-tolerant
 class SecureAverager, SecAggEndpoint (secure_averager.py): hivemind matchmaking around it; the receiving side
 class FixedPointCodec (fixed_point.py): weighted updates in the ring Z_2^W
-class Compression (compression.py): low-bit words, bit packing and group-seeded random-k inside the ring
+pack_bits, select_coordinates (compression.py): low-bit words on the wire and group-seeded random-k in the ring
 class WireMeter (wire_meter.py): bytes the node puts on the wire, from the kernel's TCP counters
 apply_mask, pair_mask_key (masking.py): ChaCha20 masks; split_secret, combine_secret (shamir.py): t-of-n shares
 class Message (secagg_messages.py): the signed, schema-checked wire format of the masked all-reduce
@@ -38,7 +38,7 @@ from node.aggregator import (
     SecureAggregator,
     make_aggregator,
 )
-from node.compression import Compression
+from node.compression import pack_bits, select_coordinates
 from node.config import (
     AggregationConfig,
     CohortConfig,
@@ -72,7 +72,6 @@ __all__ = [
     "AggregationResult",
     "Aggregator",
     "CohortConfig",
-    "Compression",
     "CompressionConfig",
     "ConfigError",
     "ConfigMismatchError",
@@ -111,7 +110,9 @@ __all__ = [
     "data_sketch",
     "importance_weight",
     "make_aggregator",
+    "pack_bits",
     "partition_parameters",
     "rebalance_target",
+    "select_coordinates",
     "stage_ranges",
 ]

@@ -25,8 +25,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from dht import NodeIdentity
-from node.compression import Compression
-from node.config import AggregationConfig, ConfigError
+from node.config import AggregationConfig, CompressionConfig, ConfigError
 from node.masked_allreduce import SecAggIdentity, SecAggTimeouts
 from node.privacy import NoiseShare
 from node.secure_averager import SecureAverager
@@ -72,6 +71,12 @@ class Aggregator(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop background work and release network handlers."""
+
+    @property
+    def residual(self) -> torch.Tensor | None:
+        """After a successful ``aggregate``: what of the update the group's sum left out (flat), or None
+        when it took all of it (no compression)."""
+        return None
 
 
 def round_group_bits(round_no: int) -> str:
@@ -198,7 +203,7 @@ class SecureAggregator(_AveragerAggregator):
         stop_event: threading.Event | None = None,
         bandwidth: float | None = None,
         noise: NoiseShare | None = None,
-        compression: Compression | None = None,
+        compression: CompressionConfig | None = None,
         bound: float | None = None,
     ):
         if config.min_group_size < 3:
@@ -226,9 +231,8 @@ class SecureAggregator(_AveragerAggregator):
         return float(self._averager.bytes_sent.value)
 
     @property
-    def residual(self) -> torch.Tensor:
-        """Error feedback: what this node has not sent yet (flat; empty without compression)."""
-        return self._averager.residual
+    def residual(self) -> torch.Tensor | None:
+        return self._averager.residual if self._averager.residual.numel() else None
 
 
 def ring_bound(config: AggregationConfig, noise: NoiseShare | None, compression_bound: float = 0.0) -> float:
@@ -251,7 +255,7 @@ def make_aggregator(
     stop_event: threading.Event | None = None,
     bandwidth: float | None = None,
     noise: NoiseShare | None = None,
-    compression: Compression | None = None,
+    compression: CompressionConfig | None = None,
     compression_bound: float = 0.0,
 ) -> Aggregator:
     """The aggregator that ``config.mode`` names (``bandwidth``: upload bytes/s, None if unknown)."""

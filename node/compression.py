@@ -3,6 +3,8 @@
 Three pieces, all applied to the masked all-reduce (node/masked_allreduce.py) so that masking
 and compression compose:
 
+How a group compresses is the run's ``CompressionConfig`` (node/config.py, ``[run.compression]``).
+
 - **Quantization.** ``FixedPointCodec(bits=q)`` encodes each value with ``q`` bits (stochastic
   rounding, unbiased) and the group sum needs ``h = ceil(log2 n)`` headroom bits, so the ring is
   Z_2^W with ``W = q + h``. Masks are added in Z_2^32 as before; only the low ``W`` bits of a word
@@ -20,40 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import numpy as np
-
-BITS = (4, 8, 16, 32)  # 32: no quantization beyond the full ring
-
-
-@dataclass(frozen=True)
-class Compression:
-    """How a group compresses its updates (the run's ``[run.compression]``).
-
-    Args:
-        bits: bits per value before the headroom bits (4, 8, 16; 32 = the full 32-bit ring).
-        fraction: share of coordinates sent each round (random-k with a group-shared seed).
-        error_feedback: keep what was not sent and add it to the next round's update.
-    """
-
-    bits: int = 32
-    fraction: float = 1.0
-    error_feedback: bool = True
-
-    def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise ValueError(f"compression bits must be one of {BITS}, got {self.bits}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"compression fraction must be in (0, 1], got {self.fraction}")
-
-    @property
-    def active(self) -> bool:
-        return self.bits < 32 or self.fraction < 1
-
-    def count(self, size: int) -> int:
-        """Coordinates of a ``size``-long update that one round sends."""
-        return size if self.fraction >= 1 else max(1, min(size, math.ceil(size * self.fraction)))
 
 
 def select_coordinates(size: int, count: int, group_id: bytes, round_no: int) -> np.ndarray | None:

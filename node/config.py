@@ -139,6 +139,10 @@ class CompressionConfig:
     def active(self) -> bool:
         return self.bits < 32 or self.fraction < 1
 
+    def count(self, size: int) -> int:
+        """Coordinates of a ``size``-long update that one round sends (random-k)."""
+        return size if self.fraction >= 1 else max(1, min(size, math.ceil(size * self.fraction)))
+
 
 @dataclass
 class PrivacyConfig:

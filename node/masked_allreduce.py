@@ -51,7 +51,8 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from dht.identity import verify_binding
-from node.compression import Compression, pack_bits, packed_size, select_coordinates, unpack_bits
+from node.compression import pack_bits, packed_size, select_coordinates, unpack_bits
+from node.config import CompressionConfig
 from node.fixed_point import FixedPointCodec
 from node.masking import apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
 from node.secagg_messages import MAX_GROUP, NO_BOUND, Message, MessageError
@@ -191,7 +192,7 @@ class MaskedAllReduce:
         out: np.ndarray | None = None,
         workspace: Workspace | None = None,
         noise: NoiseShare | None = None,
-        compression: Compression | None = None,
+        compression: CompressionConfig | None = None,
         residual: np.ndarray | None = None,
         adaptive_bound: bool = False,
         record_view: bool = False,
@@ -209,7 +210,7 @@ class MaskedAllReduce:
         self.n, self.threshold = n, n // 2 + 1
         self.vector, self.omega = vector, omega
         self.workspace = workspace or Workspace()
-        self.compression = compression or Compression()
+        self.compression = compression or CompressionConfig()
         self.residual = residual
         if residual is not None and (residual.shape != vector.shape or residual.dtype != np.float32):
             raise ValueError("residual must be a float32 array shaped like vector")

@@ -37,7 +37,7 @@ from hivemind.averaging.matchmaking import Matchmaking, PotentialLeaders
 from hivemind.p2p import P2P
 from hivemind.utils import enter_asynchronously
 
-from node.compression import Compression
+from node.config import CompressionConfig
 from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts, Workspace
 from node.privacy import NoiseShare
 from node.secagg_messages import MAX_HEADER_BYTES, MessageError, parse_header
@@ -220,7 +220,7 @@ class SecureAverager(DecentralizedAverager):
         weight_bound: float,
         timeouts: SecAggTimeouts,
         noise: NoiseShare | None = None,
-        compression: Compression | None = None,
+        compression: CompressionConfig | None = None,
         **kwargs: Any,
     ):
         if kwargs.get("client_mode"):
@@ -231,7 +231,7 @@ class SecureAverager(DecentralizedAverager):
         self._executor: ThreadPoolExecutor | None = None
         self._workspace = Workspace()
         self.bytes_sent = mp.Value("d", 0.0)  # shared with the averager process
-        self._compression = compression or Compression()
+        self._compression = compression or CompressionConfig()
         size = sum(t.numel() for t in averaged_tensors)
         keep = self._compression.active and self._compression.error_feedback
         self.residual = torch.zeros(size if keep else 0, dtype=torch.float32).share_memory_()

@@ -58,7 +58,6 @@ from dht.records import Capacity
 from node import __version__
 from node.aggregator import MAX_SECURE_GROUP, AggregationError, AggregationResult, make_aggregator, ring_bound
 from node.capacity import fit_batch_size, pick_device, probe_capacity
-from node.compression import Compression
 from node.config import ConfigError, NodeConfig, describe_difference
 from node.data import ByteBatches, DataError, load_corpus
 from node.fixed_point import FixedPointCodec
@@ -291,9 +290,7 @@ class TrainingNode:
             stop_event=self.stop_event,
             bandwidth=self.capacity.upload_bytes_per_second or None,
             noise=self.noise,
-            compression=Compression(
-                self.run.compression.bits, self.run.compression.fraction, self.run.compression.error_feedback
-            ),
+            compression=self.run.compression,
             compression_bound=self._compression_bound(),
         )
         self.aggregator = (
@@ -459,8 +456,8 @@ class TrainingNode:
             logger.warning(str(e))
             result = None
         if result is not None:
-            residual = getattr(self.aggregator, "residual", None)
-            if residual is not None and residual.numel():  # compression: what the sum left out stays ours
+            residual = self.aggregator.residual
+            if residual is not None:  # compression: what the sum left out stays ours
                 pieces = residual.split([t.numel() for t in mean])
                 undelivered += [
                     piece.view_as(t).to(t.device, t.dtype, copy=True) for piece, t in zip(pieces, mean, strict=True)

@@ -19,7 +19,7 @@ import numpy as np
 from hivemind.p2p import P2P
 
 from dht import NodeIdentity
-from node.compression import Compression
+from node.config import CompressionConfig
 from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
 from node.secagg_messages import TAG, Message
 from node.secure_averager import SecAggEndpoint
@@ -103,7 +103,7 @@ class SecAggSwarm:
         bound: float = 1.0,
         timeouts: SecAggTimeouts = TEST_TIMEOUTS,
         record_view: bool = False,
-        compression: Compression | None = None,
+        compression: CompressionConfig | None = None,
         residuals: list[np.ndarray] | None = None,
         adaptive_bound: bool = False,
     ) -> list[MaskedAllReduce]:
@@ -111,7 +111,7 @@ class SecAggSwarm:
         n = len(vectors)
         group_id = group_id or os.urandom(32)
         weights = weights or [1.0] * n
-        size = (compression or Compression()).count(vectors[0].size) + 1
+        size = (compression or CompressionConfig()).count(vectors[0].size) + 1
         part_sizes = [size // n + (1 if k < size % n else 0) for k in range(n)]
         classes = classes or {}
         result = []

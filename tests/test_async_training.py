@@ -82,20 +82,9 @@ def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path,
     config = tmp_path / "run.toml"
     config.write_text(RUN_TOML.format(round_seconds=round_seconds))
     corpus = generate_corpus(3 * 20_000, seed=11)
-    nodes = [
-        NodeProcess(
-            tmp_path,
-            f"n{i}",
-            config,
-            bootstrap_maddr,
-            corpus[i * 20_000 : (i + 1) * 20_000],
-            "--rounds",
-            str(rounds),
-            "--min-peers",
-            "3",
-        )
-        for i in range(3)
-    ]
+    nodes = NodeProcess.on_slices(
+        tmp_path, config, bootstrap_maddr, corpus, 3, "--rounds", str(rounds), "--min-peers", "3"
+    )
     throttle = Throttle(nodes[2].process.pid)  # the trainer process only: its DHT and averager keep pace
     try:
         for node in nodes:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from secagg_harness import SecAggSwarm, results_of
 
-from node.compression import Compression, pack_bits, packed_size, select_coordinates, unpack_bits
+from node.compression import pack_bits, packed_size, select_coordinates, unpack_bits
+from node.config import CompressionConfig
 from node.fixed_point import FixedPointCodec
 
 NUMEL = 4001
@@ -69,9 +70,9 @@ def test_shared_seed_selection_is_data_independent_and_per_round() -> None:
     assert not np.array_equal(chosen, select_coordinates(10_000, 500, bytes(32), 7))
     assert select_coordinates(10_000, 10_000, group, 7) is None
     with pytest.raises(ValueError, match="bits"):
-        Compression(bits=5)
+        CompressionConfig(bits=5)
     with pytest.raises(ValueError, match="fraction"):
-        Compression(fraction=0.0)
+        CompressionConfig(fraction=0.0)
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
@@ -79,7 +80,7 @@ def test_group_members_send_the_same_coordinates_and_agree_on_the_mean(swarm: Se
     rng = np.random.default_rng(bits)
     vectors = [(rng.standard_normal(NUMEL) * 0.1).astype(np.float32) for _ in range(4)]
     weights = [1.0, 0.5, 0.25, 0.8]
-    compression = Compression(bits=bits, fraction=0.1)
+    compression = CompressionConfig(bits=bits, fraction=0.1)
     sessions = swarm.sessions(vectors, weights, compression=compression)
     outcomes = results_of(swarm.run(sessions), [0, 1, 2, 3])
     selected = sessions[0].selected
@@ -108,7 +109,7 @@ def test_error_feedback_loses_no_mass(swarm: SecAggSwarm) -> None:
     residuals = [np.zeros(NUMEL, np.float32) for _ in range(n)]
     inputs_total = np.zeros(NUMEL)
     carried = np.zeros(NUMEL)
-    compression = Compression(bits=4, fraction=0.3)
+    compression = CompressionConfig(bits=4, fraction=0.3)
     for round_no in range(1, rounds + 1):
         vectors = [(rng.standard_normal(NUMEL) * 0.2).astype(np.float32) for _ in range(n)]
         vectors[0][:5] = 3.0  # beyond the clip bound: the excess must come back through the residual
@@ -129,7 +130,7 @@ def test_group_agrees_on_a_tight_bound_for_low_bit_codes(swarm: SecAggSwarm) -> 
     rng = np.random.default_rng(9)
     scales = [0.001, 0.002, 0.004, 0.003]
     vectors = [(rng.standard_normal(NUMEL) * s).astype(np.float32) for s in scales]
-    sessions = swarm.sessions(vectors, compression=Compression(bits=8), adaptive_bound=True)
+    sessions = swarm.sessions(vectors, compression=CompressionConfig(bits=8), adaptive_bound=True)
     outcomes = results_of(swarm.run(sessions), [0, 1, 2, 3])
     expected = max(2.0 ** np.ceil(np.log2(3 * np.sqrt(np.mean(np.square(v, dtype=np.float64))))) for v in vectors)
     assert expected < 0.02  # far tighter than the cap of 1.0

@@ -237,20 +237,9 @@ def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Pa
     config.write_text(COHORT_TOML)
     corpus = generate_corpus(60_000, seed=3)
     rounds = 3
-    nodes = [
-        NodeProcess(
-            tmp_path,
-            f"n{i}",
-            config,
-            bootstrap_maddr,
-            corpus[i * 20_000 : (i + 1) * 20_000],
-            "--rounds",
-            str(rounds),
-            "--min-peers",
-            "3",
-        )
-        for i in range(3)
-    ]
+    nodes = NodeProcess.on_slices(
+        tmp_path, config, bootstrap_maddr, corpus, 3, "--rounds", str(rounds), "--min-peers", "3"
+    )
     try:
         # Execute
         codes = [node.wait(240) for node in nodes]

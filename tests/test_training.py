@@ -87,6 +87,13 @@ class NodeProcess:
             command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
 
+    @classmethod
+    def on_slices(
+        cls, root: Path, config: Path, maddr: str, corpus: bytes, count: int, *extra: str, size: int = 20_000
+    ) -> list[NodeProcess]:
+        """``count`` nodes n0, n1, ... each on its own contiguous ``size``-byte slice of ``corpus``."""
+        return [cls(root, f"n{i}", config, maddr, corpus[i * size : (i + 1) * size], *extra) for i in range(count)]
+
     def reports(self) -> list[dict]:
         path = self.folder / "work" / "report.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -124,20 +131,7 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
     # Prepare
     config = write_config(tmp_path / "run.toml", inner_steps=24)
     corpus = generate_corpus(4 * 20_000, seed=3)
-    nodes = [
-        NodeProcess(
-            tmp_path,
-            f"n{i}",
-            config,
-            bootstrap_maddr,
-            corpus[i * 20_000 : (i + 1) * 20_000],
-            "--rounds",
-            "8",
-            "--min-peers",
-            "3",
-        )
-        for i in range(3)
-    ]
+    nodes = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 3, "--rounds", "8", "--min-peers", "3")
     late = mismatched = None
     try:
         # Execute
