@@ -36,9 +36,9 @@ from hivemind.averaging.control import AveragingStage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dht import NodeIdentity, SwarmConfig, start_dht
-from node.masked_allreduce import SecAggIdentity, SecAggTimeouts
-from node.masking import apply_mask
-from node.secure_averager import SecureAverager
+from node.secagg.averager import SecureAverager
+from node.secagg.masking import apply_mask
+from node.secagg.protocol import SecAggIdentity, SecAggTimeouts
 
 
 def mask_speed(numel: int) -> float:

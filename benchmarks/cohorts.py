@@ -14,7 +14,7 @@ One invocation, on 127.0.0.1::
     rounds of ``--inner-steps`` AdamW steps on their own slices, twice on the same batches:
     - hierarchical: the cohorts found in (a), the run's default tags (``blocks.*`` cohort,
       ``ln_f.*`` local, embeddings global), cohort means every round, cross-cohort means with
-      importance weights every ``--global-every`` rounds (node/hierarchy.py's functions);
+      importance weights every ``--global-every`` rounds (node/aggregation/hierarchy.py's functions);
     - global only: every parameter averaged over all N peers every round (plain DiLoCo).
     The averaging is the exact weighted mean the secure all-reduce computes (its quantization error is
     below 1e-6), synchronously (no overlap), so this part measures the model, not the network.
@@ -56,9 +56,9 @@ from dht import (  # noqa: E402
     publish_record,
     start_dht,
 )
+from node.aggregation.hierarchy import ParameterPartition, importance_weight, partition_parameters  # noqa: E402
 from node.config import CohortConfig, ModelConfig  # noqa: E402
 from node.data import CORPUS_STYLES, ByteBatches, generate_corpus  # noqa: E402
-from node.hierarchy import ParameterPartition, importance_weight, partition_parameters  # noqa: E402
 from node.model import build_model  # noqa: E402
 from node.sketch import data_sketch  # noqa: E402
 

@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from secagg_harness import SecAggSwarm  # noqa: E402
 
-from node.privacy import NoiseShare, PrivacyAccountant, pld_epsilon  # noqa: E402
+from node.secagg.privacy import NoiseShare, PrivacyAccountant, pld_epsilon  # noqa: E402
 
 
 def measure_noise(rounds: int, numel: int) -> float:

@@ -37,7 +37,7 @@ import psutil
 from node.config import load_node_config
 from node.data import generate_corpus
 from node.demo import stop_process
-from node.sharded_trainer import unsharded_losses
+from node.sharding.trainer import unsharded_losses
 
 RUN_TOML = """
 [run]

@@ -6,28 +6,45 @@ class CohortMatcher, Cohort (cohorts.py): peers with similar data, by a determin
     adjusted_rand_index
 class BanRecord (bans.py): a trainer's signed claim that a stage server cheated; publish_ban, list_bans
 class PeerRecordValidator (validator.py): hivemind validator that drops forged, stale or malformed records
-class SwarmConfig, Heartbeat (swarm.py): join options; keep a node's record fresh
+class SwarmConfig (config.py): join options, loaded without hivemind; check_multiaddr
+class Heartbeat (swarm.py): keep a node's record fresh
 start_dht, publish_record, list_peers (swarm.py): start a DHT peer, publish, read the live peers
 
-``dht`` never imports ``node`` or ``bootstrap``.
+``dht`` never imports ``node`` or ``bootstrap``. Names are imported lazily, on first use.
 """
 
-from dht.bans import BanError, BanRecord, list_bans, publish_ban
-from dht.cohorts import Cohort, CohortMatcher, adjusted_rand_index
-from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
-from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
-from dht.swarm import (
-    Heartbeat,
-    SwarmConfig,
-    SwarmError,
-    check_multiaddr,
-    connect_to_peers,
-    list_peers,
-    publish_record,
-    start_dht,
-)
-from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
+import importlib
+from typing import TYPE_CHECKING, Any
 
+_EXPORTS = {
+    "MAX_TTL": "validator",
+    "SKETCH_DIM": "records",
+    "BanError": "bans",
+    "BanRecord": "bans",
+    "Capacity": "records",
+    "Cohort": "cohorts",
+    "CohortMatcher": "cohorts",
+    "Heartbeat": "swarm",
+    "IdentityError": "identity",
+    "NodeIdentity": "identity",
+    "PeerRecord": "records",
+    "PeerRecordValidator": "validator",
+    "RecordError": "records",
+    "SwarmConfig": "config",
+    "SwarmError": "config",
+    "adjusted_rand_index": "cohorts",
+    "check_multiaddr": "config",
+    "connect_to_peers": "swarm",
+    "encode_sketch": "records",
+    "list_bans": "bans",
+    "list_peers": "swarm",
+    "peer_id_from_public_key": "identity",
+    "peers_key": "validator",
+    "public_key_from_peer_id": "identity",
+    "publish_ban": "bans",
+    "publish_record": "swarm",
+    "start_dht": "swarm",
+}
 __all__ = [
     "MAX_TTL",
     "SKETCH_DIM",
@@ -57,3 +74,21 @@ __all__ = [
     "publish_record",
     "start_dht",
 ]
+
+if TYPE_CHECKING:
+    from dht.bans import BanError, BanRecord, list_bans, publish_ban
+    from dht.cohorts import Cohort, CohortMatcher, adjusted_rand_index
+    from dht.config import SwarmConfig, SwarmError, check_multiaddr
+    from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
+    from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
+    from dht.swarm import Heartbeat, connect_to_peers, list_peers, publish_record, start_dht
+    from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use: ``import dht`` stays cheap (no hivemind)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dht' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dht.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

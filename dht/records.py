@@ -72,7 +72,9 @@ class PeerRecord:
     run_config: bytes = b""  # msgpack of the run's configuration, so a mismatch can be named
     ttl: float = 60.0  # seconds the signer wants this record to live; signed, so nobody can extend it
     epsilon: float = -1.0  # differential privacy spent so far (at the run's delta); -1 without DP
-    stages: tuple[int, ...] = field(default=())  # pipeline stages this server hosts (node/stages.py); () if none
+    stages: tuple[int, ...] = field(
+        default=()
+    )  # pipeline stages this server hosts (node/sharding/stages.py); () if none
 
     def sketch_vector(self) -> list[float]:
         return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))

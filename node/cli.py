@@ -28,10 +28,10 @@ from dht.swarm import SwarmConfig
 from node.capacity import CapacityError
 from node.config import ConfigError, load_node_config
 from node.data import DataError
-from node.remote_stages import StageUnavailableError
-from node.sharded_trainer import ShardedTrainer, StepReport
-from node.stage_server import ServeConfig, StageServer, parse_memory
-from node.trainer import ConfigMismatchError, RoundReport, TrainingNode
+from node.sharding.client import StageUnavailableError
+from node.sharding.server import ServeConfig, StageServer, parse_memory
+from node.sharding.trainer import ShardedTrainer, StepReport
+from node.training.trainer import ConfigMismatchError, RoundReport, TrainingNode
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgpack
 
-from dht import SwarmConfig
+from dht.config import SwarmConfig
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,7 @@ class AggregationConfig:
 
 @dataclass
 class CompressionConfig:
-    """Compression of updates inside the secure ring (node/compression.py); off at the defaults."""
+    """Compression of updates inside the secure ring (node/secagg/compression.py); off at the defaults."""
 
     bits: int = 32  # bits per value before the group's headroom bits: 4, 8 or 16; 32 = no quantization
     fraction: float = 1.0  # random-k: share of coordinates each round sends (index set from a group-shared seed)
@@ -146,7 +146,7 @@ class CompressionConfig:
 
 @dataclass
 class PrivacyConfig:
-    """User-level differential privacy of every contribution (node/privacy.py); off unless enabled."""
+    """User-level differential privacy of every contribution (node/secagg/privacy.py); off unless enabled."""
 
     enabled: bool = False  # clip, add noise shares in the ring, account the budget
     clip_norm: float = 1.0  # C: L2 bound on a node's pseudo-gradient each round
@@ -174,7 +174,7 @@ class PrivacyConfig:
 
 @dataclass
 class ShardingConfig:
-    """Pipeline stages over the GPT's blocks (node/stages.py); off (a full replica per trainer) unless stages > 0."""
+    """Pipeline stages over the GPT's blocks (node/sharding/stages.py); off (a full replica each) unless stages > 0."""
 
     stages: int = 0  # remote stages the blocks after ``local_blocks`` are cut into; 0 = no sharding
     local_blocks: int = 1  # first blocks every trainer keeps (with the embedding and the head)
@@ -205,7 +205,7 @@ MAX_PATTERNS = 32  # most name patterns in each of cohorts.local_patterns and co
 
 @dataclass
 class CohortConfig:
-    """Cohorts of peers with similar data and hierarchical averaging (node/hierarchy.py); off unless enabled."""
+    """Cohorts of peers with similar data and hierarchical averaging (node/aggregation/hierarchy.py); off by default."""
 
     enabled: bool = False  # average cohort params within the cohort, global params also across cohorts
     distance_threshold: float = 0.1  # cosine distance up to which two data sketches link (dht/cohorts.py)

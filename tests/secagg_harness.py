@@ -20,9 +20,9 @@ from hivemind.p2p import P2P
 
 from dht import NodeIdentity
 from node.config import CompressionConfig
-from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
-from node.secagg_messages import TAG, Message
-from node.secure_averager import SecAggEndpoint
+from node.secagg.averager import SecAggEndpoint
+from node.secagg.messages import TAG, Message
+from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
 
 HANDLER = "test.secagg"
 TEST_TIMEOUTS = SecAggTimeouts(message=5.0, data=20.0)

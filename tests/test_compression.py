@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from secagg_harness import SecAggSwarm, results_of
 
-from node.compression import pack_bits, packed_size, select_coordinates, unpack_bits
 from node.config import CompressionConfig
-from node.fixed_point import FixedPointCodec
+from node.secagg.compression import pack_bits, packed_size, select_coordinates, unpack_bits
+from node.secagg.fixed_point import FixedPointCodec
 
 NUMEL = 4001
 

@@ -13,7 +13,10 @@ from test_training import NodeProcess, bootstrap_maddr  # noqa: F401
 from torch import nn
 
 from dht import PeerRecord, encode_sketch, publish_record
-from node.aggregator import AggregationResult, Aggregator, SecureAggregator, make_aggregator
+from node.aggregation.base import AggregationResult, Aggregator
+from node.aggregation.factory import make_aggregator
+from node.aggregation.hierarchy import HierarchicalAggregator, importance_weight, partition_parameters
+from node.aggregation.secure import SecureAggregator
 from node.config import (
     AggregationConfig,
     CohortConfig,
@@ -24,10 +27,9 @@ from node.config import (
     load_node_config,
 )
 from node.data import generate_corpus
-from node.hierarchy import HierarchicalAggregator, importance_weight, partition_parameters
 from node.model import build_model
 from node.sketch import data_sketch
-from node.trainer import TrainingNode
+from node.training.trainer import TrainingNode
 
 if TYPE_CHECKING:
     from conftest import SwarmPeer

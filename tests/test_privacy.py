@@ -15,8 +15,7 @@ from secagg_harness import DroppingAllReduce, SecAggSwarm, results_of
 from test_training import NodeProcess, bootstrap_maddr, write_config  # noqa: F401 (fixture)
 
 from node.config import ConfigError, load_node_config
-from node.masked_allreduce import MaskedAllReduce
-from node.privacy import (
+from node.secagg.privacy import (
     VALUE_DISCRETIZATION,
     NoiseShare,
     PrivacyAccountant,
@@ -24,6 +23,7 @@ from node.privacy import (
     gaussian_rounds,
     pld_epsilon,
 )
+from node.secagg.protocol import MaskedAllReduce
 
 NUMEL = 4000
 

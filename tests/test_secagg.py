@@ -18,10 +18,10 @@ from secagg_harness import (
     results_of,
 )
 
-from node.fixed_point import FixedPointCodec
-from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggResult
-from node.masking import apply_mask, pair_mask_key, pair_secret, pair_sign
-from node.shamir import combine_secret
+from node.secagg.fixed_point import FixedPointCodec
+from node.secagg.masking import apply_mask, pair_mask_key, pair_secret, pair_sign
+from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggResult
+from node.secagg.shamir import combine_secret
 
 NUMEL = 3001  # elements per update (+1 weight word: parts of unequal size)
 
@@ -182,7 +182,7 @@ def test_no_single_view_reconstructs_a_dropped_peers_input(swarm: SecAggSwarm) -
     # control: with the self-mask seed (which no single view holds), the input would come out
     b_shares = {i + 1: sessions[i].held[dropper][1] for i in range(threshold)}
     seed = combine_secret(b_shares)
-    from node.masking import self_mask_key
+    from node.secagg.masking import self_mask_key
 
     apply_mask(residual, self_mask_key(seed, message.group, message.round, part), -1)
     distance = np.abs(residual[: encoded.size].view(np.int32).astype(np.int64) - encoded.astype(np.int64))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from nacl.signing import SigningKey
 
-from node.fixed_point import FixedPointCodec
-from node.masking import apply_mask, keystream_into, pair_mask_key, pair_secret, pair_sign, self_mask_key
-from node.secagg_messages import MAX_HEADER_BYTES, TAG, Message, MessageError, parse_header
-from node.shamir import ShareError, combine_int, combine_secret, evaluate, split_int, split_secret
+from node.secagg.fixed_point import FixedPointCodec
+from node.secagg.masking import apply_mask, keystream_into, pair_mask_key, pair_secret, pair_sign, self_mask_key
+from node.secagg.messages import MAX_HEADER_BYTES, TAG, Message, MessageError, parse_header
+from node.secagg.shamir import ShareError, combine_int, combine_secret, evaluate, split_int, split_secret
 
 # Shamir's worked example (Wikipedia, "Shamir's secret sharing"): secret 1234, f(x) = 1234 + 166x + 94x^2 mod 1613
 WIKI_PRIME, WIKI_SECRET = 1613, 1234

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dht import NodeIdentity, SwarmConfig, start_dht
-from node.aggregator import AggregationResult, SecureAggregator
+from node.aggregation.base import AggregationResult
+from node.aggregation.secure import SecureAggregator
 from node.config import AggregationConfig, ConfigError, load_node_config
 
 

@@ -26,7 +26,6 @@ from hivemind.proto import runtime_pb2
 
 from dht import SwarmConfig, start_dht
 from dht.bans import BanError, BanRecord, list_bans
-from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
 from node.config import (
     AggregationConfig,
     ModelConfig,
@@ -39,10 +38,11 @@ from node.config import (
 from node.data import generate_corpus
 from node.demo import stop_process
 from node.model import build_model
-from node.sharded_trainer import ShardedTrainer, StepReport, training_batches, unsharded_losses
-from node.stage_messages import StageReply, StageRequest
-from node.stage_server import ServeConfig, StageServer
-from node.stages import LocalParts, build_stage
+from node.sharding.messages import StageReply, StageRequest
+from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
+from node.sharding.server import ServeConfig, StageServer
+from node.sharding.stages import LocalParts, build_stage
+from node.sharding.trainer import ShardedTrainer, StepReport, training_batches, unsharded_losses
 
 LOCALHOST_MADDR = "/ip4/127.0.0.1/tcp/0"  # listen on loopback, port chosen by the OS
 

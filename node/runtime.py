@@ -7,7 +7,7 @@ from typing import Any
 from hivemind.utils import get_dht_time
 
 from dht import NodeIdentity, PeerRecord
-from node import __version__
+from node._version import __version__
 from node.config import RunConfig
 
 

@@ -39,7 +39,8 @@ import hivemind
 import torch
 
 from dht import Cohort, CohortMatcher, list_peers
-from node.aggregator import AggregationError, AggregationResult, Aggregator, make_aggregator
+from node.aggregation.base import AggregationError, AggregationResult, Aggregator
+from node.aggregation.factory import make_aggregator
 from node.config import CohortConfig, ConfigError
 
 logger = logging.getLogger(__name__)

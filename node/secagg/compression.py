@@ -1,6 +1,6 @@
 """Compression inside the secure ring: low-bit words, bit-packed, on a random-k coordinate set.
 
-Three pieces, all applied to the masked all-reduce (node/masked_allreduce.py) so that masking
+Three pieces, all applied to the masked all-reduce (node/secagg/protocol.py) so that masking
 and compression compose:
 
 How a group compresses is the run's ``CompressionConfig`` (node/config.py, ``[run.compression]``).

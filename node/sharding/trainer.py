@@ -1,6 +1,6 @@
 """A trainer of a sharded run: local embedding, first blocks and head; the middle blocks on stage servers.
 
-One step (see node/remote_stages.py for failover and exactly-once):
+One step (see node/sharding/client.py for failover and exactly-once):
 
 1. the batch is cut into ``sharding.micro_batches`` pieces; for each, the local front
    (embeddings, first blocks) runs here, each remote stage's forward runs on a server, the head
@@ -33,13 +33,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dht import Capacity, Heartbeat, NodeIdentity, encode_sketch, list_peers, start_dht
-from node._announce import signed_record
 from node.capacity import device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, RunConfig
 from node.data import ByteBatches, byte_histogram, load_corpus
 from node.model import build_model
-from node.remote_stages import RemoteStages, StageUnavailableError
-from node.stages import LocalParts
+from node.runtime import signed_record
+from node.sharding.client import RemoteStages, StageUnavailableError
+from node.sharding.stages import LocalParts
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class StepReport:
 
 def training_batches(run: RunConfig, corpus: bytes) -> ByteBatches:
     """The batch order a trainer uses on ``corpus`` (the same as an unsharded TrainingNode's)."""
-    from node.trainer import _batch_seed
+    from node.training.trainer import _batch_seed
 
     split = max(run.model.context + 2, int(len(corpus) * 0.9))
     train_bytes = corpus[:split]

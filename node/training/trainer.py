@@ -18,7 +18,7 @@ If no group forms while other trainers are alive, the node waits for one of them
 round and downloads its state (``resync``), keeping its own unsent progress on top of it. A node
 alone applies its own delta (``solo``).
 
-With ``[run.cohorts]`` enabled, the Aggregator is a ``HierarchicalAggregator`` (node/hierarchy.py):
+With ``[run.cohorts]`` enabled, the Aggregator is a ``HierarchicalAggregator`` (node/aggregation/hierarchy.py):
 local parameters are never handed to it (their entries of the update are left as this node's own
 delta), cohort parameters are averaged within the node's cohort, global ones also across cohorts.
 A missed round is then applied solo, never resynced from a peer (whose cohort parameters may be
@@ -55,15 +55,17 @@ from dht import (
     start_dht,
 )
 from dht.records import Capacity
-from node import __version__
-from node.aggregator import MAX_SECURE_GROUP, AggregationError, AggregationResult, make_aggregator, ring_bound
+from node._version import __version__
+from node.aggregation.base import AggregationError, AggregationResult
+from node.aggregation.factory import make_aggregator
+from node.aggregation.hierarchy import HierarchicalAggregator, ParameterPartition, partition_parameters
+from node.aggregation.secure import MAX_SECURE_GROUP, ring_bound
 from node.capacity import fit_batch_size, pick_device, probe_capacity
 from node.config import ConfigError, NodeConfig, describe_difference
 from node.data import ByteBatches, DataError, load_corpus
-from node.fixed_point import FixedPointCodec
-from node.hierarchy import HierarchicalAggregator, ParameterPartition, partition_parameters
 from node.model import build_model
-from node.privacy import (
+from node.secagg.fixed_point import FixedPointCodec
+from node.secagg.privacy import (
     NoiseShare,
     PrivacyAccountant,
     calibrate_noise_multiplier,
@@ -71,7 +73,7 @@ from node.privacy import (
     effective_multiplier,
 )
 from node.sketch import data_sketch
-from node.state_sharing import SharedState, StateSharer
+from node.training.state_sharing import SharedState, StateSharer
 from node.wire_meter import WireMeter
 
 logger = logging.getLogger(__name__)
@@ -233,7 +235,7 @@ class TrainingNode:
 
     def _compression_bound(self) -> float:
         """The low-bit code's clip bound (a cap: each group agrees on a tighter one from its members'
-        update sizes, node/masked_allreduce.py); 0 when values keep the full ring."""
+        update sizes, node/secagg/protocol.py); 0 when values keep the full ring."""
         compression = self.run.compression
         if compression.bits == 32:
             return 0.0

@@ -25,8 +25,8 @@ import hashlib
 
 import torch
 
-from node.stage_messages import STATE_BLOCKS, StageMessageError
-from node.stages import Stage
+from node.sharding.messages import STATE_BLOCKS, StageMessageError
+from node.sharding.stages import Stage
 
 MAX_PENDING_STEPS = 64  # (trainer, step) pairs whose gradients may wait for a commit
 MAX_APPLIED_REMEMBERED = 4096  # applied pairs remembered, so a retried commit is recognized
@@ -57,7 +57,7 @@ class HostedStage:
         self.anchor: list[torch.Tensor] = []
         self.anchor_digest = b""
         self.reanchor()
-        # set from the server's event loop while a round runs (node/stage_averaging.py)
+        # set from the server's event loop while a round runs (node/sharding/averaging.py)
         self.averaging = False  # trainer calls are refused ("averaging")
         self.committing = 0  # commits being applied or replicated right now
         self.thawed = asyncio.Event()  # cleared between the snapshot and the result: replicated steps wait
@@ -98,7 +98,7 @@ class HostedStage:
         while len(self.applied) > MAX_APPLIED_REMEMBERED:
             self.applied.popitem(last=False)
 
-    # ---- averaging (node/stage_averaging.py) ---------------------------------------------------
+    # ---- averaging (node/sharding/averaging.py) ---------------------------------------------------
     def reanchor(self) -> None:
         """Take the current parameters as the anchor the next round's drift is measured from."""
         self.anchor = [p.detach().clone() for p in self.params]

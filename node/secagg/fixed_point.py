@@ -7,7 +7,7 @@ weight sum travels masked with the values. ``s = (2**(31 - h) - 1) / B`` with ``
 headroom bits: every encoded value lies in ``[-(2**(31-h) - 1), 2**(31-h) - 1]``, so the sum of
 ``n`` of them fits a signed 32-bit integer and the sum taken mod 2**32 never wraps.
 
-With ``bits = q < 32`` (compression, node/compression.py) values get ``q`` bits instead:
+With ``bits = q < 32`` (compression, node/secagg/compression.py) values get ``q`` bits instead:
 ``s = (2**(q - 1) - 1) / B`` and the ring narrows to ``W = q + h`` bits (``ring_bits``). Words
 are still added in Z_2^32; only their low ``W`` bits matter, and only those travel. The weight
 word always keeps the full 32-bit code.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.masking import keystream_into
+from node.secagg.masking import keystream_into
 
 RING_BITS = 32
 CHUNK = 1 << 18  # elements per encoding step: float64 temporaries stay in cache

@@ -16,7 +16,7 @@ import hivemind
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from node.stage_messages import StageReply, StageRequest
+from node.sharding.messages import StageReply, StageRequest
 
 T = TypeVar("T")
 

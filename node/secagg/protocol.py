@@ -51,15 +51,15 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from dht.identity import verify_binding
-from node.compression import pack_bits, packed_size, select_coordinates, unpack_bits
 from node.config import CompressionConfig
-from node.fixed_point import FixedPointCodec
-from node.masking import apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
-from node.secagg_messages import MAX_GROUP, NO_BOUND, Message, MessageError
-from node.shamir import ShareError, combine_secret, split_secret
+from node.secagg.compression import pack_bits, packed_size, select_coordinates, unpack_bits
+from node.secagg.fixed_point import FixedPointCodec
+from node.secagg.masking import apply_mask, pair_mask_key, pair_secret, pair_sign, self_mask_key
+from node.secagg.messages import MAX_GROUP, NO_BOUND, Message, MessageError
+from node.secagg.shamir import ShareError, combine_secret, split_secret
 
 if TYPE_CHECKING:
-    from node.privacy import NoiseShare
+    from node.secagg.privacy import NoiseShare
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class MaskedAllReduce:
         out: float32 array (the vector's length) the mean is written into; may be ``vector`` itself.
         workspace: buffers to reuse across rounds.
         noise: this peer's share of the differential-privacy noise, added in the ring before masking.
-        compression: low-bit words and random-k (node/compression.py); None: full 32-bit words.
+        compression: low-bit words and random-k (node/secagg/compression.py); None: full 32-bit words.
             With random-k, ``part_sizes`` split ``compression.count(vector.size) + 1`` elements.
         adaptive_bound: agree on the code's bound in the keys phase: each peer proposes the power of two
             at or above 3x the RMS of its values and the group takes the largest, capped at ``bound``

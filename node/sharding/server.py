@@ -1,8 +1,8 @@
 """``zen-node serve``: host pipeline stages of the run's model for trainers (forward and backward RPCs).
 
 A server holds no data. It picks the stage(s) that raise the swarm's weakest stage throughput
-(node/stages.py), downloads their current state from a live replica if there is one, announces
-them in its signed record (role ``server``), and answers stage calls (node/stage_messages.py):
+(node/sharding/stages.py), downloads their current state from a live replica if there is one, announces
+them in its signed record (role ``server``), and answers stage calls (node/sharding/messages.py):
 
 - forward: requests of one stage that arrive together are batched into one pass (the model is
   hivemind.moe's TaskPool); the output goes back, nothing is kept.
@@ -17,7 +17,7 @@ them in its signed record (role ``server``), and answers stage calls (node/stage
   joining replica, a resync and trainers' spot-checks.
 
 Every ``sharding.average_period`` seconds the servers of a stage average it and leave with the
-same bits and version (node/stage_averaging.py); trainer calls meanwhile are refused with
+same bits and version (node/sharding/averaging.py); trainer calls meanwhile are refused with
 ``averaging``.
 
 Only the trainer named in a call may make it (the stream's PeerID is checked), only a listed
@@ -45,14 +45,14 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from dht import SKETCH_DIM, Capacity, Heartbeat, NodeIdentity, PeerRecord, encode_sketch, list_peers, start_dht
-from node._announce import signed_record
-from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
 from node.capacity import CapacityError, device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig
-from node.hosted_stage import HostedStage
-from node.stage_averaging import StageAverager
-from node.stage_messages import TRAINER_CALLS, StageMessageError, StageReply, StageRequest
-from node.stages import DEFAULT_HYSTERESIS, build_stage, choose_stages, rebalance_target, stage_ranges
+from node.runtime import signed_record
+from node.sharding.averaging import StageAverager
+from node.sharding.hosted import HostedStage
+from node.sharding.messages import TRAINER_CALLS, StageMessageError, StageReply, StageRequest
+from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
+from node.sharding.stages import DEFAULT_HYSTERESIS, build_stage, choose_stages, rebalance_target, stage_ranges
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ A round (all servers of a stage start it at the same wall-clock multiple of the 
    a third of ``request_timeout`` (the longest a replication may take) plus a margin, and for this
    server's own commits in progress to finish replicating.
 2. Snapshot. Replicated steps are now held until the round ends; the drift ``anchor - params``
-   is taken (node/hosted_stage.py: the anchor is the stage as the last round left it, identical
+   is taken (node/sharding/hosted.py: the anchor is the stage as the last round left it, identical
    on every member of that round).
 3. Aggregate (3 or more servers listed). The drift is averaged (weight 1 per server) through
-   ``node.aggregator``'s secure aggregator (the masked all-reduce, groups of >= 3) under the run
+   ``node.aggregation``'s secure aggregator (the masked all-reduce, groups of >= 3) under the run
    id ``<run_id>-stage<k>``, so servers of different stages never meet, with the round number
    set to a 48-bit hash of (stage, version, anchor digest): only replicas that hold the same
    anchor and the same number of updates meet, since averaging drifts from different anchors
@@ -54,13 +54,14 @@ from typing import TYPE_CHECKING
 import torch
 from hivemind.utils import get_dht_time
 
-from node.aggregator import AggregationError, AggregationResult, Aggregator, make_aggregator
+from node.aggregation.base import AggregationError, AggregationResult, Aggregator
+from node.aggregation.factory import make_aggregator
 from node.config import AggregationConfig
-from node.hosted_stage import HostedStage
-from node.stage_messages import StageMessageError, StageReply, StageRequest
+from node.sharding.hosted import HostedStage
+from node.sharding.messages import StageMessageError, StageReply, StageRequest
 
 if TYPE_CHECKING:
-    from node.stage_server import StageServer
+    from node.sharding.server import StageServer
 
 logger = logging.getLogger(__name__)
 

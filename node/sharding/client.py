@@ -38,10 +38,10 @@ from hivemind.utils import get_dht_time
 
 from dht import NodeIdentity, list_peers
 from dht.bans import BanRecord, list_bans, publish_ban
-from node._stage_rpc import P2PLoop, call_stage, stage_handler_name
 from node.config import RunConfig
-from node.stage_messages import STATE_BLOCKS, StageReply, StageRequest
-from node.stages import Stage, build_stage
+from node.sharding.messages import STATE_BLOCKS, StageReply, StageRequest
+from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
+from node.sharding.stages import Stage, build_stage
 
 logger = logging.getLogger(__name__)
 

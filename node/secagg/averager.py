@@ -38,9 +38,9 @@ from hivemind.p2p import P2P
 from hivemind.utils import enter_asynchronously
 
 from node.config import CompressionConfig
-from node.masked_allreduce import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts, Workspace
-from node.privacy import NoiseShare
-from node.secagg_messages import MAX_HEADER_BYTES, MessageError, parse_header
+from node.secagg.messages import MAX_HEADER_BYTES, MessageError, parse_header
+from node.secagg.privacy import NoiseShare
+from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts, Workspace
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,72 @@
+"""The aggregation interface: one way for every round mode to merge pseudo-gradients with peers.
+
+``Aggregator.aggregate`` takes this node's update tensors and its weight (samples) for an outer
+round and replaces the tensors, in place, with the weighted mean over the group it joined.
+Implementations: ``SecureAggregator`` (secure.py, the default: the masked all-reduce, no peer sees
+another's update), ``PlainAggregator`` (plain.py: hivemind's float butterfly all-reduce, for
+comparison), ``HierarchicalAggregator`` (hierarchy.py: cohort and global parameters).
+
+Round alignment: a node sets its matchmaking group bits to its round number before each
+step, so only peers at the same round meet (hivemind forms groups per key). Every member
+gathers its round into the group; a mismatch is an error, not an average of unrelated deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ROUND_BITS = 16  # the round number modulo 2**16 picks the matchmaking key
+
+
+class AggregationError(Exception):
+    """A round's aggregation produced an inconsistent result and must not be applied."""
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """What a successful aggregation reports."""
+
+    round: int  # the outer round that was averaged
+    group_size: int  # peers whose updates are in the mean, self included
+    peers: tuple[str, ...]  # their PeerIDs
+
+
+class Aggregator(ABC):
+    """Merge one round's update with peers."""
+
+    @abstractmethod
+    def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
+        """Replace ``tensors`` in place with the weighted mean over a group of peers at ``round_no``.
+
+        Args:
+            round_no: the outer round this update belongs to.
+            tensors: this node's update; overwritten with the group's mean on success.
+            weight: this node's weight in the mean (its sample count for the round), > 0.
+
+        Returns:
+            The group's description, or None when no group formed in time (``tensors`` unchanged).
+
+        Raises:
+            AggregationError: the group's result is inconsistent; ``tensors`` are unchanged.
+        """
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop background work and release network handlers."""
+
+    @property
+    def residual(self) -> torch.Tensor | None:
+        """After a successful ``aggregate``: what of the update the group's sum left out (flat), or None
+        when it took all of it (no compression)."""
+        return None
+
+
+def round_group_bits(round_no: int) -> str:
+    return format(round_no % (1 << ROUND_BITS), f"0{ROUND_BITS}b")

@@ -1,0 +1,112 @@
+"""Aggregators backed by a hivemind averager: the shared step loop and the plain (unmasked) one."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+
+from node.aggregation.base import AggregationError, AggregationResult, Aggregator, round_group_bits
+from node.config import AggregationConfig
+
+logger = logging.getLogger(__name__)
+
+
+def averager_kwargs(config: AggregationConfig) -> dict[str, Any]:
+    return dict(
+        start=True,
+        min_group_size=config.min_group_size,
+        min_matchmaking_time=config.matchmaking_time,
+        request_timeout=min(1.0, config.matchmaking_time / 2),
+        initial_group_bits=round_group_bits(0),
+        allow_state_sharing=False,
+        shutdown_timeout=2,
+    )
+
+
+def averager_buffers(templates: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The averager's own float32 CPU copies of the update (shared with its process)."""
+    return [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates]
+
+
+class AveragerAggregator(Aggregator):
+    """Runs one step of a hivemind averager per round; subclasses build the averager."""
+
+    def __init__(self, averager: DecentralizedAverager, config: AggregationConfig, stop_event: threading.Event | None):
+        self.config = config
+        self._stop = stop_event or threading.Event()
+        self._averager = averager
+
+    def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
+        if weight <= 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        with self._averager.get_tensors() as buffers:
+            for buffer, tensor in zip(buffers, tensors, strict=True):
+                buffer.copy_(tensor.detach().float().cpu())
+        self._averager.set_group_bits(round_group_bits(round_no))
+        control = self._averager.step(
+            gather={"round": round_no},
+            weight=float(weight),
+            timeout=self.config.timeout,
+            allow_retries=True,
+            wait=False,
+        )
+        while not control.done():
+            if self._stop.wait(0.2):
+                control.cancel()
+                return None
+        try:
+            gathered = control.result()
+        except Exception as e:  # hivemind reports a failed all-reduce as an exception of its own
+            logger.warning(f"round {round_no}: averaging failed: {e}")
+            return None
+        if not gathered:
+            return None
+        rounds = {str(peer): data.get("round") if isinstance(data, dict) else None for peer, data in gathered.items()}
+        if set(rounds.values()) != {round_no}:
+            raise AggregationError(f"group mixed rounds {rounds}; the average of round {round_no} is discarded")
+        with self._averager.get_tensors() as buffers:
+            if not all(torch.isfinite(buffer).all() for buffer in buffers):
+                raise AggregationError(f"round {round_no}: the group's mean holds non-finite values")
+            for buffer, tensor in zip(buffers, tensors, strict=True):
+                tensor.copy_(buffer.to(tensor.device, tensor.dtype))
+        return AggregationResult(round=round_no, group_size=len(gathered), peers=tuple(sorted(rounds)))
+
+    def shutdown(self) -> None:
+        self._averager.shutdown()
+
+
+class PlainAggregator(AveragerAggregator):
+    """hivemind's DecentralizedAverager behind the Aggregator interface (no masking: for comparison).
+
+    Args:
+        dht: the node's running DHT.
+        run_id: the run; its averaging key is derived from it.
+        templates: tensors with the shapes and dtypes of the update.
+        config: group size, matchmaking time and timeout.
+        client_mode: dial out only (a peer behind NAT).
+        stop_event: when set, a pending aggregation is cancelled and returns None.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        templates: Sequence[torch.Tensor],
+        config: AggregationConfig,
+        client_mode: bool = False,
+        stop_event: threading.Event | None = None,
+    ):
+        averager = DecentralizedAverager(
+            averager_buffers(templates),
+            dht,
+            prefix=f"zen_{run_id}_grads",
+            client_mode=client_mode,
+            **averager_kwargs(config),
+        )
+        super().__init__(averager, config, stop_event)
