@@ -26,6 +26,7 @@ import nacl.signing
 from hivemind.utils import get_dht_time
 
 from dht.identity import NodeIdentity, verify_binding
+from dht.wire import WireError, unpack_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,9 @@ def _check(record: BanRecord) -> None:
 
 def _unpack(data: bytes) -> Any:
     try:
-        return msgpack.unpackb(
-            data, raw=False, max_str_len=1024, max_bin_len=MAX_BAN_BYTES, max_array_len=8, max_map_len=16
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise BanError(f"malformed msgpack: {e}") from None
+        return unpack_bounded(data, max_str=1024, max_bin=MAX_BAN_BYTES, max_array=8, max_map=16)
+    except WireError as e:
+        raise BanError(str(e)) from None
 
 
 def bans_key(run_id: str) -> str:

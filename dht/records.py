@@ -25,6 +25,7 @@ import nacl.exceptions
 import nacl.signing
 
 from dht.identity import NodeIdentity, verify_binding
+from dht.wire import WireError, unpack_bounded
 
 RECORD_TAG = "zen/peer-record/v1"
 MAX_RECORD_BYTES = 64 * 1024
@@ -126,18 +127,9 @@ def encode_sketch(values: list[float]) -> bytes:
 
 def _unpack(data: bytes) -> Any:
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=MAX_STR_BYTES,
-            max_bin_len=MAX_RECORD_BYTES,
-            max_array_len=64,
-            max_map_len=32,
-            max_ext_len=0,
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise RecordError(f"malformed msgpack: {e}") from None
+        return unpack_bounded(data, max_str=MAX_STR_BYTES, max_bin=MAX_RECORD_BYTES, max_array=64, max_map=32)
+    except WireError as e:
+        raise RecordError(str(e)) from None
 
 
 def _to_wire(record: PeerRecord) -> dict[str, Any]:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import msgpack
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
 from dht.records import MAX_RECORD_BYTES, RECORD_TAG, PeerRecord, RecordError
+from dht.wire import WireError, unpack_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +98,14 @@ def _names_a_peer(subkey: bytes) -> bool:
     would hide every peer of the run from strict readers.
     """
     try:
-        value = msgpack.unpackb(subkey, raw=False, max_str_len=128, max_bin_len=0, max_array_len=0, max_map_len=0)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        value = unpack_bounded(subkey, max_str=128)
+    except WireError:
         return False
     return isinstance(value, str) and value.startswith("12D3KooW")
 
 
 def _loads_bounded(data: bytes) -> object:
     try:
-        return msgpack.unpackb(
-            data, raw=False, max_bin_len=MAX_RECORD_BYTES, max_str_len=4096, max_array_len=0, max_map_len=0
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        return unpack_bounded(data, max_bin=MAX_RECORD_BYTES, max_str=4096)
+    except WireError as e:
         raise RecordError(f"malformed DHT value: {e}") from None
