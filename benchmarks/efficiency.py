@@ -45,7 +45,7 @@ from node.config import ModelConfig  # noqa: E402
 from node.data import ByteBatches  # noqa: E402
 from node.demo import start_bootstrap, stop_process  # noqa: E402
 from node.model import build_model  # noqa: E402
-from node.training.trainer import REPORT_FILE  # noqa: E402
+from node.training.report import REPORT_FILE  # noqa: E402
 
 EVAL_BATCHES = 16
 SEED = 0

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         "It relays for peers behind NAT, logs joins and leaves, and answers GET /healthz.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_network_flags(parser, defaults)
+    _add_health_flags(parser, defaults)
+    _add_monitor_flags(parser, defaults)
+    _add_startup_flags(parser, defaults)
+    return parser
+
+
+def _add_network_flags(parser: argparse.ArgumentParser, defaults: BootstrapConfig) -> None:
+    """Where the peer listens, what it announces, whom it joins, and the identity that names it."""
     parser.add_argument(
         "--host-maddrs",
         nargs="+",
@@ -89,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="identity FOLDER (created on first run; holds p2p.key, so the same folder keeps the PeerID "
         "across restarts), e.g. /identity/bootstrap.id",
     )
+
+
+def _add_health_flags(parser: argparse.ArgumentParser, defaults: BootstrapConfig) -> None:
+    """The HTTP health endpoint, GET /healthz."""
     parser.add_argument(
         "--http-host",
         default=defaults.http_host,
@@ -102,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="port of the health endpoint GET /healthz, e.g. 8080 (0 picks a free port)",
     )
+
+
+def _add_monitor_flags(parser: argparse.ArgumentParser, defaults: BootstrapConfig) -> None:
+    """Which runs the peer watches, and how often it looks."""
     parser.add_argument(
         "--run-id",
         dest="run_ids",
@@ -118,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between two looks at the swarm, e.g. 2.0",
     )
+
+
+def _add_startup_flags(parser: argparse.ArgumentParser, defaults: BootstrapConfig) -> None:
+    """How the peer starts (reachability, timeout) and how much it logs."""
     parser.add_argument(
         "--force-reachability",
         choices=REACHABILITY_CHOICES,
@@ -137,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of the messages on stderr, e.g. INFO",
     )
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> BootstrapConfig:

@@ -5,7 +5,10 @@
     zen-node demo --peers 3 --rounds 3 --summary-json out.json
     zen-node serve --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --config run.toml --max-memory 20GB
 
-Errors a user can fix print one line, ``zen-node: error: ...``, and exit with status 2.
+Errors a user can fix (``USER_ERRORS``: a bad flag or config value, missing data, a machine too
+small, an unreachable swarm) print one line, ``zen-node: error: ...``, and exit with status 2.
+Anything else is a bug: it prints its traceback and exits with status 1. Each command validates
+its config and arguments before it creates any folder.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -26,18 +30,18 @@ from hivemind.utils import get_dht_time
 from dht import CohortMatcher, IdentityError, SwarmError, list_peers, start_dht
 from dht.swarm import SwarmConfig
 from node.capacity import CapacityError
-from node.config import ConfigError, load_node_config
+from node.config import ConfigError, NodeConfig, check_join, check_serve, load_node_config, parse_memory
 from node.data import DataError
 from node.sharding.client import StageUnavailableError
-from node.sharding.server import ServeConfig, StageServer, parse_memory
+from node.sharding.server import StageServer
 from node.sharding.trainer import ShardedTrainer, StepReport
 from node.training.trainer import ConfigMismatchError, RoundReport, TrainingNode
 
 logger = logging.getLogger(__name__)
 
+# What a user can fix; config ValueErrors become ConfigError where the config is built (node.config).
 USER_ERRORS = (
     ConfigError,
-    ValueError,
     IdentityError,
     DataError,
     CapacityError,
@@ -45,6 +49,8 @@ USER_ERRORS = (
     ConfigMismatchError,
     StageUnavailableError,
 )
+EXIT_USER_ERROR = 2  # as argparse exits on a bad flag
+EXIT_INTERNAL_ERROR = 1  # a bug: the traceback is printed
 EXAMPLE_PEER = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWExample"
 
 
@@ -133,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The ``--config`` file (if any) with the flags laid over it.
+
+    Raises:
+        ConfigError: a bad file, flag or value (the message names the field and the fix).
+    """
+    overrides = _overrides(args)
+    if args.command == "status":
+        # status always dials out only (cmd_status), whatever the flag or file says; the config's check of
+        # client mode against secure aggregation is for trainers.
+        overrides["swarm.client_mode"] = False
+    return load_node_config(args.config, overrides)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     mapping = {
         "initial_peers": "swarm.initial_peers",
@@ -150,8 +170,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "min_peers": "node.min_peers",
         "save_round_params": "node.save_round_params",
         "epsilon_budget": "node.epsilon_budget",
+        "stages": "serve.stages",
     }
     values = {key: getattr(args, name) for name, key in mapping.items() if getattr(args, name, None) is not None}
+    if getattr(args, "max_memory", None) is not None:
+        values["serve.max_memory"] = parse_memory(args.max_memory)
     if getattr(args, "no_relay", False):
         values["swarm.use_relay"] = False
     if getattr(args, "auto_relay", False):
@@ -207,7 +230,8 @@ def _print_step(report: StepReport) -> None:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    config = load_node_config(args.config, _overrides(args))
+    config = config_from_args(args)
+    check_join(config)
     stop = threading.Event()
     _install_signal_handlers(stop)
     node: TrainingNode | ShardedTrainer
@@ -226,14 +250,11 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = load_node_config(args.config, _overrides(args))
-    serve = ServeConfig(
-        max_memory=0 if args.max_memory is None else parse_memory(args.max_memory),
-        stages=tuple(args.stages or ()),
-    )
+    config = config_from_args(args)
+    check_serve(config)
     stop = threading.Event()
     _install_signal_handlers(stop)
-    server = StageServer(config, serve, stop_event=stop)
+    server = StageServer(config, config.serve, stop_event=stop)
     try:
         server.start()
         print(
@@ -248,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = load_node_config(args.config, _overrides(args))
+    config = config_from_args(args)
     swarm = SwarmConfig(**{**vars(config.swarm), "client_mode": True})
     dht = start_dht(swarm, None, [config.run.run_id])
     try:
@@ -298,27 +319,54 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    _check_demo(args)
+    from node.demo import run_demo
+
+    return run_demo(args)
+
+
+def _check_demo(args: argparse.Namespace) -> None:
+    """The demo's flags, checked before it clears and fills ``--workdir``."""
+    if not 1 <= args.peers <= 32:
+        raise ConfigError(f"--peers must be in [1, 32], got {args.peers}")
+    if not 1 <= args.rounds <= 1000:
+        raise ConfigError(f"--rounds must be in [1, 1000], got {args.rounds}")
+    if args.privacy_epsilon < 0 or (args.privacy_epsilon > 0 and args.aggregation != "secure"):
+        raise ConfigError("--privacy-epsilon must be > 0 and needs --aggregation secure")
+    if args.aggregation == "secure" and args.peers < 3:
+        raise ConfigError(
+            f"secure aggregation needs --peers >= 3 (a sum of two reveals both inputs), got {args.peers}; "
+            "use --aggregation plain for a smaller demo"
+        )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "join": cmd_join,
+    "serve": cmd_serve,
+    "status": cmd_status,
+    "demo": cmd_demo,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``zen-node`` command; return the process exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "join":
-            return cmd_join(args)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "serve":
-            return cmd_serve(args)
-        from node.demo import run_demo
-
-        return run_demo(args)
+        return COMMANDS[args.command](args)
     except USER_ERRORS as e:
-        print(f"zen-node: error: {e}", file=sys.stderr)
-        return 2
+        print(f"zen-node: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        traceback.print_exc()
+        print("zen-node: internal error (a bug, not your input); please report the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -1,37 +1,78 @@
 """Configuration: one dataclass per component, loaded from TOML and overridden by flags.
 
-``RunConfig`` is what every peer of a run must share (its hash goes in each PeerRecord);
-``NodeConfig`` is this machine's own settings. A TOML file maps onto them section by
-section::
+``RunConfig`` (node/run_config.py, re-exported here) is what every peer of a run must share;
+``NodeConfig`` is this machine's own settings. A TOML file maps onto them section by section::
 
-    [run]            run_id, min_memory_gb
-    [run.model]      ModelConfig
-    [run.train]      TrainConfig
+    [run]             run_id, min_memory_gb
+    [run.model]       ModelConfig
+    [run.train]       TrainConfig
     [run.aggregation] AggregationConfig
-    [run.sharding]   ShardingConfig
-    [run.cohorts]    CohortConfig
-    [swarm]          dht.SwarmConfig
-    [node]           NodeConfig's own fields (data, identity, workdir, ...)
+    [run.privacy]     PrivacyConfig
+    [run.compression] CompressionConfig
+    [run.sharding]    ShardingConfig
+    [run.cohorts]     CohortConfig
+    [swarm]           dht.SwarmConfig
+    [serve]           ServeConfig (``zen-node serve``)
+    [node]            NodeConfig's own fields (data, identity, workdir, ...)
+
+A check that spans sections lives in the dataclass that holds them all (``RunConfig``,
+``NodeConfig``); ``check_join`` and ``check_serve`` add what one command needs, before it creates
+any folder. This module imports neither torch nor hivemind, so a CLI validates its input first.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
 from dht.config import SwarmConfig
+from node.run_config import (
+    MAX_PATTERNS,
+    AggregationConfig,
+    AggregationMode,
+    CohortConfig,
+    CompressionBits,
+    CompressionConfig,
+    ConfigError,
+    ModelConfig,
+    PrivacyConfig,
+    RunConfig,
+    ShardingConfig,
+    TrainConfig,
+    build_section,
+    describe_difference,
+    run_config_from_dict,
+)
 
+__all__ = [
+    "MAX_PATTERNS",
+    "AggregationConfig",
+    "AggregationMode",
+    "CohortConfig",
+    "CompressionBits",
+    "CompressionConfig",
+    "ConfigError",
+    "ModelConfig",
+    "NodeConfig",
+    "PrivacyConfig",
+    "RunConfig",
+    "ServeConfig",
+    "ShardingConfig",
+    "SwarmConfig",
+    "TrainConfig",
+    "check_join",
+    "check_serve",
+    "describe_difference",
+    "load_node_config",
+    "parse_memory",
+    "run_config_from_dict",
+]
 
-class ConfigError(ValueError):
-    """A configuration file or value is invalid; the message names the field and the fix."""
+DEFAULT_HYSTERESIS = 0.2  # a stage move must raise the weakest stage's throughput by more than 20%
 
 
 def _require(ok: bool, message: str) -> None:
@@ -39,260 +80,53 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-@dataclass
-class ModelConfig:
-    """A small GPT over bytes; identical on every peer of a run."""
+def parse_memory(text: str, name: str = "--max-memory") -> int:
+    """``20GB``, ``512MiB``, ``1.5G`` -> bytes (``name``: the flag or field, for the message).
 
-    vocab_size: int = 256  # byte-level tokens
-    n_layer: int = 2  # transformer blocks
-    n_head: int = 2  # attention heads per block
-    d_model: int = 64  # width
-    context: int = 64  # tokens per training sequence
-
-    def __post_init__(self) -> None:
-        _require(self.vocab_size == 256, f"model.vocab_size must be 256 (bytes), got {self.vocab_size}")
-        _require(1 <= self.n_layer <= 96, f"model.n_layer must be in [1, 96], got {self.n_layer}")
-        _require(self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}")
-        _require(
-            self.d_model >= 8 and self.d_model % self.n_head == 0,
-            f"model.d_model must be >= 8 and divisible by n_head={self.n_head}, got {self.d_model}",
-        )
-        _require(8 <= self.context <= 8192, f"model.context must be in [8, 8192], got {self.context}")
+    Raises:
+        ConfigError: a one-line explanation with an example.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{name} {text!r} is not a memory size; use e.g. 20GB or 512MB")
+    scale = 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * scale)
 
 
 @dataclass
-class TrainConfig:
-    """DiLoCo-style schedule: H inner AdamW steps, then one outer Nesterov step on the averaged delta."""
+class ServeConfig:
+    """A stage server's own settings (``zen-node serve``, the ``[serve]`` section)."""
 
-    inner_steps: int = 20  # H: inner steps per outer round
-    batch_size: int = 16  # sequences per inner step
-    inner_lr: float = 3e-3  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    outer_lr: float = 0.7  # outer Nesterov learning rate (DiLoCo's default)
-    outer_momentum: float = 0.9  # outer Nesterov momentum (DiLoCo's default)
-    seed: int = 0  # initial weights are seeded by this, so every peer starts equal
-    round_seconds: float = 0.0  # T: inner steps also stop after T seconds (a slow peer sends fewer samples); 0 = off
-    overlap: bool = True  # aggregate in the background while the next round trains (outer update one round late)
-
-    def __post_init__(self) -> None:
-        _require(
-            math.isfinite(self.round_seconds) and 0 <= self.round_seconds <= 86_400,
-            f"train.round_seconds must be in [0, 86400], got {self.round_seconds}",
-        )
-        _require(self.inner_steps >= 1, f"train.inner_steps must be >= 1, got {self.inner_steps}")
-        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _require(0 < self.inner_lr < 1, f"train.inner_lr must be in (0, 1), got {self.inner_lr}")
-        _require(0 <= self.weight_decay < 1, f"train.weight_decay must be in [0, 1), got {self.weight_decay}")
-        _require(0 < self.outer_lr <= 2, f"train.outer_lr must be in (0, 2], got {self.outer_lr}")
-        _require(0 <= self.outer_momentum < 1, f"train.outer_momentum must be in [0, 1), got {self.outer_momentum}")
-
-
-@dataclass
-class AggregationConfig:
-    """How pseudo-gradients are merged with peers."""
-
-    mode: str = "secure"  # "secure": masked all-reduce; "plain": hivemind's float averager (no masking)
-    min_group_size: int = 3  # smallest group that may average; smaller waits for more peers (secure: >= 3)
-    matchmaking_time: float = 3.0  # seconds a leader gathers followers before averaging
-    timeout: float = 120.0  # seconds to find a group and average before the round counts as missed
-    clip_bound: float = 1.0  # secure: every update coordinate is clipped to [-clip_bound, clip_bound]
-    message_timeout: float = 10.0  # secure: seconds a protocol phase waits for small messages
+    max_memory: int = 0  # bytes of device memory the stages may use (TOML also takes "20GB"); 0 = all of it
+    stages: tuple[int, ...] = ()  # host exactly these stages; () = choose by block selection
+    max_stages: int = 1  # at most this many stages when choosing (memory may allow fewer)
+    max_batch: int = 256  # sequences one batched forward may hold
+    batch_wait: float = 0.002  # seconds a forward waits for others to batch with
+    busy_poll: float = 1.0  # seconds between GPU-busy readings
+    rebalance_period: float = 30.0  # seconds between rebalancing checks; 0 = never move
+    hysteresis: float = DEFAULT_HYSTERESIS  # relative gain in the weakest stage a move must bring
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("secure", "plain"), f"aggregation.mode must be 'secure' or 'plain', got {self.mode!r}")
+        if isinstance(self.max_memory, str):  # a TOML file may say "20GB"
+            self.max_memory = parse_memory(self.max_memory, "serve.max_memory")
+        self.stages = tuple(self.stages)  # TOML gives a list
+        _require(self.max_memory >= 0, f"serve.max_memory must be >= 0 bytes, got {self.max_memory}")
         _require(
-            2 <= self.min_group_size <= 32,
-            f"aggregation.min_group_size must be in [2, 32], got {self.min_group_size}",
+            all(isinstance(s, int) and 0 <= s < 64 for s in self.stages),
+            f"serve.stages must be stage numbers in [0, 64), got {list(self.stages)}",
         )
+        _require(1 <= self.max_stages <= 64, f"serve.max_stages must be in [1, 64], got {self.max_stages}")
+        _require(1 <= self.max_batch <= 4096, f"serve.max_batch must be in [1, 4096], got {self.max_batch}")
         _require(
-            self.mode != "secure" or self.min_group_size >= 3,
-            "aggregation.min_group_size must be >= 3 in secure mode (a sum of two reveals both inputs); "
-            "raise it or set aggregation.mode = 'plain'",
-        )
-        _require(
-            math.isfinite(self.clip_bound) and 0 < self.clip_bound <= 1e6,
-            f"aggregation.clip_bound must be in (0, 1e6], got {self.clip_bound}",
-        )
-        _require(0.5 <= self.message_timeout <= 300, "aggregation.message_timeout must be in [0.5, 300] s")
-        _require(0.5 <= self.matchmaking_time <= 60, "aggregation.matchmaking_time must be in [0.5, 60] s")
-        _require(self.timeout > self.matchmaking_time, "aggregation.timeout must exceed matchmaking_time")
-
-
-@dataclass
-class CompressionConfig:
-    """Compression of updates inside the secure ring (node/secagg/compression.py); off at the defaults."""
-
-    bits: int = 32  # bits per value before the group's headroom bits: 4, 8 or 16; 32 = no quantization
-    fraction: float = 1.0  # random-k: share of coordinates each round sends (index set from a group-shared seed)
-    error_feedback: bool = True  # keep what was not sent (and rounding errors) for the next round
-    bound: float = 0.0  # cap on the low-bit code's bound (groups agree on 3x RMS, a power of 2); 0 = clip_bound
-
-    def __post_init__(self) -> None:
-        _require(self.bits in (4, 8, 16, 32), f"compression.bits must be 4, 8, 16 or 32, got {self.bits}")
-        _require(0 < self.fraction <= 1, f"compression.fraction must be in (0, 1], got {self.fraction}")
-        _require(
-            math.isfinite(self.bound) and 0 <= self.bound <= 1e6,
-            f"compression.bound must be in [0, 1e6] (0 = automatic), got {self.bound}",
-        )
-
-    @property
-    def active(self) -> bool:
-        return self.bits < 32 or self.fraction < 1
-
-    def count(self, size: int) -> int:
-        """Coordinates of a ``size``-long update that one round sends (random-k)."""
-        return size if self.fraction >= 1 else max(1, min(size, math.ceil(size * self.fraction)))
-
-
-@dataclass
-class PrivacyConfig:
-    """User-level differential privacy of every contribution (node/secagg/privacy.py); off unless enabled."""
-
-    enabled: bool = False  # clip, add noise shares in the ring, account the budget
-    clip_norm: float = 1.0  # C: L2 bound on a node's pseudo-gradient each round
-    noise_multiplier: float = 0.0  # sigma; 0 = derived from target_epsilon over planned_rounds
-    target_epsilon: float = 0.0  # the budget: a node stops sending updates before exceeding it; 0 = none
-    delta: float = 1e-5  # the delta of every epsilon
-    max_dropouts: int = 1  # t: the aggregate keeps its noise when this many peers drop out or collude
-    planned_rounds: int = 100  # rounds the budget is planned for, when sigma is derived
-
-    def __post_init__(self) -> None:
-        _require(math.isfinite(self.clip_norm) and self.clip_norm > 0, "privacy.clip_norm must be > 0")
-        _require(
-            math.isfinite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1e3,
-            "privacy.noise_multiplier must be in [0, 1000]",
-        )
-        _require(math.isfinite(self.target_epsilon) and self.target_epsilon >= 0, "privacy.target_epsilon must be >= 0")
-        _require(0 < self.delta < 0.1, f"privacy.delta must be in (0, 0.1), got {self.delta}")
-        _require(0 <= self.max_dropouts <= 29, f"privacy.max_dropouts must be in [0, 29], got {self.max_dropouts}")
-        _require(1 <= self.planned_rounds <= 100_000, "privacy.planned_rounds must be in [1, 100000]")
-        _require(
-            not self.enabled or self.noise_multiplier > 0 or self.target_epsilon > 0,
-            "privacy needs privacy.noise_multiplier > 0 or a privacy.target_epsilon to derive it from",
+            0 <= self.batch_wait <= 1 and self.busy_poll > 0 and self.rebalance_period >= 0 and self.hysteresis >= 0,
+            "serve.batch_wait must be in [0, 1] s; busy_poll > 0; rebalance_period, hysteresis >= 0",
         )
 
 
-@dataclass
-class ShardingConfig:
-    """Pipeline stages over the GPT's blocks (node/sharding/stages.py); off (a full replica each) unless stages > 0."""
-
-    stages: int = 0  # remote stages the blocks after ``local_blocks`` are cut into; 0 = no sharding
-    local_blocks: int = 1  # first blocks every trainer keeps (with the embedding and the head)
-    micro_batches: int = 1  # a trainer's batch is sent through the stages in this many pieces
-    request_timeout: float = 10.0  # seconds one stage call may take before the trainer tries another server
-    spot_check_fraction: float = 0.05  # share of stage calls a trainer recomputes locally to catch a cheater
-    spot_check_tolerance: float = 1e-3  # largest relative difference a recomputed activation may show
-    average_period: float = 60.0  # seconds between rounds averaging a stage's params among its servers; 0 = never
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.stages <= 64, f"sharding.stages must be in [0, 64], got {self.stages}")
-        _require(0 <= self.local_blocks <= 95, f"sharding.local_blocks must be in [0, 95], got {self.local_blocks}")
-        _require(1 <= self.micro_batches <= 64, f"sharding.micro_batches must be in [1, 64], got {self.micro_batches}")
-        _require(0.1 <= self.request_timeout <= 600, "sharding.request_timeout must be in [0.1, 600] s")
-        _require(0 <= self.spot_check_fraction <= 1, "sharding.spot_check_fraction must be in [0, 1]")
-        _require(
-            math.isfinite(self.spot_check_tolerance) and 0 < self.spot_check_tolerance < 1,
-            "sharding.spot_check_tolerance must be in (0, 1)",
-        )
-        _require(
-            self.average_period == 0 or 1 <= self.average_period <= 86400,
-            f"sharding.average_period must be 0 (never) or in [1, 86400] s, got {self.average_period}",
-        )
-
-
-MAX_PATTERNS = 32  # most name patterns in each of cohorts.local_patterns and cohorts.cohort_patterns
-
-
-@dataclass
-class CohortConfig:
-    """Cohorts of peers with similar data and hierarchical averaging (node/aggregation/hierarchy.py); off by default."""
-
-    enabled: bool = False  # average cohort params within the cohort, global params also across cohorts
-    distance_threshold: float = 0.1  # cosine distance up to which two data sketches link (dht/cohorts.py)
-    local_patterns: list[str] = field(default_factory=lambda: ["ln_f.*"])  # fnmatch names: never sent
-    cohort_patterns: list[str] = field(default_factory=lambda: ["blocks.*"])  # averaged within the cohort only
-    global_every: int = 4  # the global params are also averaged across cohorts every this many rounds
-    alpha: float = 0.5  # a cohort's weight across cohorts is its samples * size**-alpha (0: by samples)
-    sketch_noise: float = 0.0  # std of Gaussian noise on each sketch coordinate (node/sketch.py)
-    sketch_every: int = 10  # recompute the sketch from the data every this many rounds; 0 = only at enrollment
-
-    def __post_init__(self) -> None:
-        _require(
-            math.isfinite(self.distance_threshold) and 0 <= self.distance_threshold <= 2,
-            f"cohorts.distance_threshold must be in [0, 2] (cosine distance), got {self.distance_threshold}",
-        )
-        for name in ("local_patterns", "cohort_patterns"):
-            patterns = getattr(self, name)
-            _require(
-                isinstance(patterns, list)
-                and len(patterns) <= MAX_PATTERNS
-                and all(isinstance(p, str) and 0 < len(p) <= 128 for p in patterns),
-                f"cohorts.{name} must be a list of at most {MAX_PATTERNS} name patterns (1-128 characters), "
-                f"e.g. ['head.*'], got {patterns!r}",
-            )
-        _require(
-            1 <= self.global_every <= 10_000, f"cohorts.global_every must be in [1, 10000], got {self.global_every}"
-        )
-        _require(
-            math.isfinite(self.alpha) and 0 <= self.alpha <= 4, f"cohorts.alpha must be in [0, 4], got {self.alpha}"
-        )
-        _require(
-            math.isfinite(self.sketch_noise) and 0 <= self.sketch_noise <= 1,
-            f"cohorts.sketch_noise must be in [0, 1], got {self.sketch_noise}",
-        )
-        _require(0 <= self.sketch_every <= 1_000_000, f"cohorts.sketch_every must be >= 0, got {self.sketch_every}")
-
-
-@dataclass
-class RunConfig:
-    """Everything the peers of one run must agree on."""
-
-    run_id: str = "zen-demo"  # the swarm's name for this training run
-    min_memory_gb: float = 16.0  # nodes with less memory are refused unless --allow-low-memory
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-    cohorts: CohortConfig = field(default_factory=CohortConfig)
-
-    def __post_init__(self) -> None:
-        _require(
-            not self.compression.active or self.aggregation.mode == "secure",
-            "compression works inside the secure ring; set aggregation.mode = 'secure' or compression.bits = 32 "
-            "and compression.fraction = 1",
-        )
-        _require(
-            self.sharding.stages == 0 or self.sharding.local_blocks + self.sharding.stages <= self.model.n_layer,
-            f"sharding needs local_blocks + stages <= model.n_layer ({self.sharding.local_blocks} + "
-            f"{self.sharding.stages} > {self.model.n_layer}); lower sharding.stages",
-        )
-        _require(
-            not self.privacy.enabled or self.aggregation.mode == "secure",
-            "privacy needs aggregation.mode = 'secure' (the noise shares are added inside the masked ring)",
-        )
-        _require(
-            0 < len(self.run_id) <= 64 and all(c.isalnum() or c in "-_" for c in self.run_id),
-            f"run.run_id must be 1-64 letters, digits, '-' or '_', got {self.run_id!r}",
-        )
-        _require(self.min_memory_gb >= 0, f"run.min_memory_gb must be >= 0, got {self.min_memory_gb}")
-        _require(
-            not self.cohorts.enabled
-            or (not self.compression.active and not self.privacy.enabled and self.sharding.stages == 0),
-            "cohorts cannot yet be combined with compression, privacy or sharding; set cohorts.enabled = false "
-            "or turn those off",
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_bytes(self) -> bytes:
-        """Canonical encoding (sorted keys), for the PeerRecord and the hash."""
-        return msgpack.packb(json.loads(json.dumps(self.to_dict(), sort_keys=True)), use_bin_type=True)
-
-    def digest(self) -> str:
-        return hashlib.blake2b(self.to_bytes(), digest_size=16).hexdigest()
+CLIENT_MODE_SECURE = (
+    "swarm.client_mode cannot aggregate securely (every peer reduces a part, so it must be "
+    "reachable); drop --client-mode or set aggregation.mode = 'plain'"
+)
 
 
 @dataclass
@@ -301,6 +135,7 @@ class NodeConfig:
 
     run: RunConfig = field(default_factory=RunConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # used by ``zen-node serve`` only
     data: str | None = None  # text file or folder of .txt/.jsonl files
     identity: str = "~/.zen/identity"  # folder holding this node's keys
     workdir: str = "~/.zen/work"  # checkpoints and the per-round report
@@ -325,6 +160,9 @@ class NodeConfig:
             0 < self.heartbeat_period < self.record_ttl <= 60,
             "node.heartbeat_period must be > 0 and < node.record_ttl <= 60",
         )
+        # A trainer of an unsharded run aggregates; a sharded run's trainers only call stage servers.
+        if self.swarm.client_mode and self.run.aggregation.mode == "secure" and not self.run.sharding.stages:
+            raise ConfigError(CLIENT_MODE_SECURE)
 
     @property
     def identity_path(self) -> Path:
@@ -333,35 +171,6 @@ class NodeConfig:
     @property
     def workdir_path(self) -> Path:
         return Path(self.workdir).expanduser()
-
-
-_SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "aggregation": AggregationConfig,
-    "privacy": PrivacyConfig,
-    "compression": CompressionConfig,
-    "sharding": ShardingConfig,
-    "cohorts": CohortConfig,
-}
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known keys: {sorted(known)}")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"[{where}]: {e}") from None
-
-
-def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from a (possibly nested) mapping, as found in TOML or a PeerRecord."""
-    values = dict(values)
-    nested = {name: _build(cls, dict(values.pop(name, {})), f"run.{name}") for name, cls in _SECTIONS.items()}
-    return _build(RunConfig, {**values, **nested}, "run")
 
 
 def load_node_config(path: str | None, overrides: dict[str, Any] | None = None) -> NodeConfig:
@@ -384,24 +193,39 @@ def load_node_config(path: str | None, overrides: dict[str, Any] | None = None) 
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    unknown = sorted(set(tree) - {"run", "swarm", "node"})
+    unknown = sorted(set(tree) - {"run", "swarm", "serve", "node"})
     if unknown:
-        raise ConfigError(f"unknown section(s) {unknown} in config; use [run], [swarm] and [node]")
-    run = run_config_from_dict(tree.get("run", {}))
-    swarm = _build(SwarmConfig, dict(tree.get("swarm", {})), "swarm")
-    return _build(NodeConfig, {**tree.get("node", {}), "run": run, "swarm": swarm}, "node")
+        raise ConfigError(f"unknown section(s) {unknown} in config; use [run], [swarm], [serve] and [node]")
+    sections = {
+        "run": run_config_from_dict(tree.get("run", {})),
+        "swarm": build_section(SwarmConfig, dict(tree.get("swarm", {})), "swarm"),
+        "serve": build_section(ServeConfig, dict(tree.get("serve", {})), "serve"),
+    }
+    return build_section(NodeConfig, {**tree.get("node", {}), **sections}, "node")
 
 
-def describe_difference(mine: RunConfig, theirs: dict[str, Any]) -> str:
-    """Name the fields where another peer's run config differs from ours, e.g. ``model.d_model: 64 != 128``."""
-    diffs: list[str] = []
+def check_join(config: NodeConfig) -> None:
+    """What ``zen-node join`` needs beyond a valid config; checked before any folder is created.
 
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        elif a != b:
-            diffs.append(f"{prefix}: ours {a!r}, theirs {b!r}")
+    Raises:
+        ConfigError: no ``--data``, or a data path that does not exist.
+    """
+    if config.data is None:
+        raise ConfigError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
+    data = Path(config.data).expanduser()
+    if not data.exists():
+        raise ConfigError(f"data path {data} does not exist; pass --data with a text file or a folder of .txt/.jsonl")
 
-    walk(mine.to_dict(), theirs, "")
-    return "; ".join(diffs[:8]) if diffs else "the encodings differ (software version?)"
+
+def check_serve(config: NodeConfig) -> None:
+    """What ``zen-node serve`` needs beyond a valid config; checked before any folder is created.
+
+    Raises:
+        ConfigError: the run is not sharded, or ``serve.stages`` names a stage the run does not have.
+    """
+    stages = config.run.sharding.stages
+    if stages < 1:
+        raise ConfigError("the run is not sharded: set [run.sharding] stages >= 1 in the run's config")
+    for stage in config.serve.stages:
+        if stage >= stages:
+            raise ConfigError(f"stage {stage} does not exist: the run has stages 0..{stages - 1}")

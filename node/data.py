@@ -1,11 +1,14 @@
 """Local data: byte-level tokens from a text file or a folder of .txt/.jsonl files.
 
-Nothing is downloaded. The data sketch published in a PeerRecord is computed by
-node/sketch.py (hashed byte n-gram frequencies); ``byte_histogram`` is the older, coarser one.
+Nothing is downloaded. Every trainer (TrainingNode, ShardedTrainer) cuts its bytes the same
+way (``split_corpus``: 90% train, the rest held out) and orders its batches by ``batch_seed``.
+The data sketch published in a PeerRecord is computed by node/sketch.py (hashed byte n-gram
+frequencies); ``byte_histogram`` is the older, coarser one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -16,6 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_CORPUS_BYTES = 2 * 1024**3  # refuse to load more than this into memory
+TRAIN_FRACTION = 0.9  # the first 90% of a node's bytes train, the rest is held out for evaluation
 
 
 class DataError(Exception):
@@ -94,6 +98,23 @@ class ByteBatches:
 
     def restore(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+
+
+def split_corpus(corpus: bytes, context: int) -> tuple[bytes, bytes]:
+    """Cut ``corpus`` into (train, held-out) bytes: the first ``TRAIN_FRACTION``, at least ``context + 2``.
+
+    When the held-out part is too short for one window of ``context + 1`` bytes, the training bytes
+    are returned in its place (a tiny corpus is evaluated on what it trains on).
+    """
+    split = max(context + 2, int(len(corpus) * TRAIN_FRACTION))
+    train, held_out = corpus[:split], corpus[split:]
+    return train, held_out if len(held_out) > context + 1 else train
+
+
+def batch_seed(run_seed: int, data: bytes) -> int:
+    """The batch order: fixed by the run's seed and the local data, so a rerun on the same data repeats it."""
+    digest = hashlib.blake2b(data, digest_size=4, key=run_seed.to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(digest, "little")
 
 
 def byte_histogram(corpus: bytes) -> list[float]:

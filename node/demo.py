@@ -26,7 +26,7 @@ from typing import IO, Any
 import torch
 
 from node.data import generate_corpus
-from node.training.trainer import REPORT_FILE
+from node.training.report import REPORT_FILE
 
 BYTES_PER_PEER = 60_000
 

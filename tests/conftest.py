@@ -1,4 +1,5 @@
-"""Shared fixtures: child-process reaping, node identities, signed records and real DHT swarms on 127.0.0.1.
+"""Shared fixtures: child-process reaping, node identities, signed records, real DHT swarms on 127.0.0.1
+and a real bootstrap peer. Plain helpers (the node subprocess, the run config, waiting) are in helpers.py.
 
 Swarms follow hivemind's ``tests/test_utils/dht_swarms.py``: the first peer binds port 0 on
 127.0.0.1 and its visible multiaddrs bootstrap the rest, so no test guesses a free port.
@@ -16,9 +17,11 @@ import hivemind
 import psutil
 import pytest
 import torch
+from helpers import LOCALHOST_MADDR
 from hivemind.utils import get_dht_time
 
 from dht import SKETCH_DIM, Capacity, NodeIdentity, PeerRecord, SwarmConfig, encode_sketch, start_dht
+from node.demo import start_bootstrap, stop_process
 
 # hivemind shares tensors between processes through torch's "file_system" strategy (set when it is
 # imported); with several DHT peers in one pytest process, torch 2.13's libshm manager then aborted the
@@ -26,7 +29,6 @@ from dht import SKETCH_DIM, Capacity, NodeIdentity, PeerRecord, SwarmConfig, enc
 # node subprocesses keep hivemind's default.
 torch.multiprocessing.set_sharing_strategy("file_descriptor")
 
-LOCALHOST_MADDR = "/ip4/127.0.0.1/tcp/0"  # listen on loopback, port chosen by the OS
 REAP_GRACE_SECONDS = 5.0  # how long leftover children get to exit after SIGTERM before SIGKILL
 
 
@@ -137,3 +139,14 @@ def swarm_factory(
 def dht_swarm(swarm_factory: Callable[..., list[SwarmPeer]], run_id: str) -> list[SwarmPeer]:
     """Three DHT peers on 127.0.0.1 that strictly check ``run_id``'s peer records."""
     return swarm_factory(3, run_ids=[run_id])
+
+
+@pytest.fixture
+def bootstrap_maddr(tmp_path: Path) -> Iterator[str]:
+    """A real `zen-bootstrap` process on 127.0.0.1; yields the multiaddr it printed."""
+    with open(tmp_path / "bootstrap.log", "w") as log:
+        process, maddr = start_bootstrap(tmp_path, log)
+        try:
+            yield maddr
+        finally:
+            stop_process(process, timeout=20)

@@ -20,7 +20,7 @@ from hivemind.p2p import P2P
 
 from dht import NodeIdentity
 from node.config import CompressionConfig
-from node.secagg.averager import SecAggEndpoint
+from node.secagg.endpoint import SecAggEndpoint
 from node.secagg.messages import TAG, Message
 from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
 

@@ -14,38 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_training import NodeProcess, bootstrap_maddr  # noqa: F401
+from helpers import REPO_ROOT, NodeProcess, write_run_config
 
 from node.capacity import activation_bytes, fit_batch_size
 from node.config import ModelConfig
 from node.data import generate_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
-
-RUN_TOML = """
-[run]
-run_id = "overlap"
-min_memory_gb = 0.0
-
-[run.model]
-d_model = 32
-context = 32
-
-[run.train]
-inner_steps = 100000
-batch_size = 8
-round_seconds = {round_seconds}
-overlap = true
-
-[run.aggregation]
-min_group_size = 3
-matchmaking_time = 1.0
-timeout = 30.0
-
-[run.compression]
-bits = 8
-fraction = 0.5
-"""
 
 
 class Throttle:
@@ -77,10 +50,15 @@ class Throttle:
 
 
 @pytest.mark.slow
-def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path, bootstrap_maddr: str) -> None:  # noqa: F811
+def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path, bootstrap_maddr: str) -> None:
     rounds, round_seconds = 4, 4.0
-    config = tmp_path / "run.toml"
-    config.write_text(RUN_TOML.format(round_seconds=round_seconds))
+    config = write_run_config(
+        tmp_path / "run.toml",
+        run_id="overlap",
+        train={"inner_steps": 100000, "round_seconds": round_seconds, "overlap": True},
+        aggregation={"matchmaking_time": 1.0, "timeout": 30.0},
+        compression={"bits": 8, "fraction": 0.5},
+    )
     corpus = generate_corpus(3 * 20_000, seed=11)
     nodes = NodeProcess.on_slices(
         tmp_path, config, bootstrap_maddr, corpus, 3, "--rounds", str(rounds), "--min-peers", "3"
@@ -113,10 +91,10 @@ def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path,
 def test_efficiency_benchmark_reports_every_field(tmp_path: Path) -> None:
     data = tmp_path / "corpus.txt"
     data.write_bytes(generate_corpus(60_000, seed=4))
-    command = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--data", str(data), "--peers", "3"]
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "efficiency.py"), "--data", str(data), "--peers", "3"]
     command += ["--rounds", "2", "--inner-steps", "5", "--batch-size", "4", "--d-model", "16", "--context", "16"]
     command += ["--eval-every", "2", "--bits", "8", "--fraction", "0.5", "--timeout", "240", "--json"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for field in (

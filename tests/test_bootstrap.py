@@ -24,13 +24,12 @@ from pathlib import Path
 import hivemind
 import psutil
 import pytest
+from helpers import LOCALHOST_MADDR, REPO_ROOT
 
 from bootstrap import HealthServer, SwarmMonitor
 from bootstrap.cli import build_parser
 from dht import NodeIdentity, PeerRecord, SwarmConfig, publish_record, start_dht
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOCALHOST_MADDR = "/ip4/127.0.0.1/tcp/0"
 RUN_ID = "test-run"
 START_TIMEOUT = 60.0  # seconds a process may take to print its ready block (p2pd waits up to 15 s)
 EVENT_TIMEOUT = 30.0  # seconds for a logged event (join, leave, record) to show up

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import LOCALHOST_MADDR, ZEN_NODE
 
+import node.cli
 from dht import NodeIdentity
-from node.cli import build_parser
+from node.cli import build_parser, config_from_args, main
+from node.config import ConfigError
 
 # The public interface: removing or renaming a flag breaks users' scripts. Adding one means
 # adding it here on purpose.
@@ -73,9 +75,7 @@ def test_every_flag_has_help_with_an_example() -> None:
 
 def run_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return subprocess.run([*ZEN_NODE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("command", ["join", "status", "demo", "serve"])
@@ -141,7 +141,7 @@ def test_unreachable_bootstrap_is_a_one_line_error(tmp_path: Path, data_file: Pa
     # Execute
     result = run_cli("join", "--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{stranger}", "--data", str(data_file),
                      "--identity", str(tmp_path / "id"), "--workdir", str(tmp_path / "w"),
-                     "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--run-id", "t")  # fmt: skip
+                     "--host-maddrs", LOCALHOST_MADDR, "--run-id", "t")  # fmt: skip
 
     # Assert
     _assert_one_line_error(result, "cannot reach any initial peer")
@@ -243,8 +243,117 @@ def test_serve_errors_are_one_line(tmp_path: Path, extra: list[str], needles: li
 
     # Execute
     result = run_cli("serve", "--config", str(config), "--identity", str(tmp_path / "id"),
-                     "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", *extra)  # fmt: skip
+                     "--host-maddrs", LOCALHOST_MADDR, "--device", "cpu", *extra)  # fmt: skip
 
     # Assert
     _assert_one_line_error(result, *needles)
     assert "p2pd" not in " ".join(p.name() for p in psutil.Process().children(recursive=True))
+
+
+def _assert_one_line_in_process(code: int, stderr: str, *needles: str) -> None:
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zen-node: error:"), stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        pytest.param(["join"], "no data", id="join-without-data"),
+        pytest.param(["join", "--data", "{tmp}/missing.txt"], "missing.txt", id="join-missing-data"),
+        pytest.param(["join", "--data", "{data}", "--rounds", "-1"], "node.rounds", id="join-bad-rounds"),
+        pytest.param(["join", "--data", "{data}", "--client-mode"], "client_mode", id="join-client-mode"),
+        pytest.param(["serve", "--config", "{sharded}", "--stages", "3"], "stage 3 does not exist", id="serve-stage"),
+        pytest.param(["serve", "--config", "{sharded}", "--max-memory", "lots"], "--max-memory", id="serve-memory"),
+        pytest.param(["serve"], "not sharded", id="serve-unsharded"),
+    ],
+)
+def test_bad_argument_creates_no_identity_folder(
+    tmp_path: Path, data_file: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    """A command that fails on its config or arguments fails before it creates the identity folder."""
+    # Prepare
+    sharded = tmp_path / "sharded.toml"
+    sharded.write_text("[run]\nrun_id = 'no-folder'\n[run.sharding]\nstages = 1\n")
+    argv = [a.format(tmp=tmp_path, data=data_file, sharded=sharded) for a in args]
+    identity = tmp_path / "id"
+
+    # Execute
+    code = main([*argv, "--identity", str(identity), "--host-maddrs", LOCALHOST_MADDR])
+
+    # Assert
+    _assert_one_line_in_process(code, capsys.readouterr().err, needle)
+    assert not identity.exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), ValueError("boom"), KeyError("boom")])
+def test_internal_error_prints_a_traceback_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception
+) -> None:
+    """An exception that is not a user error is a bug: its traceback is shown, the exit status is 1."""
+
+    # Prepare
+    def broken(_args: argparse.Namespace) -> int:
+        raise error
+
+    monkeypatch.setitem(node.cli.COMMANDS, "status", broken)
+
+    # Execute
+    code = main(["status"])
+
+    # Assert
+    stderr = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" in stderr
+    assert f"{type(error).__name__}: " in stderr and "boom" in stderr
+
+
+def test_config_error_is_one_line_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ConfigError raised anywhere in a command prints one line and exits 2."""
+
+    # Prepare
+    def misconfigured(_args: argparse.Namespace) -> int:
+        raise ConfigError("train.inner_steps must be >= 1, got 0")
+
+    monkeypatch.setitem(node.cli.COMMANDS, "status", misconfigured)
+
+    # Execute
+    code = main(["status"])
+
+    # Assert
+    _assert_one_line_in_process(code, capsys.readouterr().err, "train.inner_steps")
+
+
+def test_serve_section_maps_onto_serve_config_and_flags_override_it(tmp_path: Path) -> None:
+    """`[serve]` in the config file fills ServeConfig; --max-memory and --stages win over it."""
+    # Prepare
+    config = tmp_path / "node.toml"
+    config.write_text("[serve]\nmax_memory = '2GB'\nstages = [1]\nmax_batch = 64\n")
+    parser = build_parser()
+
+    # Execute
+    from_file = config_from_args(parser.parse_args(["serve", "--config", str(config)])).serve
+    overridden = config_from_args(
+        parser.parse_args(["serve", "--config", str(config), "--max-memory", "512MB", "--stages", "0"])
+    ).serve
+
+    # Assert
+    assert (from_file.max_memory, from_file.stages, from_file.max_batch) == (2 * 1024**3, (1,), 64)
+    assert (overridden.max_memory, overridden.stages, overridden.max_batch) == (512 * 1024**2, (0,), 64)
+
+
+def test_status_accepts_client_mode_under_secure_aggregation() -> None:
+    """`status` always dials out only, so --client-mode is not refused as it is for a secure trainer."""
+    # Prepare
+    args = build_parser().parse_args(["status", "--client-mode"])
+
+    # Execute
+    config = config_from_args(args)
+
+    # Assert
+    assert config.run.aggregation.mode == "secure"

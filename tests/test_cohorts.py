@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers import LOCALHOST_MADDR, REPO_ROOT, wait_until
 
 from dht import Cohort, CohortMatcher, PeerRecord, adjusted_rand_index, encode_sketch, list_peers, publish_record
 from node.cli import main
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from conftest import SwarmPeer
 
 RecordFactory = Callable[..., PeerRecord]
-ROOT = Path(__file__).resolve().parents[1]
 SLICE = 20_000  # bytes of data per peer
 THRESHOLD = 0.1  # the default cohorts.distance_threshold
 
@@ -159,15 +158,6 @@ def views_agree(peers: list[SwarmPeer], run_id: str, matcher: CohortMatcher, cou
     return views[0] if all(view == views[0] for view in views) else None
 
 
-def wait_for_agreement(peers, run_id: str, matcher: CohortMatcher, count: int, timeout: float) -> list[Cohort]:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while (agreed := views_agree(peers, run_id, matcher, count)) is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"{len(peers)} peers did not agree on the cohorts of {count} records within {timeout}s")
-        time.sleep(0.2)
-    return agreed
-
-
 def test_twelve_peers_from_three_corpora_form_three_cohorts_and_a_thirteenth_moves_nobody(
     swarm_factory, record_factory: RecordFactory, run_id: str
 ) -> None:  # type: ignore[no-untyped-def]
@@ -186,10 +176,14 @@ def test_twelve_peers_from_three_corpora_form_three_cohorts_and_a_thirteenth_mov
     started = time.monotonic()
     for peer, (_, data) in zip(peers, first, strict=False):
         publish(peer, data)
-    cohorts = wait_for_agreement(peers[:12], run_id, matcher, 12, timeout=30.0)
+    cohorts = wait_until(
+        lambda: views_agree(peers[:12], run_id, matcher, 12), 30.0, "12 peers to agree on the cohorts of 12 records"
+    )
     seconds = time.monotonic() - started
     publish(peers[12], thirteenth[1])
-    grown = wait_for_agreement(peers, run_id, matcher, 13, timeout=30.0)
+    grown = wait_until(
+        lambda: views_agree(peers, run_id, matcher, 13), 30.0, "13 peers to agree on the cohorts of 13 records"
+    )
 
     # Assert
     ids = [peer.identity.peer_id for peer in peers]
@@ -212,9 +206,9 @@ def test_twelve_peers_from_three_corpora_form_three_cohorts_and_a_thirteenth_mov
 def test_cohort_personalized_models_beat_one_global_model_on_their_own_corpus() -> None:
     """On 12 peers from 3 corpora, each cohort's own models reach a lower held-out loss than the global model."""
     # Execute
-    command = [sys.executable, str(ROOT / "benchmarks" / "cohorts.py"), "--peers", "12", "--corpora", "3"]
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "cohorts.py"), "--peers", "12", "--corpora", "3"]
     command += ["--rounds", "10", "--inner-steps", "20", "--json"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
 
     # Assert
     assert result.returncode == 0, result.stderr[-3000:]
@@ -235,7 +229,7 @@ def test_status_shows_each_peers_cohort_and_distance(
     for peer, (_, data) in zip(peers, slices, strict=True):
         record = record_factory(peer.identity, sketch=encode_sketch(data_sketch(data)))
         assert publish_record(peer.dht, run_id, record.sign(peer.identity))
-    flags = ["--initial-peers", peers[0].maddrs[0], "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--run-id", run_id]
+    flags = ["--initial-peers", peers[0].maddrs[0], "--host-maddrs", LOCALHOST_MADDR, "--run-id", run_id]
 
     # Execute
     json_code = main(["status", *flags, "--json"])

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-from test_training import NodeProcess, bootstrap_maddr  # noqa: F401
+from helpers import NodeProcess, write_run_config
 from torch import nn
 
 from dht import PeerRecord, encode_sketch, publish_record
@@ -211,32 +211,17 @@ def test_a_node_shares_zeros_in_place_of_its_local_parameters(tmp_path: Path) ->
     assert {node.partition.names[i].split(".")[0] for i in node.partition.local} == {"ln_f", "wpe"}
 
 
-COHORT_TOML = """
-[run]
-run_id = "cohorts"
-min_memory_gb = 0.0
-[run.model]
-d_model = 32
-context = 32
-[run.train]
-inner_steps = 4
-batch_size = 8
-[run.aggregation]
-min_group_size = 3
-matchmaking_time = 1.0
-timeout = 30.0
-[run.cohorts]
-enabled = true
-global_every = 2
-"""
-
-
 @pytest.mark.slow
-def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Path, bootstrap_maddr: str) -> None:  # noqa: F811
+def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Path, bootstrap_maddr: str) -> None:
     """Real `zen-node join` processes with cohorts: one cohort, group rounds, identical shared params, own ln_f."""
     # Prepare
-    config = tmp_path / "run.toml"
-    config.write_text(COHORT_TOML)
+    config = write_run_config(
+        tmp_path / "run.toml",
+        run_id="cohorts",
+        train={"inner_steps": 4},
+        aggregation={"matchmaking_time": 1.0, "timeout": 30.0},
+        cohorts={"enabled": True, "global_every": 2},
+    )
     corpus = generate_corpus(60_000, seed=3)
     rounds = 3
     nodes = NodeProcess.on_slices(

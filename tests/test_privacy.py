@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+from helpers import NodeProcess, write_run_config
 from secagg_harness import DroppingAllReduce, SecAggSwarm, results_of
-from test_training import NodeProcess, bootstrap_maddr, write_config  # noqa: F401 (fixture)
 
 from node.config import ConfigError, load_node_config
 from node.secagg.privacy import (
@@ -111,20 +111,15 @@ def test_privacy_config_is_checked() -> None:
         load_node_config(None, {"run.privacy.enabled": True})
 
 
-DP_TOML = """
-[run.privacy]
-enabled = true
-noise_multiplier = 2.0
-clip_norm = 1.0
-delta = 1e-5
-"""
-
-
 @pytest.mark.slow
-def test_a_node_stops_contributing_at_its_budget(tmp_path: Path, bootstrap_maddr: str) -> None:  # noqa: F811
+def test_a_node_stops_contributing_at_its_budget(tmp_path: Path, bootstrap_maddr: str) -> None:
     """A node whose budget admits 2 rounds trains locally from round 3; the other three still form groups."""
-    config = write_config(tmp_path / "run.toml", group=3, inner_steps=4, timeout=30.0)
-    config.write_text(config.read_text() + DP_TOML)
+    config = write_run_config(
+        tmp_path / "run.toml",
+        train={"inner_steps": 4},
+        aggregation={"timeout": 30.0},
+        privacy={"enabled": True, "noise_multiplier": 2.0, "clip_norm": 1.0, "delta": 1e-5},
+    )
     budget = (pld_epsilon(2.0, 2, 1e-5) + pld_epsilon(2.0, 3, 1e-5)) / 2
     data = [bytes([65 + i]) * 20_000 for i in range(4)]
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from helpers import ZEN_NODE
 
-from dht import NodeIdentity, SwarmConfig, start_dht
 from node.aggregation.base import AggregationResult
 from node.aggregation.secure import SecureAggregator
 from node.config import AggregationConfig, ConfigError, load_node_config
+
+if TYPE_CHECKING:
+    from conftest import SwarmPeer
 
 
 def test_secure_mode_refuses_groups_of_two_in_the_config() -> None:
@@ -30,24 +33,18 @@ def test_secure_is_the_default_mode() -> None:
     assert load_node_config(None, {}).run.aggregation.mode == "secure"
 
 
-def test_secure_aggregators_average_through_matchmaking(identity_factory: Callable[..., NodeIdentity]) -> None:
+def test_secure_aggregators_average_through_matchmaking(swarm_factory: Callable[..., list[SwarmPeer]]) -> None:
     """Three SecureAggregators meet through matchmaking and get the same weighted mean; parts follow bandwidth."""
     config = AggregationConfig(mode="secure", min_group_size=3, matchmaking_time=1.0, timeout=60.0)
-    identities = [identity_factory() for _ in range(3)]
-    first = start_dht(SwarmConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), identities[0])
-    initial = [str(a) for a in first.get_visible_maddrs()]
-    dhts = [first] + [
-        start_dht(SwarmConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial), identity)
-        for identity in identities[1:]
-    ]
+    peers = swarm_factory(3)
     generator = torch.Generator().manual_seed(3)
-    updates = [[torch.randn(400, 50, generator=generator) / 8, torch.randn(9, generator=generator) / 8] for _ in dhts]
+    updates = [[torch.randn(400, 50, generator=generator) / 8, torch.randn(9, generator=generator) / 8] for _ in peers]
     originals = [[t.clone() for t in update] for update in updates]
     weights = [16.0, 32.0, 48.0]
     bandwidths = [1e6, 1e6, 4e6]  # hivemind's load balancing gives the whole vector to the fast peer
     aggregators = [
-        SecureAggregator(dht, "t", updates[0], config, identity, weight_bound=64.0, bandwidth=bandwidth)
-        for dht, identity, bandwidth in zip(dhts, identities, bandwidths, strict=True)
+        SecureAggregator(peer.dht, "t", updates[0], config, peer.identity, weight_bound=64.0, bandwidth=bandwidth)
+        for peer, bandwidth in zip(peers, bandwidths, strict=True)
     ]
     results: list[AggregationResult | None] = [None] * 3
     try:
@@ -64,8 +61,6 @@ def test_secure_aggregators_average_through_matchmaking(identity_factory: Callab
     finally:
         for aggregator in aggregators:
             aggregator.shutdown()
-        for dht in dhts:
-            dht.shutdown()
 
     assert all(r is not None and r.group_size == 3 and r.round == 4 for r in results)
     for k in range(2):
@@ -81,7 +76,7 @@ def test_secure_aggregators_average_through_matchmaking(identity_factory: Callab
 
 def run_demo(tmp_path: Path, mode: str) -> dict[str, object]:
     summary = tmp_path / f"{mode}.json"
-    command = [sys.executable, "-m", "node.cli", "demo", "--peers", "3", "--rounds", "3", "--inner-steps", "20"]
+    command = [*ZEN_NODE, "demo", "--peers", "3", "--rounds", "3", "--inner-steps", "20"]
     command += ["--aggregation", mode, "--workdir", str(tmp_path / mode), "--summary-json", str(summary)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -105,7 +100,7 @@ def test_secure_training_reaches_the_loss_of_plain_averaging(tmp_path: Path) -> 
 
 def test_demo_refuses_secure_with_two_peers(tmp_path: Path) -> None:
     """`zen-node demo --peers 2` in secure mode says why and how to run it instead."""
-    command = [sys.executable, "-m", "node.cli", "demo", "--peers", "2", "--workdir", str(tmp_path / "d")]
+    command = [*ZEN_NODE, "demo", "--peers", "2", "--workdir", str(tmp_path / "d")]
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
 

@@ -6,21 +6,16 @@ The run's 4-block GPT keeps block 0 on the trainer and cuts blocks 1-3 into 2 re
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import psutil
 import pytest
 import torch
+from helpers import LOCALHOST_MADDR, NodeProcess, wait_until, write_run_config
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
@@ -31,116 +26,49 @@ from node.config import (
     ModelConfig,
     NodeConfig,
     RunConfig,
+    ServeConfig,
     ShardingConfig,
     TrainConfig,
     load_node_config,
 )
 from node.data import generate_corpus
-from node.demo import stop_process
 from node.model import build_model
 from node.sharding.messages import StageReply, StageRequest
 from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
-from node.sharding.server import ServeConfig, StageServer
+from node.sharding.server import StageServer
 from node.sharding.stages import LocalParts, build_stage
 from node.sharding.trainer import ShardedTrainer, StepReport, training_batches, unsharded_losses
 
-LOCALHOST_MADDR = "/ip4/127.0.0.1/tcp/0"  # listen on loopback, port chosen by the OS
-
-RUN_TOML = """
-[run]
-run_id = "shard"
-min_memory_gb = 0.0
-[run.model]
-n_layer = 4
-d_model = 32
-context = 32
-[run.train]
-inner_steps = {inner_steps}
-batch_size = 8
-[run.sharding]
-stages = 2
-local_blocks = 1
-micro_batches = 2
-request_timeout = 3.0
-spot_check_fraction = {spot_check}
-average_period = 0  # these tests count one version per step; averaging is tested in-process below
-[node]
-heartbeat_period = 1.0
-record_ttl = 6.0
-"""
+# The run the process tests share (see the module docstring); each test sets its own train.inner_steps.
+SHARDED_RUN: dict[str, Any] = dict(
+    run_id="shard",
+    model={"n_layer": 4},
+    aggregation=None,  # no [run.aggregation]: the defaults
+    sharding={
+        "stages": 2,
+        "local_blocks": 1,
+        "micro_batches": 2,
+        "request_timeout": 3.0,
+        "spot_check_fraction": 0.1,
+        "average_period": 0,  # these tests count one version per step; averaging is tested in-process below
+    },
+    node={"heartbeat_period": 1.0, "record_ttl": 6.0},
+)
 LOSS_TOLERANCE = 0.02  # the issue's bound: the sharded loss curve within 2% of the unsharded one
 SERVING = re.compile(r"serving stage\(s\) \[([0-9, ]+)\] of run \S+ as (\S+) .* multiaddrs (\S+)")
 
 
-def write_config(path: Path, inner_steps: int = 10, spot_check: float = 0.1) -> Path:
-    path.write_text(RUN_TOML.format(inner_steps=inner_steps, spot_check=spot_check))
-    return path
-
-
-class Process:
-    """A `zen-node` subprocess writing to its own log."""
-
-    def __init__(self, folder: Path, *args: str):
-        self.folder = folder
-        self.peer_id = ""
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(folder / "node.log", "w")
-        command = [sys.executable, "-m", "node.cli", *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
-        command += ["--identity", str(folder / "id"), "--log-level", "INFO"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env
-        )
-
-    def output(self) -> str:
-        self.log.flush()
-        return (self.folder / "node.log").read_text()
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = pattern.search(self.output())
-            if match:
-                return match
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.2)
-        pytest.fail(f"{self.folder.name}: no {pattern.pattern!r} in {timeout}s:\n{self.output()[-3000:]}")
-
-    def crash(self) -> None:
-        """SIGKILL the process and its children (its p2pd and DHT process): a machine that vanished."""
-        family = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
-        for member in family:
-            member.send_signal(signal.SIGKILL)
-        psutil.wait_procs(family, timeout=10)
-
-    def stop(self) -> None:
-        stop_process(self.process, timeout=20)
-        self.log.close()
-
-
-def serve(root: Path, name: str, config: Path, initial: str | None, *extra: str) -> tuple[Process, list[int], str]:
+def serve(root: Path, name: str, config: Path, initial: str | None, *extra: str) -> tuple[NodeProcess, list[int], str]:
     """Start `zen-node serve`; return it, the stages it chose and its multiaddr (its PeerID is ``.peer_id``)."""
-    args = ["serve", "--config", str(config), *extra]
-    if initial:
-        args += ["--initial-peers", initial]
-    server = Process(root / name, *args)
-    match = server.wait_for(SERVING, 90)
+    server = NodeProcess(root, name, config, initial, None, *extra, command="serve")
+    try:
+        match = server.wait_for(SERVING, 90)
+    except BaseException:
+        server.stop()
+        raise
     stages = [int(s) for s in match.group(1).split(",")]
     server.peer_id = match.group(2)
     return server, stages, match.group(3)
-
-
-def reports(trainer: Process) -> list[dict]:
-    path = trainer.folder / "work" / "report.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def train(root: Path, config: Path, initial: str, corpus: bytes, rounds: int) -> Process:
-    (root / "data.txt").write_bytes(corpus)
-    args = ["join", "--config", str(config), "--initial-peers", initial, "--data", str(root / "data.txt")]
-    args += ["--workdir", str(root / "trainer" / "work"), "--rounds", str(rounds)]
-    return Process(root / "trainer", *args)
 
 
 def relative_gap(sharded: list[float], reference: list[float]) -> float:
@@ -151,9 +79,9 @@ def relative_gap(sharded: list[float], reference: list[float]) -> float:
 def test_sharded_training_matches_unsharded_loss_curve(tmp_path: Path) -> None:
     """Two servers pick the two stages by block selection; the trainer's losses track the unsharded run within 2%."""
     # Prepare
-    config = write_config(tmp_path / "run.toml")
+    config = write_run_config(tmp_path / "run.toml", train={"inner_steps": 10}, **SHARDED_RUN)
     corpus = generate_corpus(30_000, seed=11)
-    processes: list[Process] = []
+    processes: list[NodeProcess] = []
     try:
         first, first_stages, maddr = serve(tmp_path, "s0", config, None)
         processes.append(first)
@@ -161,14 +89,14 @@ def test_sharded_training_matches_unsharded_loss_curve(tmp_path: Path) -> None:
         processes.append(second)
 
         # Execute
-        trainer = train(tmp_path, config, maddr, corpus, rounds=2)
+        trainer = NodeProcess(tmp_path, "trainer", config, maddr, corpus, "--rounds", "2")
         processes.append(trainer)
-        code = trainer.process.wait(timeout=120)
+        code = trainer.wait(120)
 
         # Assert
         assert (first_stages, second_stages) == ([0], [1])
         assert code == 0, trainer.output()[-3000:]
-        steps = reports(trainer)
+        steps = trainer.reports()
         assert [r["step"] for r in steps] == list(range(1, 21))
         assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 21)]
         reference = unsharded_losses(load_node_config(str(config)).run, corpus, 20)
@@ -184,31 +112,35 @@ def test_sharded_training_matches_unsharded_loss_curve(tmp_path: Path) -> None:
 def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> None:
     """Stage 1's server in use is SIGKILLed mid-run: the trainer reroutes to the replica; every step applies once."""
     # Prepare
-    config = write_config(tmp_path / "run.toml", inner_steps=100)
+    config = write_run_config(tmp_path / "run.toml", train={"inner_steps": 100}, **SHARDED_RUN)
     corpus = generate_corpus(30_000, seed=12)
-    processes: list[Process] = []
+    processes: list[NodeProcess] = []
     try:
         first, _, maddr = serve(tmp_path, "s0", config, None, "--stages", "0")
         processes.append(first)
         replicas = [serve(tmp_path, f"s1-{i}", config, maddr, "--stages", "1")[0] for i in range(2)]
         processes += replicas
-        trainer = train(tmp_path, config, maddr, corpus, rounds=2)
+        trainer = NodeProcess(tmp_path, "trainer", config, maddr, corpus, "--rounds", "2")
         processes.append(trainer)
 
         # Execute
-        deadline = time.monotonic() + 90
-        while len(reports(trainer)) < 10 and time.monotonic() < deadline and trainer.process.poll() is None:
-            time.sleep(0.05)
-        in_use = reports(trainer)[-1]["servers"][1]
+        wait_until(
+            lambda: len(trainer.reports()) >= 10 or trainer.process.poll() is not None,
+            90,
+            "10 sharded steps",
+            detail=trainer.tail,
+            interval=0.05,
+        )
+        in_use = trainer.reports()[-1]["servers"][1]
         victim = next(r for r in replicas if r.peer_id.startswith(in_use))
-        killed_at = len(reports(trainer))
+        killed_at = len(trainer.reports())
         victim.crash()
-        code = trainer.process.wait(timeout=120)
+        code = trainer.wait(120)
 
         # Assert
         assert code == 0, trainer.output()[-3000:]
         assert 10 <= killed_at < 200
-        steps = reports(trainer)
+        steps = trainer.reports()
         assert [r["step"] for r in steps] == list(range(1, 201))
         assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 201)]
         assert steps[-1]["failovers"] >= 1
@@ -280,9 +212,7 @@ def test_a_server_returning_perturbed_activations_is_banned(tmp_path: Path) -> N
 
         # Execute
         stepping.start()
-        deadline = time.monotonic() + 30
-        while not trainer.remote.bans_published and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: trainer.remote.bans_published, 30, "the trainer to publish a ban", interval=0.05)
         honest = StageServer(node_config(tmp_path, "honest", initial), ServeConfig(rebalance_period=0)).start()
         stepping.join(timeout=60)
         later = [trainer.train_step() for _ in range(2)]
@@ -337,12 +267,10 @@ def test_a_serve_node_whose_gpu_is_busy_refuses_work_and_malformed_requests(tmp_
         # Execute
         idle = forward()
         gpu_in_use.set()
-        while not server.busy:
-            time.sleep(0.02)
+        wait_until(lambda: server.busy, 30, "the server to see its GPU busy", interval=0.02)
         busy = forward()
         gpu_in_use.clear()
-        while server.busy:
-            time.sleep(0.02)
+        wait_until(lambda: not server.busy, 30, "the server to see its GPU free", interval=0.02)
         again = forward()
         garbage = loop.run(junk(b"\xc1 not msgpack"), timeout=15)
         impostor = forward(trainer=server.identity.peer_id)
@@ -375,15 +303,16 @@ def start_replicas(tmp_path: Path, count: int, average_period: float = 0.0) -> l
         if not average_period:  # rounds run on demand: start the aggregators a periodic server starts itself
             servers[-1].averager.prepare(0, servers[-1].hosted[0].params)
         initial = initial or list(servers[0].maddrs)
-    deadline = time.monotonic() + 60
-    while any(len(s.rpc.run(s._stage_replicas(0), timeout=30)) < count for s in servers):
-        assert time.monotonic() < deadline, "replicas never saw each other's records"
-        time.sleep(0.2)
+    wait_until(
+        lambda: all(len(s.rpc.run(s.stage_replicas(0), timeout=30)) >= count for s in servers),
+        60,
+        "the replicas to see each other's records",
+    )
     return servers
 
 
 def in_compute(server: StageServer, fn: Callable[[], object]) -> object:
-    return server.rpc.run(server._in_compute(fn), timeout=30)
+    return server.rpc.run(server.in_compute(fn), timeout=30)
 
 
 def shift_params(server: StageServer, offset: float) -> None:

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from dht import Capacity, NodeIdentity, PeerRecord, RecordError
-from node.config import ModelConfig, RunConfig, ShardingConfig
+from node.config import ModelConfig, RunConfig, ShardingConfig, parse_memory
 from node.model import build_model
 from node.sharding.messages import MAX_MESSAGE_BYTES, StageMessageError, StageReply, StageRequest
-from node.sharding.server import parse_memory
 from node.sharding.stages import LocalParts, build_stage, choose_stages, rebalance_target, stage_ranges
 
 RecordFactory = Callable[..., PeerRecord]

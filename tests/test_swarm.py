@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import hivemind
 import msgpack
 import pytest
+from helpers import LOCALHOST_MADDR, wait_until
 from hivemind.utils import get_dht_time
 
 from dht import (
@@ -37,22 +38,8 @@ if TYPE_CHECKING:
 IdentityFactory = Callable[[str | None], NodeIdentity]
 RecordFactory = Callable[..., PeerRecord]
 SwarmFactory = Callable[..., "list[SwarmPeer]"]
-T = TypeVar("T")
 
 WAIT_SECONDS = 30.0  # upper bound for the swarm to converge; a healthy run takes well under a second
-POLL_SECONDS = 0.05
-
-
-def wait_for(condition: Callable[[], T], what: str, timeout: float = WAIT_SECONDS) -> T:
-    """Poll ``condition`` until it returns something truthy and return that; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL_SECONDS)
 
 
 def listed_ids(peer: SwarmPeer, run_id: str) -> set[str]:
@@ -77,7 +64,11 @@ def test_published_records_are_listed_by_every_peer(
     # Assert
     assert all(stored)
     for peer in peers:
-        wait_for(lambda peer=peer: listed_ids(peer, run_id) == set(records), f"{peer.identity.peer_id} to list all")
+        wait_until(
+            lambda peer=peer: listed_ids(peer, run_id) == set(records),
+            WAIT_SECONDS,
+            f"{peer.identity.peer_id} to list all",
+        )
         assert list_peers(peer.dht, run_id) == sorted(records.values(), key=lambda r: r.peer_id)
 
 
@@ -111,7 +102,7 @@ def test_publish_refuses_an_invalid_envelope(
 @pytest.fixture
 def malicious_dht(dht_swarm: list[SwarmPeer]) -> Iterator[hivemind.DHT]:
     """A plain hivemind peer with no record validator, joined to ``dht_swarm``."""
-    dht = hivemind.DHT(initial_peers=dht_swarm[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = hivemind.DHT(initial_peers=dht_swarm[0].maddrs, host_maddrs=[LOCALHOST_MADDR], start=True)
     try:
         yield dht
     finally:
@@ -175,7 +166,9 @@ def test_malicious_records_never_reach_honest_listings(
 
     # Assert
     for peer in dht_swarm:
-        wait_for(lambda peer=peer: control.peer_id in listed_ids(peer, run_id), "the control record to arrive")
+        wait_until(
+            lambda peer=peer: control.peer_id in listed_ids(peer, run_id), WAIT_SECONDS, "the control record to arrive"
+        )
         raw = peer.dht.get(key, latest=True)
         assert victim.peer_id not in raw.value, "an honest peer passed on a record its validator should refuse"
         assert victim.peer_id not in listed_ids(peer, run_id)
@@ -201,12 +194,12 @@ def test_stopped_heartbeat_leaves_listing_within_ttl(
     # Execute
     heartbeat.start()
     try:
-        first = wait_for(observed_timestamp, "the first beat to be listed")
-        wait_for(lambda: (observed_timestamp() or 0.0) > first, "a later beat to replace the first")
+        first = wait_until(observed_timestamp, WAIT_SECONDS, "the first beat to be listed")
+        wait_until(lambda: (observed_timestamp() or 0.0) > first, WAIT_SECONDS, "a later beat to replace the first")
     finally:
         heartbeat.stop()
     stopped_at = time.monotonic()
-    wait_for(lambda: observed_timestamp() is None, "the record to expire", timeout=ttl + slack)
+    wait_until(lambda: observed_timestamp() is None, ttl + slack, "the record to expire")
 
     # Assert
     assert time.monotonic() - stopped_at <= ttl + slack
@@ -264,7 +257,7 @@ def test_unreachable_initial_peer_raises_swarm_error(identity_factory: IdentityF
     # Prepare
     absent = identity_factory(None)
     address = f"/ip4/127.0.0.1/tcp/1/p2p/{absent.peer_id}"
-    config = SwarmConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[address], startup_timeout=10)
+    config = SwarmConfig(host_maddrs=[LOCALHOST_MADDR], initial_peers=[address], startup_timeout=10)
 
     # Execute
     with pytest.raises(SwarmError) as info:

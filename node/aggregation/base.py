@@ -6,6 +6,10 @@ Implementations: ``SecureAggregator`` (secure.py, the default: the masked all-re
 another's update), ``PlainAggregator`` (plain.py: hivemind's float butterfly all-reduce, for
 comparison), ``HierarchicalAggregator`` (hierarchy.py: cohort and global parameters).
 
+Each round the trainer calls ``prepare_round`` from its main thread (hivemind starts an averager's
+process from the main thread only), then ``aggregate`` from a background thread. ``cohort_id``
+names the cohort the aggregator averages in (None outside ``[run.cohorts]``).
+
 Round alignment: a node sets its matchmaking group bits to its round number before each
 step, so only peers at the same round meet (hivemind forms groups per key). Every member
 gathers its round into the group; a mismatch is an error, not an average of unrelated deltas.
@@ -40,6 +44,15 @@ class AggregationResult:
 
 class Aggregator(ABC):
     """Merge one round's update with peers."""
+
+    def prepare_round(self, round_no: int) -> None:  # noqa: B027 (a hook: most aggregators need nothing)
+        """Ready ``round_no`` before its ``aggregate``: called from the main thread, with no aggregation
+        in flight. The default does nothing."""
+
+    @property
+    def cohort_id(self) -> str | None:
+        """The cohort this node averages in since the last ``prepare_round``; None without cohorts."""
+        return None
 
     @abstractmethod
     def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:

@@ -12,7 +12,7 @@ from dht import NodeIdentity
 from node.aggregation.base import Aggregator
 from node.aggregation.plain import PlainAggregator
 from node.aggregation.secure import SecureAggregator, ring_bound
-from node.config import AggregationConfig, CompressionConfig, ConfigError
+from node.config import AggregationConfig, CompressionConfig
 from node.secagg.privacy import NoiseShare
 
 
@@ -30,15 +30,14 @@ def make_aggregator(
     compression: CompressionConfig | None = None,
     compression_bound: float = 0.0,
 ) -> Aggregator:
-    """The aggregator that ``config.mode`` names (``bandwidth``: upload bytes/s, None if unknown)."""
+    """The aggregator that ``config.mode`` names (``bandwidth``: upload bytes/s, None if unknown).
+
+    ``client_mode`` applies to the plain averager only: a secure run refuses client mode when its
+    ``NodeConfig`` is built (node/config.py), since every member of a secure group reduces a part.
+    """
     if config.mode == "plain":
         return PlainAggregator(dht, run_id, templates, config, client_mode=client_mode, stop_event=stop_event)
     if config.mode == "secure":
-        if client_mode:
-            raise ConfigError(
-                "secure aggregation needs every peer to be reachable (it reduces a part); "
-                "drop client mode or set aggregation.mode = 'plain'"
-            )
         return SecureAggregator(
             dht,
             run_id,

@@ -11,7 +11,8 @@ Every parameter of the model carries one tag, from its name (``ParameterPartitio
 One round of ``HierarchicalAggregator.aggregate`` (it is the trainer's Aggregator; the trainer's
 overlapped loop, staleness rule and round alignment are unchanged):
 
-1. place this node: ``CohortMatcher`` over the run's live trainer records (dht/cohorts.py);
+1. place this node (``prepare_round``, from the trainer's main thread): ``CohortMatcher`` over the
+   run's live trainer records (dht/cohorts.py);
 2. cohort step: the cohort and global tensors through the cohort's own aggregator, keyed
    ``<run_id>-cohort-<cohort id>`` (another hivemind matchmaking key, so groups form inside the
    cohort), weighted by samples;
@@ -153,6 +154,14 @@ class HierarchicalAggregator(Aggregator):
                 key = f"{self.run_id}-cohort-{wanted}"
                 self._cohort_aggregator = (wanted, self._make(self.dht, key, self._shared_templates, **self._kwargs))
         return self.cohort
+
+    def prepare_round(self, round_no: int) -> None:
+        """Place this node in its cohort for ``round_no`` (``place()``)."""
+        self.place()
+
+    @property
+    def cohort_id(self) -> str | None:
+        return self.cohort.cohort_id if self.cohort is not None else None
 
     def _can_average(self, cohort: Cohort) -> bool:
         return len(cohort) >= self.min_group_size and bool(self.partition.shared)

@@ -6,27 +6,22 @@ hivemind would run its float butterfly ``AllReduceRunner``, it runs ``MaskedAllR
 group that matchmaking formed. Part sizes come from hivemind's ``load_balance_peers`` over the
 bandwidths the peers announced, so faster peers reduce larger parts.
 
-``SecAggEndpoint`` is the receiving side: one libp2p stream handler per averager that reads a
-bounded header, checks it against the all-reduce it names (group, round, sender, size,
-signature) before reading any payload, and answers ``[ok, reason]``. Refusals are logged and
-counted; they never raise into the node.
+Each averager serves one ``SecAggEndpoint`` (endpoint.py), the receiving side of the all-reduce's
+streams; each group's ``MaskedAllReduce`` registers with it while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
 import logging
 import math
 import multiprocessing as mp
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import hivemind
-import msgpack
 import numpy as np
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -38,117 +33,13 @@ from hivemind.p2p import P2P
 from hivemind.utils import enter_asynchronously
 
 from node.config import CompressionConfig
-from node.secagg.messages import MAX_HEADER_BYTES, MessageError, parse_header
+from node.secagg.endpoint import SecAggEndpoint
+from node.secagg.parts import Workspace
 from node.secagg.privacy import NoiseShare
-from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggTimeouts, Workspace
+from node.secagg.protocol import MaskedAllReduce
+from node.secagg.state import SecAggError, SecAggIdentity, SecAggTimeouts
 
 logger = logging.getLogger(__name__)
-
-READ_CHUNK = 1 << 16  # bytes read from a stream at a time (small reads reuse memory)
-_RECENT_GROUPS = 256  # finished groups remembered, so late messages are refused at once
-
-
-class SecAggEndpoint:
-    """Receives masked all-reduce messages on one P2P and hands each to the all-reduce it names.
-
-    Args:
-        p2p: the libp2p client to serve on.
-        name: the protocol name (per run).
-        wait_for_group: seconds a message may wait for its group to start here (peers enter a
-            group a little apart).
-        max_waiting: messages that may wait at once; more are refused (bounds memory).
-    """
-
-    def __init__(self, p2p: P2P, name: str, wait_for_group: float = 10.0, max_waiting: int = 256):
-        self.p2p, self.name = p2p, name
-        self.wait_for_group, self.max_waiting = wait_for_group, max_waiting
-        self.sessions: dict[bytes, MaskedAllReduce] = {}
-        self.rejected = 0
-        self._finished: collections.deque[bytes] = collections.deque(maxlen=_RECENT_GROUPS)
-        self._registered = asyncio.Event()
-        self._waiting = 0
-
-    async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(self.name, self._handle)
-
-    def register(self, session: MaskedAllReduce) -> None:
-        self.sessions[session.group_id] = session
-        self._registered.set()
-        self._registered = asyncio.Event()
-
-    def unregister(self, session: MaskedAllReduce) -> None:
-        self.sessions.pop(session.group_id, None)
-        self._finished.append(session.group_id)
-
-    async def _session(self, group_id: bytes) -> MaskedAllReduce:
-        if group_id not in self.sessions and self._waiting >= self.max_waiting:
-            raise MessageError("too many messages waiting for their group")
-        self._waiting += 1
-        try:
-            async with asyncio.timeout(self.wait_for_group):
-                while group_id not in self.sessions:
-                    if group_id in self._finished:
-                        raise MessageError("that all-reduce has finished here")
-                    await self._registered.wait()
-        except TimeoutError:
-            raise MessageError("wrong group id: no such all-reduce here") from None
-        finally:
-            self._waiting -= 1
-        return self.sessions[group_id]
-
-    async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            ok, reason = await self._receive(info, reader)
-            reply = msgpack.packb([ok, reason])
-            writer.write(len(reply).to_bytes(4, "big") + reply)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
-            logger.debug(f"secure-aggregation stream from {info.peer_id} broke: {e!r}")
-        finally:
-            writer.close()
-
-    async def _receive(self, info: Any, reader: asyncio.StreamReader) -> tuple[bool, str]:
-        """Read, check and deliver one message; returns the reply (refusals are logged and counted)."""
-        try:
-            async with asyncio.timeout(self.wait_for_group):
-                length = int.from_bytes(await reader.readexactly(4), "big")
-                if length > MAX_HEADER_BYTES:
-                    raise MessageError(f"oversized header: {length} bytes > {MAX_HEADER_BYTES}")
-                message, size, digest = parse_header(await reader.readexactly(length))
-            session = await self._session(message.group)
-            session.check_header(message, info.peer_id, size)
-            if size:
-                buffer = session.payload_buffer(message)
-                async with asyncio.timeout(session.timeouts.data):
-                    await _read_payload(reader, buffer, digest)
-                message.payload = buffer
-            session.deliver(message)
-            return True, ""
-        except MessageError as e:
-            reason = str(e)[:200]
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-            raise
-        except Exception as e:  # a bug here must not take the node down; the sender sees a refusal
-            logger.exception(f"error handling a secure-aggregation message from {info.peer_id}")
-            reason = f"internal error: {e!r}"[:200]
-        self.rejected += 1
-        logger.warning(f"refused a secure-aggregation message from {info.peer_id}: {reason}")
-        return False, reason
-
-
-async def _read_payload(reader: asyncio.StreamReader, buffer: np.ndarray, digest: bytes) -> None:
-    """Read exactly ``buffer.nbytes`` into ``buffer``, hashing as it arrives; check the signed digest."""
-    view, hasher, filled = buffer.data.cast("B"), hashlib.sha256(), 0
-    while filled < len(view):
-        chunk = await reader.read(min(READ_CHUNK, len(view) - filled))
-        if not chunk:
-            raise asyncio.IncompleteReadError(b"", len(view) - filled)
-        view[filled : filled + len(chunk)] = chunk
-        hasher.update(chunk)
-        filled += len(chunk)
-    if hasher.digest() != digest:
-        raise MessageError("payload does not match its signed digest")
-
 
 LEADER_POLL_INTERVAL = 0.25  # seconds between a searching peer's DHT reads of its group key, at first
 LEADER_POLL_MAX = 2.0  # ... growing by half each read that finds nothing new, up to this (and matchmaking_time / 4)
@@ -259,69 +150,95 @@ class SecureAverager(DecentralizedAverager):
             gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_bytes), strict=True))
             if any(mode != AveragingMode.NODE.value for mode in mode_ids):
                 raise SecAggError("a peer in the group runs in client or aux mode; secure aggregation needs reducers")
-            rounds = {data.get("round") if isinstance(data, dict) else None for data in gathered.values()}
-            round_no = next(iter(rounds))
-            if len(rounds) != 1 or not isinstance(round_no, int):
-                raise SecAggError(f"the group mixes rounds {sorted(map(str, rounds))}")
-            loop = asyncio.get_running_loop()
-            sizes = await loop.run_in_executor(
+            round_no = _common_round(gathered.values())
+            sizes = await asyncio.get_running_loop().run_in_executor(
                 None,
                 load_balance_peers,
                 self._compression.count(self.total_size) + 1,
                 list(bandwidths),
                 min_vector_size,
             )
-            weight = float(kwargs["weight"])
-            if weight > self._weight_bound:
-                logger.warning(f"weight {weight} exceeds the run's bound {self._weight_bound}; it counts as the bound")
-            omega = min(1.0, weight / self._weight_bound)
+            omega = self._omega(float(kwargs["weight"]))
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg")
             async with enter_asynchronously(self.get_tensors()) as tensors:
                 vector = self._workspace.array("flat", self.total_size, np.float32)
-                offset = 0
-                for tensor in tensors:
-                    np.copyto(vector[offset : offset + tensor.numel()], tensor.reshape(-1).numpy())
-                    offset += tensor.numel()
-                session = MaskedAllReduce(
-                    p2p=self._p2p,
-                    handler_name=f"{self.prefix}.secagg",
-                    group_id=group_info.group_id,
-                    peer_ids=list(group_info.peer_ids),
-                    index=group_info.peer_ids.index(self.peer_id),
-                    round_no=round_no,
-                    identity=self._signer,
-                    vector=vector,
-                    omega=omega,
-                    part_sizes=[int(s) for s in sizes],
-                    bound=self._clip_bound,
-                    timeouts=self._secagg_timeouts,
-                    executor=self._executor,
-                    out=vector,
-                    workspace=self._workspace,
-                    noise=self._noise,
-                    compression=self._compression,
-                    residual=self.residual.numpy() if self.residual.numel() else None,
-                    adaptive_bound=self._compression.bits < 32 and self._noise is None,
-                )
+                _flatten_into(vector, tensors)
+                session = self._session(group_info, round_no, vector, omega, [int(s) for s in sizes])
                 self._running_groups[group_info.group_id].set_result(session)
                 assert self._endpoint is not None, "the endpoint starts with the averager"
                 self._endpoint.register(session)
                 result = await session.run()
-                offset = 0
-                for tensor in tensors:
-                    np.copyto(tensor.reshape(-1).numpy(), result.mean[offset : offset + tensor.numel()])
-                    offset += tensor.numel()
+                _unflatten_from(result.mean, tensors)
             return {group_info.peer_ids[j]: gathered[group_info.peer_ids[j]] for j in result.contributors}
         except SecAggError as e:
             logger.warning(str(e))
             raise AllreduceException(str(e)) from e
         finally:
             if session is not None:
-                if self._endpoint is not None:
-                    self._endpoint.unregister(session)
-                with self.bytes_sent.get_lock():
-                    self.bytes_sent.value += session.stats["bytes_sent"]
-                logger.info(
-                    f"secure all-reduce: {session.stats['bytes_sent']} bytes sent; phases {session.stats['phases']}"
-                )
+                self._finish(session)
+
+    def _omega(self, weight: float) -> float:
+        """This peer's weight scaled into (0, 1] by the run's weight bound (a larger one counts as the bound)."""
+        if weight > self._weight_bound:
+            logger.warning(f"weight {weight} exceeds the run's bound {self._weight_bound}; it counts as the bound")
+        return min(1.0, weight / self._weight_bound)
+
+    def _session(
+        self, group_info: GroupInfo, round_no: int, vector: np.ndarray, omega: float, part_sizes: list[int]
+    ) -> MaskedAllReduce:
+        """This peer's masked all-reduce in the group matchmaking formed; the mean is written over ``vector``."""
+        return MaskedAllReduce(
+            p2p=self._p2p,
+            handler_name=f"{self.prefix}.secagg",
+            group_id=group_info.group_id,
+            peer_ids=list(group_info.peer_ids),
+            index=group_info.peer_ids.index(self.peer_id),
+            round_no=round_no,
+            identity=self._signer,
+            vector=vector,
+            omega=omega,
+            part_sizes=part_sizes,
+            bound=self._clip_bound,
+            timeouts=self._secagg_timeouts,
+            executor=self._executor,
+            out=vector,
+            workspace=self._workspace,
+            noise=self._noise,
+            compression=self._compression,
+            residual=self.residual.numpy() if self.residual.numel() else None,
+            adaptive_bound=self._compression.bits < 32 and self._noise is None,
+        )
+
+    def _finish(self, session: MaskedAllReduce) -> None:
+        """Stop routing the group's messages to ``session``; count and log what it sent."""
+        if self._endpoint is not None:
+            self._endpoint.unregister(session)
+        with self.bytes_sent.get_lock():
+            self.bytes_sent.value += session.stats["bytes_sent"]
+        logger.info(f"secure all-reduce: {session.stats['bytes_sent']} bytes sent; phases {session.stats['phases']}")
+
+
+def _common_round(gathered: Iterable[Any]) -> int:
+    """The outer round every member of the group announced; SecAggError if they differ."""
+    rounds = {data.get("round") if isinstance(data, dict) else None for data in gathered}
+    round_no = next(iter(rounds))
+    if len(rounds) != 1 or not isinstance(round_no, int):
+        raise SecAggError(f"the group mixes rounds {sorted(map(str, rounds))}")
+    return round_no
+
+
+def _flatten_into(vector: np.ndarray, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy the averaged tensors, in order, into one flat float32 vector."""
+    offset = 0
+    for tensor in tensors:
+        np.copyto(vector[offset : offset + tensor.numel()], tensor.reshape(-1).numpy())
+        offset += tensor.numel()
+
+
+def _unflatten_from(vector: np.ndarray, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy a flat vector back into the averaged tensors, in order."""
+    offset = 0
+    for tensor in tensors:
+        np.copyto(tensor.reshape(-1).numpy(), vector[offset : offset + tensor.numel()])
+        offset += tensor.numel()

@@ -86,3 +86,40 @@ def pair_sign(own_index: int, peer_index: int) -> int:
     if own_index == peer_index:
         raise ValueError("a peer shares no pairwise mask with itself")
     return 1 if own_index < peer_index else -1
+
+
+def add_masks(
+    words: np.ndarray,
+    seed: bytes,
+    pair_secrets: dict[int, bytes],
+    own_index: int,
+    group_id: bytes,
+    round_no: int,
+    part: int,
+) -> None:
+    """``words += PRG(b) + sum_j sign * PRG(s_ij)``: a peer's self mask and one pairwise mask per peer, on one part."""
+    apply_mask(words, self_mask_key(seed, group_id, round_no, part), 1)
+    for j, shared in pair_secrets.items():
+        low, high = min(j, own_index), max(j, own_index)
+        apply_mask(words, pair_mask_key(shared, group_id, round_no, part, low, high), pair_sign(own_index, j))
+
+
+def remove_masks(
+    partial: np.ndarray,
+    senders: list[int],
+    seeds: dict[int, bytes],
+    dropout_pairs: dict[tuple[int, int], bytes],
+    group_id: bytes,
+    round_no: int,
+    part: int,
+) -> None:
+    """Remove from a partial sum of one part its senders' self masks and their masks with dropouts.
+
+    Pairwise masks between contributors are left: they cancel only in the total over U.
+    """
+    for j in senders:
+        apply_mask(partial, self_mask_key(seeds[j], group_id, round_no, part), -1)
+    for (j, d), shared in dropout_pairs.items():
+        if j in senders:
+            key = pair_mask_key(shared, group_id, round_no, part, min(j, d), max(j, d))
+            apply_mask(partial, key, -pair_sign(j, d))

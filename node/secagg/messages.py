@@ -1,7 +1,7 @@
 """Wire format of the masked all-reduce: signed, size-limited, schema-checked msgpack; never pickle.
 
 One message is one libp2p stream: a 4-byte big-endian length, a header, then ``size`` raw payload
-bytes (masked vectors only), answered by one short frame ``[ok, reason]``.
+bytes (masked vectors only), answered by one short frame: a 4-byte length, then ``[ok, reason]``.
 
     header = msgpack [TAG, body, signature]      (at most MAX_HEADER_BYTES)
     body   = msgpack {kind, group, round, sender, recipient, data, size, digest}
@@ -24,12 +24,15 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from dht.wire import WireError, unpack_bounded
+
 TAG = b"zsa1"
 SIGN_CONTEXT = b"zen-federation/secagg-message/v1"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1 << 32
+MAX_REPLY_BYTES = 1024  # the receiver's [ok, reason] answer
 MAX_GROUP = 64  # the largest group the protocol accepts (the issue's 32, with room)
-_MAX_REASON = 200
+MAX_REASON = 200  # characters of a refusal's reason sent back
 
 
 class MessageError(ValueError):
@@ -160,18 +163,13 @@ def parse_header(header: bytes) -> tuple[Message, int, bytes]:
     """Decode and schema-check a header; returns (message without payload, payload size, digest)."""
     if len(header) > MAX_HEADER_BYTES:
         raise MessageError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        outer = msgpack.unpackb(header, raw=False, strict_map_key=False, max_bin_len=MAX_HEADER_BYTES)
-        if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == TAG):
-            raise MessageError("not a secure-aggregation message (bad tag or shape)")
-        _, body_bytes, signature = outer
-        if not (isinstance(body_bytes, bytes) and isinstance(signature, bytes) and len(signature) == 64):
-            raise MessageError("malformed envelope")
-        body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=False, max_bin_len=MAX_HEADER_BYTES)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        if isinstance(e, MessageError):
-            raise
-        raise MessageError(f"undecodable header: {e}") from e
+    outer = _unpack_header(header)
+    if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == TAG):
+        raise MessageError("not a secure-aggregation message (bad tag or shape)")
+    _, body_bytes, signature = outer
+    if not (isinstance(body_bytes, bytes) and isinstance(signature, bytes) and len(signature) == 64):
+        raise MessageError("malformed envelope")
+    body = _unpack_header(body_bytes)
     if not isinstance(body, dict) or set(body) != _BODY_FIELDS:
         raise MessageError("malformed message body")
     kind, group, round_no = body["kind"], body["group"], body["round"]
@@ -187,3 +185,49 @@ def parse_header(header: bytes) -> tuple[Message, int, bytes]:
     check_data(kind, body["data"])
     message = Message(kind, group, round_no, sender, recipient, body["data"], body=body_bytes, signature=signature)
     return message, size, digest
+
+
+def _unpack_header(data: bytes) -> Any:
+    """msgpack within a header's limits (no length beyond the header itself; int map keys allowed)."""
+    try:
+        return unpack_bounded(
+            data,
+            max_bytes=MAX_HEADER_BYTES,
+            max_str=MAX_HEADER_BYTES,
+            max_bin=MAX_HEADER_BYTES,
+            max_array=MAX_HEADER_BYTES,
+            max_map=MAX_HEADER_BYTES // 2,
+            strict_map_key=False,  # reveal maps are keyed by peer index
+        )
+    except WireError as e:
+        raise MessageError(f"undecodable header: {e}") from e
+
+
+def named_indices(data: dict[str, Any]) -> list[int]:
+    """Every peer index a message's data names (its schema has checked their types)."""
+    found: list[int] = []
+    for key in ("view", "maskset", "u", "senders", "holders"):
+        found += data.get(key, [])
+    for key in ("b", "s"):
+        found += list(data.get(key, {}))
+    if "part" in data:
+        found.append(data["part"])
+    return found
+
+
+def encode_reply(ok: bool, reason: str) -> bytes:
+    """The receiver's answer to one message, framed: a 4-byte big-endian length, then msgpack [ok, reason]."""
+    reply = msgpack.packb([ok, reason])
+    return len(reply).to_bytes(4, "big") + reply
+
+
+def parse_reply(reply: bytes) -> tuple[bool, str]:
+    """Decode the [ok, reason] frame a receiver answered with (at most MAX_REPLY_BYTES)."""
+    try:
+        decoded = unpack_bounded(reply, max_bytes=MAX_REPLY_BYTES, max_str=MAX_REPLY_BYTES, max_array=2)
+    except WireError as e:
+        raise MessageError(f"undecodable reply: {e}") from e
+    if not (isinstance(decoded, list) and len(decoded) == 2):
+        raise MessageError("malformed reply")
+    ok, reason = decoded
+    return bool(ok), str(reason)

@@ -1,11 +1,15 @@
 """Pipeline stages: the model cut across peers, hosted by ``zen-node serve``.
 
 class Stage, LocalParts (stages.py): the cut of the GPT into stages; choose_stages: block selection
-class StageRequest, StageReply (messages.py): the msgpack wire format of stage calls
+class StageRequest, StageReply (messages.py): the msgpack wire format of stage calls; check_hidden_states,
+    check_gradients: a request's tensors against the stage
 P2PLoop, call_stage (rpc.py): the unary P2P calls both sides use
-class HostedStage (hosted.py): a served stage's weights, optimizer, exactly-once bookkeeping, anchor
+class HostedStage (hosted.py): a served stage's weights, optimizer, exactly-once bookkeeping, anchor,
+    and the averaging gate (refuse trainer calls, drain commits, hold replicated steps)
+class ForwardBatcher (batching.py): one stage's forward calls that arrive together, run as one pass
 class StageServer (server.py): ``zen-node serve``, hosting stages with forward/backward RPCs
-class StageAverager (averaging.py): periodic rounds that leave a stage's replicas bit-identical
+class StageAverager, StageHost (averaging.py): periodic rounds that leave a stage's replicas
+    bit-identical; StageHost is what they need from their server (StageServer implements it)
 class RemoteStages (client.py): a trainer's stage calls: server choice, failover, spot-checks, bans
 class ShardedTrainer (sharding/trainer.py): a trainer whose middle blocks live on stage servers
 """

@@ -38,6 +38,9 @@ A round (all servers of a stage start it at the same wall-clock multiple of the 
 A server that is alone on its stage only re-anchors. Drift is clipped to ``DRIFT_BOUND`` per
 coordinate (one period of AdamW moves a coordinate by about ``period_steps * lr``); the 32-bit
 ring then resolves about ``DRIFT_BOUND / 2**29``, below float32's rounding of weights near 1.
+
+The averager reaches its server only through :class:`StageHost` (the stage server implements it),
+and a stage's averaging gate only through its HostedStage's methods; it never imports the server.
 """
 
 from __future__ import annotations
@@ -47,27 +50,65 @@ import hashlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from hivemind.utils import get_dht_time
 
 from node.aggregation.base import AggregationError, AggregationResult, Aggregator
 from node.aggregation.factory import make_aggregator
-from node.config import AggregationConfig
+from node.config import AggregationConfig, RunConfig
 from node.sharding.hosted import HostedStage
 from node.sharding.messages import StageMessageError, StageReply, StageRequest
 
 if TYPE_CHECKING:
-    from node.sharding.server import StageServer
+    import hivemind
+
+    from dht import NodeIdentity
 
 logger = logging.getLogger(__name__)
 
 DRIFT_BOUND = 8.0  # per-coordinate clip of one period's drift in the fixed-point ring
 DRAIN_MARGIN_SECONDS = 0.5  # on top of the longest replication, before the snapshot
 KEY_BITS = 48  # bits of the round number that names (stage, version, anchor)
+
+T = TypeVar("T")
+
+
+class StageHost(Protocol):
+    """What an averager needs from the server it runs in (node/sharding/server.py's StageServer)."""
+
+    @property
+    def identity(self) -> NodeIdentity:
+        """The server's keys: its PeerID names it among a stage's replicas and in secure rounds."""
+        ...
+
+    @property
+    def dht(self) -> hivemind.DHT:
+        """The swarm the stages' aggregators meet on."""
+        ...
+
+    def hosted_stage(self, stage: int) -> HostedStage | None:
+        """The stage as the server holds it, None if it hosts it no more."""
+        ...
+
+    def hosted_stages(self) -> list[int]:
+        """The stages the server hosts now."""
+        ...
+
+    async def stage_replicas(self, stage: int) -> list[str]:
+        """PeerIDs of the listed servers of ``stage`` (this one included)."""
+        ...
+
+    async def in_compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the server's compute thread (where every change to a hosted stage runs)."""
+        ...
+
+    async def call(self, peer: str, request: StageRequest, timeout: float | None = None) -> StageReply:
+        """One stage call to another server."""
+        ...
 
 
 def round_key(stage: int, version: int, anchor_digest: bytes) -> int:
@@ -80,12 +121,15 @@ class StageAverager:
     """The periodic averaging rounds of one stage server's hosted stages (runs on the server's event loop).
 
     Args:
-        server: the stage server; its hosted stages, identity, DHT, compute thread and calls are used.
+        host: the stage server; its hosted stages, identity, DHT, compute thread and calls are used.
+        run: the run's configuration (its sharding and aggregation settings).
+        stop_event: the server's stop event; once set, a pending round gives up.
     """
 
-    def __init__(self, server: StageServer):
-        self.server = server
-        self.run = server.run
+    def __init__(self, host: StageHost, run: RunConfig, stop_event: threading.Event):
+        self.host = host
+        self.run = run
+        self.stop_event = stop_event
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, resynced, kept, alone, gone
         self.last: dict[int, AggregationResult] = {}  # each stage's last round that averaged
         self._aggregators: dict[int, Aggregator] = {}
@@ -98,7 +142,7 @@ class StageAverager:
         period = self.run.sharding.average_period
         while True:
             await asyncio.sleep(period - get_dht_time() % period)
-            await asyncio.gather(*(self.average(stage) for stage in list(self.server.hosted)))
+            await asyncio.gather(*(self.average(stage) for stage in self.host.hosted_stages()))
             with self._done:
                 self._rounds += 1
                 self._done.notify_all()
@@ -115,36 +159,31 @@ class StageAverager:
 
     async def average(self, stage: int) -> str:
         """One round for ``stage``; returns its outcome (averaged, resynced, kept, alone or gone)."""
-        hosted = self.server.hosted.get(stage)
-        me = self.server.identity.peer_id
+        hosted = self.host.hosted_stage(stage)
+        me = self.host.identity.peer_id
         if hosted is None:
             outcome = "gone"
-        elif not (others := sorted(p for p in await self.server._stage_replicas(stage) if p != me)):
-            await self.server._in_compute(hosted.reanchor)
+        elif not (others := sorted(p for p in await self.host.stage_replicas(stage) if p != me)):
+            await self.host.in_compute(hosted.reanchor)
             outcome = "alone"
         else:
-            hosted.averaging = True  # through the resync too: nothing may land on params about to be replaced
-            try:
+            with hosted.averaging_round():  # through the resync too: nothing may land on params about to be replaced
                 averaged = await self._round(stage, hosted, 1 + len(others))
                 outcome = "averaged" if averaged else await self._resync(stage, hosted, others)
-            finally:
-                hosted.averaging = False
-                hosted.thawed.set()
         self.stats[outcome] += 1
         return outcome
 
     async def _round(self, stage: int, hosted: HostedStage, servers: int) -> bool:
         await asyncio.sleep(self.run.sharding.request_timeout / 3 + DRAIN_MARGIN_SECONDS)
-        while hosted.committing:
-            await asyncio.sleep(0.05)
-        hosted.thawed.clear()
+        await hosted.commits_settled()
+        hosted.freeze()
         if servers < 3:
             logger.info(
                 f"stage {stage}: 2 servers listed, too few for a secure round; the one behind (or with the larger "
                 "PeerID) copies the other's state (a stage's weights are public: servers publish them for spot-checks)"
             )
             return False
-        drift, version = await self.server._in_compute(hosted.drift)
+        drift, version = await self.host.in_compute(hosted.drift)
         key = round_key(stage, version, hosted.anchor_digest)
         aggregator = self._aggregators.get(stage)
         if aggregator is None:
@@ -159,7 +198,7 @@ class StageAverager:
         if result is None:
             logger.warning(f"stage {stage}: no averaging group formed at version {version} ({servers} servers listed)")
             return False
-        await self.server._in_compute(hosted.apply_mean_drift, drift)
+        await self.host.in_compute(hosted.apply_mean_drift, drift)
         self.last[stage] = result
         others = result.group_size - 1
         logger.info(f"stage {stage}: averaged securely with {others} other servers; version {hosted.version}")
@@ -182,13 +221,13 @@ class StageAverager:
             message_timeout=base.message_timeout,
         )
         self._aggregators[stage] = make_aggregator(
-            self.server.dht,
+            self.host.dht,
             f"{self.run.run_id}-stage{stage}",
             [t.detach().float().cpu() for t in templates],
             config,
-            identity=self.server.identity,
+            identity=self.host.identity,
             weight_bound=1.0,
-            stop_event=self.server.stop_event,
+            stop_event=self.stop_event,
         )
 
     def forget(self, stage: int) -> None:
@@ -200,9 +239,9 @@ class StageAverager:
     async def _resync(self, stage: int, hosted: HostedStage, others: list[str]) -> str:
         """Copy the state of the listed replica with the highest version (ties: smallest PeerID), unless that is us."""
         replies = await asyncio.gather(
-            *(self.server._call(peer, StageRequest("state", stage)) for peer in others), return_exceptions=True
+            *(self.host.call(peer, StageRequest("state", stage)) for peer in others), return_exceptions=True
         )
-        candidates: list[tuple[int, str, StageReply | None]] = [(hosted.version, self.server.identity.peer_id, None)]
+        candidates: list[tuple[int, str, StageReply | None]] = [(hosted.version, self.host.identity.peer_id, None)]
         for peer, reply in zip(others, replies, strict=True):
             if not isinstance(reply, BaseException) and reply.ok:
                 candidates.append((reply.version, peer, reply))
@@ -210,11 +249,11 @@ class StageAverager:
         if best is None:
             return "kept"
         if version == hosted.version:
-            mine = await self.server._in_compute(hosted.state)
+            mine = await self.host.in_compute(hosted.state)
             if all(torch.equal(a.detach().cpu(), b.cpu()) for a, b in zip(mine, best.tensors, strict=True)):
                 return "kept"  # the donor already holds our bits (it may have copied them from us this round)
         try:
-            await self.server._in_compute(hosted.load_state, best.tensors, best.version, best.applied)
+            await self.host.in_compute(hosted.load_state, best.tensors, best.version, best.applied)
         except StageMessageError as e:
             logger.warning(f"stage {stage}: could not resync from {donor[:16]}: {e}")
             return "kept"
@@ -222,7 +261,7 @@ class StageAverager:
         return "resynced"
 
     def shutdown(self) -> None:
-        """Stop pending rounds (the server's stop event must be set) and the stages' averagers."""
+        """Stop pending rounds (the stop event must be set) and the stages' averagers."""
         self._blocking.shutdown(wait=True, cancel_futures=True)
         for aggregator in self._aggregators.values():
             aggregator.shutdown()

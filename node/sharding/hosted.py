@@ -1,7 +1,10 @@
 """One stage as a server holds it: module, optimizer, exactly-once bookkeeping and the averaging anchor.
 
 Everything here runs on the server's single compute thread, so a step, a replicated step, an
-averaging result and a state download never interleave.
+averaging result and a state download never interleave. The one exception is the averaging gate,
+used from the server's event loop: while a round runs trainer calls are refused, the round waits
+for commits in flight to finish replicating, and replicated steps wait between the round's
+snapshot and its result (node/sharding/averaging.py). Only the methods below change the gate.
 
 Version. ``version`` counts the updates this replica has made to the stage: one per applied
 step (its own commit or a replicated one) and one per averaging round it took part in. Every
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import torch
 
@@ -57,11 +62,11 @@ class HostedStage:
         self.anchor: list[torch.Tensor] = []
         self.anchor_digest = b""
         self.reanchor()
-        # set from the server's event loop while a round runs (node/sharding/averaging.py)
-        self.averaging = False  # trainer calls are refused ("averaging")
-        self.committing = 0  # commits being applied or replicated right now
-        self.thawed = asyncio.Event()  # cleared between the snapshot and the result: replicated steps wait
-        self.thawed.set()
+        # the averaging gate (event loop only; changed through the methods of its section below)
+        self._averaging = False  # trainer calls are refused ("averaging")
+        self._commits_in_flight = 0  # commits being applied or replicated right now
+        self._thawed = asyncio.Event()  # cleared between the snapshot and the result: replicated steps wait
+        self._thawed.set()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -97,6 +102,44 @@ class HostedStage:
         self.pending.pop(key, None)
         while len(self.applied) > MAX_APPLIED_REMEMBERED:
             self.applied.popitem(last=False)
+
+    # ---- the averaging gate (the server's event loop) ------------------------------------------
+    @property
+    def averaging(self) -> bool:
+        """True while a round runs: trainer calls are refused with ``averaging``."""
+        return self._averaging
+
+    @contextlib.contextmanager
+    def averaging_round(self) -> Iterator[None]:
+        """Refuse trainer calls for the round (through a resync too); on exit calls and replicated steps flow again."""
+        self._averaging = True
+        try:
+            yield
+        finally:
+            self._averaging = False
+            self._thawed.set()
+
+    @contextlib.contextmanager
+    def commit_in_flight(self) -> Iterator[None]:
+        """Mark a commit being applied and replicated; a round's snapshot waits until none is."""
+        self._commits_in_flight += 1
+        try:
+            yield
+        finally:
+            self._commits_in_flight -= 1
+
+    async def commits_settled(self) -> None:
+        """Return once no commit of this stage is being applied or replicated."""
+        while self._commits_in_flight:
+            await asyncio.sleep(0.05)
+
+    def freeze(self) -> None:
+        """The round's snapshot is next: replicated steps wait until the round ends (they would be lost)."""
+        self._thawed.clear()
+
+    async def until_thawed(self) -> None:
+        """Return once no round holds replicated steps back."""
+        await self._thawed.wait()
 
     # ---- averaging (node/sharding/averaging.py) ---------------------------------------------------
     def reanchor(self) -> None:

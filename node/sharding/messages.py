@@ -2,10 +2,12 @@
 
 One call is one hivemind unary protobuf request (``ExpertRequest``, whose ``metadata`` bytes hold
 the msgpack map; its protobuf tensor list stays empty) answered by one ``ExpertResponse`` built
-the same way. Nothing is unpickled. Every decode is bounded: total size (the daemon's unary
-message limit), string lengths, list lengths, the exact field set and types, and each tensor's
-dtype (float32 only), rank, element count and byte length. A message that breaks a rule raises
-:class:`StageMessageError` with the reason; the server logs it and answers ``ok = False``.
+the same way. Nothing is unpickled. Every decode is bounded (dht/wire.py's ``unpack_bounded``):
+total size (the daemon's unary message limit), string lengths, list lengths, the exact field set
+and types, and each tensor's dtype (float32 only), rank, element count and byte length. A server
+then checks a request's tensors against the stage (``check_hidden_states``, ``check_gradients``).
+A message that breaks a rule raises :class:`StageMessageError` with the reason; the server logs it
+and answers ``ok = False``.
 
 Methods:
 
@@ -21,11 +23,15 @@ Methods:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import torch
+
+from dht.wire import WireError, unpack_bounded
+from node.config import ModelConfig
 
 MAX_MESSAGE_BYTES = 4 * 1024**2 - 64 * 1024  # p2pd's unary limit is 4 MiB; leave room for protobuf framing
 MAX_TENSORS = 256
@@ -66,18 +72,9 @@ def _unpack(data: bytes) -> Any:
     if not isinstance(data, bytes) or len(data) > MAX_MESSAGE_BYTES:
         raise StageMessageError(f"message must be bytes of at most {MAX_MESSAGE_BYTES}")
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=256,
-            max_bin_len=MAX_MESSAGE_BYTES,
-            max_array_len=4 * MAX_TENSORS,
-            max_map_len=16,
-            max_ext_len=0,
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise StageMessageError(f"malformed msgpack: {e}") from None
+        return unpack_bounded(data, max_str=256, max_bin=MAX_MESSAGE_BYTES, max_array=4 * MAX_TENSORS, max_map=16)
+    except WireError as e:
+        raise StageMessageError(str(e)) from None  # "malformed msgpack: ..."
 
 
 def _check_fields(wire: Any, types: dict[str, type], what: str) -> None:
@@ -194,3 +191,33 @@ class StageReply:
             applied=tuple((p[0], p[1]) for p in applied),
             tensors=tuple(decode_tensor(t) for t in wire["tensors"]),
         )
+
+
+def check_hidden_states(
+    request: StageRequest, count: int, max_batch: int, model: ModelConfig
+) -> tuple[torch.Tensor, ...]:
+    """The request's tensors, if they are ``count`` finite hidden states of one shape the model takes.
+
+    Raises:
+        StageMessageError: the count, the shape ``[1..max_batch, 1..context, d_model]`` or a value is wrong.
+    """
+    if len(request.tensors) != count:
+        raise StageMessageError(f"{request.method} takes {count} tensor(s), got {len(request.tensors)}")
+    shape = request.tensors[0].shape
+    if not (
+        len(shape) == 3 and 1 <= shape[0] <= max_batch and 1 <= shape[1] <= model.context and shape[2] == model.d_model
+    ):
+        raise StageMessageError(
+            f"hidden states must be [1..{max_batch}, 1..{model.context}, {model.d_model}], got {list(shape)}"
+        )
+    if any(t.shape != shape or not torch.isfinite(t).all() for t in request.tensors):
+        raise StageMessageError("tensors must share one shape and be finite")
+    return request.tensors
+
+
+def check_gradients(tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+    """Refuse replicated gradients that do not match the stage's parameters one to one, or are not finite."""
+    if len(tensors) != len(params) or any(
+        t.shape != p.shape or not torch.isfinite(t).all() for t, p in zip(tensors, params, strict=True)
+    ):
+        raise StageMessageError("replicated gradients must match the stage's parameters and be finite")

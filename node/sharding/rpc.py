@@ -2,7 +2,7 @@
 
 Calls are hivemind unary protobuf requests (one message each way over the daemon's persistent
 connection, so no stream is left half-open when a call times out); the bytes inside are the
-msgpack messages of ``stage_messages.py``.
+msgpack messages of ``messages.py``.
 """
 
 from __future__ import annotations

@@ -24,10 +24,8 @@ import torch
 from torch import nn
 
 from dht import PeerRecord
-from node.config import ModelConfig, ShardingConfig
+from node.config import DEFAULT_HYSTERESIS, ModelConfig, ShardingConfig
 from node.model import GPT, build_model
-
-DEFAULT_HYSTERESIS = 0.2  # a move must raise the weakest stage's throughput by more than 20%
 
 
 def stage_ranges(n_layer: int, sharding: ShardingConfig) -> list[range]:

@@ -15,35 +15,36 @@ Raw bytes and labels never leave the trainer: servers see hidden states after th
 server remembers as applied.
 
 Each step appends a line to ``<workdir>/report.jsonl`` (loss, the stages' versions, the servers
-used) and calls ``on_step`` (the CLI prints a progress line). Several trainers may train against
-the same servers at once (each step is applied once, in arrival order); their local parts are
-not averaged with each other: each trainer's embedding and head are its own.
+used; node/training/report.py) and calls ``on_step`` (the CLI prints a progress line). Its life in
+the swarm (identity, DHT, record, heartbeat, shutdown) is a ``NodeRuntime`` (node/runtime.py).
+Several trainers may train against the same servers at once (each step is applied once, in
+arrival order); their local parts are not averaged with each other: each trainer's embedding and
+head are its own.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from dht import Capacity, Heartbeat, NodeIdentity, encode_sketch, list_peers, start_dht
+from dht import Capacity, NodeIdentity, encode_sketch
 from node.capacity import device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, RunConfig
-from node.data import ByteBatches, byte_histogram, load_corpus
+from node.data import ByteBatches, DataError, batch_seed, byte_histogram, load_corpus, split_corpus
 from node.model import build_model
-from node.runtime import signed_record
+from node.runtime import NodeRuntime
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.stages import LocalParts
+from node.training.report import append_report
 
 logger = logging.getLogger(__name__)
-
-REPORT_FILE = "report.jsonl"
 
 
 @dataclass
@@ -62,11 +63,8 @@ class StepReport:
 
 def training_batches(run: RunConfig, corpus: bytes) -> ByteBatches:
     """The batch order a trainer uses on ``corpus`` (the same as an unsharded TrainingNode's)."""
-    from node.training.trainer import _batch_seed
-
-    split = max(run.model.context + 2, int(len(corpus) * 0.9))
-    train_bytes = corpus[:split]
-    seed = _batch_seed(run.train.seed, train_bytes)
+    train_bytes, _ = split_corpus(corpus, run.model.context)
+    seed = batch_seed(run.train.seed, train_bytes)
     return ByteBatches(train_bytes, run.model.context, run.train.batch_size, seed=seed)
 
 
@@ -102,12 +100,24 @@ class ShardedTrainer:
     ):
         if config.run.sharding.stages < 1:
             raise ValueError("ShardedTrainer needs [run.sharding] stages >= 1")
+        # configuration and control
         self.config, self.run = config, config.run
+        self.workdir = config.workdir_path
         self.stop_event = stop_event or threading.Event()
         self.on_step = on_step or (lambda report: None)
+        # local data, device and model: built by prepare()
+        self.identity: NodeIdentity
+        self.sketch: list[float]  # the data sketch in our record
+        self.batches: ByteBatches
+        self.device: torch.device
+        self.local: LocalParts  # embedding, first blocks, head
+        self.optimizer: torch.optim.Optimizer
+        # the swarm: the runtime is born in prepare() (identity), the stages' client in join()
+        self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
+        self.remote: RemoteStages | None = None
+        # progress
         self.step = 0
-        self.session = secrets.randbits(30)
-        self.workdir = config.workdir_path
+        self.session = secrets.randbits(30)  # the high bits of our step ids
 
     @property
     def round(self) -> int:
@@ -116,9 +126,10 @@ class ShardedTrainer:
 
     def prepare(self) -> None:
         """Identity, data, device and the local parts (everything that needs no network)."""
-        self.identity = NodeIdentity.load_or_create(self.config.identity_path)
+        self.runtime = NodeRuntime.create(self.config)
+        self.identity = self.runtime.identity
         if self.config.data is None:
-            raise ValueError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
+            raise DataError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
         corpus = load_corpus(self.config.data)
         self.sketch = byte_histogram(corpus)
         self.batches = training_batches(self.run, corpus)
@@ -129,35 +140,34 @@ class ShardedTrainer:
         self.optimizer = torch.optim.AdamW(self.local.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-    def _record(self) -> bytes:
+    def _record_fields(self) -> dict[str, Any]:
+        """Our own PeerRecord fields, read at each heartbeat (the runtime signs them)."""
         kind = self.device.type if self.device.type in ("cpu", "cuda", "mps", "xpu") else "cpu"
-        return signed_record(
-            self.identity,
-            self.run,
-            self.config.record_ttl,
+        return dict(
             capacity=Capacity(kind, device_name(self.device)[:128], device_memory_bytes(self.device)),
             sketch=encode_sketch(self.sketch),
             roles=("trainer",),
             round=self.step,
             state_digest=b"",
-            maddrs=self.maddrs,
         )
 
     def join(self) -> None:
         """Start the DHT peer, announce ourselves, and wait until every stage has a server."""
-        self.dht = start_dht(self.config.swarm, self.identity, [self.run.run_id])
-        self.maddrs = tuple(str(m) for m in self.dht.get_visible_maddrs())[:16]
-        self.heartbeat = Heartbeat(
-            self.dht, self.run.run_id, self._record, period=self.config.heartbeat_period, ttl=self.config.record_ttl
-        ).start()
-        self.remote = RemoteStages(self.dht, self.run, self.identity, self.workdir, self.stop_event)
-        if not self.remote.wait_for_stages():
+        if self.runtime is None:
+            raise RuntimeError("ShardedTrainer.prepare() was not called")
+        dht = self.runtime.start()
+        self.runtime.announce(self._record_fields)
+        self.remote = remote = RemoteStages(dht, self.run, self.identity, self.workdir, self.stop_event)
+        self.runtime.adopt("remote stages", remote.shutdown)
+        if not remote.wait_for_stages():
             raise StageUnavailableError(
                 f"no server hosts some of the run's {self.run.sharding.stages} stages; start `zen-node serve` "
-                f"with this run's config (peers listed: {len(list_peers(self.dht, self.run.run_id))})"
+                f"with this run's config (peers listed: {len(self.runtime.peers())})"
             )
 
     def train_step(self) -> StepReport:
+        """One step (module docstring): micro-batches through the local and remote parts, commit, local step."""
+        remote = self._remote()
         started = time.perf_counter()
         step_id = (self.session << 24) | self.step
         stages = self.run.sharding.stages
@@ -174,7 +184,7 @@ class ShardedTrainer:
             hidden, inputs = front.detach().cpu(), []
             for stage in range(stages):
                 inputs.append(hidden)
-                hidden, servers[stage] = self.remote.forward(stage, step_id, hidden, servers[stage])
+                hidden, servers[stage] = remote.forward(stage, step_id, hidden, servers[stage])
             out = hidden.to(self.device).requires_grad_(True)
             loss = self.local.head(out, piece_targets) * (piece.shape[0] / tokens.shape[0])
             loss.backward()
@@ -182,12 +192,10 @@ class ShardedTrainer:
             grad = out.grad.detach().cpu()
             for stage in reversed(range(stages)):
                 saved[stage].append((inputs[stage], grad))
-                grad, servers[stage] = self.remote.backward(
-                    stage, step_id, micro_batch, inputs[stage], grad, servers[stage]
-                )
+                grad, servers[stage] = remote.backward(stage, step_id, micro_batch, inputs[stage], grad, servers[stage])
             front.backward(grad.to(self.device))
             total += loss.item()
-        versions = [self.remote.commit(stage, step_id, saved[stage], servers[stage]) for stage in range(stages)]
+        versions = [remote.commit(stage, step_id, saved[stage], servers[stage]) for stage in range(stages)]
         self.optimizer.step()
         self.step += 1
         seconds = time.perf_counter() - started
@@ -198,11 +206,10 @@ class ShardedTrainer:
             servers=[(s or "")[:16] for s in servers],
             seconds=seconds,
             tokens_per_second=tokens.numel() / max(seconds, 1e-9),
-            failovers=self.remote.stats["failovers"],
-            bans=len(self.remote.bans_published),
+            failovers=remote.stats["failovers"],
+            bans=len(remote.bans_published),
         )
-        with open(self.workdir / REPORT_FILE, "a") as f:
-            f.write(json.dumps(asdict(report)) + "\n")
+        append_report(self.workdir, report)
         self.on_step(report)
         return report
 
@@ -216,14 +223,16 @@ class ShardedTrainer:
                 if self.stop_event.is_set():
                     break  # stopped while waiting for a server: the step was not applied here
                 raise
-        self.heartbeat.beat()
+        if self.runtime is not None:
+            self.runtime.beat()
+
+    def _remote(self) -> RemoteStages:
+        if self.remote is None:
+            raise RuntimeError("ShardedTrainer.join() was not called")
+        return self.remote
 
     def close(self) -> None:
-        """Stop background work; safe after a partial start."""
-        for name in ("heartbeat", "remote"):
-            component = self.__dict__.pop(name, None)
-            if component is not None:
-                component.stop() if name == "heartbeat" else component.shutdown()
-        dht = self.__dict__.pop("dht", None)
-        if dht is not None:
-            dht.shutdown()
+        """Stop the runtime (heartbeat, the stages' client, DHT); safe to call more than once and after a
+        partial start."""
+        if self.runtime is not None:
+            self.runtime.close()

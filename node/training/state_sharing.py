@@ -11,6 +11,7 @@ is rejected and logged, and the node starts from its own state.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 logger = logging.getLogger(__name__)
+
+DOWNLOAD_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,18 @@ class StateSharer:
         except ValueError as e:
             logger.warning(f"rejected a downloaded state: {e}")
             return None
+
+    def download_retrying(
+        self, templates: Sequence[torch.Tensor], run_hash: str, stop_event: threading.Event
+    ) -> SharedState | None:
+        """``download``, tried up to ``DOWNLOAD_ATTEMPTS`` times (waiting 2, 4, 8 s between) until ``stop_event``."""
+        state = None
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            # A fresh peer's first dials can fail (libp2p then backs off for a few seconds): retry.
+            state = self.download(templates, run_hash)
+            if state is not None or stop_event.wait(2.0 * 2**attempt):
+                break
+        return state
 
     def shutdown(self) -> None:
         self._averager.shutdown()

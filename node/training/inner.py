@@ -1,0 +1,63 @@
+"""The inner phase of DiLoCo: local AdamW steps on this node's own batches, and held-out evaluation.
+
+A phase takes up to ``train.inner_steps`` steps and is cut short once ``train.round_seconds`` have
+passed (after at least one step), so a slow peer sends fewer samples rather than holding up its
+group. What the phase trained is sent later as the pseudo-gradient (outer.py).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+from node.config import TrainConfig
+from node.data import ByteBatches
+
+
+def inner_phase(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: ByteBatches,
+    device: torch.device,
+    train: TrainConfig,
+    stop_event: threading.Event,
+) -> list[float]:
+    """Up to ``inner_steps`` steps, cut short after ``round_seconds`` or when ``stop_event`` is set.
+
+    Returns:
+        The training loss of each step taken.
+    """
+    deadline = time.perf_counter() + train.round_seconds if train.round_seconds else math.inf
+    losses: list[float] = []
+    model.train()
+    for _ in range(train.inner_steps):
+        if stop_event.is_set() or (losses and time.perf_counter() >= deadline):
+            break
+        tokens, targets = batches.next()
+        loss = model(tokens.to(device), targets.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def evaluate(
+    model: torch.nn.Module,
+    params: Sequence[torch.Tensor],
+    eval_set: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> float:
+    """Mean loss of ``params`` (put into ``model`` for the while) on the held-out batches."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in model.parameters()]
+        for local, param in zip(model.parameters(), params, strict=True):
+            local.copy_(param)
+        losses = [float(model(x.to(device), y.to(device))) for x, y in eval_set]
+        for local, value in zip(model.parameters(), saved, strict=True):
+            local.copy_(value)
+    return sum(losses) / len(losses)
