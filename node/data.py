@@ -26,14 +26,16 @@ class DataError(Exception):
     """The data path is missing, empty or unreadable; the message names it and the fix."""
 
 
-def load_corpus(path: str | Path) -> bytes:
+def load_corpus(path: str | Path | None) -> bytes:
     """Read a text file, or every ``.txt`` / ``.jsonl`` file under a folder, as one byte string.
 
     In ``.jsonl`` files each line's ``"text"`` field is used (a line that is not JSON is used as is).
 
     Raises:
-        DataError: the path does not exist, has no usable file, is empty or cannot be read.
+        DataError: no path was given, or it does not exist, has no usable file, is empty or cannot be read.
     """
+    if path is None:
+        raise DataError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data path {root} does not exist; pass --data with a text file or a folder of .txt/.jsonl")

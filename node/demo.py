@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import torch
 
+from node.config import ConfigError
 from node.data import generate_corpus
 from node.training.report import REPORT_FILE
 
@@ -111,18 +112,23 @@ def max_divergence(files: list[Path]) -> float:
     return worst
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def check_demo_args(args: argparse.Namespace) -> None:
+    """The demo's flags, checked before it clears and fills ``--workdir``; ConfigError names the fix."""
     if not 1 <= args.peers <= 32:
-        raise ValueError(f"--peers must be in [1, 32], got {args.peers}")
+        raise ConfigError(f"--peers must be in [1, 32], got {args.peers}")
     if not 1 <= args.rounds <= 1000:
-        raise ValueError(f"--rounds must be in [1, 1000], got {args.rounds}")
+        raise ConfigError(f"--rounds must be in [1, 1000], got {args.rounds}")
     if args.privacy_epsilon < 0 or (args.privacy_epsilon > 0 and args.aggregation != "secure"):
-        raise ValueError("--privacy-epsilon must be > 0 and needs --aggregation secure")
+        raise ConfigError("--privacy-epsilon must be > 0 and needs --aggregation secure")
     if args.aggregation == "secure" and args.peers < 3:
-        raise ValueError(
+        raise ConfigError(
             f"secure aggregation needs --peers >= 3 (a sum of two reveals both inputs), got {args.peers}; "
             "use --aggregation plain for a smaller demo"
         )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    check_demo_args(args)
     root = Path(args.workdir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

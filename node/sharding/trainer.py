@@ -37,7 +37,7 @@ import torch
 from dht import Capacity, NodeIdentity, encode_sketch
 from node.capacity import device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, RunConfig
-from node.data import ByteBatches, DataError, batch_seed, byte_histogram, load_corpus, split_corpus
+from node.data import ByteBatches, batch_seed, byte_histogram, load_corpus, split_corpus
 from node.model import build_model
 from node.runtime import NodeRuntime
 from node.sharding.client import RemoteStages, StageUnavailableError
@@ -128,8 +128,6 @@ class ShardedTrainer:
         """Identity, data, device and the local parts (everything that needs no network)."""
         self.runtime = NodeRuntime.create(self.config)
         self.identity = self.runtime.identity
-        if self.config.data is None:
-            raise DataError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
         corpus = load_corpus(self.config.data)
         self.sketch = byte_histogram(corpus)
         self.batches = training_batches(self.run, corpus)

@@ -125,8 +125,6 @@ class TrainingNode:
         """Everything that can fail without the network: identity, data, device, model, checkpoint."""
         self.runtime = NodeRuntime.create(self.config)
         self.identity = self.runtime.identity
-        if self.config.data is None:
-            raise DataError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
         corpus = load_corpus(self.config.data)
         train_bytes, eval_bytes = split_corpus(corpus, self.run.model.context)
         self.sketch = data_sketch(corpus, noise=self.run.cohorts.sketch_noise)
