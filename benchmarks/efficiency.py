@@ -1,26 +1,51 @@
 """Training efficiency and bytes on the wire: the swarm against centralized training on the same samples.
 
-One invocation runs both, on 127.0.0.1::
+One invocation runs all three, on 127.0.0.1::
 
     python benchmarks/efficiency.py --data ../shared/data/tinyshakespeare.txt --peers 4 --json
+    python benchmarks/efficiency.py --data ../shared/data/tinyshakespeare.txt --preset medium --plot medium.png
 
 (a) Centralized baseline: one process, all training bytes, batches drawn from all of them,
     batch = N x the per-peer batch, as many AdamW steps as each peer's inner steps in all
     (rounds x H), the same learning rate; the held-out loss is measured every ``--eval-every``
-    steps, giving a curve of loss against samples.
-(b) The swarm: a bootstrap peer and N ``zen-node join`` processes, each with a contiguous
+    steps, giving a curve of loss against samples. It (and the alone run) gets ``--threads`` cores.
+(b) Alone: one model trained in this process on peer 0's slice exactly as that peer sees it (the
+    first 90% of the slice, the node's batch order), the per-peer batch, the same steps and
+    learning rate as each peer, and no peers; the held-out curve is measured like central's.
+(c) The swarm: a bootstrap peer and N ``zen-node join`` processes, each with a contiguous
     (non-IID) slice of the training bytes, secure aggregation with compression (``--bits``,
-    ``--fraction``, error feedback) and the overlapped outer loop, for the same total samples.
-    Its final global parameters are evaluated on the same held-out slice (the file's last 10%).
+    ``--fraction``, error feedback) and the overlapped outer loop (unless ``--no-overlap``), for the
+    same total samples. Every peer keeps each round's global parameters (``--save-round-params``);
+    peer 0's are evaluated on the same held-out slice (the file's last 10%), one point per round.
 
-JSON fields: ``central_final_loss``, ``swarm_final_loss``, ``efficiency`` (samples the central run
-needed to reach the swarm's final loss, interpolated on its curve, over the samples the swarm
-consumed; when the central run never gets that low, central samples / swarm samples, with
-``efficiency_is_lower_bound`` true), ``naive_bytes_per_peer`` (a float32 ring all-reduce of all
-parameters every optimizer step: 2(N-1)/N x 4 x params x steps), ``swarm_bytes_per_peer`` (every
-byte each peer's libp2p daemon sent over TCP, DHT included, mean over peers), ``bytes_ratio``
-(naive / measured), ``utilization`` (inner-step seconds over wall seconds of every round report of
-every peer, from the start of training to the last landed round), and the setup.
+Presets (``--preset``) set the model and the length of the run; any flag given explicitly still wins:
+
+- ``small``: 2 layers, 2 heads, width 64, context 64 (120,576 parameters), batch 16, 1000 steps
+  per peer;
+- ``medium``: 3 layers, 2 heads, width 96, context 64 (366,432 parameters), batch 16, 3000 steps
+  per peer (N = 4 in under 15 minutes, N = 8 in under 30, on a 2-core CPU).
+
+With a preset, H is the run's default (``TrainConfig().inner_steps``) unless ``--inner-steps`` is
+given, rounds = ceil(steps per peer / H) unless ``--rounds`` is given, and the inner and outer
+learning rates, momentum, overlap, bits and fraction are the run's own defaults (node/run_config.py),
+so a preset measures what a user gets. Without a preset the benchmark's settings are unchanged
+(8 rounds of H = 50, outer 0.7 / 0.9, 8-bit codes, random-k 10%).
+
+JSON fields: ``central_final_loss``, ``swarm_final_loss``, ``alone_final_loss``,
+``swarm_minus_alone`` (below zero: the swarm beats a peer alone), ``gap_closed`` ((alone - swarm) /
+(alone - central), from the reported 4-decimal losses; 1: as good as pooling the data; null when
+alone equals central), ``efficiency`` (samples the central run needed to reach the swarm's final
+loss, interpolated on its curve, over the samples the swarm consumed; when the central run never
+gets that low, central samples / swarm samples, with ``efficiency_is_lower_bound`` true),
+``naive_bytes_per_peer`` (a float32 ring all-reduce of all parameters every optimizer step:
+2(N-1)/N x 4 x params x steps), ``swarm_bytes_per_peer`` (every byte each peer's libp2p daemon sent
+over TCP, DHT included, mean over peers), ``bytes_ratio`` (naive / measured), ``utilization``
+(inner-step seconds over wall seconds of every round report of every peer, from the start of
+training to the last landed round), ``central_curve``, ``alone_curve`` and ``swarm_curve`` (lists
+of [samples consumed, held-out loss]; the swarm's has one point per round kept, round 0 included,
+its samples summed over all peers up to that round), ``preset``, the setup and the seconds of each run.
+``--plot FILE.png`` draws the three curves against samples and against steps per participant
+(needs matplotlib: ``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -28,11 +53,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,14 +68,87 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.config import ModelConfig  # noqa: E402
-from node.data import ByteBatches  # noqa: E402
+from node.config import CompressionConfig, ModelConfig, TrainConfig  # noqa: E402
+from node.data import ByteBatches, batch_seed, split_corpus  # noqa: E402
 from node.demo import start_bootstrap, stop_process  # noqa: E402
 from node.model import build_model  # noqa: E402
 from node.training.report import REPORT_FILE  # noqa: E402
 
 EVAL_BATCHES = 16
 SEED = 0
+
+Curve = list[tuple[int, float]]  # (samples consumed, held-out loss)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model and a run length that users run (``--preset``); training settings are the run's defaults."""
+
+    n_layer: int  # transformer blocks
+    n_head: int  # attention heads
+    d_model: int  # width
+    context: int  # tokens per sequence
+    batch_size: int  # per-peer batch (sequences)
+    steps_per_peer: int  # inner steps each peer takes in all (rounds x H)
+    eval_every: int  # central and alone steps between held-out evaluations
+    timeout: float  # seconds the swarm may take
+
+
+PRESETS = {
+    "small": Preset(
+        n_layer=2, n_head=2, d_model=64, context=64, batch_size=16, steps_per_peer=1000, eval_every=10, timeout=1800.0
+    ),
+    "medium": Preset(
+        n_layer=3, n_head=2, d_model=96, context=64, batch_size=16, steps_per_peer=3000, eval_every=25, timeout=3600.0
+    ),
+}
+
+# Without --preset: the benchmark's own settings, as they have always been.
+DEFAULTS: dict[str, Any] = {
+    "rounds": 8,
+    "inner_steps": 50,
+    "batch_size": 16,
+    "inner_lr": 3e-3,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
+    "n_layer": 2,
+    "n_head": 2,
+    "d_model": 64,
+    "context": 64,
+    "bits": 8,
+    "fraction": 0.1,
+    "overlap": True,
+    "eval_every": 10,
+    "timeout": 900.0,
+}
+
+
+def resolve_settings(args: argparse.Namespace) -> None:
+    """Fill in every flag left unset: from ``--preset`` (and the run's defaults) if given, else ``DEFAULTS``."""
+    chosen = dict(DEFAULTS)
+    if args.preset:
+        preset, train, compression = PRESETS[args.preset], TrainConfig(), CompressionConfig()
+        inner_steps = train.inner_steps if args.inner_steps is None else args.inner_steps
+        chosen.update(
+            n_layer=preset.n_layer,
+            n_head=preset.n_head,
+            d_model=preset.d_model,
+            context=preset.context,
+            batch_size=preset.batch_size,
+            eval_every=preset.eval_every,
+            timeout=preset.timeout,
+            inner_steps=inner_steps,
+            rounds=max(1, math.ceil(preset.steps_per_peer / inner_steps)),
+            inner_lr=train.inner_lr,
+            outer_lr=train.outer_lr,
+            outer_momentum=train.outer_momentum,
+            overlap=train.overlap,
+            bits=compression.bits,
+            fraction=compression.fraction,
+        )
+    for key, value in chosen.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def run_toml(args: argparse.Namespace) -> str:
@@ -98,12 +198,10 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
         return sum(float(model(x, y)) for x, y in batches) / len(batches)
 
 
-def central(train: bytes, held_out: list[Any], args: argparse.Namespace) -> list[tuple[int, float]]:
-    """The centralized run's curve: (samples consumed, held-out loss)."""
+def train_curve(batches: ByteBatches, held_out: list[Any], args: argparse.Namespace) -> Curve:
+    """One model, AdamW for rounds x H steps on ``batches``, no peers: the curve (samples, held-out loss)."""
     model = build_model(model_config(args), SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.inner_lr, weight_decay=0.0)
-    batch = args.peers * args.batch_size
-    batches = ByteBatches(train, args.context, batch, seed=SEED)
     steps = args.rounds * args.inner_steps
     curve = [(0, evaluate(model, held_out))]
     for step in range(1, steps + 1):
@@ -113,40 +211,56 @@ def central(train: bytes, held_out: list[Any], args: argparse.Namespace) -> list
         loss.backward()
         optimizer.step()
         if step % args.eval_every == 0 or step == steps:
-            curve.append((step * batch, evaluate(model, held_out)))
+            curve.append((step * batches.batch_size, evaluate(model, held_out)))
     return curve
 
 
-def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Run N nodes on contiguous slices; return the final loss, samples, bytes and utilization."""
+def central(train: bytes, held_out: list[Any], args: argparse.Namespace) -> Curve:
+    """The centralized run's curve: every training byte, batch N x the per-peer batch."""
+    return train_curve(ByteBatches(train, args.context, args.peers * args.batch_size, seed=SEED), held_out, args)
+
+
+def alone(train: bytes, held_out: list[Any], args: argparse.Namespace) -> Curve:
+    """Peer 0 on its own: its slice split and shuffled as its node does (``split_corpus``, ``batch_seed``)."""
+    own, _ = split_corpus(train[: len(train) // args.peers], args.context)
+    return train_curve(ByteBatches(own, args.context, args.batch_size, seed=batch_seed(SEED, own)), held_out, args)
+
+
+def start_swarm(train: bytes, args: argparse.Namespace, root: Path, logs: list[IO[str]], started: list[Any]) -> None:
+    """Start the bootstrap and N nodes into ``started`` as (folder, process), the bootstrap first (``root``).
+
+    ``logs`` and ``started`` fill as it goes, so the caller's cleanup reaches whatever did start.
+    """
     (root / "run.toml").write_text(run_toml(args))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     share = len(train) // args.peers
+    boot_log = open(root / "bootstrap.log", "w")
+    logs.append(boot_log)
+    bootstrap, maddr = start_bootstrap(root, boot_log)
+    started.append((root, bootstrap))
+    for i in range(args.peers):
+        folder = root / f"peer-{i}"
+        folder.mkdir()
+        (folder / "data.txt").write_bytes(train[i * share : (i + 1) * share])
+        log = open(folder / "node.log", "w")
+        logs.append(log)
+        command = [sys.executable, "-m", "node.cli", "join", "--config", str(root / "run.toml")]
+        command += ["--initial-peers", maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+        command += ["--data", str(folder / "data.txt"), "--identity", str(folder / "identity")]
+        command += ["--workdir", str(folder / "work"), "--rounds", str(args.rounds)]
+        command += ["--min-peers", str(args.peers), "--save-round-params"]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True, cwd=ROOT)
+        started.append((folder, process))
+
+
+def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Run N nodes on contiguous slices; return the curve, final loss, samples, bytes and utilization."""
     logs: list[IO[str]] = []
-    processes: list[subprocess.Popen[str]] = []
-    nodes = []
+    started: list[Any] = []
     try:
-        boot_log = open(root / "bootstrap.log", "w")
-        logs.append(boot_log)
-        bootstrap, maddr = start_bootstrap(root, boot_log)
-        processes.append(bootstrap)
-        for i in range(args.peers):
-            folder = root / f"peer-{i}"
-            folder.mkdir()
-            (folder / "data.txt").write_bytes(train[i * share : (i + 1) * share])
-            log = open(folder / "node.log", "w")
-            logs.append(log)
-            command = [sys.executable, "-m", "node.cli", "join", "--config", str(root / "run.toml")]
-            command += ["--initial-peers", maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
-            command += ["--data", str(folder / "data.txt"), "--identity", str(folder / "identity")]
-            command += ["--workdir", str(folder / "work"), "--rounds", str(args.rounds)]
-            command += ["--min-peers", str(args.peers), "--save-round-params"]
-            processes.append(
-                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True, cwd=ROOT)
-            )
-            nodes.append((folder, processes[-1]))
+        start_swarm(train, args, root, logs, started)
         deadline = time.monotonic() + args.timeout
-        for folder, process in nodes:
+        for folder, process in started[1:]:
             try:
                 process.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -154,21 +268,17 @@ def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Pat
             if process.returncode != 0:
                 raise RuntimeError(f"{folder} failed; see {folder / 'node.log'}")
     finally:
-        for process in reversed(processes):
+        for _, process in reversed(started):
             stop_process(process)
         for handle in logs:
             handle.close()
-    reports = [
-        [json.loads(line) for line in (folder / "work" / REPORT_FILE).read_text().splitlines()] for folder, _ in nodes
-    ]
+    folders = [folder for folder, _ in started[1:]]
+    reports = [[json.loads(line) for line in (f / "work" / REPORT_FILE).read_text().splitlines()] for f in folders]
     trained = [[r for r in peer if r["mode"] not in ("initial", "loaded")] for peer in reports]
-    model = build_model(model_config(args), SEED)
-    final = torch.load(nodes[0][0] / "work" / "rounds" / f"round-{args.rounds:05d}.pt", weights_only=True)
-    with torch.no_grad():
-        for param, value in zip(model.parameters(), final, strict=True):
-            param.copy_(value)
+    curve = swarm_curve(folders[0] / "work" / "rounds", trained, held_out, args)
     return {
-        "final_loss": evaluate(model, held_out),
+        "curve": curve,
+        "final_loss": curve[-1][1],
         "samples": sum(r["samples"] for peer in trained for r in peer),
         "bytes_per_peer": sum(peer[-1]["bytes_sent"] for peer in reports) / len(reports),
         # time-weighted: inner-step seconds over wall seconds, every report of every peer
@@ -178,7 +288,28 @@ def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Pat
     }
 
 
-def samples_to_reach(curve: list[tuple[int, float]], loss: float) -> float | None:
+def swarm_curve(
+    rounds_dir: Path, trained: list[list[dict[str, Any]]], held_out: list[Any], args: argparse.Namespace
+) -> Curve:
+    """Peer 0's global parameters of every round it kept, on the held-out batches; the last is round ``--rounds``.
+
+    A round's samples are every peer's samples in the reports of that round and the ones before it.
+    """
+    model = build_model(model_config(args), SEED)
+    numbered = sorted((int(path.stem.removeprefix("round-")), path) for path in rounds_dir.glob("round-*.pt"))
+    if not numbered or numbered[-1][0] != args.rounds:
+        raise RuntimeError(f"peer 0 kept no parameters of round {args.rounds} in {rounds_dir}")
+    curve: Curve = []
+    for number, path in numbered:
+        with torch.no_grad():
+            for param, value in zip(model.parameters(), torch.load(path, weights_only=True), strict=True):
+                param.copy_(value)
+        samples = sum(r["samples"] for peer in trained for r in peer if r["round"] <= number)
+        curve.append((samples, evaluate(model, held_out)))
+    return curve
+
+
+def samples_to_reach(curve: Curve, loss: float) -> float | None:
     """Samples at which the curve first gets down to ``loss`` (linear between measurements); None: never."""
     if curve[0][1] <= loss:
         return 0.0
@@ -188,31 +319,131 @@ def samples_to_reach(curve: list[tuple[int, float]], loss: float) -> float | Non
     return None
 
 
-def main() -> int:
+def plot(path: str, curves: dict[str, Curve], per_step: dict[str, int], title: str) -> None:
+    """Draw held-out loss against samples (left) and against steps per peer (right) as a PNG.
+
+    Left is what ``efficiency`` measures (a peer alone has consumed 1/N of the samples); right puts
+    the three at equal compute per participant, where ``gap_closed`` compares their ends.
+
+    Args:
+        path: the PNG to write.
+        curves: "central", "swarm" and "alone" curves of (samples, held-out loss).
+        per_step: samples one step of each run consumes (central N x b, swarm N x b, alone b).
+        title: the figure's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_samples, by_steps) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    styles = {"central": ("tab:blue", ""), "swarm": ("tab:green", "o"), "alone": ("tab:red", "")}
+    for name, curve in curves.items():
+        color, marker = styles[name]
+        samples, losses = zip(*curve, strict=True)
+        steps = [s / per_step[name] for s in samples]
+        for axes, xs in ((by_samples, samples), (by_steps, steps)):
+            axes.plot(xs, losses, color=color, marker=marker, markersize=3, label=name)
+    # a peer alone stops at 1/N of the samples: carry its final loss across for comparison
+    by_samples.axhline(curves["alone"][-1][1], color="tab:red", linestyle=":", linewidth=1, label="alone, final")
+    by_samples.set_xlabel("training samples consumed, all participants (sequences)")
+    by_steps.set_xlabel("inner steps per participant")
+    by_samples.set_ylabel("held-out loss (nats per byte)")
+    for axes in (by_samples, by_steps):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="a text file, e.g. ../shared/data/tinyshakespeare.txt")
-    parser.add_argument("--peers", type=int, default=4, help="N swarm peers, e.g. 4")
-    parser.add_argument("--rounds", type=int, default=8, help="outer rounds, e.g. 8")
-    parser.add_argument("--inner-steps", type=int, default=50, help="H inner steps per round, e.g. 50")
-    parser.add_argument("--batch-size", type=int, default=16, help="per-peer batch (sequences), e.g. 16")
-    parser.add_argument("--inner-lr", type=float, default=3e-3, help="AdamW learning rate, e.g. 0.003")
-    parser.add_argument("--outer-lr", type=float, default=0.7, help="outer Nesterov learning rate, e.g. 0.7")
-    parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum, e.g. 0.9")
-    parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks, e.g. 2")
-    parser.add_argument("--n-head", type=int, default=2, help="attention heads, e.g. 2")
-    parser.add_argument("--d-model", type=int, default=64, help="model width, e.g. 64")
-    parser.add_argument("--context", type=int, default=64, help="tokens per sequence, e.g. 64")
-    parser.add_argument("--bits", type=int, default=8, choices=(4, 8, 16, 32), help="bits per value, e.g. 8")
-    parser.add_argument("--fraction", type=float, default=0.1, help="random-k share of coordinates, e.g. 0.1")
-    parser.add_argument("--no-overlap", dest="overlap", action="store_false", help="synchronous outer loop")
-    parser.add_argument("--eval-every", type=int, default=10, help="central steps between evaluations, e.g. 10")
-    parser.add_argument("--max-bytes", type=int, default=0, help="use only the first B bytes of --data (0: all)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds the swarm may take, e.g. 900")
-    parser.add_argument("--workdir", default="", help="keep the swarm's folders (logs, reports) here")
-    parser.add_argument("--json", action="store_true", help="print one JSON line, e.g. --json")
+    add = parser.add_argument
+    add("--data", required=True, help="a text file, e.g. ../shared/data/tinyshakespeare.txt")
+    add("--preset", choices=sorted(PRESETS), help="model and steps users run, e.g. medium (flags still override)")
+    add("--peers", type=int, default=4, help="N swarm peers, e.g. 4")
+    add("--rounds", type=int, help="outer rounds, e.g. 8 (default 8; a preset: steps per peer / H)")
+    add("--inner-steps", type=int, help="H inner steps per round, e.g. 50 (default 50; a preset: the run's H)")
+    add("--batch-size", type=int, help="per-peer batch (sequences), e.g. 16")
+    add("--inner-lr", type=float, help="AdamW learning rate, e.g. 0.003 (a preset: the run's)")
+    add("--outer-lr", type=float, help="outer Nesterov learning rate, e.g. 0.7 (a preset: the run's)")
+    add("--outer-momentum", type=float, help="outer Nesterov momentum, e.g. 0.9 (a preset: the run's)")
+    add("--n-layer", type=int, help="transformer blocks, e.g. 2")
+    add("--n-head", type=int, help="attention heads, e.g. 2")
+    add("--d-model", type=int, help="model width, e.g. 64")
+    add("--context", type=int, help="tokens per sequence, e.g. 64")
+    add("--bits", type=int, choices=(4, 8, 16, 32), help="bits per value, e.g. 8 (a preset: the run's)")
+    add("--fraction", type=float, help="random-k share of coordinates, e.g. 0.1 (a preset: the run's)")
+    add(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        help="overlapped outer loop; --no-overlap: synchronous (a preset: the run's)",
+    )
+    add("--eval-every", type=int, help="central and alone steps between evaluations, e.g. 10 (medium: 25)")
+    add("--max-bytes", type=int, default=0, help="use only the first B bytes of --data (0: all)")
+    add("--timeout", type=float, help="seconds the swarm may take, e.g. 900 (small 1800, medium 3600)")
+    add("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of central and alone, e.g. 2 (all)")
+    add("--workdir", default="", help="keep the swarm's folders (logs, reports, round params) here")
+    add("--plot", default="", help="draw held-out loss against samples to this PNG, e.g. efficiency.png")
+    add("--json", action="store_true", help="print one JSON line, e.g. --json")
+    return parser
+
+
+def summarize(args: argparse.Namespace, curves: dict[str, Curve], result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON line: losses, efficiency, bytes, utilization, the curves and the setup."""
+    central_curve, alone_curve = curves["central"], curves["alone"]
+    needed = samples_to_reach(central_curve, result["final_loss"])
+    efficiency = (central_curve[-1][0] if needed is None else needed) / result["samples"]
+    params = sum(p.numel() for p in build_model(model_config(args), SEED).parameters())
+    naive = 2 * (args.peers - 1) / args.peers * 4 * params * args.rounds * args.inner_steps
+    central_loss, swarm_loss = round(central_curve[-1][1], 4), round(result["final_loss"], 4)
+    alone_loss = round(alone_curve[-1][1], 4)
+    gap = alone_loss - central_loss
+    return {
+        "preset": args.preset,
+        "peers": args.peers,
+        "params": params,
+        "rounds": args.rounds,
+        "inner_steps": args.inner_steps,
+        "bits": args.bits,
+        "fraction": args.fraction,
+        "overlap": args.overlap,
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
+        "central_final_loss": central_loss,
+        "swarm_final_loss": swarm_loss,
+        "alone_final_loss": alone_loss,
+        "swarm_minus_alone": round(swarm_loss - alone_loss, 4),
+        "gap_closed": round((alone_loss - swarm_loss) / gap, 4) if gap else None,
+        "efficiency": round(efficiency, 4),
+        "efficiency_is_lower_bound": needed is None,
+        "central_samples": central_curve[-1][0],
+        "swarm_samples": result["samples"],
+        "naive_bytes_per_peer": int(naive),
+        "swarm_bytes_per_peer": int(result["bytes_per_peer"]),
+        "bytes_ratio": round(naive / max(result["bytes_per_peer"], 1), 1),
+        "utilization": round(result["utilization"], 4),
+        "rounds_in_group": result["rounds_in_group"],
+        "central_seconds": result["central_seconds"],
+        "alone_seconds": result["alone_seconds"],
+        "swarm_seconds": result["swarm_seconds"],
+        **{f"{name}_curve": [[s, round(loss, 4)] for s, loss in curve] for name, curve in curves.items()},
+    }
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
+    resolve_settings(args)
     if args.peers < 3:
         parser.error(f"--peers must be >= 3 (secure aggregation), got {args.peers}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (only --plot needs it; fail before the runs, not after)
+        except ImportError:
+            parser.error('--plot needs matplotlib: pip install -e ".[bench]"')
     try:
         data = Path(args.data).read_bytes()
     except OSError as e:
@@ -223,52 +454,33 @@ def main() -> int:
     train, held_out = data[:split], held_out_batches(data[split:], args)
     if len(train) // args.peers <= 4 * args.context:
         parser.error(f"--data is too small for {args.peers} peers with context {args.context}")
-    torch.set_num_threads(1)
+    # central and alone run while nothing else of ours does: every core (--threads 1 on a busy machine)
+    torch.set_num_threads(max(1, args.threads))
+    timings: dict[str, float] = {}
     started = time.perf_counter()
-    curve = central(train, held_out, args)
-    central_seconds = time.perf_counter() - started
+    curves = {"central": central(train, held_out, args)}
+    timings["central_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
+    curves["alone"] = alone(train, held_out, args)
+    timings["alone_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.workdir or scratch)
         root.mkdir(parents=True, exist_ok=True)
         if any(root.iterdir()):
             parser.error(f"--workdir {root} is not empty")
         result = swarm(train, held_out, args, root)
-    swarm_seconds = time.perf_counter() - started - central_seconds
-    needed = samples_to_reach(curve, result["final_loss"])
-    lower_bound = needed is None
-    efficiency = (curve[-1][0] if needed is None else needed) / result["samples"]
-    params = sum(p.numel() for p in build_model(model_config(args), SEED).parameters())
-    steps = args.rounds * args.inner_steps
-    naive = 2 * (args.peers - 1) / args.peers * 4 * params * steps
-    summary = {
-        "peers": args.peers,
-        "params": params,
-        "rounds": args.rounds,
-        "inner_steps": args.inner_steps,
-        "bits": args.bits,
-        "fraction": args.fraction,
-        "overlap": args.overlap,
-        "outer_lr": args.outer_lr,
-        "outer_momentum": args.outer_momentum,
-        "central_final_loss": round(curve[-1][1], 4),
-        "swarm_final_loss": round(result["final_loss"], 4),
-        "efficiency": round(efficiency, 4),
-        "efficiency_is_lower_bound": lower_bound,
-        "central_samples": curve[-1][0],
-        "swarm_samples": result["samples"],
-        "naive_bytes_per_peer": int(naive),
-        "swarm_bytes_per_peer": int(result["bytes_per_peer"]),
-        "bytes_ratio": round(naive / max(result["bytes_per_peer"], 1), 1),
-        "utilization": round(result["utilization"], 4),
-        "rounds_in_group": result["rounds_in_group"],
-        "central_seconds": round(central_seconds, 1),
-        "swarm_seconds": round(swarm_seconds, 1),
-    }
+    curves["swarm"] = result["curve"]
+    result["swarm_seconds"] = round(time.perf_counter() - started, 1)
+    summary = summarize(args, curves, {**result, **timings})
+    if args.plot:
+        title = f"{args.preset or 'custom'}: N = {args.peers}, {summary['params']:,} parameters, H = {args.inner_steps}"
+        per_step = {"central": args.peers * args.batch_size, "swarm": args.peers * args.batch_size}
+        plot(args.plot, curves, {**per_step, "alone": args.batch_size}, title)
     if args.json:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
-            print(f"{key:>26s}: {value}")
+            shown = f"{len(value)} points, last {value[-1]}" if key.endswith("_curve") else value
+            print(f"{key:>26s}: {shown}")
     return 0
 
 

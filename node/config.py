@@ -208,8 +208,9 @@ def check_join(config: NodeConfig) -> None:
     """What ``zen-node join`` needs beyond a valid config; checked before any folder is created.
 
     Raises:
-        ConfigError: no ``--data``, or a data path that does not exist.
+        ConfigError: no ``--data``, a data path that does not exist, or a cosine schedule of unknown length.
     """
+    config.run.train.schedule_steps(config.rounds)
     if config.data is None:
         raise ConfigError("no data: pass --data with a text file or a folder of .txt/.jsonl files")
     data = Path(config.data).expanduser()

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 AggregationMode = Literal["secure", "plain"]  # masked all-reduce, or hivemind's float averager
 CompressionBits = Literal[4, 8, 16, 32]  # bits per value in the secure ring; 32 = no quantization
+LrSchedule = Literal["constant", "cosine"]  # the inner learning rate over the run's inner steps (after warmup)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -68,9 +69,24 @@ class TrainConfig:
     outer_momentum: float = 0.9  # outer Nesterov momentum (DiLoCo's default)
     seed: int = 0  # initial weights are seeded by this, so every peer starts equal
     round_seconds: float = 0.0  # T: inner steps also stop after T seconds (a slow peer sends fewer samples); 0 = off
-    overlap: bool = True  # aggregate in the background while the next round trains (outer update one round late)
+    overlap: bool = True  # aggregate while the next round trains; the mean lands between its steps once ready
+    lr_schedule: LrSchedule = "constant"  # inner lr after warmup: "constant", or "cosine" decay to 10% of inner_lr
+    warmup_steps: int = 0  # the inner lr rises linearly from inner_lr / warmup_steps over this many inner steps
+    total_steps: int = 0  # "cosine" decays over this many inner steps; 0 = node.rounds x inner_steps
 
     def __post_init__(self) -> None:
+        _require_choice(self.lr_schedule, LrSchedule, "train.lr_schedule")
+        _require(
+            0 <= self.warmup_steps <= 10_000_000, f"train.warmup_steps must be in [0, 1e7], got {self.warmup_steps}"
+        )
+        _require(
+            0 <= self.total_steps <= 1_000_000_000, f"train.total_steps must be in [0, 1e9], got {self.total_steps}"
+        )
+        _require(
+            self.total_steps == 0 or self.lr_schedule != "cosine" or self.warmup_steps < self.total_steps,
+            f"train.warmup_steps must be < train.total_steps with the cosine schedule, got {self.warmup_steps} "
+            f">= {self.total_steps}",
+        )
         _require(
             math.isfinite(self.round_seconds) and 0 <= self.round_seconds <= 86_400,
             f"train.round_seconds must be in [0, 86400], got {self.round_seconds}",
@@ -81,6 +97,20 @@ class TrainConfig:
         _require(0 <= self.weight_decay < 1, f"train.weight_decay must be in [0, 1), got {self.weight_decay}")
         _require(0 < self.outer_lr <= 2, f"train.outer_lr must be in (0, 2], got {self.outer_lr}")
         _require(0 <= self.outer_momentum < 1, f"train.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+
+    def schedule_steps(self, rounds: int) -> int:
+        """The inner steps the cosine schedule decays over: ``total_steps``, else ``rounds`` x ``inner_steps``.
+
+        Raises:
+            ConfigError: "cosine" with neither ``total_steps`` nor a number of rounds to derive it from.
+        """
+        if self.total_steps or self.lr_schedule != "cosine":
+            return self.total_steps
+        if rounds <= 0:
+            raise ConfigError(
+                "train.lr_schedule = 'cosine' needs a length: set train.total_steps or pass --rounds, e.g. --rounds 100"
+            )
+        return rounds * self.inner_steps
 
 
 @dataclass
@@ -278,6 +308,11 @@ class RunConfig:
             or (not self.compression.active and not self.privacy.enabled and self.sharding.stages == 0),
             "cohorts cannot yet be combined with compression, privacy or sharding; set cohorts.enabled = false "
             "or turn those off",
+        )
+        _require(
+            self.sharding.stages == 0 or (self.train.lr_schedule == "constant" and self.train.warmup_steps == 0),
+            "a sharded run's trainers do not follow an inner learning-rate schedule yet; "
+            "set train.lr_schedule = 'constant' and train.warmup_steps = 0",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,6 +59,66 @@ class DroppingAllReduce(MaskedAllReduce):
         return await super()._send(to, kind, data, payload, timeout)
 
 
+class MaliciousAllReduce(MaskedAllReduce):
+    """A colluding peer that deviates on purpose (set the class attributes in a subclass, see ``deviating``).
+
+    bad_box_to: peers whose share box is random bytes (it does not open for them).
+    claim_maskset: the peers it masks with and claims in every part and claim (instead of its U2).
+    bound_exp_to: {peer: exponent}: a keys message proposing another code bound to those peers.
+    claim_to: {peer: maskset}: claims to those peers name this maskset (equivocation).
+    """
+
+    bad_box_to: tuple[int, ...] = ()
+    claim_maskset: tuple[int, ...] | None = None
+    bound_exp_to: dict[int, int] = {}
+    claim_to: dict[int, tuple[int, ...]] = {}
+
+    async def _share_secrets(self, state: Any) -> None:
+        await super()._share_secrets(state)
+        if self.claim_maskset is not None:
+            state.u2 = sorted(self.claim_maskset)
+
+    async def _agree_on_contributors(self, state: Any) -> None:
+        if self.claim_maskset is not None:
+            state.live = set(state.u1)  # count everyone live, whether or not they sent us claims
+        await super()._agree_on_contributors(state)
+
+    async def _send(self, to: int, kind: str, data: dict[str, Any], payload: Any = b"", timeout: float = 0) -> bool:
+        if kind == "shares" and to in self.bad_box_to:
+            data = dict(data, box=os.urandom(len(data["box"])))
+        elif kind == "keys" and to in self.bound_exp_to:
+            data = dict(data, bound_exp=self.bound_exp_to[to])
+        elif kind == "claim" and to in self.claim_to:
+            data = dict(data, maskset=sorted(self.claim_to[to]))
+        return await super()._send(to, kind, data, payload, timeout)
+
+
+def deviating(name: str, **attributes: Any) -> type[MaskedAllReduce]:
+    """A ``MaliciousAllReduce`` subclass with the given deviations (its class attributes)."""
+    return type(name, (MaliciousAllReduce,), attributes)
+
+
+def colluders_can_unmask(sessions: list[MaskedAllReduce], colluders: list[int], honest: list[int]) -> list[int]:
+    """The honest peers whose b and s_sk the colluders could both rebuild (their own shares + reveals seen)."""
+    threshold = sessions[0].threshold
+    exposed = []
+    for j in honest:
+        b_holders, s_holders = set(), set()
+        for m in colluders:
+            if j in sessions[m].state.held:
+                b_holders.add(m)
+                s_holders.add(m)
+            for message in sessions[m].view or []:
+                if message.kind == "reveal" and message.sender in honest:
+                    if j in message.data["b"]:
+                        b_holders.add(message.sender)
+                    if j in message.data["s"]:
+                        s_holders.add(message.sender)
+        if len(b_holders) >= threshold and len(s_holders) >= threshold:
+            exposed.append(j)
+    return exposed
+
+
 class SecAggSwarm:
     """N real P2P peers with identities and endpoints, driven from the test's thread."""
 
@@ -224,4 +284,15 @@ def results_of(outcomes: list[SecAggResult | BaseException], members: list[int])
     return found
 
 
-__all__ = ["Dropout", "DroppingAllReduce", "SecAggError", "SecAggSwarm", "contributors_mean", "forged", "header_of"]
+__all__ = [
+    "Dropout",
+    "DroppingAllReduce",
+    "MaliciousAllReduce",
+    "SecAggError",
+    "SecAggSwarm",
+    "colluders_can_unmask",
+    "contributors_mean",
+    "deviating",
+    "forged",
+    "header_of",
+]

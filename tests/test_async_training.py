@@ -4,6 +4,7 @@ and nobody waits for it; the efficiency benchmark runs end to end."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -89,26 +90,53 @@ def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path,
 
 @pytest.mark.slow
 def test_efficiency_benchmark_reports_every_field(tmp_path: Path) -> None:
-    data = tmp_path / "corpus.txt"
+    """A tiny run reports every field, three consistent curves and gap_closed, and --plot writes a PNG."""
+    # Prepare
+    data, picture = tmp_path / "corpus.txt", tmp_path / "curves.png"
     data.write_bytes(generate_corpus(60_000, seed=4))
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "efficiency.py"), "--data", str(data), "--peers", "3"]
     command += ["--rounds", "2", "--inner-steps", "5", "--batch-size", "4", "--d-model", "16", "--context", "16"]
     command += ["--eval-every", "2", "--bits", "8", "--fraction", "0.5", "--timeout", "240", "--json"]
+    command += ["--plot", str(picture)]
+
+    # Execute
     result = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=REPO_ROOT)
+
+    # Assert
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for field in (
         "central_final_loss",
         "swarm_final_loss",
+        "alone_final_loss",
+        "swarm_minus_alone",
         "efficiency",
         "naive_bytes_per_peer",
         "swarm_bytes_per_peer",
         "bytes_ratio",
         "utilization",
     ):
-        assert isinstance(summary[field], (int, float)), field
+        assert isinstance(summary[field], (int, float)) and math.isfinite(summary[field]), field
+    assert summary["preset"] is None
     assert summary["swarm_samples"] == summary["central_samples"] == 3 * 2 * 5 * 4
     assert summary["swarm_bytes_per_peer"] > 0 and 0 < summary["utilization"] <= 1
+    central, alone, swarm = (summary["central_final_loss"], summary["alone_final_loss"], summary["swarm_final_loss"])
+    assert summary["swarm_minus_alone"] == pytest.approx(swarm - alone, abs=1e-4)
+    if alone == central:
+        assert summary["gap_closed"] is None
+    else:
+        assert summary["gap_closed"] == pytest.approx((alone - swarm) / (alone - central), rel=1e-3, abs=1e-4)
+    curves = {name: summary[f"{name}_curve"] for name in ("central", "alone", "swarm")}
+    for name, curve in curves.items():
+        assert all(len(point) == 2 and all(math.isfinite(v) for v in point) for point in curve), name
+        assert [s for s, _ in curve] == sorted(s for s, _ in curve) and curve[0][0] == 0, name
+    # every eval_every-th step and the last; the swarm: rounds 0, 1, 2
+    assert [s for s, _ in curves["central"]] == [0, 24, 48, 72, 96, 120]
+    assert [s for s, _ in curves["alone"]] == [0, 8, 16, 24, 32, 40]
+    assert [s for s, _ in curves["swarm"]] == [0, 60, 120]
+    assert curves["central"][-1][1] == central and curves["alone"][-1][1] == alone and curves["swarm"][-1][1] == swarm
+    assert curves["central"][0] == curves["alone"][0] == curves["swarm"][0]  # one seeded start
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_batch_size_is_halved_until_a_step_fits_in_memory() -> None:

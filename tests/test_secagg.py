@@ -161,7 +161,7 @@ def test_no_single_view_reconstructs_a_dropped_peers_input(swarm: SecAggSwarm) -
     assert part_messages, "the dropout sent its first part to this reducer"
     message = part_messages[0]
     part = message.data["part"]
-    s_shares = {reducer + 1: sessions[reducer].held[dropper][0]}
+    s_shares = {reducer + 1: sessions[reducer].state.held[dropper][0]}
     for m in views[reducer]:
         if m.kind == "reveal" and dropper in m.data["s"]:
             s_shares[m.sender + 1] = m.data["s"][dropper]
@@ -180,7 +180,7 @@ def test_no_single_view_reconstructs_a_dropped_peers_input(swarm: SecAggSwarm) -
     assert np.mean(distance < 1 << 20) < 0.01  # what is left is masked by the self mask
 
     # control: with the self-mask seed (which no single view holds), the input would come out
-    b_shares = {i + 1: sessions[i].held[dropper][1] for i in range(threshold)}
+    b_shares = {i + 1: sessions[i].state.held[dropper][1] for i in range(threshold)}
     seed = combine_secret(b_shares)
     from node.secagg.masking import self_mask_key
 

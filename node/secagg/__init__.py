@@ -2,6 +2,7 @@
 
 class MaskedAllReduce (protocol.py): the protocol, one method per phase
 class RoundState, SecAggResult, SecAggError (state.py): what a round carries from phase to phase, and its outcome
+class ContributorAgreement (consistency.py): survivors sign U and the decode's digest before any reveal
 class GroupTransport (transport.py): one peer's signed messages in one group, over hivemind P2P streams
 class SecureAverager (averager.py): hivemind matchmaking around it
 class SecAggEndpoint (endpoint.py): the receiving side of protocol streams

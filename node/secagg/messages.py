@@ -74,6 +74,10 @@ def _is_share_map(v: Any) -> bool:
     )
 
 
+def _is_signatures(v: Any) -> bool:  # Ed25519 signatures, one per signer of a certificate
+    return isinstance(v, list) and len(v) <= MAX_GROUP and all(isinstance(s, bytes) and len(s) == 64 for s in v)
+
+
 # kind -> field -> check; every field is required and no other field is allowed
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # ephemeral X25519 keys for this round, a commitment to the self-mask seed, and the proof
@@ -93,12 +97,14 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "part": {"part": _is_index, "maskset": _is_index_list},
     # where the sender's parts landed (holders[k] holds part k; acknowledged), and its maskset
     "claim": {"attempt": _is_index, "holders": _is_holders, "maskset": _is_index_list},
-    # the contributor set U and a digest of everything the sums depend on
-    "agree": {"u": _is_index_list, "digest": _is_bytes(32)},
+    # the contributor set U, a digest of everything the decode depends on, and the sender's
+    # signature over both (consistency.py), which others forward with their reveals
+    "agree": {"u": _is_index_list, "digest": _is_bytes(32), "sig": _is_bytes(64)},
     # a partial masked sum of one part over the listed contributors (payload: uint32 words)
     "sum": {"part": _is_index, "senders": _is_index_list},
     # shares of self-mask seeds of contributors and of mask keys of dropouts, never both for a peer
-    "reveal": {"b": _is_share_map, "s": _is_share_map},
+    # with the t or more signatures the sender holds on (U, digest) (consistency.py)
+    "reveal": {"b": _is_share_map, "s": _is_share_map, "signers": _is_index_list, "sigs": _is_signatures},
 }
 
 _BODY_FIELDS = {"kind", "group", "round", "sender", "recipient", "data", "size", "digest"}
@@ -206,7 +212,7 @@ def _unpack_header(data: bytes) -> Any:
 def named_indices(data: dict[str, Any]) -> list[int]:
     """Every peer index a message's data names (its schema has checked their types)."""
     found: list[int] = []
-    for key in ("view", "maskset", "u", "senders", "holders"):
+    for key in ("view", "maskset", "u", "senders", "holders", "signers"):
         found += data.get(key, [])
     for key in ("b", "s"):
         found += list(data.get(key, {}))

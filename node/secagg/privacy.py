@@ -4,8 +4,9 @@ Each round a node clips its pseudo-gradient to L2 norm C and adds, inside the in
 before masking, its share of the noise: a Gaussian sample rounded to an integer. Shares are sized
 so that any ``n - t`` of the ``n`` peers of a group together carry noise of standard deviation
 ``sigma * C``: if up to ``t`` peers drop out or collude (subtracting their own shares), the
-aggregate is still the Gaussian mechanism with multiplier ``sigma``. The noise lives in the
-integers, so quantization never touches it.
+aggregate is still the Gaussian mechanism with multiplier ``sigma``. A round whose contributor set
+is smaller than ``n - t`` aborts before anything is revealed (``NoiseShare.contributors_needed``).
+The noise lives in the integers, so quantization never touches it.
 
 The budget is tracked with Google's ``dp-accounting``: the privacy loss distribution (PLD)
 accountant gives the epsilon the node reports and stops at; the RDP accountant is kept as a
@@ -52,10 +53,18 @@ class NoiseShare:
     clip_norm: float  # C
     max_dropouts: int  # t: the noise survives this many peers dropping or colluding
 
+    def contributors_needed(self, group_size: int) -> int:
+        """The fewest shares that together carry the full sigma * C: the smallest U a round may accept.
+
+        Shares are sized for ``group_size - max_dropouts`` contributors, so a smaller U would carry
+        less noise than the accountant records; the masked all-reduce aborts such a round before
+        anything is revealed (``max_dropouts`` covers dropouts and colluders inside U together).
+        """
+        return max(1, group_size - self.max_dropouts)
+
     def std(self, group_size: int) -> float:
         """This peer's share, in value units, for a group of ``group_size``."""
-        honest = max(1, group_size - self.max_dropouts)
-        return self.noise_multiplier * self.clip_norm / math.sqrt(honest)
+        return self.noise_multiplier * self.clip_norm / math.sqrt(self.contributors_needed(group_size))
 
     def add_to(self, words: np.ndarray, group_size: int, scale: float) -> None:
         """Add rounded Gaussian noise of this share's standard deviation (times ``scale``) to ring words."""

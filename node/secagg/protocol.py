@@ -9,26 +9,27 @@ ever sees uniformly random words. Phases, each bounded by a timeout:
     keys     broadcast per-round X25519 keys (c: share encryption, s: mask agreement) and a
              commitment to the self-mask seed b, signed by the identity key bound to the PeerID
     shares   Shamir t-of-n shares of s_sk and b to every peer, boxed (X25519 + XSalsa20-Poly1305)
-             under the c keys; a peer whose view of who sent keys differs is left out
+             under the c keys; a sender whose box does not open, or whose view of who sent keys
+             differs, is left out of our maskset and blamed (it never enters U; see derive_contributors)
     parts    masked parts to reducers; a reducer that fails is replaced by the next live peer in
              ring order (the holder), so a dropout loses no part
     claims   two rounds: each peer announces which holder acknowledged each of its parts; after
              the first, parts held by peers that went silent are sent again
     agree    each peer derives the contributor set U from the claims (every part held by a live
-             peer, masks consistent) and all check they derived the same U; nothing is revealed
-             before ``t`` peers confirm one U
+             peer, no live peer blames it), signs U with a digest of everything the decode depends
+             on (consistency.py); nothing is revealed before every live peer's signed statement
+             matches ours and t signed it; those signatures are forwarded with the reveal
     reveal   survivors reveal shares of b_j for j in U and of s_sk_d for dropouts d, never both
-             for one peer (t > n/2 makes two conflicting reveals impossible to complete); each
+             for one peer; a reveal whose signatures do not certify our U fails the round; each
              peer rebuilds the secrets it needs, checked against the keys and commitments
     sums     each holder removes from its partial sums the self masks of their senders and their
              pairwise masks with dropouts (pairwise masks within U cancel only in the total, so a
              partial sum stays masked), and sends them to every peer; all decode the same total
 
-The threshold is ``t = n // 2 + 1``; U must hold at least ``max(3, t)`` peers, since a sum over two
-reveals both inputs. Any missing piece makes the round fail with ``SecAggError``: a partial result
-is never returned. A peer that leaves after sending its sums (while others unmask) costs
-nothing; one that leaves between ``agree`` and its sums takes its parts with it and fails the
-round for everyone (it is then out of the next group).
+The threshold is ``t = n // 2 + 1``; U must count ``max(3, t)`` peers that blamed nobody (a sum over
+two reveals both inputs) and, under DP, hold the contributors the noise was sized for. Any missing
+piece fails the round with ``SecAggError``, never a partial result. A peer that leaves after its sums
+costs nothing; one that leaves between ``agree`` and its sums fails the round for everyone.
 """
 
 from __future__ import annotations
@@ -41,20 +42,28 @@ from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import numpy as np
 from hivemind.p2p import P2P, PeerID
 
 from node.config import CompressionConfig
 from node.secagg.compression import select_coordinates
+from node.secagg.consistency import ContributorAgreement
 from node.secagg.fixed_point import FixedPointCodec
 from node.secagg.masking import add_masks, pair_secret, remove_masks
-from node.secagg.messages import MAX_GROUP, NO_BOUND, Message
+from node.secagg.messages import NO_BOUND, Message
 from node.secagg.parts import PartLayout, Workspace, split_parts
 from node.secagg.ring import RingVector
 from node.secagg.shamir import split_secret
 from node.secagg.sharing import SharingError, box_shares, commit, gather_shares, open_shares, rebuild_secret
-from node.secagg.state import RoundState, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts, derive_contributors
+from node.secagg.state import (
+    RoundState,
+    SecAggError,
+    SecAggIdentity,
+    SecAggResult,
+    SecAggTimeouts,
+    check_group,
+    derive_contributors,
+)
 from node.secagg.transport import GroupTransport
 
 if TYPE_CHECKING:
@@ -121,7 +130,7 @@ class MaskedAllReduce:
         record_view: bool = False,
     ):
         n = len(peer_ids)
-        _check_group(n, part_sizes, vector)
+        check_group(n, part_sizes, vector)
         # the group
         self.group_id, self.peer_ids, self.index, self.round_no = group_id, list(peer_ids), index, round_no
         self.identity, self.timeouts, self.executor = identity, timeouts, executor
@@ -162,12 +171,10 @@ class MaskedAllReduce:
         self.view: list[Message] | None = [] if record_view else None  # every message received, if recorded
         self._keys: dict[int, dict[str, Any]] = {}  # verified key adverts by sender (ours too, once sent)
         self.state = RoundState()  # what the phases carry from one to the next
+        self.agreement = ContributorAgreement(  # the consistency step before any reveal
+            transport=self.transport, threshold=self.threshold, sign=identity.sign, keys=self._keys, post=self._post
+        )
         self._started: float | None = None  # perf_counter() at the first phase
-
-    @property
-    def held(self) -> dict[int, tuple[bytes, bytes]]:
-        """The (s_sk, b) shares this peer holds, by owner."""
-        return self.state.held
 
     @property
     def codec(self) -> FixedPointCodec:
@@ -284,8 +291,7 @@ class MaskedAllReduce:
             share = self._open_shares(state, j, message)
             if share is not None:
                 state.held[j] = share
-        state.u2 = sorted(state.held)
-        self._require(len(state.u2) >= self.minimum, f"only {len(state.u2)} peers shared their secrets consistently")
+        state.u2 = sorted(state.held)  # a small U2 does not end the round: we stay, so that our blames count
 
     async def _send_parts(self, state: RoundState) -> None:
         """parts: encode and mask each part, and place it on its reducer (or the next live one)."""
@@ -294,7 +300,7 @@ class MaskedAllReduce:
             j: pair_secret(bytes(state.s_sk), self._keys[j]["s_pk"]) for j in state.u2 if j != self.index
         }
         state.holders = [-1] * self.n
-        state.live = set(state.u2)
+        state.live = set(state.u1)  # claims go to and come from every peer that sent keys, blamed ones too
         placing = []
         order = sorted(self.reducers, key=lambda k: (k - self.index - 1) % self.n)  # peers start on different reducers
         for k in order:
@@ -329,15 +335,16 @@ class MaskedAllReduce:
                 await asyncio.gather(*(self._place(state, k, state.live) for k in lost))
 
     async def _agree_on_contributors(self, state: RoundState) -> None:
-        """agree: derive U from the claims; every live peer must derive the same U, and t must confirm it."""
-        state.u, state.designation = derive_contributors(state.claims, state.live, self.reducers)
-        self._require(len(state.u) >= self.minimum, f"only {len(state.u)} peers' inputs reached live reducers")
-        digest = hashlib.blake2b(msgpack.packb([state.u, state.designation]), digest_size=32).digest()
-        self._post(state.live, "agree", {"u": state.u, "digest": digest})
-        agreed = await self.transport.collect("agree", state.live, self.timeouts.message)
-        conflicting = [j for j, m in agreed.items() if m.data["digest"] != digest]
-        self._require(not conflicting, f"peers {conflicting} derived a different contributor set")
-        self._require(len(agreed) + 1 >= self.threshold, f"only {len(agreed) + 1} peers confirmed U")
+        """agree: derive U from the claims, then the consistency step: t signatures on (U, digest), cross-checked."""
+        found = derive_contributors(state.claims, state.live, self.reducers)
+        state.u, state.designation = found.members, found.designation
+        self._require(len(found.counted) >= self.minimum, f"only {len(found.counted)} unblamed contributors in U")
+        needed = self.noise.contributors_needed(self.n) if self.noise is not None else 0
+        self._require(len(state.u) >= needed, f"U of {len(state.u)}: the DP noise was sized for {needed}")
+        state.dropped = sorted({d for j in state.u for d in state.claims[j]["maskset"]} - set(state.u))
+        self._require(all(d in self._keys for d in state.dropped), "a contributor masked with a peer without keys")
+        state.digest = self.agreement.digest(state.u, state.designation, state.dropped, self.codec.bound, self.width)
+        await self.agreement.confirm(state.u, state.digest, state.live)
 
     async def _reveal_secrets(self, state: RoundState) -> None:
         """reveal: our shares of b_j for j in U and of s_sk_d for dropouts d; rebuild both from t shares."""
@@ -345,17 +352,22 @@ class MaskedAllReduce:
         # of the parts it holds (self masks of U, pairwise masks shared with dropouts) and sends
         # the clean partial sums, so the unmasking work is split n ways like the reduction
         me, u, held = self.index, state.u, state.held
-        state.dropped = sorted({d for j in u for d in state.claims[j]["maskset"]} - set(u))
-        self._require(
-            all(d in self._keys for d in state.dropped), "a contributor masked with a peer whose keys we lack"
-        )
-        reveal = {"b": {j: held[j][1] for j in u}, "s": {d: held[d][0] for d in state.dropped if d in held}}
+        reveal = {
+            "b": {j: held[j][1] for j in u if j in held},
+            "s": {d: held[d][0] for d in state.dropped if d in held},
+            **self.agreement.certificate,  # the t signatures on (U, digest) we hold, forwarded
+        }
         state.revealing = self.transport.spawn(
             asyncio.gather(*(self._send(j, "reveal", reveal) for j in state.live if j != me))
         )
-        reveals = await self.transport.collect("reveal", state.live, self.timeouts.message, need=self.threshold - 1)
-        revealed = {j: m.data for j, m in reveals.items()}
-        shares_b, shares_s = gather_shares(me, held, revealed, u, state.dropped)
+        need = self.threshold - 1
+        while True:  # a live peer outside U may lack some shares: wait for more reveals until each secret has t
+            reveals = await self.transport.collect("reveal", state.live, self.timeouts.message, need=need)
+            shares_b, shares_s = gather_shares(me, held, {j: m.data for j, m in reveals.items()}, u, state.dropped)
+            if len(reveals) < need or all(len(x) >= self.threshold for x in [*shares_b.values(), *shares_s.values()]):
+                break
+            need = len(reveals) + 1
+        self.agreement.check_certificates(reveals, (u, state.digest))
         state.seeds = {j: self._rebuild(shares, "b", j) for j, shares in shares_b.items()}
         secrets_s = {d: self._rebuild(shares, "s", d) for d, shares in shares_s.items()}
         state.dropout_pairs = {
@@ -432,8 +444,6 @@ class MaskedAllReduce:
     async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    # ------------------------------------------------------------------ helpers
-
     def _phase(self, name: str) -> None:
         """Record when a phase starts; ``stats["phases"]`` holds (name, seconds since the start)."""
         now = time.perf_counter()
@@ -451,9 +461,6 @@ class MaskedAllReduce:
         message = self.transport.received(kind, sender, part)
         return None if message is None else self.layout.from_wire(message.payload, part)
 
-    def _wire_size(self, part: int) -> int:
-        return self.layout.wire_size(part)
-
     def _open_shares(self, state: RoundState, j: int, message: Message) -> tuple[bytes, bytes] | None:
         """Peer j's shares for us, if its view of U1 is ours and its box opens to shares bound to this pair."""
         if message.data["view"] != state.u1:
@@ -462,9 +469,13 @@ class MaskedAllReduce:
         binding = (self.group_id, self.round_no, j, self.index)
         try:
             return open_shares(state.c_sk, self._keys[j]["c_pk"], message.data["box"], binding)
-        except SharingError as e:
-            logger.warning(f"peer {j}'s shares {e}")
+        except SharingError as e:  # the sender's fault: it is blamed, never us (we stay, and claim without it)
+            state.blamed.append(j)
+            logger.warning(f"blamed peer {j} ({self.peer_ids[j]}): its shares {e}; left out of U")
             return None
+
+    def _wire_size(self, part: int) -> int:
+        return self.layout.wire_size(part)
 
     def _mask_part(self, part: int, state: RoundState) -> None:
         """masked[part] = enc(omega * x) + PRG(b) + sum_j sign * PRG(s_ij), each mask keyed for this part."""
@@ -477,7 +488,8 @@ class MaskedAllReduce:
     def _candidates(self, part: int, live: set[int]) -> list[int]:
         """Reducers that may hold ``part``: its owner first, then the others in ring order."""
         order = [(part + step) % self.n for step in range(self.n)]
-        return [h for h in order if h in live and h in self.reducers and h not in self.transport.dead]
+        allowed = live & set(self.state.u2) & set(self.reducers) - self.transport.dead  # u2: never on a blamed peer
+        return [h for h in order if h in allowed]
 
     def _rebuild(self, shares: dict[int, bytes], kind: str, owner: int) -> bytes:
         """Peer ``owner``'s secret (``kind`` "b": self-mask seed, "s": s_sk) from t shares, checked against its keys."""
@@ -485,14 +497,3 @@ class MaskedAllReduce:
             return rebuild_secret(shares, self.threshold, kind, self._keys[owner])
         except SharingError as e:
             raise SecAggError(f"group {self.group_id.hex()[:8]} round {self.round_no}: peer {owner}'s {e}") from e
-
-
-def _check_group(n: int, part_sizes: list[int], vector: np.ndarray) -> None:
-    """Refuse a group too small to hide its inputs, or inputs not shaped for it."""
-    if not 3 <= n <= MAX_GROUP:
-        raise SecAggError(
-            f"secure aggregation needs a group of 3 to {MAX_GROUP} peers, got {n}: "
-            "a sum over two peers reveals each input to the other"
-        )
-    if len(part_sizes) != n or vector.dtype != np.float32 or vector.ndim != 1:
-        raise ValueError("part_sizes needs one entry per peer and vector a flat float32 array")

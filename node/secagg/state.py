@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from nacl.public import PrivateKey
 
+from node.secagg.messages import MAX_GROUP
+
 
 class SecAggError(Exception):
     """The masked all-reduce of one group failed; nothing from it may be applied."""
@@ -66,6 +68,7 @@ class RoundState:
     # shares
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # (s_sk, b) shares we hold, by owner
     u2: list[int] = field(default_factory=list)  # U2: peers whose shares opened consistently; our maskset
+    blamed: list[int] = field(default_factory=list)  # senders whose box failed to open for us (left out of U2)
     # parts
     masked: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))  # our masked ring vector
     pair_secrets: dict[int, bytes] = field(default_factory=dict)  # X25519 secret shared with each peer of U2
@@ -78,8 +81,9 @@ class RoundState:
     # agree
     u: list[int] = field(default_factory=list)  # U: the contributors, confirmed by the group
     designation: list[list[int]] = field(default_factory=list)  # [part, sender, holder] for each part of U
-    # reveal
     dropped: list[int] = field(default_factory=list)  # peers a contributor masked with that are not in U
+    digest: bytes = b""  # what the decode depends on (consistency.py), signed by at least t peers with U
+    # reveal
     seeds: dict[int, bytes] = field(default_factory=dict)  # the rebuilt self-mask seed of each contributor
     dropout_pairs: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (j in U, dropout d) -> s_jd
     revealing: asyncio.Future[Any] | None = None  # our reveals, still in flight while sums go out
@@ -87,21 +91,42 @@ class RoundState:
     total: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))  # the group's unmasked sum
 
 
-def derive_contributors(
-    claims: dict[int, dict[str, Any]], live: set[int], reducers: list[int]
-) -> tuple[list[int], list[list[int]]]:
-    """U (every part on a live holder, masks consistent) and [part, sender, holder] for each part of U.
+@dataclass(frozen=True)
+class Contributors:
+    """The contributor set U that ``derive_contributors`` finds, and how much of it counts."""
 
-    Every live peer derives U from the same claims, so all derive the same U (the agree phase checks it).
+    members: list[int]  # U, sorted
+    designation: list[list[int]]  # [part, sender, holder] for each part of U
+    counted: list[int]  # U without the peers that left a live peer out of their maskset (see below)
+
+
+def derive_contributors(claims: dict[int, dict[str, Any]], live: set[int], reducers: list[int]) -> Contributors:
+    """U from the live peers' claims: every part on a live holder, and no live peer left it out of its maskset.
+
+    A peer i whose maskset lacks a live peer j blames j (j's box did not open for i, or j's view of
+    the keys differed): j is never in U, whoever is right. Nobody else can tell an honest blame from a
+    false one, so i may stay in U (it masked with all of U) but does not count toward the minimum:
+    colluders who blame honest peers to isolate a victim only remove themselves from the count, so
+    a U of the victim and the colluders never counts t peers. Every live peer derives U from the
+    same claims, so all derive the same U (the consistency step checks it).
     """
-    u = {
-        j for j, claim in claims.items() if all(claim["holders"][k] in live for k in reducers) and j in claim["maskset"]
-    }
-    while True:  # a contributor must have masked with every other contributor, and vice versa
-        broken = sorted(j for j in u if not u <= set(claims[j]["maskset"]))
-        if not broken:
-            break
-        u.discard(broken[-1])
-    members = sorted(u)
+    blamed = {j for i, claim in claims.items() for j in claims if j != i and j not in claim["maskset"]}
+    blamers = {i for i, claim in claims.items() if any(j != i and j not in claim["maskset"] for j in claims)}
+    members = sorted(
+        j
+        for j, claim in claims.items()
+        if j not in blamed and j in claim["maskset"] and all(claim["holders"][k] in live for k in reducers)
+    )
     designation = [[k, j, claims[j]["holders"][k]] for k in reducers for j in members]
-    return members, designation
+    return Contributors(members, designation, [j for j in members if j not in blamers])
+
+
+def check_group(n: int, part_sizes: list[int], vector: np.ndarray) -> None:
+    """Refuse a group too small to hide its inputs, or inputs not shaped for it."""
+    if not 3 <= n <= MAX_GROUP:
+        raise SecAggError(
+            f"secure aggregation needs a group of 3 to {MAX_GROUP} peers, got {n}: "
+            "a sum over two peers reveals each input to the other"
+        )
+    if len(part_sizes) != n or vector.dtype != np.float32 or vector.ndim != 1:
+        raise ValueError("part_sizes needs one entry per peer and vector a flat float32 array")

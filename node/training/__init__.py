@@ -3,9 +3,10 @@
 class TrainingNode (trainer.py): enroll, join, catch up, train outer rounds, close
 class OuterState, InFlight (outer.py): global params, the outer step and the staleness rule of the overlapped loop
 inner_phase, evaluate (inner.py): the inner AdamW steps on local batches; held-out loss
+class InnerSchedule (schedule.py): the inner learning rate at each of the run's inner steps (warmup, cosine)
 class Checkpoint (checkpoint.py): checkpoint.pt after every round, --resume; atomic_save, save_round_params
 class RoundOutcome, RoundReport (report.py): how a round ended; the report.jsonl line (REPORT_FILE, append_report)
 setup_privacy, compression_bound (privacy.py): the DP noise share and budget accountant
 class ConfigMismatchError, refuse_mismatched (admission.py): a peer of the run with another config is refused
-class StateSharer (state_sharing.py): late joiners download the current state from peers
+class StateSharer, wait_for_peer_ahead (state_sharing.py): late joiners (and resyncs) download the state from peers
 """

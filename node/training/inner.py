@@ -2,7 +2,9 @@
 
 A phase takes up to ``train.inner_steps`` steps and is cut short once ``train.round_seconds`` have
 passed (after at least one step), so a slow peer sends fewer samples rather than holding up its
-group. What the phase trained is sent later as the pseudo-gradient (outer.py).
+group. What the phase trained is sent later as the pseudo-gradient (outer.py). Between two steps
+the trainer may land the previous round's outer update (``between_steps``: the overlapped loop);
+each step's learning rate comes from the run's ``InnerSchedule`` (schedule.py).
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from node.config import TrainConfig
 from node.data import ByteBatches
+from node.training.schedule import InnerSchedule
 
 
 def inner_phase(
@@ -25,8 +28,18 @@ def inner_phase(
     device: torch.device,
     train: TrainConfig,
     stop_event: threading.Event,
+    *,
+    schedule: InnerSchedule | None = None,
+    first_step: int = 0,
+    between_steps: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Up to ``inner_steps`` steps, cut short after ``round_seconds`` or when ``stop_event`` is set.
+
+    Args:
+        schedule: the learning rate of each step, by the run's step count (None: the optimizer's as is).
+        first_step: the run's step count at this phase's first step.
+        between_steps: called between two steps with the number taken so far (the trainer lands a ready
+            outer round there).
 
     Returns:
         The training loss of each step taken.
@@ -34,9 +47,14 @@ def inner_phase(
     deadline = time.perf_counter() + train.round_seconds if train.round_seconds else math.inf
     losses: list[float] = []
     model.train()
-    for _ in range(train.inner_steps):
+    for step in range(train.inner_steps):
         if stop_event.is_set() or (losses and time.perf_counter() >= deadline):
             break
+        if losses and between_steps is not None:
+            between_steps(len(losses))
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr(first_step + step)
         tokens, targets = batches.next()
         loss = model(tokens.to(device), targets.to(device))
         optimizer.zero_grad(set_to_none=True)

@@ -7,11 +7,14 @@ One outer round (see docs/architecture.md):
    node has trained and not yet sent, so a missed round's progress is carried, not lost.
 3. the Aggregator replaces it with the weighted (by samples) mean over a group at this round,
    in a background thread: with ``train.overlap`` the next round's inner steps run meanwhile.
-4. when the mean lands (at the end of the next round's inner steps: one round late), an outer
-   Nesterov step on the global params; the local model moves by the same change and drops its
-   own in-flight delta, which the mean now stands for (the staleness rule):
-   ``local += (global_new - global_old) + delivered`` (with compression, ``delivered`` is only the
-   part of our delta the ring carried; the rest stays in the local model: error feedback).
+4. when the mean lands, an outer Nesterov step on the global params; the local model moves by
+   the same change and drops its own in-flight delta, which the mean now stands for (the
+   staleness rule): ``local += (global_new - global_old) + delivered`` (with compression,
+   ``delivered`` is only the part of our delta the ring carried; the rest stays in the local
+   model: error feedback). With the overlap it lands between two inner steps of the next phase
+   as soon as ``InFlight.ready()`` (late by the steps the all-reduce took, not a whole phase), or at
+   that phase's end if it is not ready by then; the rule holds at any step, since the local model is then
+   ``global_new`` plus the progress since the launch. Without it, it lands at once.
 5. checkpoint, report, heartbeat with the new round and state digest.
 
 If no group forms while other trainers are alive, the node waits for one of them to finish the
@@ -60,6 +63,11 @@ class InFlight:
     samples: int  # the samples behind ``sent`` (its weight)
     undelivered: list[torch.Tensor]  # filled on success with compression: what of ``sent`` the group's sum left out
     future: Future[AggregationOutcome] = field(repr=False)
+    inner: tuple[float, int] = (float("nan"), 0)  # mean train loss and steps of the inner phase behind ``sent``
+
+    def ready(self) -> bool:
+        """Whether the aggregation has finished (landing it now would not wait)."""
+        return self.future.done()
 
     def delivered(self) -> list[torch.Tensor]:
         """What of ``sent`` the group's mean carries (all of it without compression)."""

@@ -5,13 +5,15 @@ A ``StateSharer`` is a hivemind ``DecentralizedAverager`` used only for its stat
 round as priority, so a joiner downloads from the most advanced peer. What arrives is checked
 before use: the metadata is a small msgpack map (hivemind's MSGPackSerializer; no pickle), and
 the tensors must match the local model's count, shapes and dtypes and be finite. Anything else
-is rejected and logged, and the node starts from its own state.
+is rejected and logged, and the node starts from its own state. ``wait_for_peer_ahead`` waits
+for a live peer that has finished a later round (a node that missed its group resyncs from it).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,9 @@ from typing import Any
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+
+from dht import connect_to_peers
+from node.runtime import NodeRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +108,18 @@ class StateSharer:
 
     def shutdown(self) -> None:
         self._averager.shutdown()
+
+
+def wait_for_peer_ahead(runtime: NodeRuntime, round_no: int, timeout: float, stop_event: threading.Event) -> bool:
+    """Wait up to ``timeout`` s until a live peer has finished a later round than ``round_no``; connect to it."""
+    deadline = time.monotonic() + timeout
+    while not stop_event.is_set() and time.monotonic() < deadline:
+        ahead = [p for p in runtime.peers() if p.round > round_no]
+        if ahead:
+            connect_to_peers(runtime.dht, ahead)
+            return True
+        stop_event.wait(1.0)
+    return False
 
 
 def check_state(

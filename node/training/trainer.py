@@ -22,6 +22,7 @@ local parameters.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +49,8 @@ from node.training.inner import evaluate, inner_phase
 from node.training.outer import AggregationOutcome, InFlight, OuterState
 from node.training.privacy import compression_bound, setup_privacy
 from node.training.report import REPORT_FILE, RoundOutcome, RoundReport, append_report
-from node.training.state_sharing import SharedState, StateSharer
+from node.training.schedule import InnerSchedule
+from node.training.state_sharing import SharedState, StateSharer, wait_for_peer_ahead
 from node.wire_meter import WireMeter
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class TrainingNode:
         self.eval_set: list[tuple[torch.Tensor, torch.Tensor]]  # held-out batches
         self.model: torch.nn.Module  # the local model (inner AdamW steps)
         self.inner_opt: torch.optim.Optimizer
+        self.schedule: InnerSchedule  # the inner learning rate at each of the run's inner steps
         self.outer: OuterState  # global parameters and the outer optimizer
         self.capacity = Capacity()
         self.partition: ParameterPartition | None = None  # parameter tags, with [run.cohorts]
@@ -113,8 +116,8 @@ class TrainingNode:
         self._unsent_samples = 0  # samples behind the progress not yet sent (carried when a round is missed)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate")
         self._inner_seconds = 0.0  # inner-step time since the last report
+        self._inner_mark = 0.0  # when the inner steps not yet in ``_inner_seconds`` began
         self._last_report = time.perf_counter()
-        self._last_inner: tuple[float, int] = (float("nan"), 0)  # mean train loss and steps of the last inner phase
 
     @property
     def global_params(self) -> list[torch.nn.Parameter]:
@@ -147,6 +150,7 @@ class TrainingNode:
         if self.run.cohorts.enabled:
             self.partition = partition_parameters([name for name, _ in self.model.named_parameters()], self.run.cohorts)
         self.inner_opt = torch.optim.AdamW(self.model.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
+        self.schedule = InnerSchedule.for_run(train, self.config.rounds)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.run.privacy.enabled:
             dimension = sum(p.numel() for p in self.global_params)
@@ -238,7 +242,7 @@ class TrainingNode:
             return False
         self._apply_state(state)
         self.outer.copy_to(self.model)
-        self._finish_round(mode, samples=0)
+        self._finish_round(mode)
         logger.info(f"loaded the swarm's state at round {self.round}")
         return True
 
@@ -269,29 +273,41 @@ class TrainingNode:
         return evaluate(self.model, self.global_params, self.eval_set, self.device)
 
     def train_round(self) -> None:
-        """Inner steps; then land the previous round's aggregation and launch this one's (node/training/outer.py)."""
-        self._inner_phase()
+        """Inner steps (the previous round lands between two once ready), then this round's launch (outer.py)."""
+        inner = self._inner_phase()
         if self.stop_event.is_set():
             return
         if self._inflight is not None:
             self._land()
-            if self.stop_event.is_set() or (self.config.rounds and self.round >= self.config.rounds):
-                return
-        self._launch()
+        if self.stop_event.is_set() or (self.config.rounds and self.round >= self.config.rounds):
+            return
+        self._launch(inner)
         last = bool(self.config.rounds) and self.round + 1 >= self.config.rounds
         if not self.run.train.overlap or last:
             self._land()
 
-    def _inner_phase(self) -> None:
-        """Inner steps (node/training/inner.py); their time, samples and mean loss are kept for the round."""
-        started = time.perf_counter()
-        losses = inner_phase(self.model, self.inner_opt, self.batches, self.device, self.run.train, self.stop_event)
-        self._inner_seconds += time.perf_counter() - started
+    def _inner_phase(self) -> tuple[float, int]:
+        """Inner steps (node/training/inner.py): their time and samples are counted; returns mean loss and steps."""
+        phase = (self._inflight.round if self._inflight is not None else self.round) + 1  # the round it sends
+        self._inner_mark = time.perf_counter()
+        train = self.run.train
+        losses = inner_phase(
+            self.model,
+            self.inner_opt,
+            self.batches,
+            self.device,
+            train,
+            self.stop_event,
+            schedule=self.schedule,
+            first_step=(phase - 1) * train.inner_steps,
+            between_steps=self._land_if_ready,
+        )
+        self._inner_seconds += time.perf_counter() - self._inner_mark
         self._unsent_samples += len(losses) * self.batch_size
-        self._last_inner = (sum(losses) / len(losses) if losses else float("nan"), len(losses))
+        return (sum(losses) / len(losses) if losses else math.nan), len(losses)
 
-    def _launch(self) -> None:
-        """Hand everything trained and not yet sent (global - local) to the aggregation, in the background."""
+    def _launch(self, inner: tuple[float, int]) -> None:
+        """Hand all unsent progress (global - local) to a background aggregation; ``inner``: its phase's loss, steps."""
         assert self.aggregator is not None
         samples, self._unsent_samples = self._unsent_samples, 0
         sent = self.outer.pseudo_gradient(self.model)
@@ -313,7 +329,7 @@ class TrainingNode:
         self.aggregator.prepare_round(round_no)
         if not future.done():
             future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1), undelivered)
-        self._inflight = InFlight(round_no, sent, mean, samples, undelivered, future)
+        self._inflight = InFlight(round_no, sent, mean, samples, undelivered, future, inner)
 
     def _aggregate(
         self, round_no: int, mean: list[torch.Tensor], samples: int, undelivered: list[torch.Tensor]
@@ -335,12 +351,25 @@ class TrainingNode:
             return RoundOutcome.GROUP, result
         if self.stop_event.is_set():
             return RoundOutcome.STOPPED, None
-        if self.partition is None and self._others_alive() and self._wait_for_peer_ahead():
+        if (
+            self.partition is None
+            and self._others_alive()
+            and wait_for_peer_ahead(self._swarm(), self.round, self.run.aggregation.timeout, self.stop_event)
+        ):
             state = self._download(round_no)
             if state is not None:
                 return RoundOutcome.RESYNC, state
         logger.warning(f"round {round_no}: no group formed; applying our own update alone")
         return RoundOutcome.SOLO, None  # ``mean`` still holds our own update
+
+    def _land_if_ready(self, steps: int) -> None:
+        """Between inner steps (``steps`` taken so far): land the in-flight round if its aggregation is done."""
+        if self._inflight is None or not self._inflight.ready():
+            return
+        self._inner_seconds += time.perf_counter() - self._inner_mark  # landing is not training
+        logger.info(f"round {self._inflight.round} lands {steps} inner steps into the next phase")
+        self._land()
+        self._inner_mark = time.perf_counter()
 
     def _land(self) -> None:
         """Wait for the in-flight aggregation and apply it (the staleness rule, node/training/outer.py)."""
@@ -370,26 +399,14 @@ class TrainingNode:
         self.outer.follow(self.model, before, delivered)
         if mode is not RoundOutcome.RESYNC:
             self.round = max(self.round, flight.round)
-        self._finish_round(mode, group_size=group_size, samples=flight.samples)
+        self._finish_round(mode, group_size, flight)
 
     def _others_alive(self) -> bool:
         return any(p.peer_id != self.identity.peer_id and "trainer" in p.roles for p in self._swarm().peers())
 
-    def _wait_for_peer_ahead(self) -> bool:
-        """Wait (up to the aggregation timeout) until a live peer has finished a later round than ours."""
-        runtime = self._swarm()
-        deadline = time.monotonic() + self.run.aggregation.timeout
-        while not self.stop_event.is_set() and time.monotonic() < deadline:
-            ahead = [p for p in runtime.peers() if p.round > self.round]
-            if ahead:
-                connect_to_peers(runtime.dht, ahead)
-                return True
-            self.stop_event.wait(1.0)
-        return False
-
-    def _finish_round(self, mode: RoundOutcome, group_size: int = 0, samples: int = 0) -> None:
-        """Report the round, checkpoint it, and tell the swarm (state sharer, heartbeat)."""
-        report = self._report(mode, group_size, samples)
+    def _finish_round(self, mode: RoundOutcome, group_size: int = 0, flight: InFlight | None = None) -> None:
+        """Report the round (``flight``: the aggregation it landed), checkpoint it, and tell the swarm."""
+        report = self._report(mode, group_size, flight)
         self._save_checkpoint()
         if self.config.save_round_params:
             save_round_params(self.workdir, self.round, self.global_params)
@@ -400,10 +417,11 @@ class TrainingNode:
         self._swarm().beat()
         self.on_round(report)
 
-    def _report(self, mode: RoundOutcome, group_size: int, samples: int) -> RoundReport:
+    def _report(self, mode: RoundOutcome, group_size: int, flight: InFlight | None) -> RoundReport:
         now = time.perf_counter()
         seconds = now - self._last_report
-        train_loss, steps = self._last_inner if mode.trained else (float("nan"), 0)
+        samples = flight.samples if flight is not None else 0
+        train_loss, steps = flight.inner if flight is not None and mode.trained else (math.nan, 0)
         utilization = min(1.0, self._inner_seconds / max(seconds, 1e-9)) if steps else 0.0
         self._inner_seconds, self._last_report = 0.0, now
         self._digest = self.outer.digest()

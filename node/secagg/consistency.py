@@ -1,0 +1,173 @@
+"""The consistency step of the masked all-reduce (Bonawitz et al. 2017, round "ConsistencyCheck").
+
+Before any secret is revealed, the survivors must hold one signed statement of what the decode
+depends on. Each peer derives U from the claims and computes a digest over everything its decode
+uses: the group and round, the peer order, U, the designation of parts to holders, the dropouts,
+every key advert of U and the dropouts (as this peer received it), the agreed code bound and the
+word width. It signs (group, round, U, digest) with its identity key and sends it to every live
+peer ("agree"). A peer reveals only if the agree of every live peer names the same U and digest
+with a valid signature and at least t signatures (its own included) verify; it forwards those
+signatures with its reveal, and a reveal whose signatures do not certify the receiver's own
+statement fails the round (naming the revealer). So:
+
+- a peer that sends different keys (a different bound proposal, say) or different claims to
+  different peers makes their digests differ, and every honest peer that hears both aborts
+  before revealing;
+- every live peer's signed agree is waited for, so an equivocating peer cannot make two honest
+  peers that hear each other reveal for two statements: each sees the other's;
+- a signature is evidence: a forwarded certificate names its signers, so a peer that signed two
+  statements for one round can be shown to have done so.
+
+A separate certificate round (Bonawitz's) would add a round trip and nothing here: unlike a
+server-routed protocol every peer already hears every live peer's signed statement directly.
+What this cannot do: honest peers that cannot hear each other at all (a partition mid-round) may
+each collect t signatures from colluders and reveal for different sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgpack
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from node.secagg.messages import Message
+from node.secagg.state import SecAggError
+from node.secagg.transport import GroupTransport
+
+logger = logging.getLogger(__name__)
+
+STATEMENT_CONTEXT = b"zen-federation/secagg-consistency/v1"
+_KEY_FIELDS = ("c_pk", "s_pk", "b_commit", "signing_pk", "bound_exp")
+
+
+def decode_digest(
+    *,
+    group_id: bytes,
+    round_no: int,
+    peer_ids: list[bytes],
+    contributors: list[int],
+    designation: list[list[int]],
+    dropped: list[int],
+    keys: dict[int, dict[str, Any]],
+    bound: float,
+    bits: int,
+) -> bytes:
+    """BLAKE2b over every parameter the decode depends on, as this peer holds it."""
+    adverts = [[j, *(keys[j][name] for name in _KEY_FIELDS)] for j in sorted(set(contributors) | set(dropped))]
+    body = [group_id, round_no, peer_ids, contributors, designation, dropped, adverts, float(bound), bits]
+    return hashlib.blake2b(msgpack.packb(body, use_bin_type=True), digest_size=32, person=b"zen-decode").digest()
+
+
+def statement(group_id: bytes, round_no: int, contributors: list[int], digest: bytes) -> bytes:
+    """The bytes each survivor signs: this round's U and the digest of its decode."""
+    return STATEMENT_CONTEXT + msgpack.packb([group_id, round_no, contributors, digest], use_bin_type=True)
+
+
+def valid_signers(signed: bytes, signatures: dict[int, bytes], signing_keys: dict[int, bytes]) -> list[int]:
+    """The peers whose signature over ``signed`` verifies with their signing key."""
+    valid = []
+    for signer, signature in signatures.items():
+        key = signing_keys.get(signer)
+        if key is None:
+            continue
+        try:
+            VerifyKey(key).verify(signed, signature)
+        except (BadSignatureError, ValueError, TypeError):
+            continue
+        valid.append(signer)
+    return sorted(valid)
+
+
+class ContributorAgreement:
+    """One peer's consistency step: agree on (U, digest), collect t signatures, cross-check certificates.
+
+    Args:
+        transport: the peer's ``GroupTransport``: its group, round, index and peers, and ``collect``.
+        threshold: t, the signatures a statement needs.
+        sign: the identity's Ed25519 signer.
+        keys: each peer's verified keys advert, by index (filled in the keys phase; read when used).
+        post: sends one message to each listed peer in the background (``MaskedAllReduce._post``).
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: GroupTransport,
+        threshold: int,
+        sign: Callable[[bytes], bytes],
+        keys: dict[int, dict[str, Any]],
+        post: Callable[[Iterable[int], str, dict[str, Any]], None],
+    ):
+        self.index, self.peer_ids = transport.index, transport.peer_ids
+        self.group_id, self.round_no = transport.group_id, transport.round_no
+        self.collect, self.timeout = transport.collect, transport.timeout  # the message timeout
+        self.threshold, self.sign, self.keys, self.post = threshold, sign, keys, post
+        self.certificate: dict[str, list[Any]] = {"signers": [], "sigs": []}  # the t+ signatures we forward
+
+    def digest(
+        self, contributors: list[int], designation: list[list[int]], dropped: list[int], bound: float, bits: int
+    ) -> bytes:
+        """``decode_digest`` for this group and round, over the keys adverts as this peer received them."""
+        return decode_digest(
+            group_id=self.group_id,
+            round_no=self.round_no,
+            peer_ids=[peer.to_bytes() for peer in self.peer_ids],
+            contributors=contributors,
+            designation=designation,
+            dropped=dropped,
+            keys=self.keys,
+            bound=bound,
+            bits=bits,
+        )
+
+    @property
+    def signing_keys(self) -> dict[int, bytes]:
+        return {j: advert["signing_pk"] for j, advert in self.keys.items()}
+
+    async def confirm(self, contributors: list[int], digest: bytes, live: set[int]) -> list[int]:
+        """Return the peers whose signatures certify (U, digest), kept in ``certificate`` to forward with our reveal.
+
+        Raises:
+            SecAggError: a live peer's agree names another statement or carries a bad signature, or fewer
+                than t peers signed ours.
+        """
+        signed = statement(self.group_id, self.round_no, contributors, digest)
+        own = self.sign(signed)
+        self.post(live, "agree", {"u": contributors, "digest": digest, "sig": own})
+        agreed = await self.collect("agree", live, self.timeout)
+        other = [j for j, m in agreed.items() if m.data["u"] != contributors or m.data["digest"] != digest]
+        self._require(not other, "derived another contributor set or decode digest", other)
+        signatures = {j: m.data["sig"] for j, m in agreed.items()} | {self.index: own}
+        signing_keys = self.signing_keys
+        signers = valid_signers(signed, signatures, signing_keys)
+        forged = sorted(set(signatures) - set(signers))
+        self._require(not forged, "signed the agreed statement with a bad signature", forged)
+        self._require(len(signers) >= self.threshold, f"only {len(signers)} peers signed U (need {self.threshold})")
+        self.certificate = {"signers": signers, "sigs": [signatures[j] for j in signers]}
+        return signers
+
+    def check_certificates(self, reveals: dict[int, Message], statement_of: tuple[list[int], bytes]) -> None:
+        """Each reveal must carry t valid signatures on our statement; SecAggError naming the peer otherwise."""
+        signed = statement(self.group_id, self.round_no, *statement_of)
+        signing_keys = self.signing_keys
+        for j, message in reveals.items():
+            data = message.data
+            if len(data["signers"]) != len(data["sigs"]):
+                held: list[int] = []
+            else:
+                held = valid_signers(signed, dict(zip(data["signers"], data["sigs"], strict=True)), signing_keys)
+            self._require(len(held) >= self.threshold, "revealed without t valid signatures on our U", [j])
+
+    def _require(self, ok: bool, reason: str, peers: list[int] | None = None) -> None:
+        if ok:
+            return
+        named = f"peers {[str(self.peer_ids[j]) for j in peers]} " if peers else ""
+        message = f"group {self.group_id.hex()[:8]} round {self.round_no}: {named}{reason}; nothing revealed"
+        if peers:
+            logger.warning(f"blamed: {message}")
+        raise SecAggError(message)
