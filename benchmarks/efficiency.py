@@ -109,15 +109,15 @@ DEFAULTS: dict[str, Any] = {
     "inner_steps": 50,
     "batch_size": 16,
     "inner_lr": 3e-3,
-    "outer_lr": 0.7,
-    "outer_momentum": 0.9,
+    "outer_lr": TrainConfig().outer_lr,  # the run's defaults (they were DiLoCo's 0.7 / 0.9 before the sweep)
+    "outer_momentum": TrainConfig().outer_momentum,
     "n_layer": 2,
     "n_head": 2,
     "d_model": 64,
     "context": 64,
     "bits": 8,
     "fraction": 0.1,
-    "overlap": True,
+    "overlap": TrainConfig().overlap,
     "eval_every": 10,
     "timeout": 900.0,
 }
