@@ -53,6 +53,9 @@ from node.model import build_model  # noqa: E402
 from node.training.inner import evaluate  # noqa: E402
 from node.training.outer import OuterState  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from efficiency import samples_to_reach  # noqa: E402  (one definition of efficiency for both benchmarks)
+
 EVAL_BATCHES = 16  # as benchmarks/efficiency.py
 SEED = 0
 
@@ -232,16 +235,6 @@ def simulate(setup: Setup, point: Point) -> dict[str, Any]:
         "samples": setup.peers * setup.steps * setup.batch_size,
         "seconds": time.perf_counter() - started,
     }
-
-
-def samples_to_reach(curve: list[tuple[int, float]], loss: float) -> float | None:
-    """Samples at which the curve first gets down to ``loss`` (as benchmarks/efficiency.py; None: never)."""
-    if curve[0][1] <= loss:
-        return 0.0
-    for (s0, l0), (s1, l1) in itertools.pairwise(curve):
-        if l1 <= loss:
-            return s1 if l0 <= l1 else s0 + (s1 - s0) * (l0 - loss) / (l0 - l1)
-    return None
 
 
 def derive(setup: Setup, point: Point, run: dict[str, Any], central: list[Any], alone: float) -> dict[str, Any]:
