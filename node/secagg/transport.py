@@ -104,6 +104,7 @@ class GroupTransport:
     def spawn(self, sending: Awaitable[Any]) -> asyncio.Future[Any]:
         """Run a send in the background (a peer that stalls must not hold up a phase); cancelled on close."""
         future = asyncio.ensure_future(sending)
+        future.add_done_callback(_retrieve)  # a send cancelled on close is expected, not an unread error
         self._background.append(future)
         return future
 
@@ -242,6 +243,11 @@ class GroupTransport:
             pending.cancel()
         self.closed = True
         self._changed.set()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _close_stream(opening: asyncio.Future[Any]) -> None:
