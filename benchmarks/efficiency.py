@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from node.config import CompressionConfig, ModelConfig, TrainConfig  # noqa: E402
 from node.data import ByteBatches, batch_seed, split_corpus  # noqa: E402
-from node.demo import start_bootstrap, stop_process  # noqa: E402
+from node.demo import join_command, start_bootstrap, stop_process  # noqa: E402
 from node.model import build_model  # noqa: E402
 from node.training.report import REPORT_FILE  # noqa: E402
 
@@ -244,11 +244,7 @@ def start_swarm(train: bytes, args: argparse.Namespace, root: Path, logs: list[I
         (folder / "data.txt").write_bytes(train[i * share : (i + 1) * share])
         log = open(folder / "node.log", "w")
         logs.append(log)
-        command = [sys.executable, "-m", "node.cli", "join", "--config", str(root / "run.toml")]
-        command += ["--initial-peers", maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
-        command += ["--data", str(folder / "data.txt"), "--identity", str(folder / "identity")]
-        command += ["--workdir", str(folder / "work"), "--rounds", str(args.rounds)]
-        command += ["--min-peers", str(args.peers), "--save-round-params"]
+        command = join_command(root / "run.toml", folder, maddr, args.rounds, args.peers)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True, cwd=ROOT)
         started.append((folder, process))
 

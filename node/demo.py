@@ -112,6 +112,17 @@ def max_divergence(files: list[Path]) -> float:
     return worst
 
 
+def join_command(config: Path, folder: Path, maddr: str, rounds: int, peers: int) -> list[str]:
+    """``zen-node join`` for a local peer on 127.0.0.1 whose data, identity and workdir live in ``folder``."""
+    return [
+        *(sys.executable, "-m", "node.cli", "join", "--config", str(config)),
+        *("--initial-peers", maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"),
+        *("--data", str(folder / "data.txt"), "--identity", str(folder / "identity")),
+        *("--workdir", str(folder / "work"), "--rounds", str(rounds)),
+        *("--min-peers", str(peers), "--save-round-params"),
+    ]
+
+
 def check_demo_args(args: argparse.Namespace) -> None:
     """The demo's flags, checked before it clears and fills ``--workdir``; ConfigError names the fix."""
     if not 1 <= args.peers <= 32:
@@ -154,11 +165,8 @@ def run_demo(args: argparse.Namespace) -> int:
             (folder / "data.txt").write_bytes(slice_)
             log = open(folder / "node.log", "w")
             logs.append(log)
-            command = [sys.executable, "-m", "node.cli", "join", "--config", str(root / "run.toml")]
-            command += ["--initial-peers", maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
-            command += ["--data", str(folder / "data.txt"), "--identity", str(folder / "identity")]
-            command += ["--workdir", str(folder / "work"), "--rounds", str(args.rounds)]
-            command += ["--min-peers", str(args.peers), "--save-round-params", "--log-level", args.log_level]
+            command = join_command(root / "run.toml", folder, maddr, args.rounds, args.peers)
+            command += ["--log-level", args.log_level]
             process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, text=True
             )

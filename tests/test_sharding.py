@@ -498,6 +498,10 @@ def test_periodic_averaging_while_two_trainers_train_leaves_replicas_identical(t
             thread.join(timeout=120)
         quiet = max(s.averager.rounds for s in servers) + 2  # a whole round that began after the last step
         assert all(s.averager.wait_for_rounds(quiet, timeout=60) for s in servers)
+        for extra in (1, 2):  # a quiet round that failed on a loaded machine is mended by the next (resync)
+            if len({s.hosted[0].version for s in servers}) == 1:
+                break
+            assert all(s.averager.wait_for_rounds(quiet + extra, timeout=60) for s in servers)
 
         # Assert
         assert all(s.averager.stats["averaged"] >= 2 for s in servers)

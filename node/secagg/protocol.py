@@ -338,9 +338,9 @@ class MaskedAllReduce:
         """agree: derive U from the claims, then the consistency step: t signatures on (U, digest), cross-checked."""
         found = derive_contributors(state.claims, state.live, self.reducers)
         state.u, state.designation = found.members, found.designation
-        self._require(len(found.counted) >= self.minimum, f"only {len(found.counted)} unblamed contributors in U")
         needed = self.noise.contributors_needed(self.n) if self.noise is not None else 0
         self._require(len(state.u) >= needed, f"U of {len(state.u)}: the DP noise was sized for {needed}")
+        self._require(len(found.counted) >= self.minimum, f"only {len(found.counted)} unblamed contributors in U")
         state.dropped = sorted({d for j in state.u for d in state.claims[j]["maskset"]} - set(state.u))
         self._require(all(d in self._keys for d in state.dropped), "a contributor masked with a peer without keys")
         state.digest = self.agreement.digest(state.u, state.designation, state.dropped, self.codec.bound, self.width)
