@@ -8,6 +8,7 @@ phases, record what each peer saw, and inject raw messages, without matchmaking 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -21,6 +22,7 @@ from hivemind.p2p import P2P
 from dht import NodeIdentity
 from node.config import CompressionConfig
 from node.secagg.endpoint import SecAggEndpoint
+from node.secagg.masking import add_masks
 from node.secagg.messages import TAG, Message
 from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
 
@@ -66,12 +68,18 @@ class MaliciousAllReduce(MaskedAllReduce):
     claim_maskset: the peers it masks with and claims in every part and claim (instead of its U2).
     bound_exp_to: {peer: exponent}: a keys message proposing another code bound to those peers.
     claim_to: {peer: maskset}: claims to those peers name this maskset (equivocation).
+    low_order_keys_to: peers whose keys message carries a low-order X25519 point as its c and s keys.
+    corrupt_reveal: every self-mask-seed share in its reveals is off by one (a lying revealer).
+    weight_word: the weight word it encodes instead of its own (a forged weight), as a ring element.
     """
 
     bad_box_to: tuple[int, ...] = ()
     claim_maskset: tuple[int, ...] | None = None
     bound_exp_to: dict[int, int] = {}
     claim_to: dict[int, tuple[int, ...]] = {}
+    low_order_keys_to: tuple[int, ...] = ()
+    corrupt_reveal: bool = False
+    weight_word: int | None = None
 
     async def _share_secrets(self, state: Any) -> None:
         await super()._share_secrets(state)
@@ -90,7 +98,31 @@ class MaliciousAllReduce(MaskedAllReduce):
             data = dict(data, bound_exp=self.bound_exp_to[to])
         elif kind == "claim" and to in self.claim_to:
             data = dict(data, maskset=sorted(self.claim_to[to]))
+        if kind == "keys" and to in self.low_order_keys_to:
+            data = dict(data, c_pk=LOW_ORDER_POINT, s_pk=LOW_ORDER_POINT)
+        elif kind == "reveal" and self.corrupt_reveal:
+            data = dict(data, b={j: off_by_one(share) for j, share in data["b"].items()})
         return await super()._send(to, kind, data, payload, timeout)
+
+    def _mask_part(self, part: int, state: Any) -> None:
+        start, stop = self.parts[part]
+        if self.weight_word is None or stop <= self.ring.values.size:
+            return super()._mask_part(part, state)
+        words = state.masked[start:stop]  # the part that carries the weight word: encode, forge it, mask
+        seed = hashlib.blake2b(part.to_bytes(4, "little"), key=state.rounding_seed, digest_size=32).digest()
+        self.ring.encode_part(words, start, stop, seed)
+        words[-1] = np.uint32(self.weight_word % (1 << 32))
+        add_masks(words, state.b_seed, state.pair_secrets, self.index, self.group_id, self.round_no, part)
+        return None
+
+
+# a point of order 8 on Curve25519 (every X25519 agreement with it is zero; libsodium refuses it)
+LOW_ORDER_POINT = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+
+
+def off_by_one(share: bytes) -> bytes:
+    """A Shamir share (66 bytes, big-endian) plus one: still a field element, no longer on the polynomial."""
+    return (int.from_bytes(share, "big") + 1).to_bytes(len(share), "big")
 
 
 def deviating(name: str, **attributes: Any) -> type[MaskedAllReduce]:
@@ -122,7 +154,7 @@ def colluders_can_unmask(sessions: list[MaskedAllReduce], colluders: list[int], 
 class SecAggSwarm:
     """N real P2P peers with identities and endpoints, driven from the test's thread."""
 
-    def __init__(self, folder: Path, size: int, wait_for_group: float = 2.0):
+    def __init__(self, folder: Path, size: int, wait_for_group: float = 2.0, **endpoint_options: Any):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -130,12 +162,12 @@ class SecAggSwarm:
         self.p2ps: list[P2P] = []
         self.endpoints: list[SecAggEndpoint] = []
         self.stream_retries = 0  # streams that broke before their reply and were retried
-        self.call(self._start(wait_for_group))
+        self.call(self._start(wait_for_group, endpoint_options))
 
     def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 120) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    async def _start(self, wait_for_group: float) -> None:
+    async def _start(self, wait_for_group: float, endpoint_options: dict[str, Any]) -> None:
         for identity in self.identities:
             initial = await self.p2ps[0].get_visible_maddrs() if self.p2ps else []
             p2p = await P2P.create(
@@ -144,7 +176,7 @@ class SecAggSwarm:
                 host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                 initial_peers=initial,
             )
-            endpoint = SecAggEndpoint(p2p, HANDLER, wait_for_group=wait_for_group)
+            endpoint = SecAggEndpoint(p2p, HANDLER, wait_for_group=wait_for_group, **endpoint_options)
             await endpoint.start()
             self.p2ps.append(p2p)
             self.endpoints.append(endpoint)
@@ -166,8 +198,9 @@ class SecAggSwarm:
         compression: CompressionConfig | None = None,
         residuals: list[np.ndarray] | None = None,
         adaptive_bound: bool = False,
+        unregistered: tuple[int, ...] = (),
     ) -> list[MaskedAllReduce]:
-        """One session per vector (peers 0..n-1 of the swarm), registered with their endpoints."""
+        """One session per vector (peers 0..n-1 of the swarm), registered with its endpoint unless ``unregistered``."""
         n = len(vectors)
         group_id = group_id or os.urandom(32)
         weights = weights or [1.0] * n
@@ -194,7 +227,8 @@ class SecAggSwarm:
                 residual=None if residuals is None else residuals[i],
                 adaptive_bound=adaptive_bound,
             )
-            self.endpoints[i].register(session)
+            if i not in unregistered:
+                self.endpoints[i].register(session)
             result.append(session)
         return result
 
@@ -285,6 +319,7 @@ def results_of(outcomes: list[SecAggResult | BaseException], members: list[int])
 
 
 __all__ = [
+    "LOW_ORDER_POINT",
     "Dropout",
     "DroppingAllReduce",
     "MaliciousAllReduce",
@@ -295,4 +330,5 @@ __all__ = [
     "deviating",
     "forged",
     "header_of",
+    "off_by_one",
 ]

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
-from nacl.exceptions import BadSignatureError
+from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
 from node.secagg.messages import Message
@@ -77,7 +77,7 @@ def valid_signers(signed: bytes, signatures: dict[int, bytes], signing_keys: dic
             continue
         try:
             VerifyKey(key).verify(signed, signature)
-        except (BadSignatureError, ValueError, TypeError):
+        except (CryptoError, ValueError, TypeError):  # BadSignatureError is a CryptoError
             continue
         valid.append(signer)
     return sorted(valid)

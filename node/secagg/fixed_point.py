@@ -12,6 +12,10 @@ With ``bits = q < 32`` (compression, node/secagg/compression.py) values get ``q`
 are still added in Z_2^32; only their low ``W`` bits matter, and only those travel. The weight
 word always keeps the full 32-bit code.
 
+Weights have a floor: a peer whose ``omega`` is below ``WEIGHT_FLOOR`` counts as the floor (its
+values and its weight word alike), so every honest weight word lies in a public range and a group
+sum whose weight lies outside ``[|U| * floor, |U|]`` is forged (bounds.py rejects it).
+
 Decoding the group sum gives ``sum(omega_j x_j) / sum(omega_j)``, the weighted mean, with an
 absolute error at most ``n / s * (1 + |mean| / B) / sum(omega_j)`` (``quantization_bound``).
 Every peer decodes the same integers with the same float64 operations, so all members of a
@@ -32,6 +36,11 @@ import numpy as np
 from node.secagg.masking import keystream_into
 
 RING_BITS = 32
+# The least weight a peer counts for: below it, omega is raised to it. It bounds how far a forged weight
+# word can shrink the group's weight sum (and so scale the mean): by at most 1 / WEIGHT_FLOOR. An honest
+# weight is samples / the run's per-round bound (node/training: inner_steps * batch_size), so a peer
+# below the floor trained on less than a thousandth of a round's batches; it still encodes exactly.
+WEIGHT_FLOOR = 2.0**-10
 CHUNK = 1 << 18  # elements per encoding step: float64 temporaries stay in cache
 
 
@@ -85,6 +94,7 @@ class FixedPointCodec:
         """
         if not 0 < omega <= 1:
             raise ValueError(f"omega must be in (0, 1], got {omega}")
+        omega = max(omega, WEIGHT_FLOOR)
         if values.shape != out.shape or out.dtype != np.uint32:
             raise ValueError("out must be a uint32 array shaped like values")
         seed = os.urandom(32) if seed is None else seed
@@ -107,12 +117,12 @@ class FixedPointCodec:
             np.copyto(out[start:stop].view(np.int32), chunk, casting="unsafe")
 
     def encode_weight(self, omega: float) -> int:
-        """The ring element carrying ``omega`` (exact up to one step, rounded to nearest)."""
-        return round(omega * self.weight_scale) & 0xFFFFFFFF
+        """The ring element carrying ``omega`` (at least ``WEIGHT_FLOOR``; exact up to one step, rounded to nearest)."""
+        return round(max(omega, WEIGHT_FLOOR) * self.weight_scale) & 0xFFFFFFFF
 
     def dequantize_into(self, words: np.ndarray, omega: float, out: np.ndarray) -> None:
         """What a peer's own (unmasked) encoded words stand for: ``out = words / (s * omega)``."""
-        np.multiply(words.view(np.int32), 1.0 / (self.scale * omega), out=out, casting="unsafe")
+        np.multiply(words.view(np.int32), 1.0 / (self.scale * max(omega, WEIGHT_FLOOR)), out=out, casting="unsafe")
 
     def decode_sum(self, total: np.ndarray, out: np.ndarray) -> float:
         """Write the weighted mean of a group sum (uint32: values, then the weight word) into ``out``.

@@ -17,6 +17,9 @@ import struct
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from nacl.bindings import crypto_scalarmult
+from nacl.exceptions import CryptoError
+
+from node.secagg.state import SecAggError
 
 KEY_BYTES = 32
 _PERSON_PAIR = b"zen-mask-pair"
@@ -24,8 +27,8 @@ _PERSON_SELF = b"zen-mask-self"
 _SCRATCH = 1 << 20  # uint32 words of keystream made per step
 
 
-class MaskError(ValueError):
-    """A key agreement produced a degenerate secret."""
+class MaskError(SecAggError, ValueError):
+    """A key agreement failed or produced a degenerate secret (the round fails, never the node)."""
 
 
 def keystream_into(out: np.ndarray, key: bytes, counter_block: int = 0) -> None:
@@ -58,8 +61,14 @@ def apply_mask(target: np.ndarray, key: bytes, sign: int, scratch: np.ndarray | 
 
 
 def pair_secret(own_secret_key: bytes, peer_public_key: bytes) -> bytes:
-    """The X25519 agreement of two ephemeral keys; refuses the all-zero (low-order point) result."""
-    shared = crypto_scalarmult(own_secret_key, peer_public_key)
+    """The X25519 agreement of two ephemeral keys; refuses the all-zero (low-order point) result.
+
+    libsodium itself refuses a low-order key (nacl raises its RuntimeError); both become MaskError.
+    """
+    try:
+        shared = crypto_scalarmult(own_secret_key, peer_public_key)
+    except (CryptoError, ValueError, TypeError) as e:
+        raise MaskError(f"X25519 agreement failed (a low-order or malformed public key): {e!r}") from e
     if shared == bytes(32):
         raise MaskError("X25519 agreement gave the all-zero secret (a low-order public key)")
     return shared

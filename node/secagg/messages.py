@@ -10,7 +10,10 @@ bytes (masked vectors only), answered by one short frame: a 4-byte length, then 
 the SHA-256 of the payload, so the signature covers the payload too. ``group`` (random per group,
 from matchmaking) and ``round`` bind a message to one all-reduce: a message replayed from another
 round or group is refused. ``sender`` and ``recipient`` are indices in the group's peer order; the
-receiver checks that ``sender`` is the libp2p-authenticated peer on the stream.
+receiver checks that ``sender`` is the libp2p-authenticated peer on the stream. A received keys
+message whose X25519 key is a low-order point (the agreement would be all-zero, which libsodium
+refuses) is refused at parsing, like any malformed field: its sender is then as good as one that
+sent no keys. Our own keys (``PrivateKey.generate``) never are.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from nacl.exceptions import BadSignatureError
+from nacl.bindings import crypto_scalarmult
+from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
 from dht.wire import WireError, unpack_bounded
@@ -33,6 +37,7 @@ MAX_PAYLOAD_BYTES = 1 << 32
 MAX_REPLY_BYTES = 1024  # the receiver's [ok, reason] answer
 MAX_GROUP = 64  # the largest group the protocol accepts (the issue's 32, with room)
 MAX_REASON = 200  # characters of a refusal's reason sent back
+_PROBE_SCALAR = bytes([9]) + bytes(31)  # any scalar: X25519 clamps it to a multiple of the cofactor 8
 
 
 class MessageError(ValueError):
@@ -149,7 +154,7 @@ class Message:
         """Raise MessageError unless the header's signature is the given key's."""
         try:
             VerifyKey(signing_public_key).verify(SIGN_CONTEXT + self.body, self.signature)
-        except (BadSignatureError, ValueError, TypeError) as e:
+        except (CryptoError, ValueError, TypeError) as e:  # BadSignatureError is a CryptoError
             raise MessageError(f"bad signature on a {self.kind!r} message from peer {self.sender}") from e
 
 
@@ -163,6 +168,19 @@ def check_data(kind: str, data: Any) -> None:
     bad = [name for name, check in schema.items() if not check(data[name])]
     if bad:
         raise MessageError(f"a {kind!r} message has malformed fields {bad}")
+
+
+def check_round_keys(data: dict[str, Any]) -> None:
+    """Refuse a keys advert whose c or s key is a low-order X25519 point (every agreement with it is zero).
+
+    A clamped X25519 scalar is a multiple of the cofactor, so the product is zero for a low-order
+    point whatever the scalar: one probe decides for every receiver alike.
+    """
+    for name in ("c_pk", "s_pk"):
+        try:
+            crypto_scalarmult(_PROBE_SCALAR, data[name])
+        except (CryptoError, ValueError, TypeError):
+            raise MessageError(f"a 'keys' message's {name} is a low-order X25519 point") from None
 
 
 def parse_header(header: bytes) -> tuple[Message, int, bytes]:
@@ -189,6 +207,8 @@ def parse_header(header: bytes) -> tuple[Message, int, bytes]:
     if (size == 0) != (digest == b"") or (size and len(digest) != 32):
         raise MessageError("payload digest does not match its size")
     check_data(kind, body["data"])
+    if kind == "keys":
+        check_round_keys(body["data"])
     message = Message(kind, group, round_no, sender, recipient, body["data"], body=body_bytes, signature=signature)
     return message, size, digest
 

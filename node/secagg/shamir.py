@@ -45,6 +45,11 @@ def evaluate(coefficients: Sequence[int], x: int, prime: int = PRIME) -> int:
 
 def combine_int(shares: Sequence[tuple[int, int]], prime: int = PRIME) -> int:
     """Lagrange interpolation at 0 of the given shares (pass exactly ``threshold`` or more)."""
+    return interpolate_at(shares, 0, prime)
+
+
+def interpolate_at(shares: Sequence[tuple[int, int]], at: int, prime: int = PRIME) -> int:
+    """f(at) for the polynomial of degree ``len(shares) - 1`` through the given shares (Lagrange)."""
     xs = [x for x, _ in shares]
     if not shares:
         raise ShareError("no shares to combine")
@@ -52,15 +57,15 @@ def combine_int(shares: Sequence[tuple[int, int]], prime: int = PRIME) -> int:
         raise ShareError(f"duplicate share indices {sorted(xs)}")
     if any(not 0 < x < prime for x in xs) or any(not 0 <= y < prime for _, y in shares):
         raise ShareError("a share lies outside the field")
-    secret = 0
+    value = 0
     for i, (x_i, y_i) in enumerate(shares):
         numerator, denominator = 1, 1
         for j, x_j in enumerate(xs):
             if i != j:
-                numerator = numerator * -x_j % prime
+                numerator = numerator * (at - x_j) % prime
                 denominator = denominator * (x_i - x_j) % prime
-        secret = (secret + y_i * numerator * pow(denominator, -1, prime)) % prime
-    return secret
+        value = (value + y_i * numerator * pow(denominator, -1, prime)) % prime
+    return value
 
 
 def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
@@ -73,9 +78,19 @@ def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
 
 def combine_secret(shares: dict[int, bytes]) -> bytes:
     """Rebuild a 32-byte secret from ``{x: share}`` (x is the holder's 1-based index)."""
-    if any(len(value) != SHARE_BYTES for value in shares.values()):
-        raise ShareError(f"a share is {SHARE_BYTES} bytes")
-    value = combine_int([(x, int.from_bytes(y, "big")) for x, y in sorted(shares.items())])
+    value = combine_int(_points(shares))
     if value >= 1 << (8 * SECRET_BYTES):
         raise ShareError("the shares do not rebuild a 32-byte secret (wrong or mixed shares)")
     return value.to_bytes(SECRET_BYTES, "big")
+
+
+def misfit_shares(shares: dict[int, bytes], others: dict[int, bytes]) -> list[int]:
+    """The x of each share in ``others`` that does not lie on the polynomial through ``shares``."""
+    points = _points(shares)
+    return [x for x, y in sorted(others.items()) if interpolate_at(points, x) != int.from_bytes(y, "big")]
+
+
+def _points(shares: dict[int, bytes]) -> list[tuple[int, int]]:
+    if any(len(value) != SHARE_BYTES for value in shares.values()):
+        raise ShareError(f"a share is {SHARE_BYTES} bytes")
+    return [(x, int.from_bytes(y, "big")) for x, y in sorted(shares.items())]

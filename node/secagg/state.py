@@ -86,6 +86,9 @@ class RoundState:
     # reveal
     seeds: dict[int, bytes] = field(default_factory=dict)  # the rebuilt self-mask seed of each contributor
     dropout_pairs: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (j in U, dropout d) -> s_jd
+    # peers named for a share that did not fit its rebuilt secret: the revealer of a bad share, or the owner
+    # whose own box to us held one (a revealer may also have been dealt a bad share by its owner)
+    bad_shares: list[int] = field(default_factory=list)
     revealing: asyncio.Future[Any] | None = None  # our reveals, still in flight while sums go out
     # sums
     total: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))  # the group's unmasked sum
