@@ -1,4 +1,7 @@
-"""Differential privacy: the noise the aggregate carries, the accountant, and stopping at the budget."""
+"""User-level differential privacy: the noise the aggregate carries, the accountant, and stopping at the budget.
+
+Record-level DP-SGD is tested in test_dpsgd.py; counting every release in test_dp_accounting.py.
+"""
 
 from __future__ import annotations
 
@@ -109,6 +112,12 @@ def test_privacy_config_is_checked() -> None:
                                 "run.aggregation.mode": "plain", "run.aggregation.min_group_size": 2})  # fmt: skip
     with pytest.raises(ConfigError, match=r"noise_multiplier > 0 or a privacy\.target_epsilon"):
         load_node_config(None, {"run.privacy.enabled": True})
+    with pytest.raises(ConfigError, match=r"privacy\.level must be 'record' .* or 'user'"):
+        load_node_config(None, {"run.privacy.level": "batch"})
+    assert (
+        load_node_config(None, {"run.privacy.enabled": True, "run.privacy.target_epsilon": 8.0}).run.privacy.level
+        == "record"
+    )
 
 
 @pytest.mark.slow
@@ -118,7 +127,14 @@ def test_a_node_stops_contributing_at_its_budget(tmp_path: Path, bootstrap_maddr
         tmp_path / "run.toml",
         train={"inner_steps": 4},
         aggregation={"timeout": 30.0},
-        privacy={"enabled": True, "noise_multiplier": 2.0, "clip_norm": 1.0, "delta": 1e-5},
+        privacy={
+            "enabled": True,
+            "level": "user",
+            "noise_multiplier": 2.0,
+            "clip_norm": 1.0,
+            "delta": 1e-5,
+            "allow_noisy": True,
+        },  # 4 users: far below the population floor, on purpose
     )
     budget = (pld_epsilon(2.0, 2, 1e-5) + pld_epsilon(2.0, 3, 1e-5)) / 2
     data = [bytes([65 + i]) * 20_000 for i in range(4)]

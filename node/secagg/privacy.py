@@ -10,7 +10,21 @@ The noise lives in the integers, so quantization never touches it.
 
 The budget is tracked with Google's ``dp-accounting``: the privacy loss distribution (PLD)
 accountant gives the epsilon the node reports and stops at; the RDP accountant is kept as a
-cross-check. A round counts only if the node's input was in the group's contributor set.
+cross-check.
+
+What counts as a release: a round counts once this node's noised, masked parts leave it (the
+"parts" phase of the masked all-reduce), whatever happens after. Once they are out, a group that
+reaches the reveal phase can unmask the sum even if the round then fails for us (a peer that holds
+every partial sum may fail it with a bad ``sum`` of its own), so counting only rounds that decoded
+would miss releases. The ``ReleaseLedger`` (shared memory between the trainer and its averager
+process) makes the accounting exact and bounded: the trainer grants one permit per round it may
+spend budget on; a session without a permit stops at its "keys" phase, before anything of ours
+leaves (``ReleaseRefused``, which hivemind does not retry), and each "parts" phase takes the permit
+and counts one release. So hivemind's retry of a failed step on the same tensors (fresh noise, a
+second noisy copy) cannot run once the first attempt released: at most one release per granted
+round, and the accountant counts every one (``PrivacyAccountant.sync``). A round that fails after
+its parts went out is counted although its sum may never have been formed: the count is an upper
+bound on what was released, never below it.
 
 Gaps, stated plainly:
 - Accounting treats each round as a Gaussian mechanism with multiplier
@@ -31,9 +45,10 @@ Gaps, stated plainly:
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +60,54 @@ if TYPE_CHECKING:
 VALUE_DISCRETIZATION = 1e-3  # PLD grid: epsilon to about 1e-3, a fraction of a second per evaluation
 
 
+class ReleaseRefused(Exception):
+    """A DP session had no permit to release this node's update: it ends before sending anything.
+
+    Deliberately not a SecAggError (nor one of hivemind's retried errors): hivemind must not retry
+    the step on the same tensors, which would release another noisy copy.
+    """
+
+
+class ReleaseLedger:
+    """Permits and releases of this node's noised update, in memory shared with the averager process.
+
+    The trainer sets ``permit(1)`` before a round it may spend budget on (``permit(0)`` otherwise); the
+    masked all-reduce calls ``NoiseShare.at_phase``, which checks a permit at "keys" and takes it at
+    "parts" (one release). ``released`` counts every release since the ledger was made.
+    """
+
+    def __init__(self) -> None:
+        self._permits = mp.Value("i", 0)
+        self._released = mp.Value("i", 0)
+
+    def permit(self, count: int) -> None:
+        """Allow ``count`` more releases (replacing any unused permit: a round never inherits one)."""
+        with self._permits.get_lock():
+            self._permits.value = count
+
+    @property
+    def permits(self) -> int:
+        return int(self._permits.value)
+
+    @property
+    def released(self) -> int:
+        return int(self._released.value)
+
+    def check(self) -> None:
+        """ReleaseRefused unless a permit is left (a session's first phase)."""
+        if self._permits.value <= 0:
+            raise ReleaseRefused("no DP release permitted for this round (already released, or budget spent)")
+
+    def take(self) -> None:
+        """Use the permit and count one release (our noised parts are about to leave)."""
+        with self._permits.get_lock():
+            if self._permits.value <= 0:
+                raise ReleaseRefused("no DP release permitted for this round (already released, or budget spent)")
+            self._permits.value -= 1
+            with self._released.get_lock():
+                self._released.value += 1
+
+
 @dataclass(frozen=True)
 class NoiseShare:
     """What one peer adds to its encoded update: its share of the group's DP noise."""
@@ -52,6 +115,16 @@ class NoiseShare:
     noise_multiplier: float  # sigma
     clip_norm: float  # C
     max_dropouts: int  # t: the noise survives this many peers dropping or colluding
+    ledger: ReleaseLedger | None = field(default=None, compare=False, repr=False)  # None: releases not gated
+
+    def at_phase(self, phase: str) -> None:
+        """The masked all-reduce's hook at each phase: a permit checked at "keys", taken at "parts"."""
+        if self.ledger is None:
+            return
+        if phase == "keys":
+            self.ledger.check()
+        elif phase == "parts":
+            self.ledger.take()
 
     def contributors_needed(self, group_size: int) -> int:
         """The fewest shares that together carry the full sigma * C: the smallest U a round may accept.
@@ -71,6 +144,36 @@ class NoiseShare:
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
         noise = np.rint(rng.normal(0.0, self.std(group_size) * scale, words.size)).astype(np.int64)
         words += noise.astype(np.uint32)  # two's complement: a negative draw wraps to its ring element
+
+
+def mean_noise_ratio(noise_multiplier: float, dimension: int, group_size: int, max_dropouts: int) -> float:
+    """Expected L2 norm of the DP noise on a group's mean over the clipped update bound C.
+
+    Every one of the ``n`` peers adds a share of std ``sigma * C / sqrt(n - t)`` per coordinate
+    (``NoiseShare.std``), so the sum carries ``sigma * C * sqrt(n / (n - t))`` and the mean (weights
+    1: every peer brings a full round) ``sigma * C * sqrt(n / (n - t)) / n`` per coordinate; over
+    ``d`` coordinates its RMS norm is ``sqrt(d)`` times that, against a mean update of norm <= C:
+    ``ratio = sigma * sqrt(d) * sqrt(n / (n - t)) / n`` (about ``sigma * sqrt(d) / n``). A round that
+    decodes with only ``n - t`` contributors carries ``sigma * C`` over ``n - t``: ratio
+    ``sigma * sqrt(d) / (n - t)``, worse; lighter weights (omega < 1) make it worse still.
+    """
+    needed = max(1, group_size - max_dropouts)  # NoiseShare.contributors_needed
+    return noise_multiplier * math.sqrt(dimension * group_size / needed) / group_size
+
+
+def group_size_floor(noise_multiplier: float, dimension: int, max_dropouts: int, ratio: float = 1.0) -> int:
+    """The smallest group whose mean's noise is at most ``ratio`` times the clipped signal (``mean_noise_ratio``).
+
+    ``n (n - t) >= (sigma / ratio)**2 d``, so ``n = ceil(t / 2 + sqrt(t**2 / 4 + (sigma / ratio)**2 d))``,
+    about ``sigma * sqrt(d) + t / 2``.
+    """
+    target = (noise_multiplier / ratio) ** 2 * dimension
+    n = max(1, math.ceil(max_dropouts / 2 + math.sqrt(max_dropouts**2 / 4 + target)))
+    while n > 1 and mean_noise_ratio(noise_multiplier, dimension, n - 1, max_dropouts) <= ratio:
+        n -= 1  # float rounding, and the n <= t regime (one full share each)
+    while mean_noise_ratio(noise_multiplier, dimension, n, max_dropouts) > ratio:
+        n += 1
+    return n
 
 
 def clip_update(tensors: Sequence[torch.Tensor], clip_norm: float) -> float:
@@ -141,12 +244,17 @@ class PrivacyAccountant:
         delta: the delta of every reported epsilon.
         budget: the epsilon the node may spend; ``math.inf`` for no limit.
         rounds: rounds already contributed (restored from a checkpoint).
+        ledger: the releases the averager counted (``sync`` adds the new ones); None: ``record`` only.
     """
 
-    def __init__(self, noise_multiplier: float, delta: float, budget: float, rounds: int = 0):
+    def __init__(
+        self, noise_multiplier: float, delta: float, budget: float, rounds: int = 0, ledger: ReleaseLedger | None = None
+    ):
         if noise_multiplier <= 0:
             raise ValueError("the noise multiplier must be > 0")
         self.noise_multiplier, self.delta, self.budget, self.rounds = noise_multiplier, delta, budget, rounds
+        self.ledger = ledger
+        self._synced = 0  # the ledger's releases already in ``rounds``
         self._cache: dict[int, float] = {}
 
     def epsilon(self, rounds: int | None = None) -> float:
@@ -164,5 +272,21 @@ class PrivacyAccountant:
         return math.isinf(self.budget) or self.epsilon(self.rounds + 1) <= self.budget
 
     def record(self) -> None:
-        """Count one round whose aggregate included this node's update."""
+        """Count one release of this node's update."""
         self.rounds += 1
+
+    def sync(self) -> int:
+        """Add the releases the ledger counted since the last sync; returns how many."""
+        if self.ledger is None:
+            return 0
+        released = self.ledger.released
+        new, self._synced = released - self._synced, released
+        self.rounds += new
+        return new
+
+    def permit_round(self) -> bool:
+        """Before a round: grant the ledger one release if the budget allows one more, else none."""
+        allowed = self.can_contribute()
+        if self.ledger is not None:
+            self.ledger.permit(1 if allowed else 0)
+        return allowed

@@ -21,15 +21,16 @@ ever sees uniformly random words. Phases, each bounded by a timeout:
              matches ours and t signed it; those signatures are forwarded with the reveal
     reveal   survivors reveal shares of b_j for j in U and of s_sk_d for dropouts d, never both
              for one peer; a reveal whose signatures do not certify our U fails the round; each
-             peer rebuilds the secrets it needs, checked against the keys and commitments
+             peer rebuilds the secrets it needs, checked against the keys and commitments (other
+             t-subsets when one share is bad, whose holder is blamed: sharing.py)
     sums     each holder removes from its partial sums the self masks of their senders and their
              pairwise masks with dropouts (pairwise masks within U cancel only in the total, so a
-             partial sum stays masked), and sends them to every peer; all decode the same total
+             partial sum stays masked), and sends them to every peer; all decode the same total,
+             refused by all alike if its weight or values lie outside the honest range (bounds.py)
 
-The threshold is ``t = n // 2 + 1``; U must count ``max(3, t)`` peers that blamed nobody (a sum over
-two reveals both inputs) and, under DP, hold the contributors the noise was sized for. Any missing
-piece fails the round with ``SecAggError``, never a partial result. A peer that leaves after its sums
-costs nothing; one that leaves between ``agree`` and its sums fails the round for everyone.
+The threshold is ``t = n // 2 + 1``; U must count ``max(3, t)`` unblamed peers (a sum over two reveals both
+inputs) and, under DP, the contributors the noise was sized for. A missing piece fails the round (``SecAggError``,
+never a partial result); a peer leaving after its sums costs nothing, one leaving between agree and sums fails it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 from hivemind.p2p import P2P, PeerID
 
 from node.config import CompressionConfig
+from node.secagg.bounds import check_group_sum
 from node.secagg.compression import select_coordinates
 from node.secagg.consistency import ContributorAgreement
 from node.secagg.fixed_point import FixedPointCodec
@@ -54,7 +56,7 @@ from node.secagg.messages import NO_BOUND, Message
 from node.secagg.parts import PartLayout, Workspace, split_parts
 from node.secagg.ring import RingVector
 from node.secagg.shamir import split_secret
-from node.secagg.sharing import SharingError, box_shares, commit, gather_shares, open_shares, rebuild_secret
+from node.secagg.sharing import SharingError, box_shares, commit, gather_shares, open_shares, rebuild_secrets
 from node.secagg.state import (
     RoundState,
     SecAggError,
@@ -99,9 +101,8 @@ class MaskedAllReduce:
         adaptive_bound: agree on the code's bound in the keys phase: each peer proposes the power of two
             at or above 3x the RMS of its values and the group takes the largest, capped at ``bound``
             (for low-bit codes; a proposal reveals the order of magnitude of a peer's update).
-        residual: for error feedback (float32, the vector's length): on success it is overwritten with
-            what of ``vector`` the group's sum did not take (unselected coordinates, clipped excess,
-            rounding error), for the caller to keep and send again; untouched on failure.
+        residual: for error feedback (float32, the vector's length): on success, what of ``vector`` the sum did not
+            take (unselected coordinates, clipped excess, rounding error), to send again; untouched on failure.
         record_view: keep every received message in ``view`` (tests check what a peer can learn).
     """
 
@@ -247,6 +248,7 @@ class MaskedAllReduce:
         await self._exchange_sums(state)
         self._phase("decode")
         try:
+            await self._offload(check_group_sum, state.total, self.codec, len(state.u), self.noise)
             weight_sum = await self._offload(self.ring.decode, state.total)
         except ValueError as e:
             raise SecAggError(f"group {self.group_id.hex()[:8]}: the unmasked sum does not decode: {e}") from e
@@ -361,18 +363,22 @@ class MaskedAllReduce:
             asyncio.gather(*(self._send(j, "reveal", reveal) for j in state.live if j != me))
         )
         need = self.threshold - 1
-        while True:  # a live peer outside U may lack some shares: wait for more reveals until each secret has t
+        while True:  # wait for more reveals until each secret rebuilds (a peer outside U may lack shares, one may lie)
             reveals = await self.transport.collect("reveal", state.live, self.timeouts.message, need=need)
             shares_b, shares_s = gather_shares(me, held, {j: m.data for j, m in reveals.items()}, u, state.dropped)
-            if len(reveals) < need or all(len(x) >= self.threshold for x in [*shares_b.values(), *shares_s.values()]):
+            rebuilt = await self._offload(rebuild_secrets, shares_b, shares_s, self.threshold, self._keys)
+            if len(reveals) < need or not (rebuilt.failed or rebuilt.unsure):
                 break
             need = len(reveals) + 1
         self.agreement.check_certificates(reveals, (u, state.digest))
-        state.seeds = {j: self._rebuild(shares, "b", j) for j, shares in shares_b.items()}
-        secrets_s = {d: self._rebuild(shares, "s", d) for d, shares in shares_s.items()}
+        for kind, owner, holder in rebuilt.bad:  # our own share came straight from its owner's box
+            state.bad_shares.append(culprit := owner if holder == me else holder)
+            logger.warning(f"blamed peer {culprit} ({self.peer_ids[culprit]}): a share of peer {owner}'s {kind} is bad")
+        self._require(not rebuilt.failed, f"secrets that do not rebuild: {rebuilt.failed}")
+        state.seeds = rebuilt.seeds
         state.dropout_pairs = {
             (j, d): pair_secret(secret, self._keys[j]["s_pk"])
-            for d, secret in secrets_s.items()
+            for d, secret in rebuilt.s_keys.items()
             for j in u
             if d in state.claims[j]["maskset"]
         }
@@ -446,6 +452,8 @@ class MaskedAllReduce:
 
     def _phase(self, name: str) -> None:
         """Record when a phase starts; ``stats["phases"]`` holds (name, seconds since the start)."""
+        if self.noise is not None:  # DP: a release needs a permit (checked at keys), counted at parts (privacy.py)
+            self.noise.at_phase(name)
         now = time.perf_counter()
         if self._started is None:
             self._started = now
@@ -490,10 +498,3 @@ class MaskedAllReduce:
         order = [(part + step) % self.n for step in range(self.n)]
         allowed = live & set(self.state.u2) & set(self.reducers) - self.transport.dead  # u2: never on a blamed peer
         return [h for h in order if h in allowed]
-
-    def _rebuild(self, shares: dict[int, bytes], kind: str, owner: int) -> bytes:
-        """Peer ``owner``'s secret (``kind`` "b": self-mask seed, "s": s_sk) from t shares, checked against its keys."""
-        try:
-            return rebuild_secret(shares, self.threshold, kind, self._keys[owner])
-        except SharingError as e:
-            raise SecAggError(f"group {self.group_id.hex()[:8]} round {self.round_no}: peer {owner}'s {e}") from e

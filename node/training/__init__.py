@@ -4,9 +4,10 @@ class TrainingNode (trainer.py): enroll, join, catch up, train outer rounds, clo
 class OuterState, InFlight (outer.py): global params, the outer step and the staleness rule of the overlapped loop
 inner_phase, evaluate (inner.py): the inner AdamW steps on local batches; held-out loss
 class InnerSchedule (schedule.py): the inner learning rate at each of the run's inner steps (warmup, cosine)
-class Checkpoint (checkpoint.py): checkpoint.pt after every round, --resume; atomic_save, save_round_params
+class Checkpoint (checkpoint.py): checkpoint.safetensors after every round, --resume; atomic_write, save_round_params
 class RoundOutcome, RoundReport (report.py): how a round ended; the report.jsonl line (REPORT_FILE, append_report)
-setup_privacy, compression_bound (privacy.py): the DP noise share and budget accountant
+class TrainerPrivacy, compression_bound (privacy.py): DP at the run's level (record or user) and its budget
+class DPSGDStep, RecordSampler, RecordAccountant (dpsgd.py): record-level DP-SGD on Poisson samples of text windows
 class ConfigMismatchError, refuse_mismatched (admission.py): a peer of the run with another config is refused
 class StateSharer, wait_for_peer_ahead (state_sharing.py): late joiners (and resyncs) download the state from peers
 """

@@ -4,7 +4,9 @@ A phase takes up to ``train.inner_steps`` steps and is cut short once ``train.ro
 passed (after at least one step), so a slow peer sends fewer samples rather than holding up its
 group. What the phase trained is sent later as the pseudo-gradient (outer.py). Between two steps
 the trainer may land the previous round's outer update (``between_steps``: the overlapped loop);
-each step's learning rate comes from the run's ``InnerSchedule`` (schedule.py).
+each step's learning rate comes from the run's ``InnerSchedule`` (schedule.py). With record-level DP
+each step is a DP-SGD step on a Poisson sample of the node's records (``step``: node/training/dpsgd.py)
+in place of a plain step on ``batches``, and the privacy budget may cap the phase (``steps``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def inner_phase(
     schedule: InnerSchedule | None = None,
     first_step: int = 0,
     between_steps: Callable[[int], None] | None = None,
+    step: Callable[[], float] | None = None,
+    steps: int | None = None,
 ) -> list[float]:
     """Up to ``inner_steps`` steps, cut short after ``round_seconds`` or when ``stop_event`` is set.
 
@@ -40,6 +44,8 @@ def inner_phase(
         first_step: the run's step count at this phase's first step.
         between_steps: called between two steps with the number taken so far (the trainer lands a ready
             outer round there).
+        step: takes one step and returns its loss, in place of a plain step on ``batches`` (DP-SGD).
+        steps: the most steps to take (None: ``train.inner_steps``).
 
     Returns:
         The training loss of each step taken.
@@ -47,21 +53,28 @@ def inner_phase(
     deadline = time.perf_counter() + train.round_seconds if train.round_seconds else math.inf
     losses: list[float] = []
     model.train()
-    for step in range(train.inner_steps):
+    for index in range(train.inner_steps if steps is None else steps):
         if stop_event.is_set() or (losses and time.perf_counter() >= deadline):
             break
         if losses and between_steps is not None:
             between_steps(len(losses))
         if schedule is not None:
             for group in optimizer.param_groups:
-                group["lr"] = schedule.lr(first_step + step)
-        tokens, targets = batches.next()
-        loss = model(tokens.to(device), targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+                group["lr"] = schedule.lr(first_step + index)
+        losses.append(step() if step is not None else plain_step(model, optimizer, batches, device))
     return losses
+
+
+def plain_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: ByteBatches, device: torch.device
+) -> float:
+    """One AdamW step on the next batch; returns its loss."""
+    tokens, targets = batches.next()
+    loss = model(tokens.to(device), targets.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def evaluate(

@@ -1,20 +1,56 @@
-"""A trainer's differential privacy: the noise share it adds to each round and the accountant of its budget.
+"""A trainer's differential privacy at its run's level: what it adds, when it may send, what it spent.
 
-With ``[run.privacy]`` each contribution is clipped to ``clip_norm`` and noised inside the masked ring
-(node/secagg/privacy.py). The accountant's effective noise multiplier accounts for the ring's
-fixed-point scale, so the ring bound (and the compression bound it depends on) is computed here too.
-The node stops sending updates once ``can_contribute()`` is False (TrainingNode's ``local`` rounds).
+``[run.privacy] level`` picks the unit of privacy:
+
+- ``"record"`` (the default): every inner step is DP-SGD on Poisson samples of the node's records
+  (node/training/dpsgd.py); the accountant counts steps. Each phase takes at most the steps the
+  budget still allows. Once none is left the node stops sending (``local`` rounds) and its steps
+  are no longer counted: nothing they produce leaves the node.
+- ``"user"``: the node's whole pseudo-gradient is clipped to ``clip_norm`` and noised inside the
+  masked ring (node/secagg/privacy.py); the accountant counts releases through a ``ReleaseLedger``
+  shared with the averager process (a permit per round, each release counted, no retry after one).
+  The accountant's effective noise multiplier accounts for the ring's fixed-point scale, so the ring
+  bound (and the compression bound it depends on) is computed here too. Before anything starts,
+  ``check_user_population`` refuses a run whose smallest group would get a mean with more noise
+  than signal (a floor of about ``sigma * sqrt(d)`` peers a group), unless ``allow_noisy``.
+
+What a round that formed no group may publish (``publishes``): the global parameters are what
+``StateSharer`` serves to anyone, so under DP they may only move by released, noised updates.
+At user level a ``solo`` or ``local`` round's update is clipped but not noised (its noise lives in
+the ring, which did not run): it does not touch the global parameters and stays in the local
+model, sent with the next group round. Adding the full noise ``sigma * C`` locally instead would
+spend a release on a single update and put noise of norm ``sigma * C * sqrt(d)`` (hundreds of times
+the update) into the shared model. At record level the update is already DP-SGD output whose
+steps are counted, so a ``solo`` round applies it; a ``local`` round (budget spent) does not.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
 
 from node.aggregation.secure import MAX_SECURE_GROUP, ring_bound
-from node.config import RunConfig
+from node.config import ConfigError, NodeConfig, RunConfig
 from node.secagg.fixed_point import FixedPointCodec
-from node.secagg.privacy import NoiseShare, PrivacyAccountant, calibrate_noise_multiplier, effective_multiplier
+from node.secagg.privacy import (
+    NoiseShare,
+    PrivacyAccountant,
+    ReleaseLedger,
+    calibrate_noise_multiplier,
+    clip_update,
+    effective_multiplier,
+    group_size_floor,
+    mean_noise_ratio,
+)
+from node.training.dpsgd import DPSGDStep, RecordAccountant, RecordSampler, calibrate_record_noise
+from node.training.report import RoundOutcome
+
+if TYPE_CHECKING:
+    from node.config import PrivacyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -28,28 +64,208 @@ def compression_bound(run: RunConfig) -> float:
     return compression.bound or run.aggregation.clip_bound
 
 
+def node_budget(privacy: PrivacyConfig, epsilon_budget: float) -> float:
+    """The epsilon this node may spend: the lower of the run's target and its own cap (inf: none)."""
+    return min([b for b in (privacy.target_epsilon, epsilon_budget) if b > 0], default=math.inf)
+
+
+def check_user_population(run: RunConfig, dimension: int, noise_multiplier: float) -> float:
+    """User level: refuse a run whose smallest group's mean carries more noise than signal; returns that ratio.
+
+    The ratio is ``mean_noise_ratio`` (node/secagg/privacy.py) for a group of
+    ``aggregation.min_group_size``, the smallest group that may release: about ``sigma * sqrt(d) / n``.
+    Above 1 the run is refused with a ConfigError naming the floor (``group_size_floor``, about
+    ``sigma * sqrt(d)``), unless ``privacy.allow_noisy``, which logs a warning with the ratio.
+    """
+    privacy, size = run.privacy, run.aggregation.min_group_size
+    ratio = mean_noise_ratio(noise_multiplier, dimension, size, privacy.max_dropouts)
+    floor = group_size_floor(noise_multiplier, dimension, privacy.max_dropouts)
+    facts = (
+        f"privacy.level = 'user' with aggregation.min_group_size = {size}: the DP noise on a group's mean is "
+        f"{ratio:.3g}x the clipped update (noise multiplier {noise_multiplier:.4g}, {dimension} parameters; "
+        f"it stays below 1x from {floor} peers a group, and groups hold at most {MAX_SECURE_GROUP})"
+    )
+    if ratio <= 1:
+        logger.info(facts)
+    elif privacy.allow_noisy:
+        logger.warning(f"{facts}; starting anyway (privacy.allow_noisy = true): expect the model to be mostly noise")
+    else:
+        grow = f"raise aggregation.min_group_size to >= {floor}, " if floor <= MAX_SECURE_GROUP else ""
+        less = (
+            "lower privacy.noise_multiplier"
+            if privacy.noise_multiplier > 0
+            else "raise privacy.target_epsilon (or lower privacy.planned_rounds)"
+        )
+        raise ConfigError(
+            f"{facts}; {grow}use privacy.level = 'record', {less} to a noise multiplier <= "
+            f"{noise_multiplier / ratio:.3g}, or set privacy.allow_noisy = true to train anyway"
+        )
+    return ratio
+
+
 def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tuple[NoiseShare, PrivacyAccountant]:
-    """The noise share each round adds and the accountant of this node's budget.
+    """User level: the noise share each round adds (with its release ledger) and the accountant of this node.
 
     Args:
         run: the run's configuration (``run.privacy`` enabled).
         dimension: the number of values in one update (all model parameters).
         epsilon_budget: this node's own cap on epsilon (``--epsilon-budget``; 0: the run's target only).
+
+    Raises:
+        ConfigError: the run's groups are below the population floor (``check_user_population``).
     """
     privacy = run.privacy
     sigma = privacy.noise_multiplier or calibrate_noise_multiplier(
         privacy.target_epsilon, privacy.delta, privacy.planned_rounds
     )
-    noise = NoiseShare(noise_multiplier=sigma, clip_norm=privacy.clip_norm, max_dropouts=privacy.max_dropouts)
+    check_user_population(run, dimension, sigma)
+    ledger = ReleaseLedger()
+    noise = NoiseShare(sigma, privacy.clip_norm, privacy.max_dropouts, ledger=ledger)
     bound = ring_bound(run.aggregation, noise, compression_bound(run))
     scale = FixedPointCodec(MAX_SECURE_GROUP, bound, bits=run.compression.bits).scale
-    budgets = [b for b in (privacy.target_epsilon, epsilon_budget) if b > 0]
-    budget = min(budgets, default=math.inf)
-    accountant = PrivacyAccountant(
-        effective_multiplier(sigma, privacy.clip_norm, scale, dimension), privacy.delta, budget
-    )
+    budget = node_budget(privacy, epsilon_budget)
+    multiplier = effective_multiplier(sigma, privacy.clip_norm, scale, dimension)
+    accountant = PrivacyAccountant(multiplier, privacy.delta, budget, ledger=ledger)
     logger.info(
-        f"differential privacy: clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, "
+        f"user-level differential privacy: clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, "
         f"delta {privacy.delta}, budget epsilon {budget}"
     )
     return noise, accountant
+
+
+def setup_record_privacy(
+    run: RunConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    corpus: bytes,
+    batch_size: int,
+    device: torch.device,
+    epsilon_budget: float,
+) -> tuple[DPSGDStep, RecordAccountant]:
+    """Record level: the DP-SGD step over this node's records and the accountant of its steps."""
+    privacy = run.privacy
+    sampler = RecordSampler(corpus, run.model.context, batch_size)
+    planned = privacy.planned_rounds * run.train.inner_steps
+    sigma = privacy.noise_multiplier or calibrate_record_noise(
+        privacy.target_epsilon, privacy.delta, sampler.sample_rate, planned
+    )
+    budget = node_budget(privacy, epsilon_budget)
+    step = DPSGDStep(model, optimizer, sampler, sigma, privacy.clip_norm, device)
+    accountant = RecordAccountant(sigma, sampler.sample_rate, privacy.delta, budget)
+    logger.info(
+        f"record-level differential privacy (DP-SGD): {sampler.count} records, sample rate "
+        f"{sampler.sample_rate:.4f}, clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, delta {privacy.delta}, "
+        f"budget epsilon {budget} ({accountant.max_steps()} steps)"
+    )
+    return step, accountant
+
+
+class TrainerPrivacy:
+    """What a TrainingNode asks of its DP, at either level (the module docstring says what each does).
+
+    Build it with ``TrainerPrivacy.create``. Args as for ``setup_privacy`` and ``setup_record_privacy``.
+    """
+
+    def __init__(
+        self,
+        level: str,
+        target_epsilon: float,
+        clip_norm: float,
+        user: tuple[NoiseShare, PrivacyAccountant] | None = None,
+        record: tuple[DPSGDStep, RecordAccountant] | None = None,
+    ):
+        self.level, self.target_epsilon, self.clip_norm = level, target_epsilon, clip_norm
+        self.noise: NoiseShare | None = user[0] if user else None  # the ring's noise share (user level only)
+        self.accountant: PrivacyAccountant | None = user[1] if user else None
+        self.dpsgd: DPSGDStep | None = record[0] if record else None
+        self.steps: RecordAccountant | None = record[1] if record else None
+        self.budget_spent = False
+        self._counting = True  # record level: whether the current phase's steps are counted
+
+    @classmethod
+    def create(
+        cls,
+        config: NodeConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        corpus: bytes,
+        batch_size: int,
+    ) -> TrainerPrivacy:
+        """A node's DP: ``model`` (its device), ``optimizer`` and training ``corpus`` serve the record level."""
+        run, epsilon_budget, privacy = config.run, config.epsilon_budget, config.run.privacy
+        device = next(model.parameters()).device
+        if privacy.level == "user":
+            dimension = sum(p.numel() for p in model.parameters())
+            user = setup_privacy(run, dimension, epsilon_budget)
+            return cls("user", privacy.target_epsilon, privacy.clip_norm, user=user)
+        record = setup_record_privacy(run, model, optimizer, corpus, batch_size, device, epsilon_budget)
+        return cls("record", privacy.target_epsilon, privacy.clip_norm, record=record)
+
+    # ---- the inner phase (record level) --------------------------------------------------------
+    def phase_steps(self, inner_steps: int) -> int:
+        """Steps the next inner phase may take: at record level capped by the budget (then uncounted)."""
+        if self.steps is None:
+            return inner_steps
+        left = self.steps.steps_left()
+        self._counting = left is None or left > 0
+        return inner_steps if left is None or left == 0 else min(inner_steps, left)
+
+    @property
+    def inner_step(self) -> Callable[[], float] | None:
+        """The DP-SGD step that replaces the plain one (record level; each counted while the budget allows), or None."""
+        return self._counted_step if self.dpsgd is not None else None
+
+    def _counted_step(self) -> float:
+        assert self.dpsgd is not None and self.steps is not None
+        loss = self.dpsgd()
+        if self._counting:
+            self.steps.record(1)
+        return loss
+
+    # ---- a round ------------------------------------------------------------------------------
+    def launch(self, sent: list[torch.Tensor]) -> bool:
+        """Before a round is sent: clip it (user level) and say whether the budget lets it leave."""
+        if self.accountant is not None:
+            clip_update(sent, self.clip_norm)  # the clipped-off excess stays unsent, for later
+            allowed = self.accountant.permit_round()
+        else:
+            allowed = self._counting
+        if not allowed and not self.budget_spent:
+            logger.warning(
+                f"privacy budget spent (epsilon {self.epsilon():.3f} of {self.target_epsilon}): "
+                "no longer sending updates; training locally"
+            )
+            self.budget_spent = True
+        return allowed
+
+    def landed(self) -> None:
+        """After a round, whatever its outcome: count the releases the averager made (user level)."""
+        if self.accountant is not None:
+            self.accountant.sync()
+
+    def publishes(self, mode: RoundOutcome) -> bool:
+        """Whether a round that formed no group may apply its update to the served global parameters."""
+        return self.level == "record" and mode is RoundOutcome.SOLO
+
+    # ---- what was spent ------------------------------------------------------------------------
+    def epsilon(self) -> float:
+        """Epsilon spent so far (PLD, at the run's delta)."""
+        if self.accountant is not None:
+            return self.accountant.epsilon()
+        assert self.steps is not None
+        return self.steps.epsilon()
+
+    @property
+    def spent(self) -> int:
+        """What the accountant counted: releases (user level) or DP-SGD steps (record level)."""
+        if self.accountant is not None:
+            return self.accountant.rounds
+        assert self.steps is not None
+        return self.steps.steps
+
+    def restore(self, spent: int) -> None:
+        """Resume the count from a checkpoint."""
+        if self.accountant is not None:
+            self.accountant.rounds = spent
+        elif self.steps is not None:
+            self.steps.steps = spent

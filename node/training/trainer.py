@@ -4,8 +4,8 @@
 
 - inner.py: the inner AdamW steps and the held-out evaluation;
 - outer.py: the outer step and the staleness rule of the overlapped loop (the round, step by step);
-- privacy.py: the DP noise share and budget accountant (``[run.privacy]``);
-- checkpoint.py: ``<workdir>/checkpoint.pt`` after every round, read back by ``--resume``;
+- privacy.py: DP at the run's level, record (DP-SGD, dpsgd.py) or user (ring noise), and its budget;
+- checkpoint.py: ``<workdir>/checkpoint.safetensors`` after every round, read back by ``--resume``;
 - report.py: ``RoundOutcome`` and the ``RoundReport`` line each round appends to ``report.jsonl``;
 - admission.py: a peer of the run with another config is refused (``ConfigMismatchError``);
 - node/runtime.py: identity, DHT peer, signed record and heartbeat (``NodeRuntime``);
@@ -41,13 +41,12 @@ from node.config import NodeConfig
 from node.data import ByteBatches, DataError, batch_seed, load_corpus, split_corpus
 from node.model import build_model
 from node.runtime import NodeRuntime
-from node.secagg.privacy import NoiseShare, PrivacyAccountant, clip_update
 from node.sketch import data_sketch
 from node.training.admission import ConfigMismatchError, refuse_mismatched
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, save_round_params
 from node.training.inner import evaluate, inner_phase
 from node.training.outer import AggregationOutcome, InFlight, OuterState
-from node.training.privacy import compression_bound, setup_privacy
+from node.training.privacy import TrainerPrivacy, compression_bound
 from node.training.report import REPORT_FILE, RoundOutcome, RoundReport, append_report
 from node.training.schedule import InnerSchedule
 from node.training.state_sharing import SharedState, StateSharer, wait_for_peer_ahead
@@ -99,8 +98,7 @@ class TrainingNode:
         self.outer: OuterState  # global parameters and the outer optimizer
         self.capacity = Capacity()
         self.partition: ParameterPartition | None = None  # parameter tags, with [run.cohorts]
-        self.noise: NoiseShare | None = None  # this node's DP noise share (privacy.enabled)
-        self.accountant: PrivacyAccountant | None = None
+        self.privacy: TrainerPrivacy | None = None  # DP noise and budget (privacy.enabled)
 
         # the swarm: the runtime is born in prepare() (identity), the rest in join()
         self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
@@ -111,7 +109,6 @@ class TrainingNode:
         # round progress
         self.round = 0
         self._digest = b""  # state digest of the global parameters at ``round``
-        self._budget_spent = False
         self._inflight: InFlight | None = None
         self._unsent_samples = 0  # samples behind the progress not yet sent (carried when a round is missed)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate")
@@ -153,8 +150,7 @@ class TrainingNode:
         self.schedule = InnerSchedule.for_run(train, self.config.rounds)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.run.privacy.enabled:
-            dimension = sum(p.numel() for p in self.global_params)
-            self.noise, self.accountant = setup_privacy(self.run, dimension, self.config.epsilon_budget)
+            self.privacy = TrainerPrivacy.create(self.config, self.model, self.inner_opt, train_bytes, self.batch_size)
         if self.config.resume:
             self._load_checkpoint()
         self._digest = self.outer.digest()
@@ -167,7 +163,7 @@ class TrainingNode:
             roles=("trainer",),
             round=self.round,
             state_digest=self._digest,
-            epsilon=-1.0 if self.accountant is None else self.accountant.epsilon(),
+            epsilon=-1.0 if self.privacy is None else self.privacy.epsilon(),
         )
 
     def _swarm(self) -> NodeRuntime:
@@ -205,7 +201,7 @@ class TrainingNode:
             client_mode=self.config.swarm.client_mode,
             stop_event=self.stop_event,
             bandwidth=self.capacity.upload_bytes_per_second or None,
-            noise=self.noise,
+            noise=None if self.privacy is None else self.privacy.noise,
             compression=self.run.compression,
             compression_bound=compression_bound(self.run),
         )
@@ -290,7 +286,7 @@ class TrainingNode:
         """Inner steps (node/training/inner.py): their time and samples are counted; returns mean loss and steps."""
         phase = (self._inflight.round if self._inflight is not None else self.round) + 1  # the round it sends
         self._inner_mark = time.perf_counter()
-        train = self.run.train
+        train, dp = self.run.train, self.privacy
         losses = inner_phase(
             self.model,
             self.inner_opt,
@@ -301,6 +297,8 @@ class TrainingNode:
             schedule=self.schedule,
             first_step=(phase - 1) * train.inner_steps,
             between_steps=self._land_if_ready,
+            step=None if dp is None else dp.inner_step,
+            steps=None if dp is None else dp.phase_steps(train.inner_steps),
         )
         self._inner_seconds += time.perf_counter() - self._inner_mark
         self._unsent_samples += len(losses) * self.batch_size
@@ -313,16 +311,8 @@ class TrainingNode:
         sent = self.outer.pseudo_gradient(self.model)
         round_no = self.round + 1
         future: Future[AggregationOutcome] = Future()
-        if self.accountant is not None:
-            clip_update(sent, self.run.privacy.clip_norm)  # the clipped-off excess stays unsent, for later
-            if not self.accountant.can_contribute():
-                if not self._budget_spent:
-                    logger.warning(
-                        f"privacy budget spent (epsilon {self.accountant.epsilon():.3f} of "
-                        f"{self.run.privacy.target_epsilon}): no longer sending updates; training locally"
-                    )
-                    self._budget_spent = True
-                future.set_result((RoundOutcome.LOCAL, None))
+        if self.privacy is not None and not self.privacy.launch(sent):  # user level: clipped, one release permitted
+            future.set_result((RoundOutcome.LOCAL, None))
         mean = [t.clone() for t in sent]
         undelivered: list[torch.Tensor] = []
         # here, not in the worker: hivemind starts averagers from the main thread only
@@ -376,6 +366,8 @@ class TrainingNode:
         flight, self._inflight = self._inflight, None
         assert flight is not None
         mode, outcome = flight.future.result()
+        if self.privacy is not None:
+            self.privacy.landed()  # every release the averager made counts, whatever the outcome
         if mode is RoundOutcome.STOPPED:
             return
         before = self.outer.snapshot()
@@ -386,16 +378,17 @@ class TrainingNode:
             delivered = flight.delivered()  # with compression, the part the ring left out stays in the local model
             self.outer.step(flight.mean)
             group_size = outcome.group_size
-            if self.accountant is not None and self.identity.peer_id in outcome.peers:
-                self.accountant.record()
         elif mode is RoundOutcome.RESYNC:
             assert isinstance(outcome, SharedState)
             self._apply_state(outcome)
             self._unsent_samples += flight.samples  # our delta was not merged: it is still ours to send
             group_size = 0
             delivered = None
-        else:  # solo or local: our own update alone
+        elif self.privacy is None or self.privacy.publishes(mode):  # solo or local: our own update alone
             self.outer.step(flight.sent)
+        else:  # under DP, never served un-noised: it stays in the local model, sent with a later group
+            delivered = None
+            self._unsent_samples += flight.samples
         self.outer.follow(self.model, before, delivered)
         if mode is not RoundOutcome.RESYNC:
             self.round = max(self.round, flight.round)
@@ -414,7 +407,7 @@ class TrainingNode:
         assert self.sharer is not None
         self.sharer.announce(self.round)
         self._refresh_sketch()
-        self._swarm().beat()
+        self._swarm().beat_soon()
         self.on_round(report)
 
     def _report(self, mode: RoundOutcome, group_size: int, flight: InFlight | None) -> RoundReport:
@@ -435,7 +428,7 @@ class TrainingNode:
             samples_per_second=samples / max(seconds, 1e-9),
             seconds=seconds,
             state_digest=self._digest.hex(),
-            epsilon=None if self.accountant is None else round(self.accountant.epsilon(), 4),
+            epsilon=None if self.privacy is None else round(self.privacy.epsilon(), 4),
             utilization=round(utilization, 4),
             bytes_sent=self.meter.bytes_sent() if self.meter is not None else 0,
             inner_steps=steps,
@@ -461,8 +454,8 @@ class TrainingNode:
             outer_opt=self.outer.optimizer.state_dict(),
             inner_opt=self.inner_opt.state_dict(),
             data_rng=self.batches.state(),
-            dp_rounds=0 if self.accountant is None else self.accountant.rounds,
-        ).save(self.workdir)
+            dp_rounds=0 if self.privacy is None else self.privacy.spent,
+        ).save(self.workdir, run=self.run, peer_id=self.identity.peer_id)
 
     def _load_checkpoint(self) -> None:
         checkpoint = Checkpoint.load(self.workdir, self.run_hash)
@@ -476,8 +469,8 @@ class TrainingNode:
         self.inner_opt.load_state_dict(checkpoint.inner_opt)
         self.batches.restore(checkpoint.data_rng)
         self.round = checkpoint.round
-        if self.accountant is not None:
-            self.accountant.rounds = checkpoint.dp_rounds
+        if self.privacy is not None:
+            self.privacy.restore(checkpoint.dp_rounds)
         logger.info(f"resumed from {self.workdir / CHECKPOINT_FILE} at round {self.round}")
 
     # ---- lifecycle --------------------------------------------------------------------------

@@ -1,0 +1,261 @@
+"""Record-level differential privacy: DP-SGD on a node's inner steps, and the accountant of its records.
+
+A *record* is one fixed-length window of the node's training text: the training bytes are cut into
+``N = len(train) // (context + 1)`` aligned, non-overlapping windows of ``context + 1`` bytes (a
+window gives ``context`` inputs and their next-byte targets). Adding, removing or changing one
+record changes what leaves the node by at most (epsilon, delta); a byte sits in exactly one
+record, so the same holds for any single byte, and a change of ``k`` consecutive bytes touches at
+most ``ceil(k / (context + 1)) + 1`` records (group privacy). The bytes after the last whole
+window are never trained on.
+
+Each DP-SGD step (Abadi et al. 2016):
+
+1. Poisson sampling: every record joins the batch independently with probability
+   ``q = batch_size / N`` (the batch size varies; ``batch_size`` is its expectation). This is
+   true Poisson sampling, from a generator seeded by the OS, so the accounting is the standard
+   Poisson-subsampled Gaussian with no fixed-size-batch approximation.
+2. Per-example gradients of the mean next-byte loss of each sampled window, with ``torch.func``
+   (``vmap(grad(functional_call(model)))``): exact for the model's tied head (``logits = ln_f(x)
+   @ wte.weight.T``) and for the position embedding that has no batch dimension. Opacus'
+   ``GradSampleModule`` gets this model wrong: its hooks give ``wte.weight`` the embedding's part
+   only (they never see the head's use of it) and read the unbatched position embedding as a batch
+   of ``context`` (tests/test_dpsgd.py); its ``functorch`` per-layer path fails the same way and its
+   expanded-weights path refuses the unbatched positions (tried with Opacus 1.6). The per-example
+   gradients are handed to Opacus as ``grad_sample``.
+3. Opacus' ``DPOptimizer`` clips each example's whole gradient to L2 norm ``clip_norm`` (flat
+   clipping), adds Gaussian noise of std ``sigma * clip_norm`` to the sum and divides by the
+   expected batch size; the run's AdamW then steps on that (post-processing).
+
+Accounting: ``s`` steps are ``s`` compositions of the Poisson-subsampled Gaussian mechanism
+``(q, sigma)``. The reported epsilon is dp-accounting's PLD accountant; Opacus' PRV and RDP
+accountants are the cross-check. Epsilon composes over rounds by counting steps: the steps of
+every round add to the one count, whatever the rounds' outcome. The pseudo-gradient a node
+sends, and every model derived from it, are post-processing of its DP-SGD steps, so sending it to
+a group (or resending it on a retry) costs nothing more; the masked all-reduce still hides each
+node's update from the others. The node's noise generator is torch's (not a CSPRNG; Opacus'
+``secure_mode`` needs torchcsprng, which we do not ship).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+VALUE_DISCRETIZATION = 1e-3  # PLD grid: epsilon to about 1e-3
+MAX_PER_SAMPLE_FLOATS = 1 << 26  # per-example gradients held at once (256 MB of float32): vmap is chunked past it
+
+
+class RecordSampler:
+    """Poisson samples of a node's records: aligned windows of ``context + 1`` bytes of its training text.
+
+    Args:
+        corpus: the node's training bytes.
+        context: tokens per window (a record is ``context + 1`` bytes).
+        expected_batch: the mean number of records per sample; the sampling rate is ``expected_batch / N``.
+        seed: seeds the sampling (None: from the OS, so nobody can predict which records a step uses).
+    """
+
+    def __init__(self, corpus: bytes, context: int, expected_batch: int, seed: int | None = None):
+        width = context + 1
+        count = len(corpus) // width
+        if count < 1:
+            raise ValueError(f"the data has {len(corpus)} bytes: less than one record of {width} bytes")
+        data = torch.frombuffer(bytearray(corpus[: count * width]), dtype=torch.uint8)
+        self.records = data.view(count, width).long()
+        self.sample_rate = min(1.0, expected_batch / count)
+        self.generator = torch.Generator().manual_seed(
+            int.from_bytes(os.urandom(8), "little") if seed is None else seed
+        )
+
+    @property
+    def count(self) -> int:
+        """N: the records this node trains on."""
+        return int(self.records.shape[0])
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Poisson sample: every record in with probability ``sample_rate``; (inputs, targets)."""
+        chosen = torch.rand(self.count, generator=self.generator) < self.sample_rate
+        windows = self.records[chosen]
+        return windows[:, :-1], windows[:, 1:]
+
+
+class DPSGDStep:
+    """One DP-SGD step of ``model`` on a Poisson sample: per-example gradients, Opacus' clip and noise, AdamW.
+
+    Args:
+        model: the local model (its forward takes tokens and targets and returns the mean loss).
+        optimizer: the run's inner optimizer; wrapped (not replaced) by Opacus' ``DPOptimizer``, so its
+            ``param_groups`` (the learning-rate schedule) and state (checkpoints) stay the trainer's.
+        sampler: the node's records.
+        noise_multiplier: sigma of each step's Gaussian noise, in units of ``clip_norm``.
+        clip_norm: C, the L2 bound on each example's gradient.
+        device: where the model lives.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sampler: RecordSampler,
+        noise_multiplier: float,
+        clip_norm: float,
+        device: torch.device,
+    ):
+        from opacus.optimizers import DPOptimizer
+
+        self.model, self.sampler, self.device = model, sampler, device
+        self.noise_multiplier, self.clip_norm = noise_multiplier, clip_norm
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=clip_norm,
+            expected_batch_size=max(1, round(sampler.sample_rate * sampler.count)),
+            loss_reduction="mean",
+        )
+        self.params = dict(model.named_parameters())
+        size = sum(p.numel() for p in self.params.values())
+        chunk = max(1, MAX_PER_SAMPLE_FLOATS // size)
+        self._per_example: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]] = vmap(
+            grad_and_value(self._example_loss), in_dims=(None, 0, 0), chunk_size=chunk
+        )
+
+    def _example_loss(
+        self, params: dict[str, torch.Tensor], tokens: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        return functional_call(self.model, params, (tokens[None], targets[None]))
+
+    def per_example_gradients(
+        self, tokens: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Each example's gradient (name -> [batch, *shape]) and the batch's mean loss (NaN if empty)."""
+        if tokens.shape[0] == 0:  # an empty Poisson sample: no gradient, the noise is still added
+            return {name: torch.zeros(1, *p.shape, device=p.device) for name, p in self.params.items()}, math.nan
+        detached = {name: p.detach() for name, p in self.params.items()}
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no vmap rule (a slow per-example loop)
+            grads, losses = self._per_example(detached, tokens.to(self.device), targets.to(self.device))
+        return grads, float(losses.mean())
+
+    def step_on(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+        """Clip, noise and apply the gradients of this batch; returns its mean loss."""
+        grads, loss = self.per_example_gradients(tokens, targets)
+        for name, param in self.params.items():
+            param.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus' DPOptimizer
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def __call__(self) -> float:
+        """One step on a fresh Poisson sample of the records; returns its mean loss."""
+        return self.step_on(*self.sampler.sample())
+
+
+# dp-accounting is imported where it is used: it costs 0.6 s at start-up, and only DP runs need it.
+
+
+def sampled_gaussian_steps(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
+    """``steps`` DP-SGD steps: the Poisson-subsampled Gaussian mechanism, self-composed."""
+    import dp_accounting
+
+    step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def record_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` DP-SGD steps (dp-accounting PLD): the reported figure."""
+    if steps == 0:
+        return 0.0
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=VALUE_DISCRETIZATION)
+    accountant.compose(sampled_gaussian_steps(noise_multiplier, sample_rate, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def opacus_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, kind: str = "prv") -> float:
+    """The same from Opacus' accountant (``"prv"`` or ``"rdp"``): the cross-check."""
+    if steps == 0:
+        return 0.0
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    accountant = PRVAccountant() if kind == "prv" else RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_record_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest sigma whose ``steps`` DP-SGD steps at ``sample_rate`` stay within ``target_epsilon`` (PLD)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=VALUE_DISCRETIZATION),
+            lambda s: sampled_gaussian_steps(s, sample_rate, steps),
+            target_epsilon,
+            delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(0.3, 500.0),  # below 0.3 the PLD grid explodes
+        )
+    )
+
+
+class RecordAccountant:
+    """One node's record-level budget: the DP-SGD steps it took, epsilon spent, and the steps still allowed.
+
+    Args:
+        noise_multiplier: sigma of every step.
+        sample_rate: q of every step's Poisson sample.
+        delta: the delta of every reported epsilon.
+        budget: the epsilon the node may spend; ``math.inf`` for no limit.
+        steps: steps already taken (restored from a checkpoint).
+    """
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float, budget: float, steps: int = 0):
+        if noise_multiplier <= 0 or not 0 < sample_rate <= 1:
+            raise ValueError("DP-SGD needs a noise multiplier > 0 and a sample rate in (0, 1]")
+        self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
+        self.budget, self.steps = budget, steps
+        self._cache: dict[int, float] = {}
+        self._max_steps: int | None = None
+
+    def epsilon(self, steps: int | None = None) -> float:
+        """Epsilon (PLD) after ``steps`` steps (default: those taken so far)."""
+        steps = self.steps if steps is None else steps
+        if steps not in self._cache:
+            self._cache[steps] = record_epsilon(self.noise_multiplier, self.sample_rate, steps, self.delta)
+        return self._cache[steps]
+
+    def cross_check(self, kind: str = "prv") -> float:
+        """Opacus' epsilon for the steps taken (``"prv"`` or ``"rdp"``)."""
+        return opacus_epsilon(self.noise_multiplier, self.sample_rate, self.steps, self.delta, kind)
+
+    def max_steps(self) -> int | None:
+        """The most steps whose epsilon stays within the budget (None: no budget)."""
+        if math.isinf(self.budget):
+            return None
+        if self._max_steps is None:
+            low, high = 0, 1
+            while self.epsilon(high) <= self.budget and high < 1 << 24:
+                low, high = high, high * 2
+            while high - low > 1:  # epsilon(low) <= budget < epsilon(high)
+                middle = (low + high) // 2
+                low, high = (middle, high) if self.epsilon(middle) <= self.budget else (low, middle)
+            self._max_steps = low
+        return self._max_steps
+
+    def steps_left(self) -> int | None:
+        """Steps the budget still allows (None: no budget)."""
+        most = self.max_steps()
+        return None if most is None else max(0, most - self.steps)
+
+    def record(self, steps: int) -> None:
+        """Count ``steps`` DP-SGD steps taken."""
+        self.steps += steps
