@@ -72,6 +72,7 @@ from node.config import CompressionConfig, ModelConfig, TrainConfig  # noqa: E40
 from node.data import ByteBatches, batch_seed, split_corpus  # noqa: E402
 from node.demo import join_command, start_bootstrap, stop_process  # noqa: E402
 from node.model import build_model  # noqa: E402
+from node.training.checkpoint import load_round_params  # noqa: E402
 from node.training.report import REPORT_FILE  # noqa: E402
 
 EVAL_BATCHES = 16
@@ -292,13 +293,13 @@ def swarm_curve(
     A round's samples are every peer's samples in the reports of that round and the ones before it.
     """
     model = build_model(model_config(args), SEED)
-    numbered = sorted((int(path.stem.removeprefix("round-")), path) for path in rounds_dir.glob("round-*.pt"))
+    numbered = sorted((int(path.stem.removeprefix("round-")), path) for path in rounds_dir.glob("round-*.safetensors"))
     if not numbered or numbered[-1][0] != args.rounds:
         raise RuntimeError(f"peer 0 kept no parameters of round {args.rounds} in {rounds_dir}")
     curve: Curve = []
     for number, path in numbered:
         with torch.no_grad():
-            for param, value in zip(model.parameters(), torch.load(path, weights_only=True), strict=True):
+            for param, value in zip(model.parameters(), load_round_params(path), strict=True):
                 param.copy_(value)
         samples = sum(r["samples"] for peer in trained for r in peer if r["round"] <= number)
         curve.append((samples, evaluate(model, held_out)))

@@ -8,7 +8,8 @@ class ByteBatches (data.py): random windows over local bytes; load_corpus, byte_
 data_sketch (sketch.py): the data sketch in a PeerRecord (hashed byte n-gram frequencies)
 probe_capacity (capacity.py): device, memory and measured samples/s at enrollment
 class WireMeter (wire_meter.py): bytes the node puts on the wire, from the kernel's TCP counters
-main (cli.py): the ``zen-node`` command (join, serve, status, demo); demo.py: ``zen-node demo``
+main (cli.py): the ``zen-node`` command (join, serve, status, demo, export, generate); demo.py: ``zen-node demo``
+export/: ``zen-node export``: a Hugging Face folder (GPT-2 weights, byte tokenizer, model card); generate.py
 training/: the DiLoCo loop (TrainingNode), outer step and staleness rule, checkpoints, round reports,
     state sharing for late joiners
 aggregation/: the Aggregator interface and its plain, secure and hierarchical (cohort) implementations

@@ -4,6 +4,8 @@
     zen-node status --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...
     zen-node demo --peers 3 --rounds 3 --summary-json out.json
     zen-node serve --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --config run.toml --max-memory 20GB
+    zen-node export --workdir ~/.zen/work --out ./zen-model --display-name Ada
+    zen-node generate --model ./zen-model --prompt "Once upon a time" --max-new-tokens 48
 
 Errors a user can fix (``USER_ERRORS``: a bad flag or config value, missing data, a machine too
 small, an unreachable swarm) print one line, ``zen-node: error: ...``, and exit with status 2.
@@ -136,7 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="train with differential privacy at this epsilon over the demo's rounds (0: off), e.g. 8",
     )
+    _add_export_commands(commands)
     return parser
+
+
+def _add_export_commands(commands: Any) -> None:
+    export = commands.add_parser("export", help="write a workdir's model as a Hugging Face folder with a model card")
+    export.add_argument("--workdir", required=True, help="the trainer's workdir, e.g. ~/.zen/work")
+    export.add_argument("--out", required=True, help="the folder to create, e.g. ./zen-model")
+    export.add_argument(
+        "--config", default=None, help="the run's config, if the checkpoint does not carry it, e.g. run.toml"
+    )
+    export.add_argument("--display-name", default=None, help="this node's name in the model card, e.g. 'Ada'")
+    export.add_argument("--log-level", default="WARNING", help="logging level, e.g. INFO")
+
+    generate = commands.add_parser("generate", help="sample text from an exported model")
+    generate.add_argument("--model", required=True, help="a folder `zen-node export` wrote, e.g. ./zen-model")
+    generate.add_argument("--prompt", required=True, help='text to continue, e.g. "Once upon a time"')
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=None, help="tokens (bytes) to sample (default: half the context), e.g. 48"
+    )
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed, e.g. 1")
+    generate.add_argument("--log-level", default="WARNING", help="logging level, e.g. INFO")
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -325,11 +348,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from node.export.writer import export_run  # here: it loads transformers, which no other command needs
+
+    result = export_run(Path(args.workdir).expanduser(), Path(args.out).expanduser(), args.config, args.display_name)
+    summary = result.summary
+    print(
+        f"exported run {summary.run.run_id!r} at round {summary.round} ({summary.parameters:,} parameters) to "
+        f"{result.out}: {', '.join(result.files)}",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from node.generate import generate_text  # here: it loads transformers, which no other command needs
+
+    generation = generate_text(Path(args.model).expanduser(), args.prompt, args.max_new_tokens, args.seed)
+    print(generation.prompt + generation.continuation, flush=True)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "join": cmd_join,
     "serve": cmd_serve,
     "status": cmd_status,
     "demo": cmd_demo,
+    "export": cmd_export,
+    "generate": cmd_generate,
 }
 
 

@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from node.config import ConfigError
 from node.data import generate_corpus
+from node.training.checkpoint import load_round_params, round_params_path
 from node.training.report import REPORT_FILE
 
 BYTES_PER_PEER = 60_000
@@ -103,7 +102,7 @@ def _read_reports(workdir: Path) -> list[dict[str, Any]]:
 
 def max_divergence(files: list[Path]) -> float:
     """Largest absolute difference of any parameter between any two of the saved parameter lists."""
-    params = [torch.load(f, weights_only=True) for f in files]
+    params = [load_round_params(f) for f in files]
     worst = 0.0
     for i in range(len(params)):
         for j in range(i + 1, len(params)):
@@ -205,7 +204,7 @@ def _summarize(args: argparse.Namespace, root: Path, started: float) -> int:
                 "rounds_in_group": sum(r["mode"] == "group" for r in reports),
             }
         )
-        finals.append(work / "rounds" / f"round-{args.rounds:05d}.pt")
+        finals.append(round_params_path(work, args.rounds))
     summary = {
         "peers": args.peers,
         "aggregation": args.aggregation,

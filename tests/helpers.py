@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from node.demo import stop_process
+from node.training.checkpoint import round_params_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCALHOST_MADDR = "/ip4/127.0.0.1/tcp/0"  # listen on loopback, port chosen by the OS
@@ -148,7 +149,7 @@ class NodeProcess:
 
     def params(self, round_no: int) -> Path:
         """Where the node saved round ``round_no``'s global params."""
-        return self.folder / "work" / "rounds" / f"round-{round_no:05d}.pt"
+        return round_params_path(self.folder / "work", round_no)
 
     def output(self) -> str:
         """Everything the node printed so far (stdout and stderr)."""

@@ -36,6 +36,8 @@ EXPECTED_FLAGS = {
         "--aggregation", "--help", "--inner-steps", "--log-level", "--peers", "--privacy-epsilon", "--rounds",
         "--summary-json", "--workdir",
     ],
+    "export": ["--config", "--display-name", "--help", "--log-level", "--out", "--workdir"],
+    "generate": ["--help", "--log-level", "--max-new-tokens", "--model", "--prompt", "--seed"],
 }  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from node.config import (
 from node.data import generate_corpus
 from node.model import build_model
 from node.sketch import data_sketch
+from node.training.checkpoint import load_round_params
 from node.training.trainer import TrainingNode
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Pa
     assert all(r["mode"] == "group" and r["group_size"] == 3 for t in trained for r in t), trained
     assert len({r["cohort"] for t in trained for r in t}) == 1
     names = [name for name, _ in build_model(ModelConfig(d_model=32, context=32), seed=0).named_parameters()]
-    params = [torch.load(node.params(rounds), weights_only=True) for node in nodes]
+    params = [load_round_params(node.params(rounds)) for node in nodes]
     for j, name in enumerate(names):
         same = all(torch.equal(params[0][j], other[j]) for other in params[1:])
         assert same != name.startswith("ln_f."), name  # local layers differ, everything else is the group's

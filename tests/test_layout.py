@@ -36,6 +36,8 @@ LAYER_RANK = {
     "node.training": 6,
     "node.sharding": 7,  # its trainer writes the training report (node/training/report.py)
     "node.demo": 8,
+    "node.export": 8,
+    "node.generate": 8,
     "node.cli": 9,
     "node": 10,  # the package map imports only __version__
     "bootstrap": 1,  # imports dht only

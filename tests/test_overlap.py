@@ -19,6 +19,7 @@ from helpers import ZEN_NODE, NodeProcess, write_run_config
 from node.config import ConfigError, ModelConfig, TrainConfig, check_join, load_node_config, run_config_from_dict
 from node.data import ByteBatches, generate_corpus
 from node.model import build_model
+from node.training.checkpoint import load_round_params
 from node.training.inner import inner_phase
 from node.training.schedule import FINAL_RATIO, InnerSchedule
 
@@ -64,7 +65,7 @@ def test_the_overlap_lands_each_mean_once_and_keeps_the_group_bit_identical(
         assert [r["round"] for r in reports] == list(range(rounds + 1)), reports  # one line per landed round
         assert all(r["mode"] == "group" and r["group_size"] == 3 for r in reports[1:]), reports
     for round_no in range(1, rounds + 1):
-        saved = [torch.load(node.params(round_no), weights_only=True) for node in nodes]
+        saved = [load_round_params(node.params(round_no)) for node in nodes]
         for other in saved[1:]:
             assert all(torch.equal(a, b) for a, b in zip(saved[0], other, strict=True)), f"round {round_no}"
     landings = [[int(m.group(1)) for m in LANDS.finditer(node.output())] for node in nodes]
