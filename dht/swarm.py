@@ -27,6 +27,8 @@ from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
 
 logger = logging.getLogger(__name__)
 
+MIN_BEAT_GAP = 0.5  # seconds a nudged heartbeat waits, so that nudges close together make one beat
+
 
 def start_dht(
     config: SwarmConfig, identity: NodeIdentity | None, run_ids: Sequence[str] = (), **kwargs
@@ -149,6 +151,7 @@ class Heartbeat:
         self.dht, self.run_id, self.make_record = dht, run_id, make_record
         self.period, self.ttl = period, ttl
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by ``soon``: beat now rather than at the next period
         self._thread = threading.Thread(target=self._run, name="zen-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -167,11 +170,21 @@ class Heartbeat:
             logger.warning("heartbeat: no DHT peer stored our record (will retry)")
         return ok
 
+    def soon(self) -> None:
+        """Have the background thread publish the record now, without waiting for it (requests that
+        arrive while it publishes, or within ``MIN_BEAT_GAP`` seconds of a beat, make one beat)."""
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.period):
+        while not self._stop.is_set():
+            woken = self._wake.wait(self.period)
+            if (woken and self._stop.wait(MIN_BEAT_GAP)) or self._stop.is_set():
+                break  # (after a nudge, a short wait lets nudges close together make one beat)
+            self._wake.clear()
             self.beat()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.period + 5)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -61,7 +62,7 @@ class ModelConfig:
 class TrainConfig:
     """DiLoCo-style schedule: H inner AdamW steps, then one outer Nesterov step on the averaged delta."""
 
-    inner_steps: int = 20  # H: inner steps per outer round
+    inner_steps: int = 5  # H: inner steps per outer round (5: measured best with kept groups, BENCHMARKS.md)
     batch_size: int = 16  # sequences per inner step
     inner_lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -117,6 +118,10 @@ class TrainConfig:
         return rounds * self.inner_steps
 
 
+MAX_ALLOWLIST = 10_000  # most PeerIDs in aggregation.allowlist
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # a base58 libp2p PeerID (Qm... or 12D3KooW...)
+
+
 @dataclass
 class AggregationConfig:
     """How pseudo-gradients are merged with peers."""
@@ -127,9 +132,31 @@ class AggregationConfig:
     timeout: float = 120.0  # seconds to find a group and average before the round counts as missed
     clip_bound: float = 1.0  # secure: every update coordinate is clipped to [-clip_bound, clip_bound]
     message_timeout: float = 10.0  # secure: seconds a protocol phase waits for small messages
+    # secure: groups match at rounds that are multiples of this and keep their membership in between
+    # (fresh keys and masks every round; a member that leaves or a failed round ends it); 1 = match every round
+    group_rounds: int = 8
+    # secure: the PeerIDs (base58) that may share a group; [] = anyone. A closed run's defence against
+    # Sybils: a leader refuses other followers, a follower asks no other leader, a group with another
+    # member aborts before any message (docs/architecture.md, "Who forms groups")
+    allowlist: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require_choice(self.mode, AggregationMode, "aggregation.mode")
+        _require(
+            isinstance(self.allowlist, list)
+            and len(self.allowlist) <= MAX_ALLOWLIST
+            and all(isinstance(p, str) and _PEER_ID.fullmatch(p) for p in self.allowlist),
+            f"aggregation.allowlist must be a list of at most {MAX_ALLOWLIST} base58 PeerIDs "
+            f"(as `zen-node status` prints them, e.g. '12D3KooW...'), got {self.allowlist!r}"[:400],
+        )
+        _require(
+            not self.allowlist or self.mode == "secure",
+            "aggregation.allowlist needs aggregation.mode = 'secure' (plain averaging has no group check)",
+        )
+        _require(
+            1 <= self.group_rounds <= 10_000,
+            f"aggregation.group_rounds must be in [1, 10000], got {self.group_rounds}",
+        )
         _require(
             2 <= self.min_group_size <= 32,
             f"aggregation.min_group_size must be in [2, 32], got {self.min_group_size}",
@@ -176,17 +203,29 @@ class CompressionConfig:
 
 @dataclass
 class PrivacyConfig:
-    """User-level differential privacy of every contribution (node/secagg/privacy.py); off unless enabled."""
+    """Differential privacy of each node's records (DP-SGD) or whole contribution (ring noise); off unless enabled.
 
-    enabled: bool = False  # clip, add noise shares in the ring, account the budget
-    clip_norm: float = 1.0  # C: L2 bound on a node's pseudo-gradient each round
+    ``level = "record"``: DP-SGD on every inner step (node/training/dpsgd.py); ``"user"``: the round's
+    pseudo-gradient clipped and noised inside the masked ring (node/secagg/privacy.py).
+    """
+
+    enabled: bool = False  # clip, add noise, account the budget
+    level: Literal["record", "user"] = "record"  # the unit of privacy: one record (a text window) or a whole node
+    clip_norm: float = 1.0  # C: L2 bound on each record's gradient (record) or a node's pseudo-gradient (user)
     noise_multiplier: float = 0.0  # sigma; 0 = derived from target_epsilon over planned_rounds
     target_epsilon: float = 0.0  # the budget: a node stops sending updates before exceeding it; 0 = none
     delta: float = 1e-5  # the delta of every epsilon
-    max_dropouts: int = 1  # t: the aggregate keeps its noise when this many peers drop out or collude
-    planned_rounds: int = 100  # rounds the budget is planned for, when sigma is derived
+    max_dropouts: int = 1  # t (user level): the aggregate keeps its noise when this many peers drop out or collude
+    planned_rounds: int = 100  # rounds the budget is planned for, when sigma is derived (record: x inner_steps)
+    # user level: start even when the noise on a group's mean outweighs the clipped update (groups of
+    # aggregation.min_group_size below the floor sigma * sqrt(d), node/training/privacy.py); a warning names the ratio
+    allow_noisy: bool = False
 
     def __post_init__(self) -> None:
+        _require(
+            self.level in ("record", "user"),
+            f"privacy.level must be 'record' (DP-SGD per text window) or 'user' (noise per node), got {self.level!r}",
+        )
         _require(math.isfinite(self.clip_norm) and self.clip_norm > 0, "privacy.clip_norm must be > 0")
         _require(
             math.isfinite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1e3,

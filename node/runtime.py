@@ -138,6 +138,12 @@ class NodeRuntime:
         """Publish the record now (after a round, a move); False when not announced or no peer stored it."""
         return self.heartbeat.beat() if self.heartbeat is not None else False
 
+    def beat_soon(self) -> None:
+        """Publish the record from the heartbeat's thread, without waiting (after each round: a DHT store
+        takes tens of milliseconds, a round may take a fraction of a second)."""
+        if self.heartbeat is not None:
+            self.heartbeat.soon()
+
     def peers(self) -> list[PeerRecord]:
         """The run's live, verified peer records (this node's own included once published)."""
         return list_peers(self.dht, self.run.run_id)

@@ -19,7 +19,9 @@ STATUS_COMMAND = [*ZEN_NODE, "status", "--host-maddrs", LOCALHOST_MADDR]
 def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Path, bootstrap_maddr: str) -> None:
     """3 nodes keep identical global params each round and lower the loss; a 4th joins late and matches."""
     # Prepare
-    config = write_run_config(tmp_path / "run.toml", train={"inner_steps": 24})
+    # matchmaking every round (group_rounds 1) paces the rounds so that the swarm is still training
+    # when the late joiner arrives; kept groups would finish the 8 rounds before it has started
+    config = write_run_config(tmp_path / "run.toml", train={"inner_steps": 24}, aggregation={"group_rounds": 1})
     corpus = generate_corpus(4 * 20_000, seed=3)
     nodes = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 3, "--rounds", "8", "--min-peers", "3")
     late = mismatched = None

@@ -40,6 +40,9 @@ class AggregationResult:
     round: int  # the outer round that was averaged
     group_size: int  # peers whose updates are in the mean, self included
     peers: tuple[str, ...]  # their PeerIDs
+    group_id: str = ""  # secure: the group's id this round (hex)
+    group_round: int = 0  # secure: rounds the group ran before this one without matchmaking (0: just matched)
+    key_fingerprints: tuple[str, ...] = ()  # secure: each contributor's round keys as received, in ``peers`` order
 
 
 class Aggregator(ABC):

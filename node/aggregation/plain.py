@@ -75,10 +75,24 @@ class AveragerAggregator(Aggregator):
                 raise AggregationError(f"round {round_no}: the group's mean holds non-finite values")
             for buffer, tensor in zip(buffers, tensors, strict=True):
                 tensor.copy_(buffer.to(tensor.device, tensor.dtype))
-        return AggregationResult(round=round_no, group_size=len(gathered), peers=tuple(sorted(rounds)))
+        return _result(round_no, gathered)
 
     def shutdown(self) -> None:
         self._averager.shutdown()
+
+
+def _result(round_no: int, gathered: dict[Any, Any]) -> AggregationResult:
+    """What a round's gathered data says about its group (the secure averager adds its group and keys)."""
+    peers = sorted(gathered, key=str)
+    about = gathered[peers[0]]
+    return AggregationResult(
+        round=round_no,
+        group_size=len(gathered),
+        peers=tuple(map(str, peers)),
+        group_id=str(about.get("group", "")),
+        group_round=int(about.get("group_round", 0)),
+        key_fingerprints=tuple(str(gathered[peer]["keys"]) for peer in peers if "keys" in gathered[peer]),
+    )
 
 
 class PlainAggregator(AveragerAggregator):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import hivemind
 import torch
+from hivemind.p2p import PeerID
 
 from dht import NodeIdentity
 from node.aggregation.plain import AveragerAggregator, averager_buffers, averager_kwargs
@@ -61,6 +62,8 @@ class SecureAggregator(AveragerAggregator):
             timeouts=SecAggTimeouts(message=config.message_timeout, data=config.timeout),
             noise=noise,
             compression=compression,
+            group_rounds=config.group_rounds,
+            allowlist=[PeerID.from_base58(peer) for peer in config.allowlist],
             prefix=f"zen_{run_id}_secagg",
             target_group_size=MAX_SECURE_GROUP,
             bandwidth=bandwidth,

@@ -7,7 +7,8 @@ group that matchmaking formed. Part sizes come from hivemind's ``load_balance_pe
 bandwidths the peers announced, so faster peers reduce larger parts.
 
 Each averager serves one ``SecAggEndpoint`` (endpoint.py), the receiving side of the all-reduce's
-streams; each group's ``MaskedAllReduce`` registers with it while it runs.
+streams; each group's ``MaskedAllReduce`` registers with it while it runs. A group that averaged
+a round runs the next one without matchmaking, up to ``group_rounds`` rounds (kept_group.py).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import Matchmaking, PotentialLeaders
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import enter_asynchronously
 
 from node.config import CompressionConfig
 from node.secagg.endpoint import SecAggEndpoint
+from node.secagg.kept_group import KeptGroup, gathered_round, key_fingerprint, round_group_id
 from node.secagg.parts import Workspace
 from node.secagg.privacy import NoiseShare
 from node.secagg.protocol import MaskedAllReduce
@@ -87,6 +90,25 @@ class _PacedLeaders(PotentialLeaders):
         await super()._update_queue_periodically(paced)
 
 
+class _GatedMatchmaking(Matchmaking):
+    """hivemind's matchmaking, where the run's allowlist decides who may share a group: a leader
+    refuses followers outside it, and a follower never asks a leader outside it to lead it."""
+
+    allowed: frozenset[PeerID]  # set on the instance when its class is swapped for this one
+
+    def _check_reasons_to_reject(self, request: Any, context: Any) -> Any:
+        if context.remote_id not in self.allowed:
+            logger.warning(f"refused {context.remote_id} as a follower: not in aggregation.allowlist")
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        return super()._check_reasons_to_reject(request, context)
+
+    async def _request_join_group(self, leader: PeerID) -> GroupInfo | None:
+        if leader not in self.allowed:
+            logger.debug(f"not asking {leader} to lead us: not in aggregation.allowlist")
+            return None
+        return await super()._request_join_group(leader)
+
+
 class SecureAverager(DecentralizedAverager):
     """A DecentralizedAverager whose all-reduce is the masked one (see the module docstring).
 
@@ -99,6 +121,8 @@ class SecureAverager(DecentralizedAverager):
         noise: this node's share of differential-privacy noise per round (None: no DP).
         compression: low-bit words and random-k inside the ring (None: full 32-bit words). With
             error feedback on, ``residual`` (shared memory, flat float32) holds what was not sent.
+        group_rounds: rounds a matched group runs before matching again (kept_group.py); 1: every round.
+        allowlist: the PeerIDs that may share a group with this peer (itself included); empty: anyone.
     """
 
     def __init__(
@@ -112,6 +136,8 @@ class SecureAverager(DecentralizedAverager):
         timeouts: SecAggTimeouts,
         noise: NoiseShare | None = None,
         compression: CompressionConfig | None = None,
+        group_rounds: int = 1,
+        allowlist: Iterable[PeerID] = (),
         **kwargs: Any,
     ):
         if kwargs.get("client_mode"):
@@ -121,6 +147,9 @@ class SecureAverager(DecentralizedAverager):
         self._endpoint: SecAggEndpoint | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._workspace = Workspace()
+        self._group_rounds = group_rounds
+        self._allowed = frozenset(allowlist)
+        self._kept: KeptGroup | None = None  # the group that may run the next round unmatched (in the averager process)
         self.bytes_sent = mp.Value("d", 0.0)  # shared with the averager process
         self._compression = compression or CompressionConfig()
         size = sum(t.numel() for t in averaged_tensors)
@@ -134,9 +163,40 @@ class SecureAverager(DecentralizedAverager):
 
     @_matchmaking.setter
     def _matchmaking(self, matchmaking: Matchmaking) -> None:
-        # hivemind assigns its Matchmaking here when the averager starts: pace its leader search
+        # hivemind assigns its Matchmaking here when the averager starts: pace its leader search, and
+        # let a kept group's next round skip it
         matchmaking.potential_leaders.__class__ = _PacedLeaders
+        if self._allowed:
+            matchmaking.__class__ = _GatedMatchmaking
+            matchmaking.allowed = self._allowed
+        match = matchmaking.look_for_group
+
+        async def look_for_group(step: Any) -> GroupInfo | None:
+            group = self._kept_round(step.data_for_gather)
+            return group if group is not None else await match(step)
+
+        matchmaking.look_for_group = look_for_group
         self.__dict__["_paced_matchmaking"] = matchmaking
+
+    def _kept_round(self, data_for_gather: bytes) -> GroupInfo | None:
+        """The kept group's next round for the round this step gathers, or None (then matchmaking)."""
+        kept, round_no = self._kept, gathered_round(data_for_gather, self.serializer)
+        if kept is None or round_no is None:
+            return None
+        group = kept.next_round(round_no, self._group_rounds, self.serializer)
+        if group is None:
+            self._kept = None
+            logger.info(f"group {kept.origin.group_id.hex()[:8]} ends after {kept.uses} round(s); matching again")
+        return group
+
+    def _keep(self, kept: KeptGroup | None, group_info: GroupInfo, round_no: int, contributors: int) -> int:
+        """Keep the group after a round all of it contributed to; returns the rounds it has averaged."""
+        resumed = kept is not None and group_info.group_id == round_group_id(kept.origin.group_id, round_no)
+        uses = kept.uses + 1 if kept is not None and resumed else 1
+        origin = kept.origin if kept is not None and resumed else group_info
+        whole = contributors == len(group_info.peer_ids)
+        self._kept = KeptGroup(origin, round_no, uses) if whole and self._group_rounds > 1 else None
+        return uses
 
     async def add_p2p_handlers(self, p2p: P2P, *args: Any, **kwargs: Any) -> None:
         await super().add_p2p_handlers(p2p, *args, **kwargs)
@@ -144,10 +204,13 @@ class SecureAverager(DecentralizedAverager):
         await self._endpoint.start()
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
-        session = None
+        session, kept, self._kept = None, self._kept, None  # any failure ends a kept group
         try:
             bandwidths, mode_ids, user_bytes = zip(*map(self.serializer.loads, group_info.gathered), strict=True)
             gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_bytes), strict=True))
+            outsiders = [str(peer) for peer in group_info.peer_ids if self._allowed and peer not in self._allowed]
+            if outsiders:
+                raise SecAggError(f"the group holds peers outside aggregation.allowlist: {', '.join(outsiders)}")
             if any(mode != AveragingMode.NODE.value for mode in mode_ids):
                 raise SecAggError("a peer in the group runs in client or aux mode; secure aggregation needs reducers")
             round_no = _common_round(gathered.values())
@@ -170,7 +233,13 @@ class SecureAverager(DecentralizedAverager):
                 self._endpoint.register(session)
                 result = await session.run()
                 _unflatten_from(result.mean, tensors)
-            return {group_info.peer_ids[j]: gathered[group_info.peer_ids[j]] for j in result.contributors}
+            uses = self._keep(kept, group_info, round_no, len(result.contributors))
+            about = {"group": group_info.group_id.hex(), "group_round": uses - 1}
+            keys = session.agreement.keys  # each contributor's verified round keys, as received
+            return {
+                group_info.peer_ids[j]: {**gathered[group_info.peer_ids[j]], **about, "keys": key_fingerprint(keys[j])}
+                for j in result.contributors
+            }
         except SecAggError as e:
             logger.warning(str(e))
             raise AllreduceException(str(e)) from e

@@ -12,6 +12,7 @@ for a live peer that has finished a later round (a node that missed its group re
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from node.runtime import NodeRuntime
 logger = logging.getLogger(__name__)
 
 DOWNLOAD_ATTEMPTS = 4
+ANNOUNCE_GAP = 5.0  # seconds between two declarations of a new round (see ``StateSharer.announce``)
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,19 @@ class StateSharer:
             shutdown_timeout=2,
         )
         self.client_mode = client_mode
+        self._announced = -math.inf  # monotonic time of the last declaration we triggered
 
     def announce(self, round_no: int) -> None:
-        """Offer our state to joiners, preferred in proportion to how far along we are."""
-        if not self.client_mode:
-            self._averager.state_sharing_priority = float(round_no)
-            self._averager.allow_state_sharing = True
+        """Offer our state to joiners, preferred in proportion to how far along we are.
+
+        Each change of priority makes hivemind store a declaration in the DHT; rounds may come several
+        a second, so a new round is declared at most every ``ANNOUNCE_GAP`` seconds (a joiner may see
+        a donor's round that much behind)."""
+        if self.client_mode or time.monotonic() - self._announced < ANNOUNCE_GAP:
+            return
+        self._announced = time.monotonic()
+        self._averager.state_sharing_priority = float(round_no)
+        self._averager.allow_state_sharing = True
 
     def download(self, templates: Sequence[torch.Tensor], run_hash: str, timeout: float = 60.0) -> SharedState | None:
         """Download and check the most advanced peer's state; None if no peer offers a usable one."""
