@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
+import numpy as np
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
@@ -81,6 +82,11 @@ def valid_signers(signed: bytes, signatures: dict[int, bytes], signing_keys: dic
             continue
         valid.append(signer)
     return sorted(valid)
+
+
+def part_digests(total: np.ndarray, parts: list[tuple[int, int]]) -> list[bytes]:
+    """A 16-byte digest of each ``[start, stop)`` part of the unmasked total (``confirm_total``)."""
+    return [hashlib.sha256(total[start:stop].tobytes()).digest()[:16] for start, stop in parts]
 
 
 class ContributorAgreement:
@@ -150,6 +156,38 @@ class ContributorAgreement:
         self._require(len(signers) >= self.threshold, f"only {len(signers)} peers signed U (need {self.threshold})")
         self.certificate = {"signers": signers, "sigs": [signatures[j] for j in signers]}
         return signers
+
+    async def confirm_total(self, parts: list[bytes], holders: dict[int, int], live: set[int]) -> None:
+        """Check that every live peer summed the same partial sums as we did, before anyone decodes.
+
+        ``parts``: a digest of each part of our total; ``holders``: part -> the peer that summed it. A
+        holder that sends its recipients different partial sums would have honest members apply
+        different means; each honest member sees the other's digests and aborts. A peer that left
+        after the sums is waited for once (the message timeout) and then not counted.
+
+        Raises:
+            SecAggError: a peer reports other digests (naming the parts' holders and the reporter).
+        """
+        self.post(live, "total", {"parts": parts})
+        reported = await self.collect("total", live, self.timeout)
+        for j, message in sorted(reported.items()):
+            theirs = message.data["parts"]
+            differ = (
+                list(range(len(parts)))
+                if len(theirs) != len(parts)
+                else [k for k, (a, b) in enumerate(zip(theirs, parts, strict=True)) if a != b]
+            )
+            if differ:
+                suspects = sorted({holders[k] for k in differ if k in holders} - {self.index})
+                logger.warning(
+                    f"blamed: group {self.group_id.hex()[:8]} round {self.round_no}: peers "
+                    f"{[str(self.peer_ids[h]) for h in suspects]} sent peer {self.peer_ids[j]} and us different "
+                    f"partial sums of parts {differ} (or that peer misreports them)"
+                )
+                raise SecAggError(
+                    f"group {self.group_id.hex()[:8]} round {self.round_no}: peer {j} summed other partial sums "
+                    f"of parts {differ} (held by {suspects}); nothing applied"
+                )
 
     def check_certificates(self, reveals: dict[int, Message], statement_of: tuple[list[int], bytes]) -> None:
         """Each reveal must carry t valid signatures on our statement; SecAggError naming the peer otherwise."""

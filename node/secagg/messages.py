@@ -79,6 +79,10 @@ def _is_share_map(v: Any) -> bool:
     )
 
 
+def _is_part_digests(v: Any) -> bool:  # one 16-byte digest per part of the ring vector
+    return isinstance(v, list) and 0 < len(v) <= MAX_GROUP and all(isinstance(d, bytes) and len(d) == 16 for d in v)
+
+
 def _is_signatures(v: Any) -> bool:  # Ed25519 signatures, one per signer of a certificate
     return isinstance(v, list) and len(v) <= MAX_GROUP and all(isinstance(s, bytes) and len(s) == 64 for s in v)
 
@@ -110,6 +114,9 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # shares of self-mask seeds of contributors and of mask keys of dropouts, never both for a peer
     # with the t or more signatures the sender holds on (U, digest) (consistency.py)
     "reveal": {"b": _is_share_map, "s": _is_share_map, "signers": _is_index_list, "sigs": _is_signatures},
+    # a digest of each part of the unmasked total the sender summed, before anyone decodes it
+    # (consistency.py): a holder that sent its recipients different partial sums is caught
+    "total": {"parts": _is_part_digests},
 }
 
 _BODY_FIELDS = {"kind", "group", "round", "sender", "recipient", "data", "size", "digest"}

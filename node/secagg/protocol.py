@@ -25,12 +25,13 @@ ever sees uniformly random words. Phases, each bounded by a timeout:
              t-subsets when one share is bad, whose holder is blamed: sharing.py)
     sums     each holder removes from its partial sums the self masks of their senders and their
              pairwise masks with dropouts (pairwise masks within U cancel only in the total, so a
-             partial sum stays masked), and sends them to every peer; all decode the same total,
-             refused by all alike if its weight or values lie outside the honest range (bounds.py)
+             partial sum stays masked), and sends them to every peer; all swap digests of the total
+             (a holder that sent different sums fails the round) and decode it, refused by all
+             alike if its weight or values lie outside the honest range (bounds.py)
 
 The threshold is ``t = n // 2 + 1``; U must count ``max(3, t)`` unblamed peers (a sum over two reveals both
 inputs) and, under DP, the contributors the noise was sized for. A missing piece fails the round (``SecAggError``,
-never a partial result); a peer leaving after its sums costs nothing, one leaving between agree and sums fails it.
+never a partial result); a peer leaving after its sums costs a message timeout, one leaving before fails it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from hivemind.p2p import P2P, PeerID
 from node.config import CompressionConfig
 from node.secagg.bounds import check_group_sum
 from node.secagg.compression import select_coordinates
-from node.secagg.consistency import ContributorAgreement
+from node.secagg.consistency import ContributorAgreement, part_digests
 from node.secagg.fixed_point import FixedPointCodec
 from node.secagg.masking import add_masks, pair_secret, remove_masks
 from node.secagg.messages import NO_BOUND, Message
@@ -83,12 +84,9 @@ class MaskedAllReduce:
         p2p: the peer's libp2p client; messages go out as streams to ``handler_name``.
         handler_name: the protocol name every member's ``SecAggEndpoint`` serves.
         group_id: random per group (from matchmaking); binds every message to this all-reduce.
-        peer_ids: the group in the agreed order; this peer is at ``index``.
-        index: this peer's position in ``peer_ids``.
-        round_no: the outer round; also bound into every message and mask key.
-        identity: signs this peer's messages.
-        vector: this peer's update, float32, flattened.
-        omega: this peer's weight in (0, 1] (samples / the run's weight bound).
+        peer_ids, index: the group in the agreed order, and this peer's position in it.
+        round_no, identity: the outer round (bound into every message and mask key); what signs our messages.
+        vector, omega: this peer's update (float32, flat) and its weight in (0, 1] (samples / weight bound).
         part_sizes: elements of the (vector + 1 weight word) each peer reduces; 0 = not a reducer.
         bound: the run-wide clip bound B of the fixed-point code.
         timeouts: per-phase waits.
@@ -96,11 +94,11 @@ class MaskedAllReduce:
         out: float32 array (the vector's length) the mean is written into; may be ``vector`` itself.
         workspace: buffers to reuse across rounds.
         noise: this peer's share of the differential-privacy noise, added in the ring before masking.
-        compression: low-bit words and random-k (node/secagg/compression.py); None: full 32-bit words.
-            With random-k, ``part_sizes`` split ``compression.count(vector.size) + 1`` elements.
-        adaptive_bound: agree on the code's bound in the keys phase: each peer proposes the power of two
-            at or above 3x the RMS of its values and the group takes the largest, capped at ``bound``
-            (for low-bit codes; a proposal reveals the order of magnitude of a peer's update).
+        compression: low-bit words and random-k (compression.py; None: 32-bit words); with random-k,
+            ``part_sizes`` split ``compression.count(vector.size) + 1`` elements.
+        adaptive_bound: agree on the code's bound in the keys phase: each peer proposes the power of two at or
+            above 3x its values' RMS, the group takes the largest, capped at ``bound`` (low-bit codes; a
+            proposal reveals the order of magnitude of a peer's update).
         residual: for error feedback (float32, the vector's length): on success, what of ``vector`` the sum did not
             take (unselected coordinates, clipped excess, rounding error), to send again; untouched on failure.
         record_view: keep every received message in ``view`` (tests check what a peer can learn).
@@ -401,6 +399,8 @@ class MaskedAllReduce:
         await sending
         assert state.revealing is not None, "the reveal phase comes first"
         await state.revealing
+        holders = {part: holder for part, _, holder in state.designation}
+        await self.agreement.confirm_total(part_digests(state.total, self.parts), holders, state.live)
 
     async def _sum_held_part(self, state: RoundState, part: int, senders: list[int]) -> list[Coroutine[Any, Any, bool]]:
         """Sum the copies of ``part`` we hold, unmask it into ``total``; returns its sends to every live peer."""
