@@ -84,9 +84,19 @@ def valid_signers(signed: bytes, signatures: dict[int, bytes], signing_keys: dic
     return sorted(valid)
 
 
-def part_digests(total: np.ndarray, parts: list[tuple[int, int]]) -> list[bytes]:
-    """A 16-byte digest of each ``[start, stop)`` part of the unmasked total (``confirm_total``)."""
-    return [hashlib.sha256(total[start:stop].tobytes()).digest()[:16] for start, stop in parts]
+def part_digests(total: np.ndarray, parts: list[tuple[int, int]], values: int, width: int) -> list[bytes]:
+    """A 16-byte digest of each ``[start, stop)`` part of the unmasked total (``confirm_total``).
+
+    The first ``values`` words count modulo 2**``width`` (a low-bit code sends only those bits, so
+    a holder's own copy of its partial sum may differ above them); the weight word after them, all 32.
+    """
+    digests = []
+    for start, stop in parts:
+        words = total[start:stop].copy()
+        if width < 32:
+            words[: max(0, min(stop, values) - start)] &= np.uint32((1 << width) - 1)
+        digests.append(hashlib.sha256(words.tobytes()).digest()[:16])
+    return digests
 
 
 class ContributorAgreement:

@@ -399,8 +399,8 @@ class MaskedAllReduce:
         await sending
         assert state.revealing is not None, "the reveal phase comes first"
         await state.revealing
-        holders = {part: holder for part, _, holder in state.designation}
-        await self.agreement.confirm_total(part_digests(state.total, self.parts), holders, state.live)
+        digests = part_digests(state.total, self.parts, self.layout.values, self.width)
+        await self.agreement.confirm_total(digests, {p: h for p, _, h in state.designation}, state.live)
 
     async def _sum_held_part(self, state: RoundState, part: int, senders: list[int]) -> list[Coroutine[Any, Any, bool]]:
         """Sum the copies of ``part`` we hold, unmask it into ``total``; returns its sends to every live peer."""
