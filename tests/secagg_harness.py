@@ -11,12 +11,13 @@ import asyncio
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 from hivemind.p2p import P2P
 
 from dht import NodeIdentity
@@ -248,27 +249,25 @@ class SecAggSwarm:
 
     def send_raw(self, sender: int, recipient: int, header: bytes, payload: bytes = b"") -> tuple[bool, str]:
         """Put bytes on a stream from one peer to another's endpoint; returns its [ok, reason] reply."""
-
-        async def send() -> tuple[bool, str]:
-            _, reader, writer = await self.p2ps[sender].call_binary_stream_handler(
-                self.p2ps[recipient].peer_id, HANDLER
-            )
-            try:
-                writer.write(len(header).to_bytes(4, "big") + header + payload)
-                await writer.drain()
-                length = int.from_bytes(await reader.readexactly(4), "big")
-                ok, reason = msgpack.unpackb(await reader.readexactly(length))
-                return ok, reason
-            finally:
-                writer.close()
-
         for attempt in range(3):  # p2pd now and then resets a fresh stream; MaskedAllReduce retries too
             try:
-                return self.call(send())
+                return self.call(self.exchange(sender, recipient, header, payload))
             except asyncio.IncompleteReadError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    async def exchange(self, sender: int, recipient: int, header: bytes, payload: bytes = b"") -> tuple[bool, str]:
+        """One stream from ``sender`` to ``recipient``'s endpoint: header and payload out, [ok, reason] back."""
+        _, reader, writer = await self.p2ps[sender].call_binary_stream_handler(self.p2ps[recipient].peer_id, HANDLER)
+        try:
+            writer.write(len(header).to_bytes(4, "big") + header + payload)
+            await writer.drain()
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            ok, reason = msgpack.unpackb(await reader.readexactly(length))
+            return ok, reason
+        finally:
+            writer.close()
 
     def close(self) -> None:
         async def stop() -> None:
@@ -332,3 +331,25 @@ __all__ = [
     "header_of",
     "off_by_one",
 ]
+
+
+def module_swarm(name: str, size: int) -> Any:
+    """A module-scoped ``swarm`` fixture: ``size`` real P2P peers shared by a module's tests (each
+    test runs its own group). Use as ``swarm = module_swarm("attacks", 5)``."""
+
+    @pytest.fixture(scope="module")
+    def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecAggSwarm]:
+        peers = SecAggSwarm(Path(tmp_path_factory.mktemp(name)), size=size)
+        try:
+            yield peers
+        finally:
+            peers.close()
+
+    return swarm
+
+
+def random_inputs(n: int, seed: int, numel: int, scale: float = 0.3) -> tuple[list[np.ndarray], list[float]]:
+    """``n`` seeded float32 updates of ``numel`` values and weights in [0.3, 1)."""
+    rng = np.random.default_rng(seed)
+    vectors = [(rng.standard_normal(numel) * scale).astype(np.float32) for _ in range(n)]
+    return vectors, [float(w) for w in rng.uniform(0.3, 1.0, n)]

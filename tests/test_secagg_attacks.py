@@ -8,12 +8,9 @@ ends with the same result or none.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
-from secagg_harness import DroppingAllReduce, SecAggSwarm, colluders_can_unmask, deviating
+from secagg_harness import DroppingAllReduce, SecAggSwarm, colluders_can_unmask, deviating, module_swarm, random_inputs
 
 from node.config import CompressionConfig
 from node.secagg.fixed_point import FixedPointCodec
@@ -23,20 +20,11 @@ from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggResult
 NUMEL = 2001
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecAggSwarm]:
-    """Five real P2P peers shared by the module's tests (each test runs its own group)."""
-    peers = SecAggSwarm(Path(tmp_path_factory.mktemp("attacks")), size=5)
-    try:
-        yield peers
-    finally:
-        peers.close()
+swarm = module_swarm("attacks", 5)  # five real P2P peers shared by the module's tests
 
 
 def inputs(n: int, seed: int, scale: float = 0.3) -> tuple[list[np.ndarray], list[float]]:
-    rng = np.random.default_rng(seed)
-    vectors = [(rng.standard_normal(NUMEL) * scale).astype(np.float32) for _ in range(n)]
-    return vectors, [float(w) for w in rng.uniform(0.3, 1.0, n)]
+    return random_inputs(n, seed, NUMEL, scale)
 
 
 def recovered_input(

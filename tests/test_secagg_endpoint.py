@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
-from secagg_harness import HANDLER, SecAggSwarm
+from secagg_harness import SecAggSwarm
 
 from node.secagg.messages import NO_BOUND, Message, MessageError
 from node.secagg.protocol import SecAggResult
@@ -61,23 +60,11 @@ async def send_raw(swarm: SecAggSwarm, sender: int, recipient: int, header: byte
     """
     for attempt in range(STREAM_ATTEMPTS):
         try:
-            return await _exchange(swarm, sender, recipient, header)
+            return await swarm.exchange(sender, recipient, header)
         except (asyncio.IncompleteReadError, ConnectionError):
             if attempt + 1 == STREAM_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
-
-
-async def _exchange(swarm: SecAggSwarm, sender: int, recipient: int, header: bytes) -> tuple[bool, str]:
-    _, reader, writer = await swarm.p2ps[sender].call_binary_stream_handler(swarm.p2ps[recipient].peer_id, HANDLER)
-    try:
-        writer.write(len(header).to_bytes(4, "big") + header)
-        await writer.drain()
-        length = int.from_bytes(await reader.readexactly(4), "big")
-        ok, reason = msgpack.unpackb(await reader.readexactly(length))
-        return ok, reason
-    finally:
-        writer.close()
 
 
 async def until(condition: Callable[[], bool], timeout: float) -> None:

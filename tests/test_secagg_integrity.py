@@ -11,14 +11,21 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from nacl.public import PrivateKey
-from secagg_harness import LOW_ORDER_POINT, MaliciousAllReduce, SecAggSwarm, deviating, off_by_one, results_of
+from secagg_harness import (
+    LOW_ORDER_POINT,
+    MaliciousAllReduce,
+    SecAggSwarm,
+    deviating,
+    module_swarm,
+    off_by_one,
+    random_inputs,
+    results_of,
+)
 
 from node.config import CompressionConfig
 from node.secagg.bounds import InfluenceError, check_group_sum
@@ -33,20 +40,11 @@ from node.secagg.sharing import SharingError, box_shares, commit, rebuild_secret
 NUMEL = 1501
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecAggSwarm]:
-    """Five real P2P peers shared by the module's tests (each test runs its own group)."""
-    peers = SecAggSwarm(Path(tmp_path_factory.mktemp("integrity")), size=5)
-    try:
-        yield peers
-    finally:
-        peers.close()
+swarm = module_swarm("integrity", 5)  # five real P2P peers shared by the module's tests
 
 
 def inputs(n: int, seed: int, scale: float = 0.3) -> tuple[list[np.ndarray], list[float]]:
-    rng = np.random.default_rng(seed)
-    vectors = [(rng.standard_normal(NUMEL) * scale).astype(np.float32) for _ in range(n)]
-    return vectors, [float(w) for w in rng.uniform(0.3, 1.0, n)]
+    return random_inputs(n, seed, NUMEL, scale)
 
 
 def assert_same_or_none(outcomes: list[SecAggResult | BaseException], honest: list[int]) -> list[SecAggResult]:
