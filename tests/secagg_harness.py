@@ -353,3 +353,18 @@ def random_inputs(n: int, seed: int, numel: int, scale: float = 0.3) -> tuple[li
     rng = np.random.default_rng(seed)
     vectors = [(rng.standard_normal(numel) * scale).astype(np.float32) for _ in range(n)]
     return vectors, [float(w) for w in rng.uniform(0.3, 1.0, n)]
+
+
+def assert_same_or_none(outcomes: list[SecAggResult | BaseException], honest: list[int]) -> list[SecAggResult]:
+    """Every honest peer ends with the same result or with SecAggError, never another exception."""
+    results = []
+    for i in honest:
+        outcome = outcomes[i]
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, SecAggError), f"honest peer {i} failed with {outcome!r}"
+        else:
+            results.append(outcome)
+    for result in results[1:]:
+        assert result.contributors == results[0].contributors
+        assert np.array_equal(result.mean, results[0].mean)
+    return results

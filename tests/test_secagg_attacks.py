@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from secagg_harness import DroppingAllReduce, SecAggSwarm, colluders_can_unmask, deviating, module_swarm, random_inputs
+from secagg_harness import (
+    DroppingAllReduce,
+    SecAggSwarm,
+    assert_same_or_none,
+    colluders_can_unmask,
+    deviating,
+    module_swarm,
+    random_inputs,
+)
 
 from node.config import CompressionConfig
 from node.secagg.fixed_point import FixedPointCodec
@@ -38,20 +46,6 @@ def recovered_input(
     return total
 
 
-def assert_honest_consistent(outcomes: list[SecAggResult | BaseException], honest: list[int]) -> None:
-    """Every honest peer ends with the same result, or with SecAggError (never another exception)."""
-    results = []
-    for i in honest:
-        outcome = outcomes[i]
-        if isinstance(outcome, BaseException):
-            assert isinstance(outcome, SecAggError), f"honest peer {i} failed with {outcome!r}"
-        else:
-            results.append(outcome)
-    for result in results[1:]:
-        assert result.contributors == results[0].contributors
-        assert np.array_equal(result.mean, results[0].mean)
-
-
 def revealed_anything(sessions: list[MaskedAllReduce], honest: list[int]) -> bool:
     return any(m.kind == "reveal" and m.sender in honest for s in sessions for m in s.view or [])
 
@@ -76,7 +70,7 @@ def test_colluders_below_the_threshold_cannot_unmask_a_chosen_peer(
             leaked = recovered_input(outcome, vectors, weights, colluders)
             assert np.abs(leaked - exact).max() > 100 * tolerance, f"colluder {m} recovered the victim's input"
     assert not colluders_can_unmask(sessions, colluders, [victim, *honest])
-    assert_honest_consistent(outcomes, [victim, *honest])
+    assert_same_or_none(outcomes, [victim, *honest])
     if not any(isinstance(outcomes[i], SecAggResult) for i in [victim, *honest]):
         assert not revealed_anything(sessions, [victim, *honest]), "the round failed after honest peers revealed"
     for i in honest:  # the receivers of the bad boxes blame the senders, by PeerID
@@ -92,7 +86,7 @@ def test_a_bad_box_from_one_peer_is_blamed_on_its_sender(swarm: SecAggSwarm) -> 
     outcomes = swarm.run(sessions)
 
     assert sender in sessions[receiver].state.blamed
-    assert_honest_consistent(outcomes, [0, 1, 2, 3])
+    assert_same_or_none(outcomes, [0, 1, 2, 3])
     assert all(isinstance(outcomes[i], SecAggResult) for i in [0, 1, 2, 3])
     result = outcomes[0]
     assert isinstance(result, SecAggResult)
@@ -112,7 +106,7 @@ def test_equivocating_claims_never_reveal_for_two_contributor_sets(swarm: SecAgg
     revealed_for = {tuple(sessions[i].state.u) for i in honest if "reveal" in dict(sessions[i].stats["phases"])}
     assert len(revealed_for) <= 1, f"honest peers revealed for different contributor sets {revealed_for}"
     assert not colluders_can_unmask(sessions, colluders, honest)
-    assert_honest_consistent(outcomes, honest)
+    assert_same_or_none(outcomes, honest)
 
 
 def test_an_equivocated_code_bound_aborts_before_any_reveal(swarm: SecAggSwarm) -> None:
@@ -131,7 +125,7 @@ def test_an_equivocated_code_bound_aborts_before_any_reveal(swarm: SecAggSwarm) 
 
     outcomes = swarm.run(sessions)
 
-    assert_honest_consistent(outcomes, honest)
+    assert_same_or_none(outcomes, honest)
     assert not any(isinstance(outcomes[i], SecAggResult) for i in honest)
     assert not revealed_anything(sessions, honest)
 

@@ -20,6 +20,7 @@ from secagg_harness import (
     LOW_ORDER_POINT,
     MaliciousAllReduce,
     SecAggSwarm,
+    assert_same_or_none,
     deviating,
     module_swarm,
     off_by_one,
@@ -33,7 +34,7 @@ from node.secagg.fixed_point import WEIGHT_FLOOR, FixedPointCodec
 from node.secagg.masking import MaskError, pair_secret
 from node.secagg.messages import Message, MessageError, parse_header
 from node.secagg.privacy import NoiseShare
-from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggResult
+from node.secagg.protocol import MaskedAllReduce, SecAggError
 from node.secagg.shamir import split_secret
 from node.secagg.sharing import SharingError, box_shares, commit, rebuild_secret
 
@@ -45,21 +46,6 @@ swarm = module_swarm("integrity", 5)  # five real P2P peers shared by the module
 
 def inputs(n: int, seed: int, scale: float = 0.3) -> tuple[list[np.ndarray], list[float]]:
     return random_inputs(n, seed, NUMEL, scale)
-
-
-def assert_same_or_none(outcomes: list[SecAggResult | BaseException], honest: list[int]) -> list[SecAggResult]:
-    """Every honest peer ends with the same result or with SecAggError, never another exception."""
-    results = []
-    for i in honest:
-        outcome = outcomes[i]
-        if isinstance(outcome, BaseException):
-            assert isinstance(outcome, SecAggError), f"honest peer {i} failed with {outcome!r}"
-        else:
-            results.append(outcome)
-    for result in results[1:]:
-        assert result.contributors == results[0].contributors
-        assert np.array_equal(result.mean, results[0].mean)
-    return results
 
 
 # ---------------------------------------------------------------------------- reconstruction from other subsets
