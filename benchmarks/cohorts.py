@@ -3,9 +3,12 @@
 One invocation, on 127.0.0.1::
 
     python benchmarks/cohorts.py --peers 12 --corpora 3 --json
+    python benchmarks/domain_corpora.py --out /tmp/domains   # real text: drama, docs, legal
+    python benchmarks/cohorts.py --corpora-dir /tmp/domains --peers 9 --bytes-per-peer 40000 --json
 
 (a) Discovery with real peers: N hivemind DHT peers, each with a slice of one of K clearly different
-    generated corpora (``node.data.CORPUS_STYLES``: English words, digits, Cyrillic, DNA), publish
+    generated corpora (``node.data.CORPUS_STYLES``: English words, digits, Cyrillic, DNA), or of the
+    domains of ``--corpora-dir`` (one sub-folder per domain, contiguous slices), publish
     signed PeerRecords with their data sketch (node/sketch.py). Every peer runs the cohort rule
     (dht/cohorts.py) over the records it lists until all N views agree. ``ari`` is the adjusted Rand
     index of the agreed cohorts against the corpora; ``seconds_to_stable`` runs from the first
@@ -80,7 +83,31 @@ def peer_data(peers: int, corpora: int, size: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def discover(data: list[tuple[int, bytes]], threshold: float, timeout: float) -> tuple[list[Cohort], list[str], float]:
+def dir_data(folder: Path, peers: int, size: int) -> tuple[list[tuple[int, bytes]], list[str]]:
+    """(domain index, slice) per peer from ``folder/<domain>/`` (its ``.txt`` files, in name order), peer i
+    drawing contiguous slices of domain i mod K; and the domain names.
+
+    Raises:
+        SystemExit: the folder has no domain with text, or a domain has too little for its peers.
+    """
+    domains = sorted(d for d in folder.iterdir() if d.is_dir() and any(d.glob("*.txt"))) if folder.is_dir() else []
+    if not domains:
+        raise SystemExit(f"--corpora-dir {folder}: no sub-folder with .txt files (one sub-folder per domain)")
+    texts = [b"\n".join(f.read_bytes() for f in sorted(d.glob("*.txt"))) for d in domains]
+    out, taken = [], [0] * len(domains)
+    for i in range(peers):
+        k = i % len(domains)
+        piece = texts[k][taken[k] * size : (taken[k] + 1) * size]
+        if len(piece) < size:
+            raise SystemExit(f"--corpora-dir: {domains[k]} has {len(texts[k])} bytes, too few for its peers")
+        out.append((k, piece))
+        taken[k] += 1
+    return out, [d.name for d in domains]
+
+
+def discover(
+    data: list[tuple[int, bytes]], threshold: float | None, timeout: float
+) -> tuple[list[Cohort], list[str], float]:
     """Real DHT peers publish their sketches and cluster until every view agrees (part a)."""
     matcher = CohortMatcher(RUN_ID, threshold)
     dhts: list[Any] = []
@@ -214,7 +241,16 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, default=3e-3, help="AdamW learning rate, e.g. 0.003")
     parser.add_argument("--global-every", type=int, default=4, help="cross-cohort averaging period, e.g. 4")
     parser.add_argument("--alpha", type=float, default=0.5, help="importance weight exponent, e.g. 0.5")
-    parser.add_argument("--threshold", type=float, default=0.1, help="cohort distance threshold, e.g. 0.1")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="fixed-rule distance threshold (default: adaptive rule), e.g. 0.1"
+    )
+    parser.add_argument(
+        "--corpora-dir",
+        type=Path,
+        default=None,
+        help="one sub-folder of .txt files per domain, split among the peers (instead of generated corpora), "
+        "e.g. /tmp/domains from benchmarks/domain_corpora.py",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for agreement, e.g. 60")
     parser.add_argument("--json", action="store_true", help="print one JSON line, e.g. --json")
     args = parser.parse_args()
@@ -222,7 +258,11 @@ def main() -> None:
         parser.error(f"--corpora must be in [1, {len(CORPUS_STYLES)}] and at most --peers")
     torch.set_num_threads(1)
 
-    data = peer_data(args.peers, args.corpora, args.bytes_per_peer)
+    if args.corpora_dir is not None:
+        data, domains = dir_data(args.corpora_dir, args.peers, args.bytes_per_peer)
+        args.corpora = len(domains)
+    else:
+        data = peer_data(args.peers, args.corpora, args.bytes_per_peer)
     cohorts, ids, seconds = discover(data, args.threshold, args.timeout)
     found = {member: c.cohort_id for c in cohorts for member in c.members}
     ari = adjusted_rand_index([k for k, _ in data], [found[p] for p in ids])

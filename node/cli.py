@@ -29,8 +29,9 @@ from typing import Any
 import psutil
 from hivemind.utils import get_dht_time
 
-from dht import CohortMatcher, IdentityError, SwarmError, list_peers, start_dht
+from dht import IdentityError, SwarmError, list_peers, start_dht
 from dht.swarm import SwarmConfig
+from node.aggregation.hierarchy import cohort_matcher
 from node.capacity import CapacityError
 from node.config import ConfigError, NodeConfig, check_join, check_serve, load_node_config, parse_memory
 from node.data import DataError
@@ -300,7 +301,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         dht.shutdown()
     now = get_dht_time()
-    matcher = CohortMatcher(config.run.run_id, config.run.cohorts.distance_threshold)
+    matcher = cohort_matcher(config.run.run_id, config.run.cohorts, config.run.aggregation.min_group_size)
     cohorts = matcher.cohorts(peers)
     placed = {m: (c, d) for c in cohorts for m, d in zip(c.members, c.distances, strict=True)}
     if args.json:

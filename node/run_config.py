@@ -277,7 +277,9 @@ class CohortConfig:
     """Cohorts of peers with similar data and hierarchical averaging (node/aggregation/hierarchy.py); off by default."""
 
     enabled: bool = False  # average cohort params within the cohort, global params also across cohorts
-    distance_threshold: float = 0.1  # cosine distance up to which two data sketches link (dht/cohorts.py)
+    # Unset: the adaptive rule (dht/cohorts.py). Set: the fixed override, cosine distance up to which two sketches link.
+    distance_threshold: float | None = None
+    min_separation: float = 2.5  # the adaptive rule cuts where groups are this many times farther apart than spread
     local_patterns: list[str] = field(default_factory=lambda: ["ln_f.*"])  # fnmatch names: never sent
     cohort_patterns: list[str] = field(default_factory=lambda: ["blocks.*"])  # averaged within the cohort only
     global_every: int = 4  # the global params are also averaged across cohorts every this many rounds
@@ -287,8 +289,14 @@ class CohortConfig:
 
     def __post_init__(self) -> None:
         _require(
-            math.isfinite(self.distance_threshold) and 0 <= self.distance_threshold <= 2,
-            f"cohorts.distance_threshold must be in [0, 2] (cosine distance), got {self.distance_threshold}",
+            self.distance_threshold is None
+            or (isinstance(self.distance_threshold, int | float) and 0 <= self.distance_threshold <= 2),
+            f"cohorts.distance_threshold must be unset (adaptive) or in [0, 2] (cosine distance), "
+            f"got {self.distance_threshold}",
+        )
+        _require(
+            math.isfinite(self.min_separation) and 1 < self.min_separation <= 100,
+            f"cohorts.min_separation must be in (1, 100], e.g. 2.0, got {self.min_separation}",
         )
         for name in ("local_patterns", "cohort_patterns"):
             patterns = getattr(self, name)

@@ -1,17 +1,25 @@
-"""Cohorts: the data sketch, the clustering rule, and 12-13 real DHT peers on 127.0.0.1 agreeing on it."""
+"""Cohorts: the data sketch, the clustering rule, and 12-13 real DHT peers on 127.0.0.1 agreeing on it.
+
+The rule is tested on real text of three domains in one language and alphabet (plays, the Python
+language reference, software licences: benchmarks/domain_corpora.py), not only on generated corpora
+in different alphabets, which any threshold separates.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import random
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import LOCALHOST_MADDR, REPO_ROOT, wait_until
+from helpers import LOCALHOST_MADDR, REPO_ROOT, wait_until, write_run_config
 
 from dht import Cohort, CohortMatcher, PeerRecord, adjusted_rand_index, encode_sketch, list_peers, publish_record
 from node.cli import main
@@ -23,7 +31,27 @@ if TYPE_CHECKING:
 
 RecordFactory = Callable[..., PeerRecord]
 SLICE = 20_000  # bytes of data per peer
-THRESHOLD = 0.1  # the default cohorts.distance_threshold
+THRESHOLD = 0.1  # the old default cohorts.distance_threshold, now an override
+DOMAIN_SLICE = 40_000  # bytes of real text per peer
+
+
+@functools.cache
+def domain_texts() -> dict[str, bytes]:
+    spec = importlib.util.spec_from_file_location("domain_corpora", REPO_ROOT / "benchmarks" / "domain_corpora.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.domain_texts()  # type: ignore[no-any-return]
+
+
+def domain_slices(per_domain: int, domains: tuple[str, ...] = ("drama", "docs", "legal")) -> list[tuple[int, bytes]]:
+    """(domain index, contiguous slice) for ``per_domain`` peers of each real-text domain."""
+    texts = domain_texts()
+    return [
+        (k, texts[name][i * DOMAIN_SLICE : (i + 1) * DOMAIN_SLICE])
+        for k, name in enumerate(domains)
+        for i in range(per_domain)
+    ]
 
 
 def corpus_slices(styles: int, per_style: int) -> list[tuple[int, bytes]]:
@@ -87,14 +115,14 @@ def signed_records(identity_factory, record_factory: RecordFactory, slices, **ov
 def test_rule_ignores_record_order_and_only_counts_trainers_of_the_run(identity_factory, record_factory) -> None:  # type: ignore[no-untyped-def]
     """The same records in any order give the same cohorts; servers, other runs and empty sketches don't join."""
     # Prepare
-    slices = corpus_slices(3, 2)
+    slices = domain_slices(3)
     records = signed_records(identity_factory, record_factory, slices)
     outsiders = [
         record_factory(identity_factory(None), roles=("server",)),
         record_factory(identity_factory(None), run_hash="cd" * 16),
     ]
     blank = record_factory(identity_factory(None), sketch=encode_sketch([0.0] * 256))
-    matcher = CohortMatcher("run", THRESHOLD)
+    matcher = CohortMatcher("run")
 
     # Execute
     shuffled = [*records, *outsiders, blank]
@@ -103,13 +131,82 @@ def test_rule_ignores_record_order_and_only_counts_trainers_of_the_run(identity_
 
     # Assert
     assert first == second
-    assert sorted(len(c) for c in first) == [1, 2, 2, 2]
+    assert sorted(len(c) for c in first) == [1, 3, 3, 3]
     assert matcher.cohort_of(blank.peer_id, shuffled, "ab" * 16).members == (blank.peer_id,)
     truth = [k for k, _ in slices]
     found = partition(first)
     assert adjusted_rand_index(truth, [found[r.peer_id] for r in records]) == 1.0
-    assert all(d < THRESHOLD for c in first for d in c.distances if len(c) > 1)
-    assert CohortMatcher("other-run", THRESHOLD).cohorts(records)[0].cohort_id not in {c.cohort_id for c in first}
+    assert CohortMatcher("other-run").cohorts(records)[0].cohort_id not in {c.cohort_id for c in first}
+
+
+def test_adaptive_rule_separates_real_domains_where_the_fixed_threshold_merges_them(  # type: ignore[no-untyped-def]
+    identity_factory, record_factory
+) -> None:
+    """Three domains of English text form three cohorts (ARI 1); the old fixed 0.1 puts them in one."""
+    # Prepare
+    slices = domain_slices(4)
+    records = signed_records(identity_factory, record_factory, slices)
+    truth = [k for k, _ in slices]
+
+    # Execute
+    adaptive = partition(CohortMatcher("run").cohorts(records))
+    fixed = partition(CohortMatcher("run", THRESHOLD).cohorts(records))
+
+    # Assert
+    assert adjusted_rand_index(truth, [adaptive[r.peer_id] for r in records]) == 1.0
+    assert len(set(fixed.values())) == 1
+
+
+@pytest.mark.parametrize("domain", ["drama", "docs", "legal"])
+def test_one_domain_stays_one_cohort(identity_factory, record_factory, domain: str) -> None:  # type: ignore[no-untyped-def]
+    """Nine peers with slices of one domain: no cut stands out, so the rule falls back to one cohort."""
+    # Prepare
+    records = signed_records(identity_factory, record_factory, domain_slices(9, (domain,)))
+
+    # Execute
+    cohorts = CohortMatcher("run").cohorts(records)
+
+    # Assert
+    assert [len(c) for c in cohorts] == [9]
+
+
+def test_one_peer_joining_or_leaving_moves_nobody_else(identity_factory, record_factory) -> None:  # type: ignore[no-untyped-def]
+    """Every one of 18 peers leaving in turn, and an outlier joining, leave the others' cohorts as they were."""
+    # Prepare
+    records = signed_records(identity_factory, record_factory, domain_slices(6))
+    outlier = signed_records(identity_factory, record_factory, corpus_slices(4, 1)[3:])[0]  # DNA letters
+    matcher = CohortMatcher("run")
+
+    def together(cohorts: list[Cohort], ids: list[str]) -> set[frozenset[str]]:
+        return {frozenset(m for m in c.members if m in ids) for c in cohorts} - {frozenset()}
+
+    ids = [r.peer_id for r in records]
+    before = together(matcher.cohorts(records), ids)
+
+    # Execute
+    left = [together(matcher.cohorts(records[:i] + records[i + 1 :]), ids) for i in range(len(records))]
+    joined = matcher.cohorts([*records, outlier])
+
+    # Assert
+    assert len(before) == 3
+    for i, after in enumerate(left):
+        assert after == {frozenset(c - {ids[i]}) for c in before}
+    assert together(joined, ids) == before and sum(map(len, joined)) == 19  # no cohort of one for the outlier
+
+
+def test_no_cohort_is_smaller_than_the_secure_minimum(identity_factory, record_factory) -> None:  # type: ignore[no-untyped-def]
+    """Two peers of a domain are too few to average securely: they join the nearest cohort instead."""
+    # Prepare
+    slices = domain_slices(4, ("drama", "docs"))[:6]  # 4 drama, 2 docs
+    records = signed_records(identity_factory, record_factory, slices)
+
+    # Execute
+    cohorts = CohortMatcher("run", min_cohort=3).cohorts(records)
+    pairs_allowed = CohortMatcher("run", min_cohort=2).cohorts(records)
+
+    # Assert
+    assert [len(c) for c in cohorts] == [6]
+    assert sorted(len(c) for c in pairs_allowed) == [2, 4]
 
 
 def test_a_bridging_record_merges_and_its_loss_splits_only_what_it_bridged(identity_factory, record_factory) -> None:  # type: ignore[no-untyped-def]
@@ -161,12 +258,12 @@ def views_agree(peers: list[SwarmPeer], run_id: str, matcher: CohortMatcher, cou
 def test_twelve_peers_from_three_corpora_form_three_cohorts_and_a_thirteenth_moves_nobody(
     swarm_factory, record_factory: RecordFactory, run_id: str
 ) -> None:  # type: ignore[no-untyped-def]
-    """12 real peers agree on 3 cohorts matching their corpora (ARI >= 0.9) within 30 s; a 13th joins its own."""
+    """12 real peers agree on 3 cohorts matching their text domains (ARI >= 0.9) within 30 s; a 13th joins its own."""
     # Prepare
-    slices = corpus_slices(3, 5)  # 15 slices: 12 peers now, the 13th from corpus 1 later
+    slices = domain_slices(5)  # 15 slices: 12 peers now, the 13th from domain 1 later
     first, thirteenth = [s for i, s in enumerate(slices) if i % 5 != 4], slices[9]
     peers = swarm_factory(13, run_ids=[run_id])
-    matcher = CohortMatcher(run_id, THRESHOLD)
+    matcher = CohortMatcher(run_id)
 
     def publish(peer: SwarmPeer, data: bytes) -> None:
         record = record_factory(peer.identity, sketch=encode_sketch(data_sketch(data)), ttl=60.0)
@@ -220,16 +317,18 @@ def test_cohort_personalized_models_beat_one_global_model_on_their_own_corpus() 
 
 
 def test_status_shows_each_peers_cohort_and_distance(
-    swarm_factory, record_factory: RecordFactory, run_id: str, capsys: pytest.CaptureFixture[str]
+    swarm_factory, record_factory: RecordFactory, run_id: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    """`zen-node status` lists the cohorts (members, distance to centroid), in text and in --json."""
+    """`zen-node status` lists the cohorts (members, distance to centroid), in text and in --json, by the run's
+    rule (here the fixed-threshold override from the config file)."""
     # Prepare
     slices = corpus_slices(2, 2)[:3]  # two peers of corpus 0, one of corpus 1
     peers = swarm_factory(3, run_ids=[run_id])
     for peer, (_, data) in zip(peers, slices, strict=True):
         record = record_factory(peer.identity, sketch=encode_sketch(data_sketch(data)))
         assert publish_record(peer.dht, run_id, record.sign(peer.identity))
-    flags = ["--initial-peers", peers[0].maddrs[0], "--host-maddrs", LOCALHOST_MADDR, "--run-id", run_id]
+    config = write_run_config(tmp_path / "run.toml", run_id, cohorts={"distance_threshold": THRESHOLD})
+    flags = ["--initial-peers", peers[0].maddrs[0], "--host-maddrs", LOCALHOST_MADDR, "--config", str(config)]
 
     # Execute
     json_code = main(["status", *flags, "--json"])

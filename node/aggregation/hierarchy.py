@@ -93,6 +93,13 @@ def importance_weight(samples: float, cohort_size: int, alpha: float) -> float:
     return float(samples) * max(1, cohort_size) ** -alpha
 
 
+def cohort_matcher(run_id: str, cohorts: CohortConfig, min_group_size: int) -> CohortMatcher:
+    """The run's cohort rule: adaptive unless ``cohorts.distance_threshold`` overrides it."""
+    return CohortMatcher(
+        run_id, cohorts.distance_threshold, min_cohort=min_group_size, min_separation=cohorts.min_separation
+    )
+
+
 AggregatorFactory = Callable[..., Aggregator]  # make_aggregator's signature
 
 
@@ -126,7 +133,7 @@ class HierarchicalAggregator(Aggregator):
     ):
         self.dht, self.run_id, self.run_hash, self.peer_id = dht, run_id, run_hash, peer_id
         self.partition, self.cohorts, self.min_group_size = partition, cohorts, min_group_size
-        self.matcher = CohortMatcher(run_id, cohorts.distance_threshold)
+        self.matcher = cohort_matcher(run_id, cohorts, min_group_size)
         self._make, self._kwargs = make, kwargs
         self._shared_templates = [templates[i] for i in partition.shared]
         self._global = (
