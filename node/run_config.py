@@ -355,10 +355,13 @@ class RunConfig:
         )
         _require(self.min_memory_gb >= 0, f"run.min_memory_gb must be >= 0, got {self.min_memory_gb}")
         _require(
-            not self.cohorts.enabled
-            or (not self.compression.active and not self.privacy.enabled and self.sharding.stages == 0),
-            "cohorts cannot yet be combined with compression, privacy or sharding; set cohorts.enabled = false "
-            "or turn those off",
+            not self.cohorts.enabled or self.sharding.stages == 0,
+            "cohorts cannot yet be combined with sharding; set cohorts.enabled = false or sharding.stages = 0",
+        )
+        _require(
+            not (self.cohorts.enabled and self.privacy.enabled and self.privacy.level == "user"),
+            "cohorts cannot yet be combined with user-level DP (a round's two releases, cohort and cross-cohort, "
+            "are one accounting event today); use privacy.level = 'record' or set cohorts.enabled = false",
         )
         _require(
             self.sharding.stages == 0 or (self.train.lr_schedule == "constant" and self.train.warmup_steps == 0),

@@ -15,7 +15,12 @@ from torch import nn
 from dht import PeerRecord, encode_sketch, publish_record
 from node.aggregation.base import AggregationResult, Aggregator
 from node.aggregation.factory import make_aggregator
-from node.aggregation.hierarchy import HierarchicalAggregator, importance_weight, partition_parameters
+from node.aggregation.hierarchy import (
+    HierarchicalAggregator,
+    ParameterPartition,
+    importance_weight,
+    partition_parameters,
+)
 from node.aggregation.secure import SecureAggregator
 from node.config import (
     AggregationConfig,
@@ -62,13 +67,21 @@ def test_importance_weights_scale_a_cohort_by_size_to_the_minus_alpha(alpha: flo
 
 
 def test_cohort_config_is_validated_and_refuses_unsupported_combinations() -> None:
-    """Out-of-range fields name themselves; cohorts with compression or privacy are refused for now."""
+    """Out-of-range fields name themselves; cohorts with sharding or user-level DP are refused for now."""
     with pytest.raises(ConfigError, match=r"cohorts\.alpha"):
         load_node_config(None, {"run.cohorts.alpha": -1.0})
     with pytest.raises(ConfigError, match=r"cohorts\.local_patterns"):
         load_node_config(None, {"run.cohorts.local_patterns": "head.*"})
-    with pytest.raises(ConfigError, match="cohorts cannot yet be combined"):
-        load_node_config(None, {"run.cohorts.enabled": True, "run.compression.bits": 8})
+    with pytest.raises(ConfigError, match="cohorts cannot yet be combined with sharding"):
+        load_node_config(None, {"run.cohorts.enabled": True, "run.sharding.stages": 1})
+    user_dp = {"run.privacy.enabled": True, "run.privacy.level": "user", "run.privacy.target_epsilon": 8.0}
+    with pytest.raises(ConfigError, match="cohorts cannot yet be combined with user-level DP"):
+        load_node_config(None, {"run.cohorts.enabled": True, **user_dp})
+    with pytest.raises(ConfigError, match=r"cohorts\.min_separation"):
+        load_node_config(None, {"run.cohorts.min_separation": 1.0})
+    combined = {"run.cohorts.enabled": True, "run.compression.bits": 8, "run.privacy.enabled": True}
+    assert load_node_config(None, {**combined, "run.privacy.target_epsilon": 8.0}).run.compression.bits == 8
+    assert load_node_config(None, {"run.cohorts.enabled": True}).run.cohorts.distance_threshold is None
     assert load_node_config(None, {"run.cohorts.enabled": True}).run.cohorts.global_every == 4
 
 
@@ -214,7 +227,8 @@ def test_a_node_shares_zeros_in_place_of_its_local_parameters(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Path, bootstrap_maddr: str) -> None:
-    """Real `zen-node join` processes with cohorts: one cohort, group rounds, identical shared params, own ln_f."""
+    """Real `zen-node join` processes with cohorts, 8-bit compression in the ring and record-level DP: one
+    cohort, group rounds, identical shared params, own ln_f, epsilon in every report."""
     # Prepare
     config = write_run_config(
         tmp_path / "run.toml",
@@ -222,6 +236,8 @@ def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Pa
         train={"inner_steps": 4},
         aggregation={"matchmaking_time": 1.0, "timeout": 30.0},
         cohorts={"enabled": True, "global_every": 2},
+        compression={"bits": 8},
+        privacy={"enabled": True, "target_epsilon": 8.0, "planned_rounds": 3, "clip_norm": 1.0},
     )
     corpus = generate_corpus(60_000, seed=3)
     rounds = 3
@@ -240,8 +256,48 @@ def test_three_nodes_of_one_cohort_share_all_but_their_local_layers(tmp_path: Pa
     trained = [[r for r in node.reports() if r["mode"] not in ("initial", "loaded")] for node in nodes]
     assert all(r["mode"] == "group" and r["group_size"] == 3 for t in trained for r in t), trained
     assert len({r["cohort"] for t in trained for r in t}) == 1
+    assert all(0 < r["epsilon"] <= 8.0 for t in trained for r in t), trained
     names = [name for name, _ in build_model(ModelConfig(d_model=32, context=32), seed=0).named_parameters()]
     params = [load_round_params(node.params(rounds)) for node in nodes]
     for j, name in enumerate(names):
         same = all(torch.equal(params[0][j], other[j]) for other in params[1:])
         assert same != name.startswith("ln_f."), name  # local layers differ, everything else is the group's
+
+
+class LeftOver(Aggregator):
+    """A ring that reports a fixed residual (what its sum left out); it averages nothing itself."""
+
+    def __init__(self, residual: torch.Tensor | None):
+        self._left = residual
+
+    def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+    @property
+    def residual(self) -> torch.Tensor | None:
+        return self._left
+
+
+def test_each_rings_residual_returns_to_the_parameters_it_carried() -> None:
+    """Compression with cohorts: the cohort ring's residual lands on cohort+global params, the run-wide ring's
+    on global params too, local params get none."""
+    # Prepare
+    tensors = [torch.zeros(2), torch.zeros(3), torch.zeros(1)]  # global, cohort, local
+    partition = ParameterPartition(("g", "c", "l"), global_=(0,), cohort=(1,), local=(2,))
+    cohort_ring = LeftOver(torch.arange(1.0, 6.0))  # over partition.shared: g (2 values), c (3 values)
+    global_ring = LeftOver(torch.tensor([10.0, 20.0]))
+
+    # Execute
+    both = HierarchicalAggregator._combined_residual(
+        tensors, [(cohort_ring, partition.shared), (global_ring, partition.global_)]
+    )
+    cohort_only = HierarchicalAggregator._combined_residual(tensors, [(cohort_ring, partition.shared)])
+    none = HierarchicalAggregator._combined_residual(tensors, [(LeftOver(None), partition.shared)])
+
+    # Assert
+    assert both is not None and both.tolist() == [11.0, 22.0, 3.0, 4.0, 5.0, 0.0]
+    assert cohort_only is not None and cohort_only.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 0.0]
+    assert none is None

@@ -140,6 +140,7 @@ class HierarchicalAggregator(Aggregator):
             make(dht, run_id, [templates[i] for i in partition.global_], **kwargs) if partition.global_ else None
         )
         self._cohort_aggregator: tuple[str, Aggregator] | None = None
+        self._residual: torch.Tensor | None = None  # the last aggregate's, over every parameter (``residual``)
         self._lock = threading.Lock()
         self.cohort: Cohort | None = None  # where this node placed itself at its last round
 
@@ -181,6 +182,8 @@ class HierarchicalAggregator(Aggregator):
             cohort, step = self.cohort, self._cohort_aggregator
         size = len(cohort) if cohort is not None else 1
         results: list[AggregationResult] = []
+        rings: list[tuple[Aggregator, tuple[int, ...]]] = []  # the steps that averaged, with what they carried
+        self._residual = None
         if step is not None:
             shared = [tensors[i] for i in self.partition.shared]  # the same tensors: averaged in place
             result = step[1].aggregate(round_no, shared, weight)
@@ -188,6 +191,7 @@ class HierarchicalAggregator(Aggregator):
                 logger.warning(f"round {round_no}: no group formed in cohort {step[0]}")
             else:
                 results.append(result)
+                rings.append((step[1], self.partition.shared))
         if self._global is not None and round_no % self.cohorts.global_every == 0:
             global_ = [tensors[i] for i in self.partition.global_]
             try:
@@ -197,10 +201,38 @@ class HierarchicalAggregator(Aggregator):
                 result = None
             if result is not None:
                 results.append(result)
+                rings.append((self._global, self.partition.global_))
         if not results:
             return None
+        self._residual = self._combined_residual(tensors, rings)
         peers = tuple(sorted({p for r in results for p in r.peers}))
         return AggregationResult(round=round_no, group_size=results[0].group_size, peers=peers)
+
+    @property
+    def residual(self) -> torch.Tensor | None:
+        """What the last round's rings left out, over every parameter in model order (None: they took all).
+
+        Each ring keeps its own error feedback (compression residuals per ring): a cohort or global
+        parameter gets what the cohort ring left out of the node's update, and on cross-cohort rounds a
+        global parameter also what the run-wide ring left out of the cohort mean the node brought to it;
+        the trainer adds both to the next round's update. Local parameters were never sent: zero.
+        """
+        return self._residual
+
+    @staticmethod
+    def _combined_residual(
+        tensors: Sequence[torch.Tensor], rings: Sequence[tuple[Aggregator, tuple[int, ...]]]
+    ) -> torch.Tensor | None:
+        pieces = [torch.zeros(t.numel(), dtype=torch.float32) for t in tensors]
+        left_out = False
+        for ring, indices in rings:
+            residual = ring.residual
+            if residual is None:
+                continue
+            left_out = True
+            for i, piece in zip(indices, residual.split([tensors[i].numel() for i in indices]), strict=True):
+                pieces[i] += piece.to(torch.float32)
+        return torch.cat(pieces) if left_out else None
 
     def shutdown(self) -> None:
         with self._lock:
