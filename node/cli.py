@@ -38,6 +38,7 @@ from node.data import DataError
 from node.sharding.client import StageUnavailableError
 from node.sharding.server import StageServer
 from node.sharding.trainer import ShardedTrainer, StepReport
+from node.training.privacy import check_privacy
 from node.training.trainer import ConfigMismatchError, RoundReport, TrainingNode
 
 logger = logging.getLogger(__name__)
@@ -256,6 +257,7 @@ def _print_step(report: StepReport) -> None:
 def cmd_join(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_join(config)
+    check_privacy(config.run)  # the user-level population floor: refused before any folder exists
     stop = threading.Event()
     _install_signal_handlers(stop)
     node: TrainingNode | ShardedTrainer

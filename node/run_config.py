@@ -139,9 +139,18 @@ class AggregationConfig:
     # Sybils: a leader refuses other followers, a follower asks no other leader, a group with another
     # member aborts before any message (docs/architecture.md, "Who forms groups")
     allowlist: list[str] = field(default_factory=list)
+    # the held-out loss gate (node/training/gate.py): a group's mean whose outer step would raise this node's
+    # held-out loss by more than this fraction of it is not applied (the round is "rejected"); 0 = no gate.
+    # 0.05: honest steps measured under +1%, a mean poisoned within the bounds far above (docs/architecture.md)
+    gate_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         _require_choice(self.mode, AggregationMode, "aggregation.mode")
+        _require(
+            math.isfinite(self.gate_tolerance) and 0 <= self.gate_tolerance <= 10,
+            f"aggregation.gate_tolerance must be in [0, 10] (a fraction of the held-out loss; 0 = no gate), "
+            f"got {self.gate_tolerance}",
+        )
         _require(
             isinstance(self.allowlist, list)
             and len(self.allowlist) <= MAX_ALLOWLIST
@@ -348,6 +357,13 @@ class RunConfig:
         _require(
             not self.privacy.enabled or self.aggregation.mode == "secure",
             "privacy needs aggregation.mode = 'secure' (the noise shares are added inside the masked ring)",
+        )
+        # What leaves a sharded trainer is each record's hidden states and their gradients (to stage servers,
+        # which train on them without DP); its local parts never leave it (docs/architecture.md, "Sharding").
+        _require(
+            not self.privacy.enabled or self.sharding.stages == 0,
+            "privacy cannot yet be combined with sharding (stage servers see each record's hidden states and "
+            "gradients and train on them without DP); set privacy.enabled = false or sharding.stages = 0",
         )
         _require(
             0 < len(self.run_id) <= 64 and all(c.isalnum() or c in "-_" for c in self.run_id),

@@ -105,6 +105,7 @@ class NodeProcess:
     It listens on 127.0.0.1 (port 0) and logs at INFO. ``command="join"`` (the default) also trains on
     ``data`` (written to ``data.txt``) with its workdir in ``work/`` and every round's global params saved;
     ``command="serve"`` hosts stages and takes no data. ``extra`` flags come last, so they override.
+    ``program`` runs in place of `zen-node` (a deviating node: ``tests/deviant_node.py``).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class NodeProcess:
         data: bytes | None,
         *extra: str,
         command: str = "join",
+        program: list[str] | None = None,
     ) -> None:
         self.folder = root / name
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,11 @@ class NodeProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.log = open(self.folder / "node.log", "w")
         self.process = subprocess.Popen(
-            [*ZEN_NODE, *args, *extra], stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env
+            [*(program or ZEN_NODE), *args, *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     @classmethod

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from node.aggregation.secure import ring_bound
+from node.cli import main
 from node.config import ConfigError, RunConfig, load_node_config
 from node.data import generate_corpus
 from node.secagg.fixed_point import FixedPointCodec
@@ -169,3 +170,25 @@ def test_the_population_benchmark_runs_small(tmp_path: Path) -> None:
     assert population["largest_tried"] == last["k"] and population["largest_ratio"] == last["loss_ratio"]
     assert population["k"] is None or population["k"] == last["k"]
     assert population["epsilon"] == 8.0 and population["rounds"] == 2 and population["parameters"] == 120_576
+
+
+def test_join_below_the_floor_is_refused_before_any_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`zen-node join` with user-level DP below the floor: one line, exit 2, no identity folder, no workdir."""
+    # Prepare
+    config = tmp_path / "run.toml"
+    config.write_text("[run.privacy]\nenabled = true\nlevel = 'user'\nnoise_multiplier = 6.0\n")  # no calibration
+    data = tmp_path / "data.txt"
+    data.write_bytes(generate_corpus(20_000, seed=1))
+    identity, workdir = tmp_path / "id", tmp_path / "work"
+
+    # Execute
+    code = main(["join", "--config", str(config), "--data", str(data), "--identity", str(identity),
+                 "--workdir", str(workdir), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])  # fmt: skip
+
+    # Assert
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("zen-node: error: privacy.level = 'user'"), lines
+    assert f"from {group_size_floor(6.0, DEFAULT_PARAMETERS, 1)} peers" in lines[0]
+    assert "privacy.level = 'record'" in lines[0] and "lower privacy.noise_multiplier" in lines[0]
+    assert not identity.exists() and not workdir.exists()

@@ -13,7 +13,7 @@ import torch
 from dp_accounting.pld import pld_privacy_accountant
 from helpers import NodeProcess, write_run_config
 
-from node.config import ModelConfig, load_node_config
+from node.config import ConfigError, ModelConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
 from node.training.dpsgd import (
@@ -229,3 +229,20 @@ def test_a_swarm_trains_with_record_level_dp(tmp_path: Path, bootstrap_maddr: st
         assert trained[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.3
         epsilons = [r["epsilon"] for r in trained]
         assert 0 < epsilons[0] < epsilons[-1] <= 8.0
+
+
+@pytest.mark.parametrize("level", ["record", "user"])
+def test_privacy_with_sharding_is_refused_in_one_line(level: str) -> None:
+    """A sharded run with DP would send every record's hidden states and gradients out un-noised: refused."""
+    # Prepare
+    overrides = {"run.privacy.enabled": True, "run.privacy.level": level, "run.privacy.target_epsilon": 8.0}
+
+    # Execute
+    with pytest.raises(ConfigError) as refused:
+        load_node_config(None, {**overrides, "run.sharding.stages": 1})
+
+    # Assert
+    message = str(refused.value)
+    assert "\n" not in message and "cannot yet be combined with sharding" in message
+    assert "set privacy.enabled = false or sharding.stages = 0" in message
+    assert load_node_config(None, overrides).run.privacy.enabled  # the same privacy without sharding starts

@@ -31,6 +31,7 @@ them is TrainingNode (trainer.py).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Collection, Sequence
 from concurrent.futures import Future
@@ -105,6 +106,18 @@ class OuterState:
 
     def snapshot(self) -> list[torch.Tensor]:
         return [g.detach().clone() for g in self.params]
+
+    def save(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """The global parameters and the optimizer's state, copied (``restore`` puts them back)."""
+        return self.snapshot(), copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self, saved: tuple[list[torch.Tensor], dict[str, Any]]) -> None:
+        """Undo the steps since ``save``."""
+        params, optimizer = saved
+        with torch.no_grad():
+            for param, value in zip(self.params, params, strict=True):
+                param.copy_(value)
+        self.optimizer.load_state_dict(optimizer)
 
     def follow(self, model: torch.nn.Module, before: list[torch.Tensor], delivered: list[torch.Tensor] | None) -> None:
         """The staleness rule: ``local += (global - before) + delivered`` (``delivered`` None: after a resync,

@@ -10,9 +10,10 @@
   masked ring (node/secagg/privacy.py); the accountant counts releases through a ``ReleaseLedger``
   shared with the averager process (a permit per round, each release counted, no retry after one).
   The accountant's effective noise multiplier accounts for the ring's fixed-point scale, so the ring
-  bound (and the compression bound it depends on) is computed here too. Before anything starts,
-  ``check_user_population`` refuses a run whose smallest group would get a mean with more noise
-  than signal (a floor of about ``sigma * sqrt(d)`` peers a group), unless ``allow_noisy``.
+  bound (and the compression bound it depends on) is computed here too. Before anything starts
+  (``check_privacy``, which ``zen-node join`` calls before it creates any folder or identity, and
+  again at set-up), ``check_user_population`` refuses a run whose smallest group would get a mean
+  with more noise than signal (a floor of about ``sigma * sqrt(d)`` peers a group), unless ``allow_noisy``.
 
 What a round that formed no group may publish (``publishes``): the global parameters are what
 ``StateSharer`` serves to anyone, so under DP they may only move by released, noised updates.
@@ -35,6 +36,7 @@ import torch
 
 from node.aggregation.secure import MAX_SECURE_GROUP, ring_bound
 from node.config import ConfigError, NodeConfig, RunConfig
+from node.model import build_model
 from node.secagg.fixed_point import FixedPointCodec
 from node.secagg.privacy import (
     NoiseShare,
@@ -103,6 +105,30 @@ def check_user_population(run: RunConfig, dimension: int, noise_multiplier: floa
     return ratio
 
 
+def user_noise_multiplier(privacy: PrivacyConfig) -> float:
+    """User level: sigma, the run's ``noise_multiplier`` or calibrated from ``target_epsilon`` over the plan."""
+    return privacy.noise_multiplier or calibrate_noise_multiplier(
+        privacy.target_epsilon, privacy.delta, privacy.planned_rounds
+    )
+
+
+def check_privacy(run: RunConfig) -> None:
+    """What a run's DP needs beyond a valid config, checked before any folder or identity is created.
+
+    At user level: the population floor (``check_user_population``) for the run's model, built once here
+    on the CPU to count its parameters (the node builds it again; the meta device would save the memory but
+    its seeded init takes seconds). Record level needs nothing more.
+
+    Raises:
+        ConfigError: the run's groups are below the population floor.
+    """
+    privacy = run.privacy
+    if not privacy.enabled or privacy.level != "user":
+        return
+    dimension = sum(p.numel() for p in build_model(run.model, run.train.seed).parameters())
+    check_user_population(run, dimension, user_noise_multiplier(privacy))
+
+
 def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tuple[NoiseShare, PrivacyAccountant]:
     """User level: the noise share each round adds (with its release ledger) and the accountant of this node.
 
@@ -115,9 +141,7 @@ def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tupl
         ConfigError: the run's groups are below the population floor (``check_user_population``).
     """
     privacy = run.privacy
-    sigma = privacy.noise_multiplier or calibrate_noise_multiplier(
-        privacy.target_epsilon, privacy.delta, privacy.planned_rounds
-    )
+    sigma = user_noise_multiplier(privacy)
     check_user_population(run, dimension, sigma)
     ledger = ReleaseLedger()
     noise = NoiseShare(sigma, privacy.clip_norm, privacy.max_dropouts, ledger=ledger)
@@ -244,8 +268,9 @@ class TrainerPrivacy:
             self.accountant.sync()
 
     def publishes(self, mode: RoundOutcome) -> bool:
-        """Whether a round that formed no group may apply its update to the served global parameters."""
-        return self.level == "record" and mode is RoundOutcome.SOLO
+        """Whether a round that formed no group (or whose mean the gate rejected) may apply its update to the
+        served global parameters."""
+        return self.level == "record" and mode in (RoundOutcome.SOLO, RoundOutcome.REJECTED)
 
     # ---- what was spent ------------------------------------------------------------------------
     def epsilon(self) -> float:

@@ -24,6 +24,7 @@ class RoundOutcome(StrEnum):
     GROUP = "group"  # a group's mean was applied
     SOLO = "solo"  # no group formed: our own update was applied alone
     RESYNC = "resync"  # no group formed: a peer's newer state was downloaded, our progress kept on top
+    REJECTED = "rejected"  # a group's mean failed the held-out loss gate (gate.py): our own update applied alone
     LOCAL = "local"  # privacy budget spent: our own update applied, nothing sent
     STOPPED = "stopped"  # the node was stopped while aggregating: nothing applied, nothing reported
 

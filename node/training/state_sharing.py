@@ -7,29 +7,52 @@ before use: the metadata is a small msgpack map (hivemind's MSGPackSerializer; n
 the tensors must match the local model's count, shapes and dtypes and be finite. Anything else
 is rejected and logged, and the node starts from its own state. ``wait_for_peer_ahead`` waits
 for a live peer that has finished a later round (a node that missed its group resyncs from it).
+
+Verified downloads: a donor's priority and round are its own say, so a Sybil could claim a huge
+round and serve anything. A trainer therefore checks a state against the run's signed records
+(``RecordVerifier``): more than half of the run's live trainer records (other than its own) must
+sign the state's round, with the very ``state_digest`` of its parameters (secure rounds leave every
+member's parameters bit-identical, so honest digests agree). A round beyond what they show, or a
+digest they do not sign, is refused; the donor is logged and skipped, and the next donor by
+priority is asked, up to ``MAX_DONORS``. A download is also cut off past ``max_bytes``. With
+``[run.cohorts]`` the shared state holds zeros for local parameters, so no record signs its digest:
+there only the round is checked. A majority of Sybil records can still pass a state (an allowlist
+closes that); a minority can only delay a joiner.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.timed_storage import ValueWithExpiration
 
-from dht import connect_to_peers
+from dht import PeerRecord, connect_to_peers
 from node.runtime import NodeRuntime
+from node.training.outer import state_digest
 
 logger = logging.getLogger(__name__)
 
 DOWNLOAD_ATTEMPTS = 4
 ANNOUNCE_GAP = 5.0  # seconds between two declarations of a new round (see ``StateSharer.announce``)
+MAX_DONORS = 8  # donors one download asks, best priority first, before it gives up
+Download = tuple[str, Any, list[torch.Tensor], str]  # donor PeerID, metadata, tensors, error ("" if none)
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,53 @@ class _StateAverager(DecentralizedAverager):
         metadata, tensors = self._provider()
         return metadata, [t.detach().cpu() for t in tensors], None
 
+    def download_from(self, skip: Collection[str], max_bytes: int, timeout: float) -> Download | None:
+        """The state of the donor with the best priority outside ``skip``; None if there is none left."""
+        future: MPFuture = MPFuture()
+        self._outer_pipe.send(
+            ("_download_one", [], dict(future=future, skip=tuple(skip), max_bytes=max_bytes, timeout=timeout))
+        )
+        return future.result(timeout=timeout + 30)
+
+    async def _download_one(self, future: MPFuture, skip: tuple[str, ...], max_bytes: int, timeout: float) -> None:
+        """In the averager's process: ``download_from`` (hivemind's ``_load_state_from_peers``, one donor, bounded)."""
+        donor = ""
+        try:
+            prefix = self._matchmaking.group_key_manager.prefix
+            entries, _ = self.dht.get(f"{prefix}.all_averagers", latest=True) or ({}, None)
+            ranked = sorted(
+                (float(info.value), random.random(), PeerID(key))
+                for key, info in (entries.items() if isinstance(entries, dict) else ())
+                if isinstance(info, ValueWithExpiration) and isinstance(info.value, float | int)
+            )
+            peers = [p for _, _, p in reversed(ranked) if p != self.peer_id and str(p) not in skip]
+            if not peers:
+                return
+            donor = str(peers[0])
+            stub = self.get_stub(self._p2p, peers[0], namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            metadata, size = None, 0
+            parts: list[Any] = []
+            tensors: list[torch.Tensor] = []
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                size += len(message.metadata) + len(message.tensor_part.buffer)
+                if size > max_bytes:
+                    raise ValueError(f"it sent over {max_bytes} bytes")
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                if message.tensor_part.dtype and parts:  # a new tensor starts
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts = []
+                parts.append(message.tensor_part)
+            if parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            future.set_result((donor, metadata, tensors, ""))
+        except Exception as e:  # a donor's failure is its own: the caller skips it
+            future.set_result((donor, None, [], f"download failed: {e!r}"[:400]) if donor else None)
+        finally:
+            if not future.done():
+                future.set_result(None)
+
 
 class StateSharer:
     """Serve this node's state to joiners, and download the swarm's state when joining.
@@ -62,9 +132,18 @@ class StateSharer:
         run_id: the run.
         provider: returns ``({"round": int, "run_hash": str}, tensors)`` for a joiner; called in this process.
         client_mode: a client-mode node downloads but does not serve.
+        verify: raises ValueError for a downloaded state the run's records do not vouch for (``RecordVerifier``);
+            None: no such check.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, provider: StateProvider, client_mode: bool = False):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        provider: StateProvider,
+        client_mode: bool = False,
+        verify: Callable[[SharedState], None] | None = None,
+    ):
         self._averager = _StateAverager(
             provider,
             dht=dht,
@@ -77,6 +156,7 @@ class StateSharer:
             shutdown_timeout=2,
         )
         self.client_mode = client_mode
+        self._verify = verify
         self._announced = -math.inf  # monotonic time of the last declaration we triggered
 
     def announce(self, round_no: int) -> None:
@@ -92,16 +172,26 @@ class StateSharer:
         self._averager.allow_state_sharing = True
 
     def download(self, templates: Sequence[torch.Tensor], run_hash: str, timeout: float = 60.0) -> SharedState | None:
-        """Download and check the most advanced peer's state; None if no peer offers a usable one."""
-        result = self._averager.load_state_from_peers(timeout=timeout)
-        if result is None:
-            return None
-        metadata, tensors = result
-        try:
-            return check_state(metadata, tensors, templates, run_hash)
-        except ValueError as e:
-            logger.warning(f"rejected a downloaded state: {e}")
-            return None
+        """Download and check the most advanced donor's state, skipping donors whose state is refused; None if
+        no donor (of the best ``MAX_DONORS``) offers a usable one."""
+        max_bytes = 2 * sum(t.numel() * t.element_size() for t in templates) + 2**20  # framing and metadata
+        refused: set[str] = set()
+        for _ in range(MAX_DONORS):
+            result = self._averager.download_from(refused, max_bytes, timeout)
+            if result is None:
+                return None
+            donor, metadata, tensors, error = result
+            try:
+                if error:
+                    raise ValueError(error)
+                state = check_state(metadata, tensors, templates, run_hash)
+                if self._verify is not None:
+                    self._verify(state)
+                return state
+            except ValueError as e:
+                logger.warning(f"refused the state of donor {donor}: {e}; skipping it")
+                refused.add(donor)
+        return None
 
     def download_retrying(
         self, templates: Sequence[torch.Tensor], run_hash: str, stop_event: threading.Event
@@ -150,3 +240,47 @@ def check_state(
         if not torch.isfinite(tensor).all():
             raise ValueError(f"tensor {i} holds non-finite values")
     return SharedState(round=round_no, run_hash=their_hash, tensors=list(tensors))
+
+
+@dataclass(frozen=True)
+class RecordVerifier:
+    """Vouches for a downloaded state only if more than half of the run's trainer records sign it.
+
+    Args:
+        records: the run's live, verified peer records (``NodeRuntime.peers``).
+        run_hash: our run's config hash; records of other runs do not count.
+        own_peer_id: this node, whose own record does not count.
+        params: how many tensors at the head of a state are the global parameters whose digest records sign;
+            None to check the round only (``[run.cohorts]``: local parameters are served as zeros).
+    """
+
+    records: Callable[[], Sequence[PeerRecord]]
+    run_hash: str
+    own_peer_id: str
+    params: int | None
+
+    def __call__(self, state: SharedState) -> None:
+        """Raise ValueError naming why the run's records do not vouch for ``state``."""
+        trainers = [
+            r
+            for r in self.records()
+            if r.run_hash == self.run_hash and "trainer" in r.roles and r.peer_id != self.own_peer_id
+        ]
+        if not trainers:
+            raise ValueError("no trainer record of the run to check it against")
+        latest = max(r.round for r in trainers)
+        if state.round > latest:
+            raise ValueError(f"its round {state.round} is beyond what the run's trainer records show ({latest})")
+        at_round = [r for r in trainers if (r.round == state.round if self.params else r.round >= state.round)]
+        if 2 * len(at_round) <= len(trainers):
+            raise ValueError(f"only {len(at_round)} of the run's {len(trainers)} trainer records show its round")
+        if self.params is None:
+            return
+        digest, votes = Counter(r.state_digest for r in at_round).most_common(1)[0]
+        if 2 * votes <= len(trainers):
+            raise ValueError(f"no digest at round {state.round} is signed by a majority of {len(trainers)} records")
+        if state_digest(state.tensors[: self.params]) != digest:
+            raise ValueError(
+                f"its parameters' digest differs from the one {votes} of the run's {len(trainers)} trainer records "
+                f"sign at round {state.round}"
+            )

@@ -44,12 +44,13 @@ from node.runtime import NodeRuntime
 from node.sketch import data_sketch
 from node.training.admission import ConfigMismatchError, refuse_mismatched
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, save_round_params
+from node.training.gate import LossGate
 from node.training.inner import evaluate, inner_phase
 from node.training.outer import AggregationOutcome, InFlight, OuterState
 from node.training.privacy import TrainerPrivacy, compression_bound
 from node.training.report import REPORT_FILE, RoundOutcome, RoundReport, append_report
 from node.training.schedule import InnerSchedule
-from node.training.state_sharing import SharedState, StateSharer, wait_for_peer_ahead
+from node.training.state_sharing import RecordVerifier, SharedState, StateSharer, wait_for_peer_ahead
 from node.wire_meter import WireMeter
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class TrainingNode:
         self.capacity = Capacity()
         self.partition: ParameterPartition | None = None  # parameter tags, with [run.cohorts]
         self.privacy: TrainerPrivacy | None = None  # DP noise and budget (privacy.enabled)
+        self.gate = LossGate.for_run(self.run, self.evaluate)  # the held-out loss gate (off with user-level DP)
 
         # the swarm: the runtime is born in prepare() (identity), the rest in join()
         self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
@@ -182,7 +184,9 @@ class TrainingNode:
         connect_to_peers(dht, peers)
         refuse_mismatched(self.run, self.run_hash, peers)
         runtime.announce(self._record_fields)
-        self.sharer = StateSharer(dht, self.run.run_id, self._shared_state, client_mode=self.config.swarm.client_mode)
+        params = None if self.partition is not None else len(self.global_params)  # cohorts: the round only
+        verify = RecordVerifier(runtime.peers, self.run_hash, self.identity.peer_id, params)
+        self.sharer = StateSharer(dht, self.run.run_id, self._shared_state, self.config.swarm.client_mode, verify)
         runtime.adopt("state sharer", self.sharer.shutdown)
         self.aggregator = self._make_aggregator()
         runtime.adopt("aggregator", self.aggregator.shutdown)
@@ -375,9 +379,10 @@ class TrainingNode:
         delivered: list[torch.Tensor] | None = flight.sent
         if mode is RoundOutcome.GROUP:
             assert isinstance(outcome, AggregationResult)
-            delivered = flight.delivered()  # with compression, the part the ring left out stays in the local model
-            self.outer.step(flight.mean)
             group_size = outcome.group_size
+            mode = self.gate.step(self.outer, flight.mean, flight.round)  # REJECTED: not applied, ours alone instead
+        if mode is RoundOutcome.GROUP:
+            delivered = flight.delivered()  # with compression, the part the ring left out stays in the local model
         elif mode is RoundOutcome.RESYNC:
             assert isinstance(outcome, SharedState)
             self._apply_state(outcome)
@@ -421,7 +426,7 @@ class TrainingNode:
         return RoundReport(
             round=self.round,
             mode=mode,
-            eval_loss=self.evaluate(),
+            eval_loss=self.gate.remember(self.evaluate()),
             train_loss=train_loss,
             group_size=group_size,
             samples=samples,

@@ -1,0 +1,78 @@
+"""A deviating `zen-node join`: a real trainer process that attacks the swarm (the integrity tests' harness).
+
+It is the CLI's ``join`` with the TrainingNode swapped for a deviating subclass; the first argument names
+the deviation, the rest are ``zen-node`` arguments::
+
+    python tests/deviant_node.py poison-mean join --config run.toml --data data.txt ...
+
+Deviations:
+
+- ``poison-mean``: sends ``+-clip_bound`` (random signs) in every coordinate with the largest weight, the
+  most a peer can pull a group's mean while staying inside the bounds every member checks
+  (node/secagg/bounds.py). Random signs: a uniform shift would barely move this GPT's loss (layer norms
+  and the softmax are blind to it).
+- ``poison-donor``: trains honestly, but serves late joiners tampered global parameters at a huge round,
+  and offers its state with the top priority so that a joiner asks it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from node import cli
+from node.training.trainer import TrainingNode
+
+logger = logging.getLogger("deviant_node")
+POISONED_ROUND = 2**39  # the round the poisoned donor claims (within check_state's range)
+TAMPER = 0.5  # what the poisoned donor adds to every global parameter it serves
+
+
+class MeanPoisoner(TrainingNode):
+    """Sends ``+-clip_bound`` everywhere in place of its pseudo-gradient."""
+
+    def _launch(self, inner: tuple[float, int]) -> None:
+        bound = self.run.aggregation.clip_bound
+        generator = torch.Generator().manual_seed(self.round)
+        with torch.no_grad():  # the pseudo-gradient global - local is then +-bound everywhere
+            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                signs = torch.randint(0, 2, param.shape, generator=generator).to(param) * 2 - 1
+                local.copy_(param - bound * signs)
+        logger.warning(f"deviant: sending +-{bound} in every coordinate of round {self.round + 1}")
+        super()._launch(inner)
+
+
+class PoisonedDonor(TrainingNode):
+    """Serves tampered parameters and a huge round; first in line for joiners."""
+
+    def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        tensors = self._state_tensors()
+        count = len(self.global_params)
+        tampered = [t + TAMPER if i < count else t for i, t in enumerate(tensors)]
+        return {"round": POISONED_ROUND, "run_hash": self.run_hash}, tampered
+
+    def join(self) -> None:
+        super().join()
+        assert self.sharer is not None
+        announce = self.sharer.announce
+        self.sharer.announce = lambda round_no: announce(POISONED_ROUND)  # type: ignore[method-assign]
+        self.sharer.announce(0)
+
+
+DEVIATIONS: dict[str, type[TrainingNode]] = {"poison-mean": MeanPoisoner, "poison-donor": PoisonedDonor}
+
+
+def main() -> int:
+    """Run ``zen-node`` with the TrainingNode of ``sys.argv[1]``'s deviation."""
+    cli.TrainingNode = DEVIATIONS[sys.argv[1]]  # type: ignore[misc]
+    return cli.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

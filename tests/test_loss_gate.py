@@ -1,0 +1,97 @@
+"""The held-out loss gate (node/training/gate.py): a poisoned group mean is rejected, an honest one applied."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO_ROOT, NodeProcess, write_run_config
+
+from node.config import ConfigError, ModelConfig, TrainConfig, load_node_config
+from node.data import generate_corpus
+from node.model import build_model
+from node.training.gate import LossGate, admits
+from node.training.outer import OuterState
+from node.training.report import RoundOutcome
+
+POISON_MEAN = [sys.executable, str(REPO_ROOT / "tests" / "deviant_node.py"), "poison-mean"]
+
+
+def test_gate_tolerance_is_checked_in_the_config() -> None:
+    """A tolerance outside [0, 10] is refused with the field's name and range."""
+    with pytest.raises(ConfigError, match=r"aggregation.gate_tolerance must be in \[0, 10\]"):
+        load_node_config(None, {"run.aggregation.gate_tolerance": -0.1})
+    with pytest.raises(ConfigError, match=r"aggregation.gate_tolerance must be in \[0, 10\]"):
+        load_node_config(None, {"run.aggregation.gate_tolerance": math.nan})
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "tolerance", "admitted"),
+    [
+        (4.0, 3.0, 0.05, True),  # the loss falls
+        (4.0, 4.19, 0.05, True),  # a rise within the tolerance
+        (4.0, 4.21, 0.05, False),  # beyond it
+        (4.0, math.nan, 0.05, False),  # a broken model is never admitted
+        (4.0, math.inf, 0.05, False),
+        (math.nan, 4.0, 0.05, True),  # nothing to lose
+        (4.0, 100.0, 0.0, True),  # 0: no gate
+    ],
+)
+def test_admits(before: float, after: float, tolerance: float, admitted: bool) -> None:
+    assert admits(before, after, tolerance) is admitted
+
+
+def test_a_rejected_step_leaves_params_and_momentum_as_they_were() -> None:
+    """The gate rolls a rejected outer step back entirely (Nesterov momentum included) and applies a good one."""
+    # Prepare
+    model = build_model(ModelConfig(d_model=16, context=8), seed=0)
+    outer = OuterState(model, TrainConfig(outer_lr=0.7, outer_momentum=0.9))
+    outer.step([torch.full_like(p, 1e-3) for p in outer.params])  # some momentum to keep
+    saved = [t.clone() for t in outer.shared_tensors()]
+    losses = iter([2.0, 9.0, 1.9])  # before, after the poisoned step, after the honest step
+    gate = LossGate(0.05, lambda: next(losses))
+
+    # Execute
+    poisoned = gate.step(outer, [torch.ones_like(p) for p in outer.params], round_no=2)
+    after_rejection = [t.clone() for t in outer.shared_tensors()]
+    honest = gate.step(outer, [torch.full_like(p, 1e-3) for p in outer.params], round_no=3)
+
+    # Assert
+    assert (poisoned, honest) == (RoundOutcome.REJECTED, RoundOutcome.GROUP)
+    assert all(torch.equal(a, b) for a, b in zip(saved, after_rejection, strict=True))
+    assert not torch.equal(outer.params[0], saved[0])
+    assert gate.rejected == 1
+
+
+@pytest.mark.slow
+def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, bootstrap_maddr: str) -> None:
+    """A peer that pulls every coordinate of the mean to the clip bound (inside bounds.py's ranges) is
+    gated: honest nodes report ``rejected`` rounds, name the reason in their logs, and their loss falls."""
+    # Prepare
+    rounds = 3
+    config = write_run_config(tmp_path / "run.toml", run_id="gate", aggregation={"matchmaking_time": 1.0})
+    corpus = generate_corpus(3 * 20_000, seed=5)
+    args = ("--rounds", str(rounds), "--min-peers", "3")
+    honest = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 2, *args)
+    poisoner = NodeProcess(tmp_path, "poisoner", config, bootstrap_maddr, corpus[40_000:], *args, program=POISON_MEAN)
+
+    # Execute
+    try:
+        codes = [node.wait(timeout=180) for node in honest]
+    finally:
+        for node in [*honest, poisoner]:
+            node.stop()
+
+    # Assert
+    assert codes == [0, 0], [node.tail() for node in honest]
+    for node in honest:
+        reports = node.reports()
+        trained = [r for r in reports if r["mode"] not in ("initial", "loaded")]
+        assert [r["mode"] for r in trained] == ["rejected"] * rounds, node.tail()
+        assert all(r["group_size"] == 3 for r in trained)
+        assert trained[-1]["eval_loss"] < reports[0]["eval_loss"] - 0.1, reports
+        assert "rejected the group's mean" in node.output()
+        assert "Traceback" not in node.output()
