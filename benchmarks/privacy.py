@@ -15,8 +15,10 @@ Four measurements in one run, all on 127.0.0.1::
    with user-level DP (``val_loss_dp``: level "user", clip 2.0) and with record-level DP-SGD
    (``val_loss_record_dp``: level "record", clip --record-clip) at --epsilon (default 8, delta 1e-5)
    over --rounds outer rounds: the mean final held-out losses of the peers.
-   ``record_dp_loss_ratio`` = val_loss_record_dp / val_loss_no_dp (target <= 1.10);
-   ``val_loss_record_dp_by_peers`` repeats it for each of --record-peers (e.g. 3,4).
+   ``record_dp_loss_ratio`` = val_loss_record_dp / val_loss_no_dp (target <= 1.10), both for the
+   first of --record-peers (default 3,4; ``val_loss_no_dp`` is always the 3-peer swarm's);
+   ``val_loss_record_dp_by_peers``, ``val_loss_no_dp_by_peers`` and ``record_dp_loss_ratio_by_peers``
+   repeat them for each of --record-peers, each swarm against a no-DP swarm of its own size.
 5. ``dp_step_overhead``: the median time of one DP-SGD step (per-example gradients, clip, noise,
    AdamW) over one plain AdamW step, same model (the demo's) and expected batch, one thread
    (target <= 2.5).
@@ -262,7 +264,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="outer rounds of each training run, e.g. 5")
     parser.add_argument("--inner-steps", type=int, default=30, help="inner steps per round, e.g. 30")
     parser.add_argument("--record-clip", type=float, default=1.0, help="DP-SGD per-record clip norm, e.g. 1.0")
-    parser.add_argument("--record-peers", default="3", help="swarm sizes for record-level DP, e.g. 3,4")
+    parser.add_argument("--record-peers", default="3,4", help="swarm sizes for record-level DP, e.g. 3,4")
     parser.add_argument("--overhead-steps", type=int, default=30, help="timed steps for dp_step_overhead, e.g. 30")
     parser.add_argument(
         "--population-ks",
@@ -311,6 +313,10 @@ def measure_all(args: argparse.Namespace) -> dict[str, object]:
         limited.record()
         admitted += 1
 
+    record_peers = list(map(int, args.record_peers.split(",")))
+    no_dp = {
+        peers: round(swarm_loss(peers, 0.0, args.rounds, args.inner_steps), 4) for peers in sorted({3, *record_peers})
+    }
     row = {
         "noise_std_ratio": round(measure_noise(args.noise_rounds, args.numel), 4),
         "noise_samples": args.noise_rounds * args.numel,
@@ -321,19 +327,21 @@ def measure_all(args: argparse.Namespace) -> dict[str, object]:
         "noise_multiplier": sigma,
         "delta": delta,
         "stopped_at_budget": admitted == args.contributions,
-        "val_loss_no_dp": round(swarm_loss(3, 0.0, args.rounds, args.inner_steps), 4),
+        "val_loss_no_dp": no_dp[3],
         "val_loss_dp": round(swarm_loss(3, args.epsilon, args.rounds, args.inner_steps, "user", 2.0), 4),
         "dp_epsilon": args.epsilon,
         "rounds": args.rounds,
     }
     by_peers = {
         peers: round(swarm_loss(peers, args.epsilon, args.rounds, args.inner_steps, "record", args.record_clip), 4)
-        for peers in map(int, args.record_peers.split(","))
+        for peers in record_peers
     }
-    first = next(iter(by_peers))
+    first = record_peers[0]
     row["val_loss_record_dp"] = by_peers[first]
-    row["record_dp_loss_ratio"] = round(by_peers[first] / row["val_loss_no_dp"], 4)
+    row["record_dp_loss_ratio"] = round(by_peers[first] / no_dp[first], 4)
     row["val_loss_record_dp_by_peers"] = {str(k): v for k, v in by_peers.items()}
+    row["val_loss_no_dp_by_peers"] = {str(k): no_dp[k] for k in record_peers}
+    row["record_dp_loss_ratio_by_peers"] = {str(k): round(v / no_dp[k], 4) for k, v in by_peers.items()}
     row["record_clip"] = args.record_clip
     row["dp_step_overhead"] = round(step_overhead(args.overhead_steps, args.record_clip), 3)
     row["user_dp_population"] = user_dp_population(args)

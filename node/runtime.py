@@ -28,6 +28,8 @@ Usage::
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -147,6 +149,16 @@ class NodeRuntime:
     def peers(self) -> list[PeerRecord]:
         """The run's live, verified peer records (this node's own included once published)."""
         return list_peers(self.dht, self.run.run_id)
+
+    def wait_for_trainers(self, count: int, stop_event: threading.Event, timeout: float = 300.0) -> None:
+        """Wait until ``count`` trainers are listed (or ``timeout`` s pass, or ``stop_event`` is set)."""
+        deadline = time.monotonic() + timeout
+        while not stop_event.is_set():
+            trainers = [p for p in self.peers() if "trainer" in p.roles]
+            if len(trainers) >= count or time.monotonic() > deadline:
+                return
+            logger.info(f"waiting for peers: {len(trainers)}/{count} trainers listed")
+            stop_event.wait(1.0)
 
     def adopt(self, name: str, stop: Callable[[], None]) -> None:
         """Have ``close()`` call ``stop`` after the heartbeat stops and before the DHT shuts down."""

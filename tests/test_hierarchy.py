@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-from helpers import NodeProcess, write_run_config
+from helpers import NodeProcess, wait_until, write_run_config
 from torch import nn
 
-from dht import PeerRecord, encode_sketch, publish_record
+from dht import Cohort, PeerRecord, encode_sketch, publish_record
 from node.aggregation.base import AggregationResult, Aggregator
 from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import (
@@ -31,10 +31,11 @@ from node.config import (
     RunConfig,
     load_node_config,
 )
-from node.data import generate_corpus
+from node.data import CORPUS_STYLES, generate_corpus
 from node.model import build_model
 from node.sketch import data_sketch
 from node.training.checkpoint import load_round_params
+from node.training.state_sharing import SharedState, StateSharer
 from node.training.trainer import TrainingNode
 
 if TYPE_CHECKING:
@@ -301,3 +302,93 @@ def test_each_rings_residual_returns_to_the_parameters_it_carried() -> None:
     assert both is not None and both.tolist() == [11.0, 22.0, 3.0, 4.0, 5.0, 0.0]
     assert cohort_only is not None and cohort_only.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 0.0]
     assert none is None
+
+
+class Idle(Aggregator):
+    """An inner aggregator that never averages (the placement under test reads only the DHT's records)."""
+
+    def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_node_whose_records_move_it_reports_the_move_once(
+    swarm_factory: Callable[..., list[SwarmPeer]], record_factory: Callable[..., PeerRecord], run_id: str
+) -> None:
+    """Seven real peers in cohorts of 4 and 3: when peer 0's sketch moves to the other, its next placement says so."""
+    # Prepare
+    peers = swarm_factory(7, run_ids=[run_id])
+    texts = [generate_corpus(80_000, seed=k, style=CORPUS_STYLES[k]) for k in range(2)]
+    slices = [texts[0][i * 20_000 : (i + 1) * 20_000] for i in range(4)] + [
+        texts[1][i * 20_000 :][:20_000] for i in range(3)
+    ]
+    sketches = [encode_sketch(data_sketch(data)) for data in slices]
+
+    def publish(i: int, sketch: bytes) -> None:
+        record = record_factory(peers[i].identity, sketch=sketch, ttl=60.0)
+        assert publish_record(peers[i].dht, run_id, record.sign(peers[i].identity), ttl=60.0)
+
+    for i in range(7):
+        publish(i, sketches[i])
+    cohorts = CohortConfig(enabled=True, cohort_patterns=["middle.*"])
+    model = PersonalizedNet()
+    partition = partition_parameters([n for n, _ in model.named_parameters()], cohorts)
+    node = HierarchicalAggregator(
+        peers[0].dht, run_id, "ab" * 16, peers[0].identity.peer_id, list(model.parameters()), partition, cohorts, 3,
+        make=lambda *args, **kwargs: Idle(),
+    )  # fmt: skip
+
+    def placed_with(member: str) -> Cohort | None:
+        cohort = node.place()
+        return cohort if cohort is not None and len(cohort) == 4 and member in cohort.members else None
+
+    try:
+        first = wait_until(lambda: placed_with(peers[1].identity.peer_id), 30.0, "peer 0 placed with peers 1-3")
+        stayed = node.moved()
+
+        # Execute
+        publish(0, sketches[5])  # peer 0's data now looks like the other cohort's
+        wait_until(lambda: placed_with(peers[5].identity.peer_id), 30.0, "peer 0 placed with peers 4-6")
+        moved, again = node.moved(), node.moved()
+    finally:
+        node.shutdown()
+
+    # Assert
+    assert first is not None and not stayed
+    assert moved and not again
+    assert node.cohort_members is not None and set(node.cohort_members) == {
+        p.identity.peer_id for p in (peers[0], *peers[4:])
+    }
+
+
+def test_a_joiner_downloads_only_from_the_donors_it_names(swarm_factory: Callable[..., list[SwarmPeer]]) -> None:
+    """Three real donors, the most advanced in another cohort: a download limited to our cohort gets ours."""
+    # Prepare
+    peers = swarm_factory(4, run_ids=["donors"])
+    states = [[torch.full((3,), float(i))] for i in range(3)]
+    sharers = [
+        StateSharer(peer.dht, "donors", lambda i=i: ({"round": 5, "run_hash": "ab" * 16}, states[i]))
+        for i, peer in enumerate(peers[:3])
+    ]
+    joiner = StateSharer(peers[3].dht, "donors", lambda: ({"round": 0, "run_hash": "ab" * 16}, [torch.zeros(3)]))
+    try:
+        for i, sharer in enumerate(sharers):
+            sharer.announce(10 - i)  # donor 0 is the most advanced
+        ours = (peers[2].identity.peer_id,)
+
+        # Execute
+        def download(donors: tuple[str, ...] | None = None) -> SharedState | None:
+            return joiner.download([torch.zeros(3)], "ab" * 16, donors=donors)
+
+        # unrestricted, the most advanced donor (0) wins once its declaration is listed
+        anyone = wait_until(lambda: (s := download()) and s.tensors[0][0] == 0 and s, 30.0, "donor 0's state")
+        limited = wait_until(lambda: download(ours), 30.0, "a download from our cohort's donor")
+    finally:
+        for sharer in [*sharers, joiner]:
+            sharer.shutdown()
+
+    # Assert
+    assert torch.equal(anyone.tensors[0], states[0][0])
+    assert torch.equal(limited.tensors[0], states[2][0])

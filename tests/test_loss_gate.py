@@ -72,7 +72,9 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, b
     gated: honest nodes report ``rejected`` rounds, name the reason in their logs, and their loss falls."""
     # Prepare
     rounds = 3
-    config = write_run_config(tmp_path / "run.toml", run_id="gate", aggregation={"matchmaking_time": 1.0})
+    config = write_run_config(
+        tmp_path / "run.toml", run_id="gate", aggregation={"matchmaking_time": 1.0, "gate_tolerance": 0.2}
+    )
     corpus = generate_corpus(3 * 20_000, seed=5)
     args = ("--rounds", str(rounds), "--min-peers", "3")
     honest = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 2, *args)

@@ -57,6 +57,15 @@ class Aggregator(ABC):
         """The cohort this node averages in since the last ``prepare_round``; None without cohorts."""
         return None
 
+    @property
+    def cohort_members(self) -> tuple[str, ...] | None:
+        """The PeerIDs of that cohort (the donors a joiner downloads from); None without cohorts."""
+        return None
+
+    def moved(self) -> bool:
+        """Whether the last ``prepare_round`` moved this node from one cohort to another (reset by the call)."""
+        return False
+
     @abstractmethod
     def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
         """Replace ``tensors`` in place with the weighted mean over a group of peers at ``round_no``.

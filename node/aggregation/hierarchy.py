@@ -143,6 +143,7 @@ class HierarchicalAggregator(Aggregator):
         self._residual: torch.Tensor | None = None  # the last aggregate's, over every parameter (``residual``)
         self._lock = threading.Lock()
         self.cohort: Cohort | None = None  # where this node placed itself at its last round
+        self._moved = False  # the last placement changed this node's cohort (``moved()``)
 
     def place(self) -> Cohort | None:
         """Place this node from the records it reads now, and ready its cohort's aggregator.
@@ -151,7 +152,9 @@ class HierarchicalAggregator(Aggregator):
         process only from the main thread), while no aggregation is in flight. Returns None until this
         node's own record is listed.
         """
+        before = self.cohort.cohort_id if self.cohort is not None else None
         self.cohort = self.matcher.cohort_of(self.peer_id, list_peers(self.dht, self.run_id), self.run_hash)
+        self._moved = before is not None and self.cohort is not None and self.cohort.cohort_id != before
         wanted = self.cohort.cohort_id if self.cohort is not None and self._can_average(self.cohort) else None
         with self._lock:
             if self._cohort_aggregator is not None and self._cohort_aggregator[0] != wanted:
@@ -170,6 +173,14 @@ class HierarchicalAggregator(Aggregator):
     @property
     def cohort_id(self) -> str | None:
         return self.cohort.cohort_id if self.cohort is not None else None
+
+    @property
+    def cohort_members(self) -> tuple[str, ...] | None:
+        return self.cohort.members if self.cohort is not None else None
+
+    def moved(self) -> bool:
+        moved, self._moved = self._moved, False
+        return moved
 
     def _can_average(self, cohort: Cohort) -> bool:
         return len(cohort) >= self.min_group_size and bool(self.partition.shared)

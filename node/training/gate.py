@@ -15,10 +15,13 @@ bit-identical only if all of them apply the same mean, so an honest mean must pa
 comparison is paired (the same batches before and after, no sampling noise between the two), and
 an honest DiLoCo step moves the global parameters to the mean of models that each just lowered
 their own loss: measured on the training tests' swarms, an honest step lowers the held-out loss or
-raises it by well under 1%, while a mean poisoned within the bounds raises it by tens of percent.
-The default tolerance of 5% leaves that margin on both sides. What the gate cannot stop: a poisoner
-that stays under the tolerance every round (its harm is then bounded per round), and a
-rejection leaves this node's global parameters apart from those of any member that accepted.
+raises it by well under 1%. But not always: in the overlapped loop's test (tests/test_overlap.py,
+local models far ahead of the stale global) honest means raised it by 20-21% on every member, and a
+5% gate rejected them. A mean poisoned within the bounds raised it by 30% in its first round and
+78-140% after (tests/test_loss_gate.py). The default tolerance of 50% passes every honest rise we
+measured and stops the poisoner from its second round on; a run that knows its regime can tighten it.
+What the gate cannot stop: a poisoner that stays under the tolerance every round (its harm is then
+bounded per round), and a rejection leaves this node's global parameters apart from those of any member that accepted.
 With user-level DP the gate is off: a noisy mean raises the held-out loss by design, and honest
 members would reject it.
 """

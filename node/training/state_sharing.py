@@ -76,15 +76,20 @@ class _StateAverager(DecentralizedAverager):
         metadata, tensors = self._provider()
         return metadata, [t.detach().cpu() for t in tensors], None
 
-    def download_from(self, skip: Collection[str], max_bytes: int, timeout: float) -> Download | None:
-        """The state of the donor with the best priority outside ``skip``; None if there is none left."""
+    def download_from(
+        self, skip: Collection[str], max_bytes: int, timeout: float, only: Collection[str] | None = None
+    ) -> Download | None:
+        """The state of the donor with the best priority outside ``skip`` (and in ``only``, if given); None if
+        there is none left."""
         future: MPFuture = MPFuture()
-        self._outer_pipe.send(
-            ("_download_one", [], dict(future=future, skip=tuple(skip), max_bytes=max_bytes, timeout=timeout))
-        )
+        only_ = None if only is None else tuple(only)
+        options = dict(future=future, skip=tuple(skip), max_bytes=max_bytes, timeout=timeout, only=only_)
+        self._outer_pipe.send(("_download_one", [], options))
         return future.result(timeout=timeout + 30)
 
-    async def _download_one(self, future: MPFuture, skip: tuple[str, ...], max_bytes: int, timeout: float) -> None:
+    async def _download_one(
+        self, future: MPFuture, skip: tuple[str, ...], max_bytes: int, timeout: float, only: tuple[str, ...] | None
+    ) -> None:
         """In the averager's process: ``download_from`` (hivemind's ``_load_state_from_peers``, one donor, bounded)."""
         donor = ""
         try:
@@ -95,7 +100,11 @@ class _StateAverager(DecentralizedAverager):
                 for key, info in (entries.items() if isinstance(entries, dict) else ())
                 if isinstance(info, ValueWithExpiration) and isinstance(info.value, float | int)
             )
-            peers = [p for _, _, p in reversed(ranked) if p != self.peer_id and str(p) not in skip]
+            peers = [
+                p
+                for _, _, p in reversed(ranked)
+                if p != self.peer_id and str(p) not in skip and (only is None or str(p) in only)
+            ]
             if not peers:
                 return
             donor = str(peers[0])
@@ -171,13 +180,19 @@ class StateSharer:
         self._averager.state_sharing_priority = float(round_no)
         self._averager.allow_state_sharing = True
 
-    def download(self, templates: Sequence[torch.Tensor], run_hash: str, timeout: float = 60.0) -> SharedState | None:
-        """Download and check the most advanced donor's state, skipping donors whose state is refused; None if
-        no donor (of the best ``MAX_DONORS``) offers a usable one."""
+    def download(
+        self,
+        templates: Sequence[torch.Tensor],
+        run_hash: str,
+        timeout: float = 60.0,
+        donors: Collection[str] | None = None,
+    ) -> SharedState | None:
+        """Download and check the most advanced donor's state (of ``donors``, if given: a cohort's members),
+        skipping donors whose state is refused; None if no donor (of the best ``MAX_DONORS``) offers a usable one."""
         max_bytes = 2 * sum(t.numel() * t.element_size() for t in templates) + 2**20  # framing and metadata
         refused: set[str] = set()
         for _ in range(MAX_DONORS):
-            result = self._averager.download_from(refused, max_bytes, timeout)
+            result = self._averager.download_from(refused, max_bytes, timeout, donors)
             if result is None:
                 return None
             donor, metadata, tensors, error = result
@@ -194,13 +209,17 @@ class StateSharer:
         return None
 
     def download_retrying(
-        self, templates: Sequence[torch.Tensor], run_hash: str, stop_event: threading.Event
+        self,
+        templates: Sequence[torch.Tensor],
+        run_hash: str,
+        stop_event: threading.Event,
+        donors: Collection[str] | None = None,
     ) -> SharedState | None:
         """``download``, tried up to ``DOWNLOAD_ATTEMPTS`` times (waiting 2, 4, 8 s between) until ``stop_event``."""
         state = None
         for attempt in range(DOWNLOAD_ATTEMPTS):
             # A fresh peer's first dials can fail (libp2p then backs off for a few seconds): retry.
-            state = self.download(templates, run_hash)
+            state = self.download(templates, run_hash, donors=donors)
             if state is not None or stop_event.wait(2.0 * 2**attempt):
                 break
         return state

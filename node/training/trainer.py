@@ -7,16 +7,14 @@
 - privacy.py: DP at the run's level, record (DP-SGD, dpsgd.py) or user (ring noise), and its budget;
 - checkpoint.py: ``<workdir>/checkpoint.safetensors`` after every round, read back by ``--resume``;
 - report.py: ``RoundOutcome`` and the ``RoundReport`` line each round appends to ``report.jsonl``;
+- gate.py: the held-out loss gate a group's mean passes before it is applied;
 - admission.py: a peer of the run with another config is refused (``ConfigMismatchError``);
 - node/runtime.py: identity, DHT peer, signed record and heartbeat (``NodeRuntime``);
 - node/aggregation/: the Aggregator that merges a round's update with a group.
 
-With ``[run.cohorts]`` enabled, the Aggregator is a ``HierarchicalAggregator`` (node/aggregation/hierarchy.py):
-local parameters are never handed to it (their entries of the update are left as this node's own
-delta), cohort parameters are averaged within the node's cohort, global ones also across cohorts.
-A missed round is then applied solo, never resynced from a peer (whose cohort parameters may be
-another cohort's), and the state this node shares with late joiners holds zeros in place of its
-local parameters.
+With ``[run.cohorts]``, the Aggregator is a ``HierarchicalAggregator`` (node/aggregation/hierarchy.py): local
+parameters never leave (the state shared with joiners holds zeros for them), a missed round is applied solo,
+and joiners and movers download from their own cohort's members only.
 """
 
 from __future__ import annotations
@@ -190,10 +188,11 @@ class TrainingNode:
         runtime.adopt("state sharer", self.sharer.shutdown)
         self.aggregator = self._make_aggregator()
         runtime.adopt("aggregator", self.aggregator.shutdown)
+        self.aggregator.prepare_round(self.round + 1)  # with cohorts: place us first, to download from our own
         if any(p.round > self.round for p in peers):
             self._catch_up(RoundOutcome.LOADED)
         self.sharer.announce(self.round)
-        self._wait_for_peers()
+        runtime.wait_for_trainers(self.config.min_peers, self.stop_event)
 
     def _make_aggregator(self) -> Aggregator:
         """The run's aggregator, or with [run.cohorts] the hierarchical one around it."""
@@ -249,23 +248,24 @@ class TrainingNode:
     def _download(self, at_least: int) -> SharedState | None:
         """The most advanced peer's state if it has finished round ``at_least`` or later (retried)."""
         assert self.sharer is not None
-        state = self.sharer.download_retrying(self._state_tensors(), self.run_hash, self.stop_event)
+        donors = self.aggregator.cohort_members if self.aggregator is not None else None  # cohorts: our own
+        state = self.sharer.download_retrying(self._state_tensors(), self.run_hash, self.stop_event, donors)
         return state if state is not None and state.round >= at_least else None
 
     def _apply_state(self, state: SharedState) -> None:
-        """Global parameters, outer momentum and round from a downloaded state (the local model is left, and so
-        are our own local parameters with [run.cohorts])."""
+        """Global params, outer momentum and round from a downloaded state (the local model and params are kept)."""
         self.outer.load_shared(state.tensors, self._local_indices())
         self.round = state.round
 
-    def _wait_for_peers(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.stop_event.is_set():
-            trainers = [p for p in self._swarm().peers() if "trainer" in p.roles]
-            if len(trainers) >= self.config.min_peers or time.monotonic() > deadline:
-                return
-            logger.info(f"waiting for peers: {len(trainers)}/{self.config.min_peers} trainers listed")
-            self.stop_event.wait(1.0)
+    def _adopt_cohort(self) -> None:
+        """After a move: the new cohort's cohort parameters from its most advanced member, our progress on top."""
+        state = self._download(0)
+        if state is None or self.partition is None:
+            logger.warning("no state from our new cohort; keeping our cohort parameters")
+            return
+        before = self.outer.snapshot()
+        self.outer.load_shared(state.tensors, set(range(len(before))) - set(self.partition.cohort))
+        self.outer.follow(self.model, before, None)  # local += global - before: our progress stays ours
 
     # ---- training ---------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -321,6 +321,8 @@ class TrainingNode:
         undelivered: list[torch.Tensor] = []
         # here, not in the worker: hivemind starts averagers from the main thread only
         self.aggregator.prepare_round(round_no)
+        if self.aggregator.moved():
+            self._adopt_cohort()
         if not future.done():
             future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1), undelivered)
         self._inflight = InFlight(round_no, sent, mean, samples, undelivered, future, inner)
