@@ -9,6 +9,10 @@ not know every run) is checked the same way; other hivemind records pass untouch
 
 Expiry is capped because hivemind's ``TimedStorage`` keeps whichever record expires later: a
 record that claimed to live for a year would pin stale data and shadow every refresh.
+
+Ban records (dht/bans.py) are checked the same way: strictly under a known run's bans key, and
+wherever a value carries the ban tag. A ban may not be stored to live past its own signed ttl
+(at most ``MAX_BAN_TTL``), so no reporter can ban a server for longer than that.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
+from dht.bans import BAN_TAG, BanError, bans_key, check_stored_ban
 from dht.records import MAX_RECORD_BYTES, RECORD_TAG, PeerRecord, RecordError
 from dht.wire import WireError, unpack_bounded
 
@@ -44,10 +49,20 @@ class PeerRecordValidator(RecordValidatorBase):
 
     def __init__(self, run_ids: Iterable[str] = (), max_ttl: float = MAX_TTL):
         self.max_ttl = max_ttl
+        run_ids = list(run_ids)
         self._strict_keys = {DHTID.generate(source=peers_key(run_id)).to_bytes() for run_id in run_ids}
+        self._ban_keys = {DHTID.generate(source=bans_key(run_id)).to_bytes() for run_id in run_ids}
         self.rejected = 0  # records rejected so far, for monitoring
 
     def validate(self, record: DHTRecord) -> bool:
+        if record.key in self._ban_keys or BAN_TAG.encode() in record.value[:64]:
+            try:
+                check_stored_ban(_loads_bounded(record.subkey), _loads_bounded(record.value), record.expiration_time)
+                return True
+            except (BanError, RecordError) as e:
+                self.rejected += 1
+                logger.warning(f"rejected a ban record: {e}")
+                return False
         strict = record.key in self._strict_keys or _names_a_peer(record.subkey)
         if not strict and RECORD_TAG.encode() not in record.value[:64]:
             return True  # not ours: hivemind's own records (matchmaking, state sharing)
@@ -87,6 +102,7 @@ class PeerRecordValidator(RecordValidatorBase):
         if not isinstance(other, PeerRecordValidator):
             return False
         self._strict_keys |= other._strict_keys
+        self._ban_keys |= other._ban_keys
         return True
 
 

@@ -262,6 +262,9 @@ class ShardingConfig:
     spot_check_fraction: float = 0.05  # share of stage calls a trainer recomputes locally to catch a cheater
     spot_check_tolerance: float = 1e-3  # largest relative difference a recomputed activation may show
     average_period: float = 60.0  # seconds between rounds averaging a stage's params among its servers; 0 = never
+    ban_min_rounds: int = 10  # rounds a trainer's record must announce before its bans count (dht/bans.py)
+    ban_quorum: int = 2  # distinct counted reporters that exclude a server; fewer only deprioritize it
+    ban_ttl: float = 3600.0  # seconds a trainer's own ban lives; validators cap it at dht.bans.MAX_BAN_TTL (3600)
 
     def __post_init__(self) -> None:
         _require(0 <= self.stages <= 64, f"sharding.stages must be in [0, 64], got {self.stages}")
@@ -276,6 +279,15 @@ class ShardingConfig:
         _require(
             self.average_period == 0 or 1 <= self.average_period <= 86400,
             f"sharding.average_period must be 0 (never) or in [1, 86400] s, got {self.average_period}",
+        )
+        _require(
+            0 <= self.ban_min_rounds <= 10**9 and 1 <= self.ban_quorum <= 64,
+            f"sharding.ban_min_rounds must be in [0, 1e9] and ban_quorum in [1, 64], e.g. 10 and 2, "
+            f"got {self.ban_min_rounds} and {self.ban_quorum}",
+        )
+        _require(
+            math.isfinite(self.ban_ttl) and 1 <= self.ban_ttl <= 3600,
+            f"sharding.ban_ttl must be in [1, 3600] s, got {self.ban_ttl}",
         )
 
 

@@ -5,7 +5,6 @@ The run's 4-block GPT keeps block 0 on the trainer and cuts blocks 1-3 into 2 re
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import threading
@@ -13,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import torch
 from helpers import LOCALHOST_MADDR, NodeProcess, wait_until, write_run_config
@@ -20,7 +20,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from dht import SwarmConfig, start_dht
-from dht.bans import BanError, BanRecord, list_bans
+from dht.bans import BanError, BanRecord, evidence_digest, list_bans
 from node.config import (
     AggregationConfig,
     ModelConfig,
@@ -224,8 +224,11 @@ def test_a_server_returning_perturbed_activations_is_banned(tmp_path: Path) -> N
         assert ban.banned == cheater.identity.peer_id and ban.stage == 0
         assert [b.banned for b in published] == [cheater.identity.peer_id]
         assert published[0].reporter == trainer.identity.peer_id
-        evidence = (trainer.workdir / "evidence" / f"{ban.evidence.hex()}.msgpack").read_bytes()
-        assert hashlib.blake2b(evidence, digest_size=32).digest() == ban.evidence
+        evidence = msgpack.unpackb((trainer.workdir / "evidence" / f"{ban.evidence.hex()}.msgpack").read_bytes())
+        assert evidence[:3] == [cheater.identity.peer_id, 0, ban.version] and ban.run_hash == trainer.run.digest()
+        assert ban.evidence == evidence_digest(
+            ban.run_hash, ban.banned, ban.stage, ban.version, ban.inputs_digest, ban.output_digest
+        )
         envelope = bytearray(ban.sign(trainer.identity))
         envelope[-70] ^= 1  # inside the signed body
         with pytest.raises(BanError):

@@ -4,6 +4,8 @@ class Stage, LocalParts (stages.py): the cut of the GPT into stages; choose_stag
 class StageRequest, StageReply (messages.py): the msgpack wire format of stage calls; check_hidden_states,
     check_gradients: a request's tensors against the stage
 P2PLoop, call_stage (rpc.py): the unary P2P calls both sides use
+sign_step, check_step_proof (proofs.py): a trainer's signature over a step's gradients, which
+    replicas check before they apply a replicated step
 class HostedStage (hosted.py): a served stage's weights, optimizer, exactly-once bookkeeping, anchor,
     and the averaging gate (refuse trainer calls, drain commits, hold replicated steps)
 class ForwardBatcher (batching.py): one stage's forward calls that arrive together, run as one pass

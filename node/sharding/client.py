@@ -12,19 +12,23 @@ the next server; a stage with no server left waits for one (up to ``WAIT_FOR_SER
 Exactly once: backward recomputes from the inputs, so any replica can take it; commit names
 (trainer, step); a server that lacks some micro-batches' gradients says which, the trainer sends
 them again and commits again; a server that already applied the step (itself or through
-replication) answers ok without applying it twice.
+replication) answers ok without applying it twice. A commit is signed: the server answers the
+digest of the step's summed gradients, the trainer signs it and commits again with the proof,
+which the server's replicas check before they apply the step (node/sharding/proofs.py).
 
 Spot-checks. A ``spot_check_fraction`` of forward calls, drawn from the OS's randomness so a
 server cannot tell which, is recomputed here with the weights the server publishes for that
 version; an output further than ``spot_check_tolerance`` (relative, max norm) from ours bans the
-server: a signed ban record (dht/bans.py) with the digest of the evidence, which is kept in
-``<workdir>/evidence/``; the call is redone on another server. Bans signed by trainers of the run
-are honoured by every trainer.
+server: a signed ban record (dht/bans.py) naming the run, stage, version and the digests of the
+inputs and of the claimed output (the tensors are kept in ``<workdir>/evidence/``); the call is
+redone on another server. Other trainers' bans count only from trainers of this run with
+``sharding.ban_min_rounds`` rounds, and exclude a server only once ``sharding.ban_quorum`` distinct
+reporters agree (fewer: it is tried last); expired bans drop out (dht/bans.py ``honoured_bans``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import random
 import threading
@@ -37,9 +41,10 @@ import torch
 from hivemind.utils import get_dht_time
 
 from dht import NodeIdentity, list_peers
-from dht.bans import BanRecord, list_bans, publish_ban
+from dht.bans import BanRecord, evidence_digest, honoured_bans, list_bans, publish_ban
 from node.config import RunConfig
 from node.sharding.messages import STATE_BLOCKS, StageReply, StageRequest
+from node.sharding.proofs import gradients_digest, sign_step
 from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
 from node.sharding.stages import Stage, build_stage
 
@@ -49,6 +54,7 @@ COOLDOWN_SECONDS = 30.0  # a server that failed a call is skipped this long
 REFRESH_SECONDS = 2.0  # how stale the view of servers and bans may be
 WAIT_FOR_SERVER_SECONDS = 120.0  # how long a stage with no server is waited for before giving up
 LATENCY_SMOOTHING = 0.3  # weight of the newest call in the latency average
+MAX_SIGNATURES = 3  # step proofs one server may ask for in a row before the commit moves elsewhere
 
 
 class StageUnavailableError(Exception):
@@ -82,7 +88,8 @@ class RemoteStages:
         self.latency: dict[str, float] = {}
         self.load: dict[str, int] = {}
         self.failed_at: dict[str, float] = {}
-        self.banned: set[str] = set()
+        self.banned: set[str] = set()  # excluded: by our own spot-checks, or a quorum of counted reporters
+        self.suspected: set[str] = set()  # banned by fewer than ``sharding.ban_quorum``: tried after the others
         self.bans_published: list[BanRecord] = []
         self.stats = {"calls": 0, "failovers": 0, "spot_checks": 0, "busy": 0}
         self._servers: dict[int, list[str]] = {}
@@ -100,9 +107,9 @@ class RemoteStages:
         known = [self.latency[p] for p in usable if p in self.latency]
         default = min(known, default=0.0)
 
-        def rank(peer: str) -> tuple[bool, float, str]:
+        def rank(peer: str) -> tuple[bool, bool, float, str]:
             cooling = now - self.failed_at.get(peer, -COOLDOWN_SECONDS) < COOLDOWN_SECONDS
-            return cooling, self.latency.get(peer, default) * (1 + self.load.get(peer, 0)), peer
+            return cooling, peer in self.suspected, self.latency.get(peer, default) * (1 + self.load.get(peer, 0)), peer
 
         return sorted(usable, key=rank)
 
@@ -115,8 +122,12 @@ class RemoteStages:
             if "server" in record.roles and record.run_hash == self.run.digest():
                 for stage in record.stages:
                     servers.setdefault(stage, []).append(record.peer_id)
-        trainers = {r.peer_id for r in records if "trainer" in r.roles} | {self.identity.peer_id}
-        self.banned |= {ban.banned for ban in list_bans(self.dht, self.run.run_id) if ban.reporter in trainers}
+        # bans count only with evidence, from seasoned trainers of this run, and a quorum of them (dht/bans.py);
+        # ours count alone (our own spot-check saw it); expired ones drop out, so the banned set shrinks
+        quorum, ours = self.sharding.ban_quorum, {b.banned for b in self.bans_published if b.expires > get_dht_time()}
+        bans = list_bans(self.dht, self.run.run_id)
+        excluded, suspected = honoured_bans(bans, records, self.run.digest(), self.sharding.ban_min_rounds, quorum)
+        self.banned, self.suspected = excluded | ours, suspected - ours
         self._servers, self._refreshed = servers, time.monotonic()
 
     def wait_for_stages(self, timeout: float = WAIT_FOR_SERVER_SECONDS) -> bool:
@@ -168,7 +179,7 @@ class RemoteStages:
                 logger.warning(f"stage {request.stage}: {peer[:16]} is at version {reply.version}, behind ours")
                 self._mark_failed(peer, tried)
                 continue
-            if reply.ok or reply.missing:
+            if reply.ok or reply.missing or reply.digest:
                 return reply, peer
             if reply.reason == "busy":
                 self.stats["busy"] += 1
@@ -211,12 +222,20 @@ class RemoteStages:
     def commit(self, stage: int, step: int, saved: list[tuple[torch.Tensor, torch.Tensor]], prefer: str | None) -> int:
         """Apply the step on the stage exactly once; return the stage's version after it."""
         commit = StageRequest("commit", stage, self.identity.peer_id, step, 0, len(saved))
-        peer = prefer
+        peer: str | None = prefer
+        signed = 0
         while True:
             reply, peer = self._call(commit, peer)
             if reply.ok:
                 self.versions[stage] = max(self.versions.get(stage, 0), reply.version)
                 return reply.version
+            if reply.digest:  # sign the gradients it will apply and replicate (node/sharding/proofs.py)
+                signed, proof = signed + 1, sign_step(self.identity, self.run.digest(), stage, step, reply.digest)
+                commit = dataclasses.replace(commit, proof=proof)
+                if signed > MAX_SIGNATURES:  # it refuses what we signed: try another server
+                    self._mark_failed(peer, set())
+                    peer, signed = None, 0
+                continue
             for micro_batch in reply.missing:  # this server lacks them: send them again, then commit again
                 hidden, grad = saved[micro_batch]
                 request = StageRequest(
@@ -265,11 +284,14 @@ class RemoteStages:
         return self._templates[stage]
 
     def _ban(self, stage: int, peer: str, version: int, error: float, evidence: list[torch.Tensor]) -> None:
+        """Publish a signed ban of ``peer``; ``evidence`` is [inputs, its output, ours, the weights it published]."""
         blob = msgpack.packb(
             [peer, stage, version, [t.detach().cpu().contiguous().numpy().tobytes() for t in evidence]],
             use_bin_type=True,
         )
-        digest = hashlib.blake2b(blob, digest_size=32).digest()
+        inputs_digest, output_digest = (gradients_digest([t]) for t in evidence[:2])
+        run_hash = self.run.digest()
+        digest = evidence_digest(run_hash, peer, stage, version, inputs_digest, output_digest)
         folder = self.workdir / "evidence"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{digest.hex()}.msgpack").write_bytes(blob)
@@ -284,6 +306,11 @@ class RemoteStages:
             reason=reason,
             evidence=digest,
             timestamp=get_dht_time(),
+            run_hash=run_hash,
+            version=version,
+            inputs_digest=inputs_digest,
+            output_digest=output_digest,
+            ttl=self.sharding.ban_ttl,
         )
         self.banned.add(peer)
         self.bans_published.append(record)

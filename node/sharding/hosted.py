@@ -83,16 +83,21 @@ class HostedStage:
             self.pending.popitem(last=False)
         return grads[0]
 
-    def take_pending(self, key: tuple[str, int], micro_batches: int) -> list[torch.Tensor] | list[int]:
-        """The summed gradients of all micro-batches of ``key``, or the micro-batches still missing."""
+    def summed_pending(self, key: tuple[str, int], micro_batches: int) -> list[torch.Tensor] | list[int]:
+        """The summed gradients of all micro-batches of ``key`` (kept until applied), or the ones still missing.
+
+        The sum is deterministic, so the digest a trainer signed between two commits still matches.
+        """
         parts = self.pending.get(key, {})
         missing = [m for m in range(micro_batches) if m not in parts]
         if missing:
             return missing
-        del self.pending[key]
         return [torch.stack(grads).sum(0) for grads in zip(*(parts[m] for m in range(micro_batches)), strict=True)]
 
     def apply(self, key: tuple[str, int], grads: list[torch.Tensor]) -> None:
+        """One AdamW step with ``grads`` as step ``key``; a pair already applied is not applied again."""
+        if key in self.applied:
+            return
         for param, grad in zip(self.params, grads, strict=True):
             param.grad = grad.to(param.device, param.dtype)
         self.optimizer.step()

@@ -16,7 +16,7 @@ Methods:
 | forward | trainer | hidden states | stage output |
 | backward | trainer | hidden states, grad of output | grad of input (param grads stay pending) |
 | commit | trainer | - | - (applies the step's pending grads once) |
-| replicate | server of the same stage | the step's summed param grads | - |
+| replicate | listed server of the same stage | the step's summed param grads, the trainer's step proof | - |
 | state | anyone | - | params, Adam exp_avg, Adam exp_avg_sq, averaging anchor |
 """
 
@@ -106,7 +106,10 @@ _REQUEST_TYPES: dict[str, type] = {
     "micro_batch": int,
     "micro_batches": int,
     "tensors": list,
+    "proof": bytes,
+    "version": int,
 }
+PROOF_BYTES = 32 + 64 + 8 + 64  # a step proof (proofs.py): signing key, binding, timestamp, signature
 
 
 @dataclass(frozen=True)
@@ -120,12 +123,16 @@ class StageRequest:
     micro_batch: int = 0  # which piece of the step's batch (backward)
     micro_batches: int = 1  # pieces in the step (commit applies once all are in)
     tensors: tuple[torch.Tensor, ...] = ()
+    proof: bytes = b""  # commit, replicate: the trainer's signature over the step's gradients (proofs.py)
+    version: int = 0  # replicate: the sender's version of the stage after it applied the step
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise StageMessageError(f"unknown method {self.method!r}")
         if not 0 <= self.stage < 64 or not 0 <= self.step < 2**63 or len(self.trainer) > 64:
             raise StageMessageError("stage, step or trainer is out of range")
+        if len(self.proof) not in (0, PROOF_BYTES) or not 0 <= self.version < 2**63:
+            raise StageMessageError(f"proof must be empty or {PROOF_BYTES} bytes, version in [0, 2^63)")
         if not 1 <= self.micro_batches <= 64 or not 0 <= self.micro_batch < self.micro_batches:
             raise StageMessageError("micro_batch must be in [0, micro_batches) with micro_batches in [1, 64]")
 
@@ -148,6 +155,7 @@ _REPLY_TYPES: dict[str, type] = {
     "missing": list,
     "applied": list,
     "tensors": list,
+    "digest": bytes,
 }
 MAX_APPLIED = 256  # (trainer, step) pairs a state reply carries
 
@@ -163,6 +171,7 @@ class StageReply:
     missing: tuple[int, ...] = ()  # commit: micro-batches whose backward this server lacks
     applied: tuple[tuple[str, int], ...] = ()  # state: the latest (trainer, step) pairs applied
     tensors: tuple[torch.Tensor, ...] = field(default=())
+    digest: bytes = b""  # commit: the step's summed gradients' digest, for the trainer to sign (proofs.py)
 
     def encode(self) -> bytes:
         wire = {name: getattr(self, name) for name in _REPLY_TYPES if name != "tensors"}
@@ -182,6 +191,8 @@ class StageReply:
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in applied
         ):
             raise StageMessageError(f"reply.applied must hold at most {MAX_APPLIED} [trainer, step] pairs")
+        if len(wire["digest"]) not in (0, 32):
+            raise StageMessageError("reply.digest must be empty or 32 bytes")
         return cls(
             ok=wire["ok"],
             reason=wire["reason"],
@@ -190,6 +201,7 @@ class StageReply:
             missing=tuple(missing),
             applied=tuple((p[0], p[1]) for p in applied),
             tensors=tuple(decode_tensor(t) for t in wire["tensors"]),
+            digest=wire["digest"],
         )
 
 

@@ -9,10 +9,12 @@ them in its signed record (role ``server``), and answers stage calls (node/shard
 - backward: recomputes the forward from the inputs it is sent (as hivemind.moe's backward does, so
   any server of the stage can take it), returns the input's gradient and keeps the parameter
   gradients pending under (trainer, step, micro-batch). A repeated call overwrites, never adds.
-- commit: once all micro-batches of (trainer, step) are pending, applies one AdamW step, records
-  the pair as applied, and before answering sends the summed gradients to the other servers of
-  the stage (``replicate``), which apply them once too. A repeated commit answers ``ok`` without
-  applying again; so a trainer may retry a step on any replica and it is applied exactly once.
+- commit: once all micro-batches of (trainer, step) are pending, answers the digest of their sum
+  for the trainer to sign; given that signature (node/sharding/proofs.py), applies one AdamW step,
+  records the pair as applied, and before answering sends the summed gradients with the proof to
+  the other servers of the stage (``replicate``), which check it and apply them once too. A
+  repeated commit answers ``ok`` without applying again; so a trainer may retry a step on any
+  replica and it is applied exactly once.
 - state: parameters, Adam moments, averaging anchor, version and recently applied pairs, for a
   joining replica, a resync and trainers' spot-checks.
 
@@ -20,10 +22,12 @@ Every ``sharding.average_period`` seconds the servers of a stage average it and 
 same bits and version (node/sharding/averaging.py); trainer calls meanwhile are refused with
 ``averaging``.
 
-Only the trainer named in a call may make it (the stream's PeerID is checked), only a listed
-server of the same stage may replicate into it, and every tensor's shape is checked against the
-stage. While another process uses this server's GPU (NVML, where present), forward and backward
-are refused with ``busy`` and trainers go elsewhere; a CPU-only machine serves on CPU.
+Only the trainer named in a call may make it (the stream's PeerID is checked); only a listed
+server of the same stage (same run hash) may replicate into it, at a version within
+``REPLICATION_VERSION_GAP`` of ours, and only gradients the trainer signed for that stage and step;
+every tensor's shape is checked against the stage. While another process uses this server's GPU
+(NVML, where present), forward and backward are refused with ``busy`` and trainers go elsewhere;
+a CPU-only machine serves on CPU.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from node.sharding.messages import (
     check_gradients,
     check_hidden_states,
 )
+from node.sharding.proofs import check_step_proof, gradients_digest
 from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
 from node.sharding.stages import build_stage, choose_stages, rebalance_target, stage_ranges
 
@@ -67,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 PEER_REFRESH_SECONDS = 2.0  # how stale this server's view of the stage's replicas may be
 REPLICA_COOLDOWN_SECONDS = 60.0  # a replica that missed a step gets no more until this passes (it is stale)
+REPLICATION_VERSION_GAP = 256  # a replicated step's version may differ from ours + 1 by at most this much
 GpuProbe = Callable[[], bool]  # True while another process uses this server's GPU
 
 
@@ -296,18 +302,24 @@ class StageServer:
         if key in hosted.applied:
             return StageReply(ok=True, version=hosted.applied[key])
         with hosted.commit_in_flight():  # an averaging round waits for this commit's replication to finish
-            grads = await self.in_compute(hosted.take_pending, key, request.micro_batches)
+            grads = await self.in_compute(hosted.summed_pending, key, request.micro_batches)
             if grads and isinstance(grads[0], int):
                 return StageReply(
                     ok=False, reason="missing micro-batches", version=hosted.version, missing=tuple(grads)
                 )
+            digest = await self.in_compute(gradients_digest, grads)
+            try:  # no signed proof yet (or over other gradients): the trainer signs this digest, commits again
+                check_step_proof(request.proof, request.trainer, self.run.digest(), request.stage, request.step, digest)
+            except StageMessageError as e:
+                return StageReply(ok=False, reason=f"sign the step: {e}", version=hosted.version, digest=digest)
             await self.in_compute(hosted.apply, key, grads)
-            version = hosted.version
+            version = hosted.applied.get(key, hosted.version)
             # Replicas apply the same step before the trainer hears ok: if this server dies next, the
             # trainer's next step finds the update on any replica (a dead replica simply fails here).
-            await self._send_to_replicas(
-                StageRequest("replicate", request.stage, request.trainer, request.step, tensors=tuple(grads))
+            replicate = StageRequest(
+                "replicate", request.stage, request.trainer, request.step, 0, 1, tuple(grads), request.proof, version
             )
+            await self._send_to_replicas(replicate)
             return StageReply(ok=True, version=version, load=self.load)
 
     async def _send_to_replicas(self, replicate: StageRequest) -> None:
@@ -333,7 +345,12 @@ class StageServer:
                 logger.warning(f"stage {replicate.stage}: replica {peer[:16]} missed step {key}: {result!r}")
 
     async def _replicate(self, request: StageRequest, hosted: HostedStage) -> StageReply:
+        """Apply a step another replica committed, once its trainer's proof checks (nothing is marked before)."""
         check_gradients(request.tensors, hosted.params)
+        if abs(request.version - (hosted.version + 1)) > REPLICATION_VERSION_GAP:
+            raise StageMessageError(f"replicated step at version {request.version}, ours is {hosted.version}")
+        digest = await asyncio.get_running_loop().run_in_executor(None, gradients_digest, request.tensors)
+        check_step_proof(request.proof, request.trainer, self.run.digest(), request.stage, request.step, digest)
         await hosted.until_thawed()  # a step that lands between a round's snapshot and result would be lost
         key = (request.trainer, request.step)
         if key not in hosted.applied:

@@ -1,0 +1,213 @@
+"""Deviating stage servers and Sybil trainers against honest peers on 127.0.0.1 (issue 15, items 3 and 4).
+
+Replication pre-emption: a server listed for the stage sends ``replicate(trainer=victim, step=s)``
+with gradients of its choice, to claim the victim's future steps. Sybil bans: a trainer record that
+just appeared bans every honest server. Both run against real in-process servers, trainers and DHT
+peers (real libp2p, real signatures); each test fails on the code before the defence.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SwarmPeer
+from helpers import wait_until
+from hivemind.utils import get_dht_time
+from test_sharding import node_config
+
+from dht import NodeIdentity, PeerRecord, publish_record
+from dht.bans import MAX_BAN_TTL, BanError, BanRecord, ban_subkey, bans_key, evidence_digest, list_bans, publish_ban
+from node.config import ServeConfig
+from node.data import generate_corpus
+from node.sharding.client import RemoteStages
+from node.sharding.messages import StageReply, StageRequest
+from node.sharding.proofs import gradients_digest, sign_step
+from node.sharding.server import StageServer
+from node.sharding.trainer import ShardedTrainer
+
+
+class ProofKeeper(StageServer):
+    """A listed replica of the stage that keeps every step proof it is sent (what a malicious one replays)."""
+
+    proofs: list[bytes]
+
+    async def _dispatch(self, request: StageRequest, remote: str) -> StageReply:
+        if request.proof:
+            self.proofs.append(request.proof)
+        return await super()._dispatch(request, remote)
+
+
+def start_servers(tmp_path: Path, classes: list[type[StageServer]]) -> list[StageServer]:
+    """In-process servers of stage 0, one per class, each seeing all of them listed before this returns."""
+    servers: list[StageServer] = []
+    initial: list[str] = []
+    for i, cls in enumerate(classes):
+        config = node_config(tmp_path, f"s{i}", initial, spot_check=0.0)
+        server = cls(config, ServeConfig(rebalance_period=0, stages=(0,)))
+        server.proofs = []  # type: ignore[attr-defined]
+        servers.append(server.start())
+        initial = initial or list(servers[0].maddrs)
+    wait_until(
+        lambda: all(len(s.rpc.run(s.stage_replicas(0), timeout=30)) >= len(classes) for s in servers),
+        60,
+        "the servers to see each other's records",
+    )
+    return servers
+
+
+def params_of(server: StageServer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in server.hosted[0].params]
+
+
+def test_a_listed_server_cannot_preempt_a_trainers_steps_by_replicating_them(tmp_path: Path) -> None:
+    """A listed server replicates the victim's next steps (no proof, its own key, a replayed proof): all refused.
+
+    The honest replicas mark nothing done, the victim's real steps then apply on every replica, and the
+    replicas stay bit-identical. Before step proofs, the forged steps were applied and the real ones dropped.
+    """
+    # Prepare
+    servers = start_servers(tmp_path, [StageServer, StageServer, ProofKeeper])
+    honest, attacker = servers[:2], servers[2]
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=41))
+    config = node_config(tmp_path, "victim", list(servers[0].maddrs), spot_check=0.0)
+    config.data = str(tmp_path / "data.txt")
+    victim = ShardedTrainer(config)
+    try:
+        victim.prepare()
+        victim.join()
+        victim.train_step()  # the attacker, a listed replica, now holds a real proof and the victim's session
+        wait_until(lambda: attacker.proofs, 30, "the attacker to receive a step proof")  # type: ignore[attr-defined]
+        trainer = victim.identity.peer_id
+        future = [(victim.session << 24) | s for s in range(1, 4)]
+        forged = tuple(torch.full_like(p, 5.0).cpu() for p in attacker.hosted[0].params)
+        run_hash = attacker.run.digest()
+        own_proof = sign_step(attacker.identity, run_hash, 0, future[1], gradients_digest(forged))
+        replayed = attacker.proofs[0]  # type: ignore[attr-defined]
+        attacks = [(future[0], b""), (future[1], own_proof), (future[2], replayed)]
+        before = [s.refused for s in honest]
+
+        # Execute
+        replies: list[StageReply] = []
+        for step, proof in attacks:
+            for server in honest:
+                request = StageRequest("replicate", 0, trainer, step, 0, 1, forged, proof, version=2)
+                replies.append(attacker.rpc.run(attacker.call(server.identity.peer_id, request), timeout=30))
+        claimed = [[key for key in s.hosted[0].applied if key[0] == trainer] for s in honest]
+        versions_after_attack = [s.hosted[0].version for s in honest]
+        reports = [victim.train_step() for _ in future]
+
+        # Assert
+        assert [r.ok for r in replies] == [False] * 6
+        assert "no step proof" in replies[0].reason
+        assert "not bound to trainer" in replies[2].reason
+        assert "does not verify" in replies[4].reason
+        assert [s.refused - b for s, b in zip(honest, before, strict=True)] == [3, 3]
+        assert claimed == [[(trainer, victim.session << 24)]] * 2
+        assert versions_after_attack == [1, 1]
+        assert [r.versions for r in reports] == [[2], [3], [4]]
+        for server in servers:
+            assert all((trainer, step) in server.hosted[0].applied for step in future)
+            assert all(torch.equal(a, b) for a, b in zip(params_of(server), params_of(honest[0]), strict=True))
+            assert all(torch.isfinite(p).all() and p.abs().max() < 4.0 for p in params_of(server))
+    finally:
+        victim.close()
+        for server in servers:
+            server.shutdown()
+
+
+def signed_ban(reporter: NodeIdentity, banned: str, run_hash: str, stage: int = 0, ttl: float = 60.0) -> bytes:
+    """A well-formed ban of ``banned`` by ``reporter``, its evidence digest right (the digests are of nothing)."""
+    inputs, output = os.urandom(32), os.urandom(32)
+    return BanRecord(
+        reporter=reporter.peer_id,
+        signing_key=reporter.signing_public_key,
+        binding=reporter.binding,
+        banned=banned,
+        stage=stage,
+        reason="stage 0 forward differs from recomputation by 0.5 (tolerance 0.001)",
+        evidence=evidence_digest(run_hash, banned, stage, 3, inputs, output),
+        timestamp=get_dht_time(),
+        run_hash=run_hash,
+        version=3,
+        inputs_digest=inputs,
+        output_digest=output,
+        ttl=ttl,
+    ).sign(reporter)
+
+
+def test_a_sybil_trainer_cannot_ban_an_honest_server_and_a_quorum_of_trainers_bans_a_cheater(
+    tmp_path: Path,
+    swarm_factory: Callable[..., list[SwarmPeer]],
+    identity_factory: Callable[[str | None], NodeIdentity],
+    record_factory: Callable[..., PeerRecord],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fresh Sybil trainer bans every server: none is excluded or even deprioritized; neither does a trainer
+    of another run nor a ban naming a stage the server does not host. One seasoned trainer's ban only
+    deprioritizes the cheater, two exclude it, and it is usable again once their bans expire."""
+    # Prepare
+    monkeypatch.setattr("node.sharding.client.REFRESH_SECONDS", 0.0)  # every servers() call reads the DHT
+    reader, publisher = swarm_factory(2, run_ids=["shard"])
+    run = node_config(tmp_path, "reader", []).run
+    run_hash = run.digest()
+    ids = {name: identity_factory(name) for name in ("honest", "cheater", "sybil", "stranger", "t1", "t2")}
+    fields: dict[str, dict[str, object]] = {
+        "honest": {"roles": ("server",), "stages": (0,)},
+        "cheater": {"roles": ("server",), "stages": (0,)},
+        "sybil": {"roles": ("trainer",), "round": 0},  # just made: it has taken part in nothing
+        "stranger": {"roles": ("trainer",), "round": 50, "run_hash": "cd" * 16},  # a trainer of another run
+        "t1": {"roles": ("trainer",), "round": 20},
+        "t2": {"roles": ("trainer",), "round": 20},
+    }
+    for name, overrides in fields.items():
+        record = record_factory(ids[name], **({"run_hash": run_hash} | overrides))
+        assert publish_record(publisher.dht, "shard", record.sign(ids[name]))
+    honest, cheater = ids["honest"].peer_id, ids["cheater"].peer_id
+    remote = RemoteStages(reader.dht, run, reader.identity, tmp_path / "reader")
+
+    def view() -> tuple[list[str], set[str], set[str]]:
+        """The reader's usable servers of stage 0 (best first), and those it excludes and deprioritizes."""
+        return remote.servers(0), set(remote.banned), set(remote.suspected)
+
+    try:
+        wait_until(lambda: len(remote.servers(0)) == 2, 30, "the reader to list both servers")
+
+        # Execute
+        for envelope in (
+            signed_ban(ids["sybil"], honest, run_hash),
+            signed_ban(ids["sybil"], cheater, run_hash),
+            signed_ban(ids["stranger"], honest, run_hash),
+            signed_ban(ids["t1"], honest, run_hash, stage=1),  # honest serves stage 0
+        ):
+            assert publish_ban(publisher.dht, "shard", envelope)
+        wait_until(lambda: len(list_bans(reader.dht, "shard")) == 4, 30, "the reader to see the Sybil bans")
+        after_sybils = view()
+        assert publish_ban(publisher.dht, "shard", signed_ban(ids["t1"], cheater, run_hash, ttl=8.0))
+        one_reporter = view() if wait_until(lambda: view()[2], 30, "the cheater deprioritized") else None
+        assert publish_ban(publisher.dht, "shard", signed_ban(ids["t2"], cheater, run_hash, ttl=8.0))
+        quorum = view() if wait_until(lambda: view()[1], 30, "the cheater excluded") else None
+        expired = view() if wait_until(lambda: not any(view()[1:]), 30, "the bans to expire") else None
+        bans_left = len(list_bans(reader.dht, "shard"))
+        too_long = signed_ban(ids["t1"], honest, run_hash, ttl=MAX_BAN_TTL)
+        stored_past_ttl = publisher.dht.store(
+            bans_key("shard"),
+            too_long,
+            expiration_time=get_dht_time() + 2 * MAX_BAN_TTL,
+            subkey=ban_subkey(BanRecord.verify(too_long)),
+        )
+
+        # Assert
+        assert after_sybils == (sorted([honest, cheater]), set(), set())
+        assert one_reporter == ([honest, cheater], set(), {cheater})  # deprioritized: tried last
+        assert quorum == ([honest], {cheater}, set())
+        assert expired == (sorted([honest, cheater]), set(), set())
+        assert bans_left == 4  # the cheater's two bans expired; the four uncounted ones remain
+        assert not stored_past_ttl
+        with pytest.raises(BanError, match="ttl"):
+            signed_ban(ids["t1"], honest, run_hash, ttl=MAX_BAN_TTL + 1)
+    finally:
+        remote.shutdown()
