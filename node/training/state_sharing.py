@@ -228,11 +228,18 @@ class StateSharer:
         self._averager.shutdown()
 
 
-def wait_for_peer_ahead(runtime: NodeRuntime, round_no: int, timeout: float, stop_event: threading.Event) -> bool:
-    """Wait up to ``timeout`` s until a live peer has finished a later round than ``round_no``; connect to it."""
+def wait_for_peer_ahead(
+    runtime: NodeRuntime,
+    round_no: int,
+    timeout: float,
+    stop_event: threading.Event,
+    among: Collection[str] | None = None,
+) -> bool:
+    """Wait up to ``timeout`` s until a live peer (of ``among``, if given) has finished a later round than
+    ``round_no``; connect to it."""
     deadline = time.monotonic() + timeout
     while not stop_event.is_set() and time.monotonic() < deadline:
-        ahead = [p for p in runtime.peers() if p.round > round_no]
+        ahead = [p for p in runtime.peers() if p.round > round_no and (among is None or p.peer_id in among)]
         if ahead:
             connect_to_peers(runtime.dht, ahead)
             return True

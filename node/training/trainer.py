@@ -13,8 +13,8 @@
 - node/aggregation/: the Aggregator that merges a round's update with a group.
 
 With ``[run.cohorts]``, the Aggregator is a ``HierarchicalAggregator`` (node/aggregation/hierarchy.py): local
-parameters never leave (the state shared with joiners holds zeros for them), a missed round is applied solo,
-and joiners and movers download from their own cohort's members only.
+parameters never leave (the state shared with joiners holds zeros for them), and joiners, movers and nodes
+that missed a round download from their own cohort's members only.
 """
 
 from __future__ import annotations
@@ -347,10 +347,9 @@ class TrainingNode:
             return RoundOutcome.GROUP, result
         if self.stop_event.is_set():
             return RoundOutcome.STOPPED, None
-        if (
-            self.partition is None
-            and self._others_alive()
-            and wait_for_peer_ahead(self._swarm(), self.round, self.run.aggregation.timeout, self.stop_event)
+        among = self.aggregator.cohort_members  # with cohorts: only our own cohort's members (and donors)
+        if self._others_alive() and wait_for_peer_ahead(
+            self._swarm(), self.round, self.run.aggregation.timeout, self.stop_event, among
         ):
             state = self._download(round_no)
             if state is not None:
