@@ -6,6 +6,7 @@ Real libp2p peers on 127.0.0.1 and real crypto, driven by the tests' malicious-p
 
     python benchmarks/attacks.py --json
     python benchmarks/attacks.py --only isolate_victim,forged_sum --peers 5 --numel 10000 --json
+    python benchmarks/attacks.py --integrity --json   # issue 15's rows instead: benchmarks/integrity.py --help
 
 Attacks: ``ATTACKS`` below and --help (n = --peers). The harness forges no value words, so ``value_range``
 reaches the value-range check through the weight word (weight check passed, values decoded too large).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import itertools
 import json
 import logging
@@ -459,6 +461,8 @@ def run_attack(bench: Bench, name: str) -> Row:
 
 
 def main() -> int:
+    if "--integrity" in sys.argv:  # loss_vs_honest rows on sharded training: their own module and flags
+        return importlib.import_module("integrity").main([arg for arg in sys.argv[1:] if arg != "--integrity"])
     tail = "attacks:\n" + "\n".join(f"  {name:<20}{what}" for name, (_, what) in ATTACKS.items())
     parser = argparse.ArgumentParser(description=__doc__, epilog=tail, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--peers", type=int, default=5, help="peers in each attacked group, e.g. 5")
@@ -486,11 +490,8 @@ def main() -> int:
             bench.swarm.close()
         scratch.cleanup()
     report = {key: getattr(args, key) for key in ("peers", "numel", "message_timeout", "data_timeout")}
-    report |= {
-        "cpu_count": len(os.sched_getaffinity(0)),
-        "honest_baseline_seconds": round(baseline, 4),
-        "attacks": rows,
-    }
+    report |= {"cpu_count": len(os.sched_getaffinity(0)), "honest_baseline_seconds": round(baseline, 4)}
+    report["attacks"] = rows
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
     return 0
 

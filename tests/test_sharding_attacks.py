@@ -4,6 +4,10 @@ Replication pre-emption: a server listed for the stage sends ``replicate(trainer
 with gradients of its choice, to claim the victim's future steps. Sybil bans: a trainer record that
 just appeared bans every honest server. Both run against real in-process servers, trainers and DHT
 peers (real libp2p, real signatures); each test fails on the code before the defence.
+
+Weights that agree: a server whose stage weights were tampered, and which computes consistently
+with them (so spot-checks pass), among two honest replicas: the trainer compares the replicas'
+weights digests and bans the minority (node/sharding/agreement.py).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from dht import NodeIdentity, PeerRecord, publish_record
 from dht.bans import MAX_BAN_TTL, BanError, BanRecord, ban_subkey, bans_key, evidence_digest, list_bans, publish_ban
 from node.config import ServeConfig
 from node.data import generate_corpus
+from node.sharding.agreement import INITIAL_HISTORY, WeightsReport, compare_weights
 from node.sharding.client import RemoteStages
-from node.sharding.messages import StageReply, StageRequest
+from node.sharding.messages import StageMessageError, StageReply, StageRequest
 from node.sharding.proofs import gradients_digest, sign_step
 from node.sharding.server import StageServer
 from node.sharding.trainer import ShardedTrainer
@@ -41,12 +46,25 @@ class ProofKeeper(StageServer):
         return await super()._dispatch(request, remote)
 
 
-def start_servers(tmp_path: Path, classes: list[type[StageServer]]) -> list[StageServer]:
-    """In-process servers of stage 0, one per class, each seeing all of them listed before this returns."""
+class TamperedServer(StageServer):
+    """Serves stage weights shifted by 0.02 and computes with them: its forward matches its published state."""
+
+    def _host(self, stage: int, records: list[PeerRecord]) -> None:
+        super()._host(stage, records)
+        with torch.no_grad():
+            for param in self.hosted[stage].params:
+                param.add_(0.02)
+
+
+def start_servers(tmp_path: Path, classes: list[type[StageServer]], spot_check: float = 0.0) -> list[StageServer]:
+    """In-process servers of stage 0, one per class, each seeing all of them listed before this returns.
+
+    ``spot_check`` is part of the run's hash: the trainer's config must use the same.
+    """
     servers: list[StageServer] = []
     initial: list[str] = []
     for i, cls in enumerate(classes):
-        config = node_config(tmp_path, f"s{i}", initial, spot_check=0.0)
+        config = node_config(tmp_path, f"s{i}", initial, spot_check=spot_check)
         server = cls(config, ServeConfig(rebalance_period=0, stages=(0,)))
         server.proofs = []  # type: ignore[attr-defined]
         servers.append(server.start())
@@ -211,3 +229,71 @@ def test_a_sybil_trainer_cannot_ban_an_honest_server_and_a_quorum_of_trainers_ba
             signed_ban(ids["t1"], honest, run_hash, ttl=MAX_BAN_TTL + 1)
     finally:
         remote.shutdown()
+
+
+def test_a_server_with_tampered_weights_that_computes_consistently_is_caught_by_its_replicas_digests(
+    tmp_path: Path,
+) -> None:
+    """A tampered replica passes spot-checks but its weights digest is a minority of three: the trainer
+    bans it with evidence and steps on the honest replicas, which stay usable, unsuspected and bit-identical."""
+    # Prepare
+    servers = start_servers(tmp_path, [StageServer, StageServer, TamperedServer], spot_check=1.0)
+    honest, cheater = servers[:2], servers[2].identity.peer_id
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=43))
+    config = node_config(tmp_path, "trainer", list(servers[0].maddrs), spot_check=1.0)
+    config.data = str(tmp_path / "data.txt")
+    trainer = ShardedTrainer(config)
+    try:
+        trainer.prepare()
+        trainer.join()
+
+        # Execute
+        reports = [trainer.train_step() for _ in range(3)]
+        remote = trainer.remote
+        assert remote is not None
+        published = wait_until(lambda: list_bans(honest[0].dht, "shard"), 30, "the ban to reach the DHT")
+
+        # Assert
+        assert [b.banned for b in remote.bans_published] == [cheater]
+        assert "weights digest at version 1 is a minority: 2 of 3" in remote.bans_published[0].reason
+        assert [b.banned for b in published] == [cheater]
+        assert cheater in remote.banned and cheater not in remote.servers(0)
+        assert {s.identity.peer_id for s in honest} == set(remote.servers(0))
+        assert not (remote.suspected | remote.unconfirmed) & {s.identity.peer_id for s in honest}
+        assert remote.stats["spot_checks"] >= 3  # every forward was recomputed; none flagged the cheater
+        assert all(not cheater.startswith(r.servers[0]) for r in reports[1:])
+        assert [r.versions for r in reports] == [[1], [2], [3]]
+        assert all(torch.equal(a, b) for a, b in zip(params_of(honest[0]), params_of(honest[1]), strict=True))
+    finally:
+        trainer.close()
+        for server in servers:
+            server.shutdown()
+
+
+def test_weights_verdict_bans_only_a_minority_of_the_same_version_and_history() -> None:
+    """Same version and history: the odd digest is the minority; another history or a tie bans nobody."""
+    # Prepare
+    history, other = INITIAL_HISTORY, bytes(32)
+    good, bad = b"g" * 32, b"b" * 32
+
+    # Execute
+    minority = compare_weights(
+        {
+            "a": WeightsReport(4, history, good),
+            "b": WeightsReport(4, history, good),
+            "c": WeightsReport(4, history, bad),
+        }
+    )
+    dodging = compare_weights(
+        {"a": WeightsReport(4, history, good), "b": WeightsReport(4, history, good), "c": WeightsReport(4, other, bad)}
+    )
+    tie = compare_weights({"a": WeightsReport(4, history, good), "b": WeightsReport(4, history, bad)})
+    split = compare_weights({"a": WeightsReport(4, history, good), "b": WeightsReport(4, other, good)})
+
+    # Assert
+    assert (minority.agreed, minority.minority, minority.unconfirmed) == (good, {"c"}, set())
+    assert (dodging.agreed, dodging.minority, dodging.unconfirmed) == (good, set(), {"c"})
+    assert (tie.agreed, tie.minority) == (b"", set())
+    assert (split.version, split.minority, split.unconfirmed) == (None, set(), set())
+    with pytest.raises(StageMessageError, match="history"):
+        StageReply.decode(StageReply(ok=True).encode().replace(b"\xa7history\xc4\x00", b"\xa7history\xc4\x03abc"))

@@ -6,6 +6,8 @@ class StageRequest, StageReply (messages.py): the msgpack wire format of stage c
 P2PLoop, call_stage (rpc.py): the unary P2P calls both sides use
 sign_step, check_step_proof (proofs.py): a trainer's signature over a step's gradients, which
     replicas check before they apply a replicated step
+compare_weights, weights_digest (agreement.py): trainers compare the weights digests of a stage's
+    replicas at one version and history; a minority is banned like a failed spot-check
 class HostedStage (hosted.py): a served stage's weights, optimizer, exactly-once bookkeeping, anchor,
     and the averaging gate (refuse trainer calls, drain commits, hold replicated steps)
 class ForwardBatcher (batching.py): one stage's forward calls that arrive together, run as one pass

@@ -253,7 +253,7 @@ class StageAverager:
             if all(torch.equal(a.detach().cpu(), b.cpu()) for a, b in zip(mine, best.tensors, strict=True)):
                 return "kept"  # the donor already holds our bits (it may have copied them from us this round)
         try:
-            await self.host.in_compute(hosted.load_state, best.tensors, best.version, best.applied)
+            await self.host.in_compute(hosted.load_state, best.tensors, best.version, best.applied, best.history)
         except StageMessageError as e:
             logger.warning(f"stage {stage}: could not resync from {donor[:16]}: {e}")
             return "kept"

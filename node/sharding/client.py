@@ -24,10 +24,20 @@ inputs and of the claimed output (the tensors are kept in ``<workdir>/evidence/`
 redone on another server. Other trainers' bans count only from trainers of this run with
 ``sharding.ban_min_rounds`` rounds, and exclude a server only once ``sharding.ban_quorum`` distinct
 reporters agree (fewer: it is tried last); expired bans drop out (dht/bans.py ``honoured_bans``).
+
+Weights that agree (node/sharding/agreement.py). A spot-check cannot catch a server that computes
+consistently with wrong weights, so after a commit, with the same probability as a spot-check,
+the trainer asks every usable server of the stage for its (version, history, weights digest). A
+server whose digest is a minority among the replicas of the same version and history is treated
+like a failed spot-check: banned with evidence (its report and the agreed digest); one outside the
+compared class is only tried last until a later check confirms it. The agreed digests are kept
+(``MAX_AGREED``), and a spot-check also checks the weights a server publishes against them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import logging
 import random
@@ -43,6 +53,7 @@ from hivemind.utils import get_dht_time
 from dht import NodeIdentity, list_peers
 from dht.bans import BanRecord, evidence_digest, honoured_bans, list_bans, publish_ban
 from node.config import RunConfig
+from node.sharding.agreement import DIGEST_BYTES, WeightsReport, compare_weights, weights_digest
 from node.sharding.messages import STATE_BLOCKS, StageReply, StageRequest
 from node.sharding.proofs import gradients_digest, sign_step
 from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
@@ -55,6 +66,7 @@ REFRESH_SECONDS = 2.0  # how stale the view of servers and bans may be
 WAIT_FOR_SERVER_SECONDS = 120.0  # how long a stage with no server is waited for before giving up
 LATENCY_SMOOTHING = 0.3  # weight of the newest call in the latency average
 MAX_SIGNATURES = 3  # step proofs one server may ask for in a row before the commit moves elsewhere
+MAX_AGREED = 64  # (stage, version, history) -> agreed weights digest entries a trainer keeps
 
 
 class StageUnavailableError(Exception):
@@ -90,8 +102,10 @@ class RemoteStages:
         self.failed_at: dict[str, float] = {}
         self.banned: set[str] = set()  # excluded: by our own spot-checks, or a quorum of counted reporters
         self.suspected: set[str] = set()  # banned by fewer than ``sharding.ban_quorum``: tried after the others
+        self.unconfirmed: set[str] = set()  # outside the last weights check's compared class: tried after the others
+        self.agreed: collections.OrderedDict[tuple[int, int, bytes], bytes] = collections.OrderedDict()
         self.bans_published: list[BanRecord] = []
-        self.stats = {"calls": 0, "failovers": 0, "spot_checks": 0, "busy": 0}
+        self.stats = {"calls": 0, "failovers": 0, "spot_checks": 0, "busy": 0, "weight_checks": 0}
         self._servers: dict[int, list[str]] = {}
         self._refreshed = 0.0
         self._chooser = random.SystemRandom()
@@ -107,9 +121,10 @@ class RemoteStages:
         known = [self.latency[p] for p in usable if p in self.latency]
         default = min(known, default=0.0)
 
-        def rank(peer: str) -> tuple[bool, bool, float, str]:
+        def rank(peer: str) -> tuple[bool, bool, bool, float, str]:
             cooling = now - self.failed_at.get(peer, -COOLDOWN_SECONDS) < COOLDOWN_SECONDS
-            return cooling, peer in self.suspected, self.latency.get(peer, default) * (1 + self.load.get(peer, 0)), peer
+            score = self.latency.get(peer, default) * (1 + self.load.get(peer, 0))
+            return cooling, peer in self.suspected, peer in self.unconfirmed, score, peer
 
         return sorted(usable, key=rank)
 
@@ -228,6 +243,8 @@ class RemoteStages:
             reply, peer = self._call(commit, peer)
             if reply.ok:
                 self.versions[stage] = max(self.versions.get(stage, 0), reply.version)
+                if self._chooser.random() < self.sharding.spot_check_fraction:
+                    self.check_weights(stage)
                 return reply.version
             if reply.digest:  # sign the gradients it will apply and replicate (node/sharding/proofs.py)
                 signed, proof = signed + 1, sign_step(self.identity, self.run.digest(), stage, step, reply.digest)
@@ -273,30 +290,97 @@ class RemoteStages:
                 param.copy_(value)
             expected = module(hidden)
         error = float((output - expected).abs().max() / (expected.abs().max() + 1e-6))
-        if error <= self.sharding.spot_check_tolerance:
+        published = weights_digest(state.tensors[: len(params)])
+        agreed = self.agreed.get((stage, version, state.history), published)
+        tolerance = self.sharding.spot_check_tolerance
+        if error > tolerance:
+            reason = f"stage {stage} forward differs from recomputation by {error:.3g} (tolerance {tolerance:g})"
+        elif published != agreed:  # consistent with its weights, but they are not the replicas' weights
+            reason = f"stage {stage} weights at version {version} differ from the digest its replicas agree on"
+        else:
             return True
-        self._ban(stage, peer, version, error, [hidden, output, expected, *state.tensors[: len(params)]])
+        evidence = [hidden, output, expected, *state.tensors[: len(params)]]
+        self._ban(
+            stage,
+            peer,
+            version,
+            reason,
+            (gradients_digest([hidden]), gradients_digest([output])),
+            [t.detach().cpu().contiguous().numpy().tobytes() for t in evidence],
+        )
         return False
+
+    # ---- weights that agree (node/sharding/agreement.py) --------------------------------------
+    def check_weights(self, stage: int) -> set[str]:
+        """Compare the weights digests of the stage's usable servers; ban the minority. Returns who was banned."""
+        self.stats["weight_checks"] += 1
+        peers = self.servers(stage)
+        if len(peers) < 3:
+            return set()  # no strict majority of at least two against one is possible
+        request, timeout = StageRequest("weights", stage), self.sharding.request_timeout
+
+        async def ask_all() -> list[StageReply | BaseException]:
+            calls = (call_stage(self.rpc.p2p, peer, self.handler_name, request, timeout) for peer in peers)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        try:
+            replies = self.rpc.run(ask_all(), timeout=timeout + 5)
+        except Exception as e:
+            logger.info(f"stage {stage}: weights check skipped ({e!r})")
+            return set()
+        reports: dict[str, WeightsReport] = {}
+        for peer, reply in zip(peers, replies, strict=True):
+            if isinstance(reply, BaseException) or not reply.ok:
+                continue
+            if len(reply.digest) != DIGEST_BYTES or len(reply.history) != DIGEST_BYTES:
+                logger.warning(f"stage {stage}: {peer[:16]} answered a malformed weights report; skipping it")
+                continue
+            reports[peer] = WeightsReport(reply.version, reply.history, reply.digest)
+        verdict = compare_weights(reports)
+        self.unconfirmed = (self.unconfirmed - set(reports)) | verdict.unconfirmed
+        if verdict.version is None or not verdict.agreed:
+            return set()
+        self.agreed[(stage, verdict.version, verdict.history)] = verdict.agreed
+        while len(self.agreed) > MAX_AGREED:
+            self.agreed.popitem(last=False)
+        members = sum(r.version == verdict.version and r.history == verdict.history for r in reports.values())
+        for peer in sorted(verdict.minority):
+            report = reports[peer]
+            reason = (
+                f"stage {stage} weights digest at version {report.version} is a minority: "
+                f"{members - len(verdict.minority)} of {members} replicas agree on another"
+            )
+            blob = [report.history, report.digest, verdict.agreed]
+            self._ban(stage, peer, report.version, reason, (report.history, report.digest), blob)
+        return verdict.minority
 
     def _template(self, stage: int) -> Stage:
         if stage not in self._templates:
             self._templates[stage] = build_stage(self.run.model, self.sharding, self.run.train.seed, stage)
         return self._templates[stage]
 
-    def _ban(self, stage: int, peer: str, version: int, error: float, evidence: list[torch.Tensor]) -> None:
-        """Publish a signed ban of ``peer``; ``evidence`` is [inputs, its output, ours, the weights it published]."""
-        blob = msgpack.packb(
-            [peer, stage, version, [t.detach().cpu().contiguous().numpy().tobytes() for t in evidence]],
-            use_bin_type=True,
-        )
-        inputs_digest, output_digest = (gradients_digest([t]) for t in evidence[:2])
+    def _ban(
+        self, stage: int, peer: str, version: int, reason: str, digests: tuple[bytes, bytes], evidence: list[bytes]
+    ) -> None:
+        """Publish a signed ban of ``peer``.
+
+        Args:
+            stage: the stage it served wrongly.
+            peer: its PeerID.
+            version: the version it reported.
+            reason: what it did, for the ban record and the log.
+            digests: the ban's (inputs, output) digests: for a forward, of the inputs and the claimed
+                output; for weights, its history and its weights digest.
+            evidence: kept in ``<workdir>/evidence/``: for a forward [inputs, its output, ours, the
+                weights it published] as float32 bytes; for weights [its history, its digest, the agreed one].
+        """
+        blob = msgpack.packb([peer, stage, version, evidence], use_bin_type=True)
+        inputs_digest, output_digest = digests
         run_hash = self.run.digest()
         digest = evidence_digest(run_hash, peer, stage, version, inputs_digest, output_digest)
         folder = self.workdir / "evidence"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{digest.hex()}.msgpack").write_bytes(blob)
-        tolerance = self.sharding.spot_check_tolerance
-        reason = f"stage {stage} forward differs from recomputation by {error:.3g} (tolerance {tolerance:g})"
         record = BanRecord(
             reporter=self.identity.peer_id,
             signing_key=self.identity.signing_public_key,

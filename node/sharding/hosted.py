@@ -18,6 +18,11 @@ averaging period. A round averages ``anchor - params`` (small: one period's drif
 fixed-point code keeps its precision), and every member then sets ``params = anchor - mean``,
 the same float32 operations on the same bits. A joining replica downloads the anchor with the
 state, so it can take part in the next round.
+
+History and weights digest (node/sharding/agreement.py). ``history`` chains every update in the
+order it was made (a step's (trainer, step), an averaging round's new anchor); a joining replica
+copies it with the state. ``weights_report()`` answers (version, history, digest of the params),
+the digest computed once per (version, history), so trainers can compare replicas.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Iterator
 
 import torch
 
+from node.sharding.agreement import INITIAL_HISTORY, WeightsReport, chain_history, weights_digest
 from node.sharding.messages import STATE_BLOCKS, StageMessageError
 from node.sharding.stages import Stage
 
@@ -62,6 +68,9 @@ class HostedStage:
         self.anchor: list[torch.Tensor] = []
         self.anchor_digest = b""
         self.reanchor()
+        # what trainers compare across replicas (agreement.py): the updates' hash chain, the last report
+        self.history = INITIAL_HISTORY
+        self._report = WeightsReport(-1, b"", b"")
         # the averaging gate (event loop only; changed through the methods of its section below)
         self._averaging = False  # trainer calls are refused ("averaging")
         self._commits_in_flight = 0  # commits being applied or replicated right now
@@ -103,6 +112,7 @@ class HostedStage:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
+        self.history = chain_history(self.history, "step", *key)
         self.applied[key] = self.version
         self.pending.pop(key, None)
         while len(self.applied) > MAX_APPLIED_REMEMBERED:
@@ -165,6 +175,13 @@ class HostedStage:
                 param.copy_(anchor - drift.to(param.device, param.dtype))
         self.version += 1
         self.reanchor()
+        self.history = chain_history(self.history, "average", self.anchor_digest)
+
+    def weights_report(self) -> WeightsReport:
+        """This replica's version, history and weights digest (hashed once per version and history)."""
+        if (self._report.version, self._report.history) != (self.version, self.history):
+            self._report = WeightsReport(self.version, self.history, weights_digest(self.params))
+        return self._report
 
     # ---- state for joining replicas, spot-checks and resyncs ----------------------------------
     def state(self) -> list[torch.Tensor]:
@@ -176,7 +193,14 @@ class HostedStage:
             *self.anchor,
         ]
 
-    def load_state(self, tensors: tuple[torch.Tensor, ...], version: int, applied: tuple[tuple[str, int], ...]) -> None:
+    def load_state(
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        version: int,
+        applied: tuple[tuple[str, int], ...],
+        history: bytes = INITIAL_HISTORY,
+    ) -> None:
+        """Take a donor's state: params, Adam moments, anchor, version, applied pairs and history."""
         count = len(self.params)
         if len(tensors) != STATE_BLOCKS * count or any(
             t.shape != p.shape or not torch.isfinite(t).all()
@@ -197,4 +221,5 @@ class HostedStage:
         self.anchor = [t.clone().to(p.device) for t, p in zip(tensors[3 * count :], self.params, strict=True)]
         self.anchor_digest = tensors_digest(self.anchor)
         self.version = version
+        self.history = history if len(history) == len(INITIAL_HISTORY) else INITIAL_HISTORY
         self.applied.update({pair: version for pair in applied})

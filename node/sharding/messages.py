@@ -17,7 +17,8 @@ Methods:
 | backward | trainer | hidden states, grad of output | grad of input (param grads stay pending) |
 | commit | trainer | - | - (applies the step's pending grads once) |
 | replicate | listed server of the same stage | the step's summed param grads, the trainer's step proof | - |
-| state | anyone | - | params, Adam exp_avg, Adam exp_avg_sq, averaging anchor |
+| state | anyone | - | params, Adam exp_avg, Adam exp_avg_sq, averaging anchor (reply.history set) |
+| weights | anyone | - | - (reply: version, ``history`` and ``digest`` of the weights, agreement.py) |
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from node.config import ModelConfig
 MAX_MESSAGE_BYTES = 4 * 1024**2 - 64 * 1024  # p2pd's unary limit is 4 MiB; leave room for protobuf framing
 MAX_TENSORS = 256
 MAX_RANK = 4
-METHODS = frozenset({"forward", "backward", "commit", "replicate", "state"})
+METHODS = frozenset({"forward", "backward", "commit", "replicate", "state", "weights"})
 TRAINER_CALLS = frozenset({"forward", "backward", "commit"})
 DTYPES = {"float32": torch.float32}
 STATE_BLOCKS = 4  # a state reply holds the stage's params, Adam exp_avg, Adam exp_avg_sq and averaging anchor
@@ -156,6 +157,7 @@ _REPLY_TYPES: dict[str, type] = {
     "applied": list,
     "tensors": list,
     "digest": bytes,
+    "history": bytes,
 }
 MAX_APPLIED = 256  # (trainer, step) pairs a state reply carries
 
@@ -171,7 +173,9 @@ class StageReply:
     missing: tuple[int, ...] = ()  # commit: micro-batches whose backward this server lacks
     applied: tuple[tuple[str, int], ...] = ()  # state: the latest (trainer, step) pairs applied
     tensors: tuple[torch.Tensor, ...] = field(default=())
-    digest: bytes = b""  # commit: the step's summed gradients' digest, for the trainer to sign (proofs.py)
+    digest: bytes = b""  # commit: the step's summed gradients' digest, for the trainer to sign (proofs.py);
+    # weights: the digest of the stage's parameters (agreement.py)
+    history: bytes = b""  # state, weights: the hash chain of the updates behind this version (agreement.py)
 
     def encode(self) -> bytes:
         wire = {name: getattr(self, name) for name in _REPLY_TYPES if name != "tensors"}
@@ -191,8 +195,8 @@ class StageReply:
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in applied
         ):
             raise StageMessageError(f"reply.applied must hold at most {MAX_APPLIED} [trainer, step] pairs")
-        if len(wire["digest"]) not in (0, 32):
-            raise StageMessageError("reply.digest must be empty or 32 bytes")
+        if len(wire["digest"]) not in (0, 32) or len(wire["history"]) not in (0, 32):
+            raise StageMessageError("reply.digest and reply.history must be empty or 32 bytes")
         return cls(
             ok=wire["ok"],
             reason=wire["reason"],
@@ -202,6 +206,7 @@ class StageReply:
             applied=tuple((p[0], p[1]) for p in applied),
             tensors=tuple(decode_tensor(t) for t in wire["tensors"]),
             digest=wire["digest"],
+            history=wire["history"],
         )
 
 

@@ -15,8 +15,10 @@ them in its signed record (role ``server``), and answers stage calls (node/shard
   the other servers of the stage (``replicate``), which check it and apply them once too. A
   repeated commit answers ``ok`` without applying again; so a trainer may retry a step on any
   replica and it is applied exactly once.
-- state: parameters, Adam moments, averaging anchor, version and recently applied pairs, for a
-  joining replica, a resync and trainers' spot-checks.
+- state: parameters, Adam moments, averaging anchor, version, recently applied pairs and the
+  updates' history, for a joining replica, a resync and trainers' spot-checks.
+- weights: the stage's version, history and weights digest, which trainers compare across the
+  stage's replicas (node/sharding/agreement.py).
 
 Every ``sharding.average_period`` seconds the servers of a stage average it and leave with the
 same bits and version (node/sharding/averaging.py); trainer calls meanwhile are refused with
@@ -200,7 +202,7 @@ class StageServer:
             try:
                 reply = self.rpc.run(self.call(donor, StageRequest("state", stage)))
                 if reply.ok:
-                    hosted.load_state(reply.tensors, reply.version, reply.applied)
+                    hosted.load_state(reply.tensors, reply.version, reply.applied, reply.history)
                     logger.info(f"stage {stage}: loaded version {reply.version} from {donor[:16]}")
                     break
             except Exception as e:
@@ -281,6 +283,7 @@ class StageServer:
             "commit": self._commit,
             "replicate": self._replicate,
             "state": self._state,
+            "weights": self._weights,
         }
         return await methods[request.method](request, hosted)
 
@@ -358,8 +361,18 @@ class StageServer:
         return StageReply(ok=True, version=hosted.version)
 
     async def _state(self, request: StageRequest, hosted: HostedStage) -> StageReply:
-        state = await self.in_compute(lambda: [t.detach().cpu().clone() for t in hosted.state()])
-        return StageReply(ok=True, version=hosted.version, applied=tuple(hosted.applied), tensors=tuple(state))
+        def snapshot() -> StageReply:  # on the compute thread: the tensors, version and history of one moment
+            state = tuple(t.detach().cpu().clone() for t in hosted.state())
+            applied = tuple(hosted.applied)
+            return StageReply(ok=True, version=hosted.version, applied=applied, tensors=state, history=hosted.history)
+
+        reply: StageReply = await self.in_compute(snapshot)
+        return reply
+
+    async def _weights(self, request: StageRequest, hosted: HostedStage) -> StageReply:
+        """The stage's version, history and weights digest, taken together on the compute thread."""
+        report = await self.in_compute(hosted.weights_report)
+        return StageReply(ok=True, version=report.version, load=self.load, digest=report.digest, history=report.history)
 
     def _hidden_states(self, request: StageRequest, count: int) -> tuple[torch.Tensor, ...]:
         """The request's ``count`` hidden-state tensors, checked against the model, on this server's device."""
