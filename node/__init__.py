@@ -3,8 +3,11 @@ cli -> training / sharding -> aggregation -> secagg -> config -> dht.
 
 config (config.py): every configuration section ([run.*], [serve]) as validated dataclasses
 class NodeRuntime (runtime.py): the node's life in the swarm: identity, DHT, heartbeat, signed record, close()
-class GPT (model.py): the run's small byte-level GPT
-class ByteBatches (data.py): random windows over local bytes; load_corpus, byte_histogram, generate_corpus
+class GPT (model.py): the run's small byte-level GPT; build_run_model builds either model family
+class HFCausalLM (model_hf.py): a transformers causal LM behind GPT's call signature (family "hf")
+ModelConfig (model_config.py): [run.model]; model_files.py checks and digests an "hf" run's local files
+class TokenBatches (data.py): random windows of token ids (ByteBatches: of bytes); load_corpus, generate_corpus
+class RunTokenizer (tokens.py): bytes or a local tokenizer.json -> token ids
 data_sketch (sketch.py): the data sketch in a PeerRecord (hashed byte n-gram frequencies)
 probe_capacity (capacity.py): device, memory and measured samples/s at enrollment
 class WireMeter (wire_meter.py): bytes the node puts on the wire, from the kernel's TCP counters

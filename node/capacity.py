@@ -11,7 +11,7 @@ import torch
 
 from dht import Capacity
 from node.config import ModelConfig
-from node.model import GPT
+from node.model import build_run_model
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ def device_name(device: torch.device) -> str:
 
 def measure_throughput(config: ModelConfig, batch_size: int, device: torch.device, steps: int = 3) -> float:
     """Samples per second of forward+backward on the run's model (after one warm-up step)."""
-    model = GPT(config).to(device)
-    tokens = torch.randint(0, config.vocab_size, (batch_size, config.context), device=device)
+    model = build_run_model(config, seed=0, load_weights=False).to(device)  # the speed of its shape, any weights
+    tokens = torch.randint(0, _shape(config)[3], (batch_size, config.context), device=device)
     elapsed = 0.0
     for step in range(steps + 1):
         start = time.perf_counter()
@@ -91,8 +91,19 @@ def probe_capacity(
 def activation_bytes(config: ModelConfig, batch_size: int) -> int:
     """Rough training memory of one step's activations (float32): per token and layer about 34 d_model
     values plus 5 n_head * context for attention (the usual transformer estimate), plus the logits."""
-    per_layer = 34 * config.d_model + 5 * config.n_head * config.context
-    return 4 * batch_size * config.context * (config.n_layer * per_layer + 2 * config.vocab_size)
+    n_layer, d_model, n_head, vocab = _shape(config)
+    per_layer = 34 * d_model + 5 * n_head * config.context
+    return 4 * batch_size * config.context * (n_layer * per_layer + 2 * vocab)
+
+
+def _shape(config: ModelConfig) -> tuple[int, int, int, int]:
+    """(layers, width, heads, vocabulary) of the run's model; an "hf" model's from its config.json."""
+    if config.family != "hf":
+        return config.n_layer, config.d_model, config.n_head, config.vocab_size
+    from node.model_hf import load_hf_config
+
+    hf = load_hf_config(config.hf_config)
+    return hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.vocab_size
 
 
 def fit_batch_size(config: ModelConfig, batch_size: int, device: torch.device) -> int:

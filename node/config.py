@@ -11,6 +11,7 @@
     [run.compression] CompressionConfig
     [run.sharding]    ShardingConfig
     [run.cohorts]     CohortConfig
+    [run.lora]        LoraConfig (node/model_config.py)
     [swarm]           dht.SwarmConfig
     [serve]           ServeConfig (``zen-node serve``)
     [node]            NodeConfig's own fields (data, identity, workdir, ...)

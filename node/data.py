@@ -1,7 +1,8 @@
-"""Local data: byte-level tokens from a text file or a folder of .txt/.jsonl files.
+"""Local data: a text file or a folder of .txt/.jsonl files, cut into windows of token ids.
 
 Nothing is downloaded. Every trainer (TrainingNode, ShardedTrainer) cuts its bytes the same
-way (``split_corpus``: 90% train, the rest held out) and orders its batches by ``batch_seed``.
+way (``split_corpus``: 90% train, the rest held out) and orders its batches by ``batch_seed``;
+``TokenBatches`` draws windows of token ids (bytes, ``ByteBatches``, or a tokenizer's: node/tokens.py).
 The data sketch published in a PeerRecord is computed by node/sketch.py (hashed byte n-gram
 frequencies); ``byte_histogram`` is the older, coarser one.
 """
@@ -72,20 +73,21 @@ def _jsonl_text(raw: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-class ByteBatches:
-    """Random windows of ``context + 1`` bytes from a corpus, from a seeded generator.
+class TokenBatches:
+    """Random windows of ``context + 1`` token ids from a 1-D tensor of ids, from a seeded generator.
 
     Args:
-        corpus: the bytes to sample from (must be longer than ``context``).
+        tokens: the token ids to sample from (more than ``context + 1`` of them): bytes as ids 0-255,
+            or a tokenizer's ids (node/tokens.py).
         context: tokens per sequence.
         batch_size: sequences per batch.
         seed: seeds the window positions, so a restarted node can replay its stream.
     """
 
-    def __init__(self, corpus: bytes, context: int, batch_size: int, seed: int):
-        if len(corpus) <= context + 1:
-            raise DataError(f"data has {len(corpus)} bytes; a run with context {context} needs more than {context + 1}")
-        self.data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8)
+    def __init__(self, tokens: torch.Tensor, context: int, batch_size: int, seed: int):
+        if len(tokens) <= context + 1:
+            raise DataError(f"data has {len(tokens)} tokens; a run with context {context} needs over {context + 1}")
+        self.data = tokens
         self.context, self.batch_size = context, batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -95,11 +97,29 @@ class ByteBatches:
         window = self.data[starts[:, None] + offsets].long()
         return window[:, :-1], window[:, 1:]
 
+    def take(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next ``count`` batches (a fixed held-out set)."""
+        return [self.next() for _ in range(count)]
+
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
 
     def restore(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+
+
+class ByteBatches(TokenBatches):
+    """``TokenBatches`` over a corpus's bytes (token id = byte value): the built-in GPT's tokens.
+
+    Args:
+        corpus: the bytes to sample from (must be longer than ``context + 1``).
+        context, batch_size, seed: as for ``TokenBatches``.
+    """
+
+    def __init__(self, corpus: bytes, context: int, batch_size: int, seed: int):
+        if len(corpus) <= context + 1:
+            raise DataError(f"data has {len(corpus)} bytes; a run with context {context} needs more than {context + 1}")
+        super().__init__(torch.frombuffer(bytearray(corpus), dtype=torch.uint8), context, batch_size, seed)
 
 
 def split_corpus(corpus: bytes, context: int) -> tuple[bytes, bytes]:

@@ -1,4 +1,4 @@
-"""A small GPT over bytes (nanoGPT's shape), identical on every peer of a run."""
+"""A small GPT over bytes (nanoGPT's shape), identical on every peer; ``build_run_model``: either model family."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.config import ModelConfig
+from node.model_config import LoraConfig
 
 
 class Block(nn.Module):
@@ -73,3 +74,16 @@ def build_model(config: ModelConfig, seed: int) -> GPT:
         return GPT(config)
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+def build_run_model(
+    config: ModelConfig, seed: int, load_weights: bool = True, lora: LoraConfig | None = None
+) -> nn.Module:
+    """The run's model of either family, called ``model(tokens, targets=None)``: the built-in GPT, or a
+    transformers causal LM behind the same signature (node/model_hf.py; ``load_weights``: its base weights;
+    ``lora``: adapters on it, then the only parameters)."""
+    if config.family == "hf":
+        from node.model_hf import build_hf_model
+
+        return build_hf_model(config, seed, load_weights, lora)
+    return build_model(config, seed)

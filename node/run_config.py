@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args
 
 import msgpack
 
+from node.model_config import LoraConfig, ModelConfig
+
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the field and the fix."""
@@ -35,27 +37,6 @@ def _require(ok: bool, message: str) -> None:
 def _require_choice(value: object, choices: Any, name: str) -> None:
     allowed = get_args(choices)
     _require(value in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-@dataclass
-class ModelConfig:
-    """A small GPT over bytes; identical on every peer of a run."""
-
-    vocab_size: int = 256  # byte-level tokens
-    n_layer: int = 2  # transformer blocks
-    n_head: int = 2  # attention heads per block
-    d_model: int = 64  # width
-    context: int = 64  # tokens per training sequence
-
-    def __post_init__(self) -> None:
-        _require(self.vocab_size == 256, f"model.vocab_size must be 256 (bytes), got {self.vocab_size}")
-        _require(1 <= self.n_layer <= 96, f"model.n_layer must be in [1, 96], got {self.n_layer}")
-        _require(self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}")
-        _require(
-            self.d_model >= 8 and self.d_model % self.n_head == 0,
-            f"model.d_model must be >= 8 and divisible by n_head={self.n_head}, got {self.d_model}",
-        )
-        _require(8 <= self.context <= 8192, f"model.context must be in [8, 8192], got {self.context}")
 
 
 @dataclass
@@ -355,8 +336,13 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     cohorts: CohortConfig = field(default_factory=CohortConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            not self.lora.active or self.model.family == "hf",
+            'lora needs model.family = "hf" (adapters on a transformers base); set lora.r = 0 for the built-in GPT',
+        )
         _require(
             not self.compression.active or self.aggregation.mode == "secure",
             "compression works inside the secure ring; set aggregation.mode = 'secure' or compression.bits = 32 "
@@ -366,6 +352,15 @@ class RunConfig:
             self.sharding.stages == 0 or self.sharding.local_blocks + self.sharding.stages <= self.model.n_layer,
             f"sharding needs local_blocks + stages <= model.n_layer ({self.sharding.local_blocks} + "
             f"{self.sharding.stages} > {self.model.n_layer}); lower sharding.stages",
+        )
+        _require(
+            self.model.family == "zen-gpt" or self.sharding.stages == 0,
+            'sharding cuts the built-in GPT\'s blocks only; set sharding.stages = 0 or model.family = "zen-gpt"',
+        )
+        # DP-SGD's records are byte windows and its per-example gradients are checked for the built-in GPT only
+        _require(
+            self.model.family == "zen-gpt" or not self.privacy.enabled or self.privacy.level == "user",
+            'record-level DP (DP-SGD) supports model.family = "zen-gpt" only; use privacy.level = "user" with "hf"',
         )
         _require(
             not self.privacy.enabled or self.aggregation.mode == "secure",
@@ -399,11 +394,19 @@ class RunConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, local model paths included (a checkpoint's record of its run)."""
         return dataclasses.asdict(self)
 
+    def shared_dict(self) -> dict[str, Any]:
+        """What every peer must agree on: ``to_dict`` without this node's model paths (``ModelConfig.shared_dict``)."""
+        shared = {**self.to_dict(), "model": self.model.shared_dict()}
+        if not self.lora.active:
+            del shared["lora"]  # a run without adapters keeps the hash it had before LoRA existed
+        return shared
+
     def to_bytes(self) -> bytes:
-        """Canonical encoding (sorted keys), for the PeerRecord and the hash."""
-        return msgpack.packb(json.loads(json.dumps(self.to_dict(), sort_keys=True)), use_bin_type=True)
+        """Canonical encoding of ``shared_dict`` (sorted keys), for the PeerRecord and the hash."""
+        return msgpack.packb(json.loads(json.dumps(self.shared_dict(), sort_keys=True)), use_bin_type=True)
 
     def digest(self) -> str:
         return hashlib.blake2b(self.to_bytes(), digest_size=16).hexdigest()
@@ -417,6 +420,7 @@ _SECTIONS: dict[str, type] = {
     "compression": CompressionConfig,
     "sharding": ShardingConfig,
     "cohorts": CohortConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -452,5 +456,5 @@ def describe_difference(mine: RunConfig, theirs: dict[str, Any]) -> str:
         elif a != b:
             diffs.append(f"{prefix}: ours {a!r}, theirs {b!r}")
 
-    walk(mine.to_dict(), theirs, "")
+    walk(mine.shared_dict(), theirs, "")
     return "; ".join(diffs[:8]) if diffs else "the encodings differ (software version?)"

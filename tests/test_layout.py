@@ -24,8 +24,13 @@ LAYER_RANK = {
     "dht": 0,
     "node._version": 0,
     "node.run_config": 1,
+    "node.model_files": 1,  # the "hf" family's files and digests, checked as the run config loads
+    "node.model_config": 1,  # [run.model], part of the run config
     "node.config": 2,
     "node.model": 3,
+    "node.model_hf": 3,
+    "node.model_lora": 3,
+    "node.tokens": 3,
     "node.data": 3,
     "node.sketch": 3,
     "node.wire_meter": 3,

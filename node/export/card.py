@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.config import RunConfig
+from node.config import ModelConfig, RunConfig
 from node.training.report import REPORT_FILE
 
 logger = logging.getLogger(__name__)
@@ -144,17 +144,16 @@ def model_card(summary: RunSummary) -> str:
         "---\nlibrary_name: transformers\npipeline_tag: text-generation\n"
         "tags:\n- zen-federation\n- federated-learning\n- byte-level\n---\n",
         f"# {run.run_id}\n",
-        "A byte-level GPT trained peer-to-peer by a Zen Federation swarm (DiLoCo rounds over hivemind/libp2p), "
-        "exported as a GPT-2 model: tokens are bytes (token id = byte value, vocabulary 256).\n",
+        _description(model),
         "| | |\n|---|---|",
         f"| run id | `{run.run_id}` |",
         f"| run hash | `{summary.run_hash}` |",
         f"| outer rounds | {summary.round} |",
-        f"| shape | {model.n_layer} layers, width {model.d_model}, {model.n_head} heads |",
-        f"| context | {model.context} bytes |",
+        f"| shape | {_shape(model)} |",
+        f"| context | {model.context} {_unit(model)} |",
         f"| parameters | {summary.parameters:,} |",
         f"| aggregation | {run.aggregation.mode} |",
-        f"| samples (this node's) | {summary.samples:,} sequences of {model.context} bytes |",
+        f"| samples (this node's) | {summary.samples:,} sequences of {model.context} {_unit(model)} |",
         f"| exported by | {_exporter(summary)} |\n",
         *_loss_section(summary),
         *_privacy_section(summary),
@@ -170,6 +169,28 @@ def model_card(summary: RunSummary) -> str:
         f"```json\n{json.dumps(run.to_dict(), indent=2, sort_keys=True)}\n```\n",
     ]
     return "\n".join(parts)
+
+
+def _description(model: ModelConfig) -> str:
+    swarm = "trained peer-to-peer by a Zen Federation swarm (DiLoCo rounds over hivemind/libp2p)"
+    if model.family != "hf":
+        return (
+            f"A byte-level GPT {swarm}, exported as a GPT-2 model: tokens are bytes (token id = byte value, "
+            "vocabulary 256).\n"
+        )
+    tokens = "its own tokenizer (`tokenizer.json`)" if model.tokenizer else "bytes (token id = byte value)"
+    return f"A transformers causal LM {swarm}, exported as it trained; tokens: {tokens}.\n"
+
+
+def _shape(model: ModelConfig) -> str:
+    if model.family != "hf":
+        return f"{model.n_layer} layers, width {model.d_model}, {model.n_head} heads"
+    base = f"base weights `{model.weights_digest}`" if model.weights_digest else "seeded init"
+    return f"`config.json` `{model.config_digest}` ({base})"
+
+
+def _unit(model: ModelConfig) -> str:
+    return "tokens" if model.family == "hf" and model.tokenizer else "bytes"
 
 
 def _loss_section(summary: RunSummary) -> list[str]:

@@ -2,15 +2,15 @@
 
     zen-node export --workdir ~/.zen/work --out ./zen-model --display-name "Ada's laptop"
 
-The folder holds ``config.json`` and ``generation_config.json`` (GPT-2), ``model.safetensors``,
-the byte tokenizer (``tokenizer.json``, ``tokenizer_config.json``), ``README.md`` (the model
-card), ``loss.png`` when matplotlib is installed and the report has a loss curve, and
-``zen_run.json`` (run id, run hash, round, exporting PeerID, run config: for tools, not for
-transformers). It is written next to ``--out`` under a temporary name and renamed into place
-at the end, so an interrupted export leaves no half folder, and nothing in ``--workdir`` is
-written. The run config comes from the checkpoint (written by every trainer since
-checkpoints became safetensors) or from ``--config``; either way its hash must be the
-checkpoint's.
+The folder holds ``config.json`` and ``generation_config.json`` (GPT-2, or with ``family = "hf"``
+the run's own architecture: export/hf.py), ``model.safetensors``, the tokenizer (``tokenizer.json``,
+``tokenizer_config.json``: bytes, or the run's own), ``README.md`` (the model card), ``loss.png``
+when matplotlib is installed and the report has a loss curve, and ``zen_run.json`` (run id, run
+hash, round, exporting PeerID, run config: for tools, not for transformers). It is written next
+to ``--out`` under a temporary name and renamed into place at the end, so an interrupted export
+leaves no half folder, and nothing in ``--workdir`` is written. The run config comes from the
+checkpoint (written by every trainer since checkpoints became safetensors) or from ``--config``;
+either way its hash must be the checkpoint's.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from transformers.utils import logging as transformers_logging
 from node.config import ConfigError, RunConfig, load_node_config, run_config_from_dict
 from node.export.card import LOSS_PLOT_FILE, RunSummary, model_card, plot_losses, summarize_run
 from node.export.gpt2 import byte_tokenizer, to_gpt2
-from node.model import GPT, build_model
+from node.export.hf import write_hf_model
+from node.model import GPT, build_run_model
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -127,9 +128,10 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"the parent folder of --out {out} does not exist; create it or choose another --out")
 
 
-def _model_from(checkpoint: Checkpoint, run: RunConfig) -> GPT:
-    """The run's GPT with the checkpoint's global parameters."""
-    model = build_model(run.model, run.train.seed)
+def _model_from(checkpoint: Checkpoint, run: RunConfig) -> torch.nn.Module:
+    """The run's model (either family) with the checkpoint's global parameters."""
+    # every parameter is overwritten; with LoRA the parameters are the adapters and the base is read
+    model = build_run_model(run.model, run.train.seed, load_weights=run.lora.active, lora=run.lora)
     params = list(model.parameters())
     shapes = [tuple(p.shape) for p in params]
     if [tuple(t.shape) for t in checkpoint.global_params] != shapes:
@@ -143,10 +145,14 @@ def _model_from(checkpoint: Checkpoint, run: RunConfig) -> GPT:
     return model.eval()
 
 
-def _write_folder(folder: Path, model: GPT, summary: RunSummary) -> None:
+def _write_folder(folder: Path, model: torch.nn.Module, summary: RunSummary) -> None:
     transformers_logging.disable_progress_bar()
-    to_gpt2(model).save_pretrained(folder)
-    byte_tokenizer(model.config.context).save_pretrained(folder)
+    context = summary.run.model.context
+    if isinstance(model, GPT):
+        to_gpt2(model).save_pretrained(folder)
+        byte_tokenizer(context).save_pretrained(folder)
+    else:
+        write_hf_model(folder, model, summary.run.model)
     if plot_losses(summary.losses, folder / LOSS_PLOT_FILE, f"{summary.run.run_id}: held-out loss"):
         summary.loss_plot = LOSS_PLOT_FILE
     (folder / "README.md").write_text(model_card(summary))

@@ -19,14 +19,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from node.config import TrainConfig
-from node.data import ByteBatches
+from node.data import TokenBatches
 from node.training.schedule import InnerSchedule
 
 
 def inner_phase(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: ByteBatches,
+    batches: TokenBatches,
     device: torch.device,
     train: TrainConfig,
     stop_event: threading.Event,
@@ -66,7 +66,7 @@ def inner_phase(
 
 
 def plain_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: ByteBatches, device: torch.device
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: TokenBatches, device: torch.device
 ) -> float:
     """One AdamW step on the next batch; returns its loss."""
     tokens, targets = batches.next()

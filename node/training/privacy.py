@@ -36,7 +36,7 @@ import torch
 
 from node.aggregation.secure import MAX_SECURE_GROUP, ring_bound
 from node.config import ConfigError, NodeConfig, RunConfig
-from node.model import build_model
+from node.model import build_run_model
 from node.secagg.fixed_point import FixedPointCodec
 from node.secagg.privacy import (
     NoiseShare,
@@ -125,7 +125,7 @@ def check_privacy(run: RunConfig) -> None:
     privacy = run.privacy
     if not privacy.enabled or privacy.level != "user":
         return
-    dimension = sum(p.numel() for p in build_model(run.model, run.train.seed).parameters())
+    dimension = sum(p.numel() for p in build_run_model(run.model, run.train.seed, False, run.lora).parameters())
     check_user_population(run, dimension, user_noise_multiplier(privacy))
 
 

@@ -36,10 +36,11 @@ from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import HierarchicalAggregator, ParameterPartition, partition_parameters
 from node.capacity import fit_batch_size, pick_device, probe_capacity
 from node.config import NodeConfig
-from node.data import ByteBatches, DataError, batch_seed, load_corpus, split_corpus
-from node.model import build_model
+from node.data import DataError, TokenBatches, batch_seed, load_corpus, split_corpus
+from node.model import build_run_model
 from node.runtime import NodeRuntime
 from node.sketch import data_sketch
+from node.tokens import RunTokenizer
 from node.training.admission import ConfigMismatchError, refuse_mismatched
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, save_round_params
 from node.training.gate import LossGate
@@ -89,7 +90,7 @@ class TrainingNode:
         self.sketch: list[float]  # the data sketch in our record
         self.device: torch.device
         self.batch_size: int  # sequences per inner step (fitted to the device)
-        self.batches: ByteBatches
+        self.batches: TokenBatches  # windows of the run's token ids (node/tokens.py)
         self.eval_set: list[tuple[torch.Tensor, torch.Tensor]]  # held-out batches
         self.model: torch.nn.Module  # the local model (inner AdamW steps)
         self.inner_opt: torch.optim.Optimizer
@@ -126,7 +127,7 @@ class TrainingNode:
         self.runtime = NodeRuntime.create(self.config)
         self.identity = self.runtime.identity
         corpus = load_corpus(self.config.data)
-        train_bytes, eval_bytes = split_corpus(corpus, self.run.model.context)
+        train_bytes, eval_bytes = split_corpus(corpus, context := self.run.model.context)
         self.sketch = data_sketch(corpus, noise=self.run.cohorts.sketch_noise)
         self.device = pick_device(self.config.device)
         train = self.run.train
@@ -138,11 +139,10 @@ class TrainingNode:
             self.run.min_memory_gb,
             allow_low_memory=self.config.allow_low_memory,
         )
-        seed = batch_seed(train.seed, train_bytes)
-        self.batches = ByteBatches(train_bytes, self.run.model.context, self.batch_size, seed=seed)
-        evaluation = ByteBatches(eval_bytes, self.run.model.context, train.batch_size, seed=1234)
-        self.eval_set = [evaluation.next() for _ in range(EVAL_BATCHES)]
-        self.model = build_model(self.run.model, train.seed).to(self.device)
+        train_ids, eval_ids = RunTokenizer.for_model(self.run.model).split(train_bytes, eval_bytes, context)
+        self.batches = TokenBatches(train_ids, context, self.batch_size, seed=batch_seed(train.seed, train_bytes))
+        self.eval_set = TokenBatches(eval_ids, context, train.batch_size, seed=1234).take(EVAL_BATCHES)
+        self.model = build_run_model(self.run.model, train.seed, lora=self.run.lora).to(self.device)
         self.outer = OuterState(self.model, train)
         if self.run.cohorts.enabled:
             self.partition = partition_parameters([name for name, _ in self.model.named_parameters()], self.run.cohorts)
