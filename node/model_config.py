@@ -20,14 +20,16 @@ MODEL_PATH_FIELDS = ("hf_config", "tokenizer", "weights")  # a node's own paths:
 MODEL_DIGEST_FIELDS = ("config_digest", "tokenizer_digest", "weights_digest")  # their content: in the hash
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """A config check: raise ``ValueError(message)`` unless ``ok`` (build_section turns it into a ConfigError)."""
     if not ok:
         raise ValueError(message)
 
 
-def _require_choice(value: object, choices: Any, name: str) -> None:
+def require_choice(value: object, choices: Any, name: str) -> None:
+    """A config check: ``value`` is one of the ``Literal`` ``choices``, else a ValueError naming ``name``."""
     allowed = get_args(choices)
-    _require(value in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    require(value in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclass
@@ -55,30 +57,30 @@ class ModelConfig:
     weights_digest: str = ""
 
     def __post_init__(self) -> None:
-        _require_choice(self.family, ModelFamily, "model.family")
-        _require(8 <= self.context <= 8192, f"model.context must be in [8, 8192], got {self.context}")
-        _require(
+        require_choice(self.family, ModelFamily, "model.family")
+        require(8 <= self.context <= 8192, f"model.context must be in [8, 8192], got {self.context}")
+        require(
             all(isinstance(getattr(self, name), str) for name in (*MODEL_PATH_FIELDS, *MODEL_DIGEST_FIELDS)),
             "model.hf_config, tokenizer, weights and their digests must be strings",
         )
         if self.family == "hf":
             self._digest_files()
             return
-        _require(
+        require(
             not any(getattr(self, name) for name in (*MODEL_PATH_FIELDS, *MODEL_DIGEST_FIELDS)),
             "model.hf_config, tokenizer and weights need model.family = 'hf' (the built-in GPT is byte-level)",
         )
-        _require(self.vocab_size == 256, f"model.vocab_size must be 256 (bytes), got {self.vocab_size}")
-        _require(1 <= self.n_layer <= 96, f"model.n_layer must be in [1, 96], got {self.n_layer}")
-        _require(self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}")
-        _require(
+        require(self.vocab_size == 256, f"model.vocab_size must be 256 (bytes), got {self.vocab_size}")
+        require(1 <= self.n_layer <= 96, f"model.n_layer must be in [1, 96], got {self.n_layer}")
+        require(self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}")
+        require(
             self.d_model >= 8 and self.d_model % self.n_head == 0,
             f"model.d_model must be >= 8 and divisible by n_head={self.n_head}, got {self.d_model}",
         )
 
     def _digest_files(self) -> None:
         """Family "hf": check the local files and fill in (or check pinned) content digests."""
-        _require(
+        require(
             bool(self.hf_config),
             'model.family = "hf" needs model.hf_config, the local path of the model\'s config.json',
         )
@@ -89,7 +91,7 @@ class ModelConfig:
             ("weights_digest", digests.weights),
         ):
             pinned = getattr(self, name)
-            _require(
+            require(
                 not pinned or pinned == value,
                 f"model.{name} of the run is {pinned} but this node's file gives {value or 'none'}; "
                 "use the run's files or drop the pinned digest",
@@ -121,13 +123,13 @@ class LoraConfig:
     # default for the model type
 
     def __post_init__(self) -> None:
-        _require(0 <= self.r <= 1024, f"lora.r must be in [0, 1024] (0 = no adapters), got {self.r}")
-        _require(
+        require(0 <= self.r <= 1024, f"lora.r must be in [0, 1024] (0 = no adapters), got {self.r}")
+        require(
             isinstance(self.alpha, int) and 1 <= self.alpha <= 10_000,
             f"lora.alpha must be an integer in [1, 10000], got {self.alpha!r}",
         )
-        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
-        _require(
+        require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        require(
             isinstance(self.target_modules, list)
             and len(self.target_modules) <= MAX_TARGET_MODULES
             and all(isinstance(m, str) and 0 < len(m) <= 128 for m in self.target_modules),

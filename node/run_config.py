@@ -13,11 +13,13 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import msgpack
 
 from node.model_config import LoraConfig, ModelConfig
+from node.model_config import require as _require
+from node.model_config import require_choice as _require_choice
 
 
 class ConfigError(ValueError):
@@ -27,16 +29,6 @@ class ConfigError(ValueError):
 AggregationMode = Literal["secure", "plain"]  # masked all-reduce, or hivemind's float averager
 CompressionBits = Literal[4, 8, 16, 32]  # bits per value in the secure ring; 32 = no quantization
 LrSchedule = Literal["constant", "cosine"]  # the inner learning rate over the run's inner steps (after warmup)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _require_choice(value: object, choices: Any, name: str) -> None:
-    allowed = get_args(choices)
-    _require(value in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclass
