@@ -57,10 +57,7 @@ def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path,
         tmp_path / "run.toml",
         run_id="overlap",
         train={"inner_steps": 100000, "round_seconds": round_seconds, "overlap": True},
-        # gate off: this overlapped setup's honest means raise the held-out loss round after round
-        # (measured 4.93 -> 5.66 -> 6.60 -> 9.37, up to +42% a round; the gate's default stops at +50%
-        # and rejected one in a CI run); what is pinned here is timing, not learning
-        aggregation={"matchmaking_time": 1.0, "timeout": 30.0, "gate_tolerance": 0.0},
+        aggregation={"matchmaking_time": 1.0, "timeout": 30.0},
         compression={"bits": 8, "fraction": 0.5},
     )
     corpus = generate_corpus(3 * 20_000, seed=11)

@@ -97,3 +97,18 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, b
         assert trained[-1]["eval_loss"] < reports[0]["eval_loss"] - 0.1, reports
         assert "rejected the group's mean" in node.output()
         assert "Traceback" not in node.output()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, 0.5),
+        ({"run.train.overlap": True}, 0.0),
+        ({"run.privacy.enabled": True, "run.privacy.level": "user", "run.privacy.noise_multiplier": 1.0}, 0.0),
+        ({"run.privacy.enabled": True, "run.privacy.target_epsilon": 8.0}, 0.5),
+    ],
+)
+def test_the_gate_is_off_where_honest_means_raise_the_loss(overrides: dict[str, object], expected: float) -> None:
+    """On by default and with record-level DP; off in the overlapped loop and with user-level DP."""
+    run = load_node_config(None, overrides).run
+    assert LossGate.for_run(run, lambda: 1.0).tolerance == expected
