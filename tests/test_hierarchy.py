@@ -18,6 +18,7 @@ from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import (
     HierarchicalAggregator,
     ParameterPartition,
+    _moved,
     importance_weight,
     partition_parameters,
 )
@@ -340,24 +341,27 @@ def test_a_node_whose_records_move_it_reports_the_move_once(
         make=lambda *args, **kwargs: Idle(),
     )  # fmt: skip
 
+    moves: list[bool] = []  # moved() after every placement, as the trainer asks it after each prepare_round
+
     def placed_with(member: str) -> Cohort | None:
         cohort = node.place()
+        moves.append(node.moved())
         return cohort if cohort is not None and len(cohort) == 4 and member in cohort.members else None
 
     try:
         first = wait_until(lambda: placed_with(peers[1].identity.peer_id), 30.0, "peer 0 placed with peers 1-3")
-        stayed = node.moved()
+        before = list(moves)
 
         # Execute
         publish(0, sketches[5])  # peer 0's data now looks like the other cohort's
         wait_until(lambda: placed_with(peers[5].identity.peer_id), 30.0, "peer 0 placed with peers 4-6")
-        moved, again = node.moved(), node.moved()
+        again = node.moved()
     finally:
         node.shutdown()
 
     # Assert
-    assert first is not None and not stayed
-    assert moved and not again
+    assert first is not None and not any(before)
+    assert moves[len(before) :].count(True) == 1 and not again
     assert node.cohort_members is not None and set(node.cohort_members) == {
         p.identity.peer_id for p in (peers[0], *peers[4:])
     }
@@ -392,3 +396,11 @@ def test_a_joiner_downloads_only_from_the_donors_it_names(swarm_factory: Callabl
     # Assert
     assert torch.equal(anyone.tensors[0], states[0][0])
     assert torch.equal(limited.tensors[0], states[2][0])
+
+
+def test_a_move_is_a_change_of_company_even_when_the_cohort_id_stays() -> None:
+    """The smallest member of both cohorts keeps the id; it still moved if most of its co-members are new."""
+    old = Cohort(cohort_id="same", members=("a", "b", "c", "d"), distances=(0.0,) * 4)
+    joined = Cohort(cohort_id="same", members=("a", "b", "c", "d", "e"), distances=(0.0,) * 5)
+    moved = Cohort(cohort_id="same", members=("a", "x", "y", "z"), distances=(0.0,) * 4)
+    assert _moved("a", old, moved) and not _moved("a", old, joined) and not _moved("a", old, old)

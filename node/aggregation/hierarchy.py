@@ -88,6 +88,14 @@ def partition_parameters(names: Sequence[str], config: CohortConfig) -> Paramete
     return ParameterPartition(tuple(names), indices["global"], indices["cohort"], indices["local"])
 
 
+def _moved(peer_id: str, before: Cohort, now: Cohort) -> bool:
+    """Whether ``peer_id`` moved from ``before`` to another cohort: fewer than half of its co-members now were
+    with it before (a cohort's id follows its smallest PeerID, so a node that is the smallest member of both
+    keeps the id while its company changes entirely)."""
+    others = set(now.members) - {peer_id}
+    return 2 * len(others & set(before.members)) < len(others)
+
+
 def importance_weight(samples: float, cohort_size: int, alpha: float) -> float:
     """A member's weight in cross-cohort averaging: ``samples * cohort_size ** -alpha`` (module docstring)."""
     return float(samples) * max(1, cohort_size) ** -alpha
@@ -152,9 +160,9 @@ class HierarchicalAggregator(Aggregator):
         process only from the main thread), while no aggregation is in flight. Returns None until this
         node's own record is listed.
         """
-        before = self.cohort.cohort_id if self.cohort is not None else None
+        before = self.cohort
         self.cohort = self.matcher.cohort_of(self.peer_id, list_peers(self.dht, self.run_id), self.run_hash)
-        self._moved = before is not None and self.cohort is not None and self.cohort.cohort_id != before
+        self._moved = before is not None and self.cohort is not None and _moved(self.peer_id, before, self.cohort)
         wanted = self.cohort.cohort_id if self.cohort is not None and self._can_average(self.cohort) else None
         with self._lock:
             if self._cohort_aggregator is not None and self._cohort_aggregator[0] != wanted:
