@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PEERS ?= 3
 ROUNDS ?= 3
 
-.PHONY: install dev run test lint typecheck pytest clean
+.PHONY: install dev run test test-swarm lint typecheck pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,15 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
+# `make test`: lint, types and every test but the swarm tier (tests marked slow: each starts several
+# node processes and trains for tens of seconds). `make test-swarm` runs that tier; CI (.ci/run) runs both.
 pytest: dev
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
 
 test: lint typecheck pytest
+
+test-swarm: dev
+	$(BIN)/pytest -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-summary.json zen-demo

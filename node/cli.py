@@ -7,7 +7,7 @@
     zen-node export --workdir ~/.zen/work --out ./zen-model --display-name Ada
     zen-node generate --model ./zen-model --prompt "Once upon a time" --max-new-tokens 48
 
-Errors a user can fix (``USER_ERRORS``: a bad flag or config value, missing data, a machine too
+Errors a user can fix (``user_errors()``: a bad flag or config value, missing data, a machine too
 small, an unreachable swarm) print one line, ``zen-node: error: ...``, and exit with status 2.
 Anything else is a bug: it prints its traceback and exits with status 1. Each command validates
 its config and arguments before it creates any folder.
@@ -24,35 +24,32 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
-from hivemind.utils import get_dht_time
-
-from dht import IdentityError, SwarmError, list_peers, start_dht
-from dht.swarm import SwarmConfig
-from node.aggregation.hierarchy import cohort_matcher
-from node.capacity import CapacityError
 from node.config import ConfigError, NodeConfig, check_join, check_serve, load_node_config, parse_memory
-from node.data import DataError
-from node.sharding.client import StageUnavailableError
-from node.sharding.server import StageServer
-from node.sharding.trainer import ShardedTrainer, StepReport
-from node.training.privacy import check_privacy
-from node.training.trainer import ConfigMismatchError, RoundReport, TrainingNode
+
+if TYPE_CHECKING:
+    from node.sharding.trainer import StepReport
+    from node.training.trainer import RoundReport
 
 logger = logging.getLogger(__name__)
 
-# What a user can fix; config ValueErrors become ConfigError where the config is built (node.config).
-USER_ERRORS = (
-    ConfigError,
-    IdentityError,
-    DataError,
-    CapacityError,
-    SwarmError,
-    ConfigMismatchError,
-    StageUnavailableError,
-)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a user can fix; config ValueErrors become ConfigError where the config is built (node.config).
+
+    Imported here, not at the top: ``--help`` and a bad flag or config value answer before torch and
+    hivemind load (seconds on a small machine); a command that raised the others has loaded them already.
+    """
+    from dht import IdentityError, SwarmError
+    from node.capacity import CapacityError
+    from node.data import DataError
+    from node.sharding.client import StageUnavailableError
+    from node.training.trainer import ConfigMismatchError
+
+    return ConfigError, IdentityError, DataError, CapacityError, SwarmError, ConfigMismatchError, StageUnavailableError
+
+
 EXIT_USER_ERROR = 2  # as argparse exits on a bad flag
 EXIT_INTERNAL_ERROR = 1  # a bug: the traceback is printed
 EXAMPLE_PEER = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWExample"
@@ -226,6 +223,8 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 
 def _exit_hard() -> None:
+    import psutil
+
     logger.error(f"shutdown took over {SHUTDOWN_GRACE_SECONDS:.0f}s; exiting now")
     for child in psutil.Process().children(recursive=True):
         child.kill()
@@ -257,6 +256,10 @@ def _print_step(report: StepReport) -> None:
 def cmd_join(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_join(config)
+    from node.sharding.trainer import ShardedTrainer  # here, after the config's checks (user_errors)
+    from node.training.privacy import check_privacy
+    from node.training.trainer import TrainingNode
+
     check_privacy(config.run)  # the user-level population floor: refused before any folder exists
     stop = threading.Event()
     _install_signal_handlers(stop)
@@ -278,6 +281,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_serve(config)
+    from node.sharding.server import StageServer  # here, after the config's checks (user_errors)
+
     stop = threading.Event()
     _install_signal_handlers(stop)
     server = StageServer(config, config.serve, stop_event=stop)
@@ -296,6 +301,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    from hivemind.utils import get_dht_time  # here, after the config's checks (user_errors)
+
+    from dht import list_peers, start_dht
+    from dht.swarm import SwarmConfig
+    from node.aggregation.hierarchy import cohort_matcher
+
     swarm = SwarmConfig(**{**vars(config.swarm), "client_mode": True})
     dht = start_dht(swarm, None, [config.run.run_id])
     try:
@@ -395,12 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as e:
-        print(f"zen-node: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
-    except Exception:
+    except Exception as e:
+        if isinstance(e, ConfigError) or isinstance(e, user_errors()):
+            print(f"zen-node: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return EXIT_USER_ERROR
         traceback.print_exc()
         print("zen-node: internal error (a bug, not your input); please report the traceback above", file=sys.stderr)
         return EXIT_INTERNAL_ERROR

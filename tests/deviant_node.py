@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node import cli
+from node.training import trainer
 from node.training.trainer import TrainingNode
 
 logger = logging.getLogger("deviant_node")
@@ -70,7 +71,7 @@ DEVIATIONS: dict[str, type[TrainingNode]] = {"poison-mean": MeanPoisoner, "poiso
 
 def main() -> int:
     """Run ``zen-node`` with the TrainingNode of ``sys.argv[1]``'s deviation."""
-    cli.TrainingNode = DEVIATIONS[sys.argv[1]]  # type: ignore[misc]
+    trainer.TrainingNode = DEVIATIONS[sys.argv[1]]  # type: ignore[misc]  # cmd_join imports it when it runs
     return cli.main(sys.argv[2:])
 
 

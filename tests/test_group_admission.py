@@ -42,7 +42,7 @@ def test_a_peer_outside_the_allowlist_never_enters_a_group(swarm_factory: Callab
     ]
     outcomes: list[list[AggregationResult | None]] = []
     try:
-        for round_no in range(2):
+        for round_no in range(4):  # until 2 rounds formed: a loaded machine may miss one matchmaking window
             updates = [[torch.full((50,), float(i) / 10)] for i in range(4)]
             results: list[AggregationResult | None] = [None] * 4
 
@@ -57,12 +57,16 @@ def test_a_peer_outside_the_allowlist_never_enters_a_group(swarm_factory: Callab
             outcomes.append(results)
             if results[3] is None:
                 assert torch.equal(updates[3][0], torch.full((50,), 0.3))  # the outsider's tensors are untouched
+            if sum(all(r is not None for r in rows[:3]) for rows in outcomes) == 2:
+                break
     finally:
         for aggregator in aggregators:
             aggregator.shutdown()
 
     outsider = str(peers[3].dht.peer_id)
+    formed = [results for results in outcomes if all(r is not None for r in results[:3])]
+    assert len(formed) == 2, outcomes
     for results in outcomes:
         assert results[3] is None, f"the outsider got into a group: {results[3]}"
         for result in results[:3]:
-            assert result is not None and result.group_size == 3 and outsider not in result.peers
+            assert result is None or (result.group_size == 3 and outsider not in result.peers), result

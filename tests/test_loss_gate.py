@@ -89,6 +89,7 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, b
 
     # Assert
     assert codes == [0, 0], [node.tail() for node in honest]
+    assert "deviant: sending" in poisoner.output(), poisoner.tail()  # the attack ran (not an honest node)
     for node in honest:
         reports = node.reports()
         trained = [r for r in reports if r["mode"] not in ("initial", "loaded")]

@@ -112,7 +112,7 @@ def test_sharded_training_matches_unsharded_loss_curve(tmp_path: Path) -> None:
 def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> None:
     """Stage 1's server in use is SIGKILLed mid-run: the trainer reroutes to the replica; every step applies once."""
     # Prepare
-    config = write_run_config(tmp_path / "run.toml", train={"inner_steps": 100}, **SHARDED_RUN)
+    config = write_run_config(tmp_path / "run.toml", train={"inner_steps": 40}, **SHARDED_RUN)
     corpus = generate_corpus(30_000, seed=12)
     processes: list[NodeProcess] = []
     try:
@@ -139,15 +139,15 @@ def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> Non
 
         # Assert
         assert code == 0, trainer.output()[-3000:]
-        assert 10 <= killed_at < 200
+        assert 10 <= killed_at < 80
         steps = trainer.reports()
-        assert [r["step"] for r in steps] == list(range(1, 201))
-        assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 201)]
+        assert [r["step"] for r in steps] == list(range(1, 81))
+        assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 81)]
         assert steps[-1]["failovers"] >= 1
         assert all(
             not r["servers"][1] or not victim.peer_id.startswith(r["servers"][1]) for r in steps[killed_at + 1 :]
         )
-        reference = unsharded_losses(load_node_config(str(config)).run, corpus, 200)
+        reference = unsharded_losses(load_node_config(str(config)).run, corpus, 80)
         assert relative_gap([r["loss"] for r in steps], reference) <= LOSS_TOLERANCE
     finally:
         for process in processes:
@@ -501,7 +501,7 @@ def test_periodic_averaging_while_two_trainers_train_leaves_replicas_identical(t
             thread.join(timeout=120)
         quiet = max(s.averager.rounds for s in servers) + 2  # a whole round that began after the last step
         assert all(s.averager.wait_for_rounds(quiet, timeout=60) for s in servers)
-        for extra in (1, 2):  # a quiet round that failed on a loaded machine is mended by the next (resync)
+        for extra in range(1, 5):  # a quiet round that failed on a loaded machine is mended by the next (resync)
             if len({s.hosted[0].version for s in servers}) == 1:
                 break
             assert all(s.averager.wait_for_rounds(quiet + extra, timeout=60) for s in servers)

@@ -20,10 +20,10 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
     """3 nodes keep identical global params each round and lower the loss; a 4th joins late and matches."""
     # Prepare
     # matchmaking every round (group_rounds 1) paces the rounds so that the swarm is still training
-    # when the late joiner arrives; kept groups would finish the 8 rounds before it has started
+    # when the late joiner arrives; kept groups would finish the 6 rounds before it has started
     config = write_run_config(tmp_path / "run.toml", train={"inner_steps": 24}, aggregation={"group_rounds": 1})
     corpus = generate_corpus(4 * 20_000, seed=3)
-    nodes = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 3, "--rounds", "8", "--min-peers", "3")
+    nodes = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 3, "--rounds", "6", "--min-peers", "3")
     late = mismatched = None
     try:
         # Execute
@@ -48,11 +48,11 @@ def test_three_nodes_stay_in_sync_and_a_late_joiner_loads_the_state(tmp_path: Pa
 
         # Assert
         assert codes == [0, 0, 0], [node.output()[-2000:] for node in nodes]
-        for round_no in range(1, 9):
+        for round_no in range(1, 7):
             assert max_divergence([node.params(round_no) for node in nodes]) <= 1e-6
         for node in nodes:
             reports = node.reports()
-            assert reports[-1]["round"] == 8
+            assert reports[-1]["round"] == 6
             assert reports[-1]["eval_loss"] < reports[0]["eval_loss"]
             assert all(r["mode"] == "group" and r["group_size"] >= 3 for r in reports[1:])
         assert late_code == 0, late.output()[-2000:]
