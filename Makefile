@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PEERS ?= 3
 ROUNDS ?= 3
 
-.PHONY: install dev run test test-swarm lint typecheck pytest clean
+.PHONY: install dev browser run test test-swarm lint typecheck pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,15 @@ typecheck: dev
 
 # `make test`: lint, types and every test but the swarm tier (tests marked slow: each starts several
 # node processes and trains for tens of seconds). `make test-swarm` runs that tier; CI (.ci/run) runs both.
-pytest: dev
+pytest: dev browser
 	$(BIN)/pytest -m "not slow"
+
+# The dashboard test loads the page in headless Chromium: Debian's package where apt-get and root are at
+# hand; elsewhere that one test is skipped (it says so in pytest's summary).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the dashboard's browser test will be skipped"
 
 test: lint typecheck pytest
 

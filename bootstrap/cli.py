@@ -13,6 +13,7 @@ stderr)::
     peer_id: 12D3KooW...
     /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...       (one line per multiaddr, each starting with /)
     health: http://0.0.0.0:8080/healthz
+    dashboard: http://0.0.0.0:8080/       (also /api/swarm as JSON and /metrics for Prometheus)
     join: zen-node join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...
     ready
 
@@ -113,7 +114,8 @@ def _add_health_flags(parser: argparse.ArgumentParser, defaults: BootstrapConfig
         type=int,
         default=defaults.http_port,
         metavar="PORT",
-        help="port of the health endpoint GET /healthz, e.g. 8080 (0 picks a free port)",
+        help="port of the HTTP endpoints (GET /healthz, the dashboard at /, /api/swarm, /metrics), "
+        "e.g. 8080 (0 picks a free port)",
     )
 
 
@@ -126,7 +128,8 @@ def _add_monitor_flags(parser: argparse.ArgumentParser, defaults: BootstrapConfi
         nargs="+",
         default=[],
         metavar="ID",
-        help="runs whose signed peer records are tracked and logged (repeatable), e.g. zen-shakespeare",
+        help="runs whose signed peer records are tracked, logged and shown on the dashboard (repeatable; the "
+        "first is shown by default; none: every run found in this peer's DHT storage), e.g. zen-shakespeare",
     )
     parser.add_argument(
         "--poll-period",
@@ -182,6 +185,7 @@ def ready_lines(peer: BootstrapPeer) -> list[str]:
         f"peer_id: {peer.peer_id}",
         *peer.maddrs,
         f"health: {peer.health_url}",
+        f"dashboard: {peer.dashboard_url}",
         f"join: zen-node join --initial-peers {peer.join_maddr}",
         "ready",
     ]

@@ -13,9 +13,11 @@ What makes a hivemind DHT peer a good bootstrap peer, and how this module gets e
   and does nothing, so it is not passed. go-libp2p starts the relay service only once the peer
   believes it is publicly reachable (AutoNAT, which needs a few peers to dial back); a host known
   to be public can say so at once with ``force_reachability="public"``.
-- A view of the swarm. A poller thread asks p2pd for its open connections and, for each run id,
-  reads the run's signed peer records; :class:`~bootstrap.monitor.SwarmMonitor` logs the changes
-  and :meth:`BootstrapPeer.health` reports them to the HTTP endpoint.
+- A view of the swarm. A poller thread asks p2pd for its open connections and, for each run id
+  (``--run-id``, else the runs found in its own DHT storage: bootstrap/discovery.py), reads the run's
+  signed peer records; :class:`~bootstrap.monitor.SwarmMonitor` logs the changes,
+  :meth:`BootstrapPeer.health` reports them at ``/healthz``, and :class:`~bootstrap.swarm_api.SwarmBoard`
+  keeps them for the dashboard (``/``, ``/api/swarm``) and ``/metrics`` (bootstrap/dashboard.py).
 
 A bootstrap peer publishes no record of its own and trains nothing; it imports ``dht`` only.
 """
@@ -31,14 +33,20 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import hivemind
 from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
 
+from bootstrap.dashboard import dashboard_routes
+from bootstrap.discovery import rejections, stored_runs
 from bootstrap.health import HealthServer
+from bootstrap.metrics import BootstrapMetrics, MetricsSnapshot
 from bootstrap.monitor import SwarmMonitor
+from bootstrap.swarm_api import MAX_RUNS, SwarmBoard
 from dht import IdentityError, NodeIdentity, SwarmConfig, SwarmError, check_multiaddr, list_peers, start_dht
 
 logger = logging.getLogger(__name__)
@@ -109,6 +117,11 @@ class BootstrapPeer:
         self.config = config
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         self.monitor = SwarmMonitor(config.run_ids)
+        self.board = SwarmBoard()  # verified records and round histories, for the dashboard
+        self.metrics = BootstrapMetrics(self.metrics_snapshot)
+        self._rejected: dict[str, int] = {}  # the DHT process's validator refusals, as of the last poll
+        self._polls = 0  # looks at the swarm so far
+        self._dht_requests = 0  # DHT calls the poller made so far
         self.identity: NodeIdentity | None = None
         self.dht: hivemind.DHT | None = None
         self.maddrs: list[str] = []  # our full multiaddrs, each ending in /p2p/<PeerID>
@@ -146,6 +159,11 @@ class BootstrapPeer:
         if self._health is None:
             raise RuntimeError("the bootstrap peer is not started")
         return self._health.url
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard page, e.g. ``http://127.0.0.1:8080/`` (``/api/swarm`` and ``/metrics`` beside it)."""
+        return self.health_url.removesuffix("healthz")
 
     @property
     def join_maddr(self) -> str:
@@ -191,7 +209,8 @@ class BootstrapPeer:
         try:
             # Bound after the DHT process is forked, so that process never holds a copy of the socket
             # (a copy would keep the port taken for as long as that process lives).
-            self._health = HealthServer(config.http_host, config.http_port, self.health)
+            routes = dashboard_routes(self.board, self.metrics, config.run_ids, get_dht_time)
+            self._health = HealthServer(config.http_host, config.http_port, self.health, routes)
         except OSError as e:
             where = f"{config.http_host}:{config.http_port}"
             if e.errno == errno.EADDRINUSE:
@@ -225,8 +244,20 @@ class BootstrapPeer:
             "run_records": {run_id: len(peer_ids) for run_id, peer_ids in view.records.items()},
         }
 
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The figures ``/metrics`` reports (see bootstrap/metrics.py)."""
+        view = self.monitor.view()
+        return MetricsSnapshot(
+            peers_connected=len(view.connected),
+            peers_seen=view.seen,
+            run_peers=self.board.peer_counts(),
+            rejected=dict(self._rejected),
+            polls=self._polls,
+            dht_requests=self._dht_requests,
+        )
+
     def poll(self) -> None:
-        """Take one look at the swarm: connected peers, then each run's records.
+        """Take one look at the swarm: connected peers, the validator's refusals, then each run's records.
 
         Raises:
             BootstrapError: the DHT process died, or a call to it took over ``_RPC_TIMEOUT`` seconds.
@@ -237,14 +268,22 @@ class BootstrapPeer:
         if isinstance(connected, str):
             raise BootstrapError(f"p2pd did not list its connections: {connected}")
         self.monitor.update_connected(connected)
-        for run_id in self.config.run_ids:
+        self._rejected = self._result(self.dht.run_coroutine(rejections, return_future=True))
+        run_ids = list(self.config.run_ids)
+        if not run_ids:  # no --run-id: every run this peer stores a verified record of
+            found = self._result(self.dht.run_coroutine(partial(stored_runs, limit=MAX_RUNS), return_future=True))
+            run_ids = sorted(set(found) | set(self.board.runs()))  # known runs are read until they empty
+        for run_id in run_ids:
             records = list_peers(cast(hivemind.DHT, _BoundedDHT(self)), run_id)
             self.monitor.update_records(run_id, [record.peer_id for record in records])
+            self.board.update(run_id, records)
+        self._polls += 1
 
     def _result(self, future: Future[_T]) -> _T:
         # hivemind's futures never resolve if the DHT process dies mid-call: wait in short slices,
         # giving up when that process is gone, when we are asked to stop, or after _RPC_TIMEOUT.
         assert self.dht is not None
+        self._dht_requests += 1
         deadline = time.monotonic() + _RPC_TIMEOUT
         while True:
             try:

@@ -5,6 +5,7 @@ class PeerRecord, Capacity (records.py): a node's signed self-description, msgpa
 class CohortMatcher, Cohort (cohorts.py): peers with similar data, by a deterministic rule over the records;
     adjusted_rand_index
 class BanRecord (bans.py): a trainer's signed claim that a stage server cheated; publish_ban, list_bans
+class LedgerSummary (ledger.py): a node's signed running total of what it gave a run; publish_summary, list_summaries
 class PeerRecordValidator (validator.py): hivemind validator that drops forged, stale or malformed records
 class SwarmConfig (config.py): join options, loaded without hivemind; check_multiaddr
 class Heartbeat (swarm.py): keep a node's record fresh
@@ -26,6 +27,8 @@ _EXPORTS = {
     "CohortMatcher": "cohorts",
     "Heartbeat": "swarm",
     "IdentityError": "identity",
+    "LedgerError": "ledger",
+    "LedgerSummary": "ledger",
     "NodeIdentity": "identity",
     "PeerRecord": "records",
     "PeerRecordValidator": "validator",
@@ -38,11 +41,13 @@ _EXPORTS = {
     "encode_sketch": "records",
     "list_bans": "bans",
     "list_peers": "swarm",
+    "list_summaries": "ledger",
     "peer_id_from_public_key": "identity",
     "peers_key": "validator",
     "public_key_from_peer_id": "identity",
     "publish_ban": "bans",
     "publish_record": "swarm",
+    "publish_summary": "ledger",
     "start_dht": "swarm",
 }
 __all__ = [
@@ -55,6 +60,8 @@ __all__ = [
     "CohortMatcher",
     "Heartbeat",
     "IdentityError",
+    "LedgerError",
+    "LedgerSummary",
     "NodeIdentity",
     "PeerRecord",
     "PeerRecordValidator",
@@ -67,11 +74,13 @@ __all__ = [
     "encode_sketch",
     "list_bans",
     "list_peers",
+    "list_summaries",
     "peer_id_from_public_key",
     "peers_key",
     "public_key_from_peer_id",
     "publish_ban",
     "publish_record",
+    "publish_summary",
     "start_dht",
 ]
 
@@ -80,6 +89,7 @@ if TYPE_CHECKING:
     from dht.cohorts import Cohort, CohortMatcher, adjusted_rand_index
     from dht.config import SwarmConfig, SwarmError, check_multiaddr
     from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
+    from dht.ledger import LedgerError, LedgerSummary, list_summaries, publish_summary
     from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
     from dht.swarm import Heartbeat, connect_to_peers, list_peers, publish_record, start_dht
     from dht.validator import MAX_TTL, PeerRecordValidator, peers_key

@@ -76,6 +76,8 @@ class PeerRecord:
     stages: tuple[int, ...] = field(
         default=()
     )  # pipeline stages this server hosts (node/sharding/stages.py); () if none
+    eval_loss: float = -1.0  # held-out loss after ``round`` (the dashboard's chart); -1 if none
+    round_bytes: int = 0  # bytes this node sent during ``round`` (the dashboard's chart); 0 if none
 
     def sketch_vector(self) -> list[float]:
         return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))
@@ -138,10 +140,10 @@ def _to_wire(record: PeerRecord) -> dict[str, Any]:
     wire["maddrs"] = list(record.maddrs)
     # Optional fields leave the wire when they hold their default, so a record without them
     # is byte-for-byte what older nodes sign and accept.
-    for name in _OPTIONAL_FIELDS:
-        if not wire[name]:
+    for name, default in _OPTIONAL_FIELDS.items():
+        if wire[name] == default:
             del wire[name]
-        else:
+        elif isinstance(default, tuple):
             wire[name] = list(wire[name])
     return wire
 
@@ -171,8 +173,11 @@ _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "ttl": (int, float),
     "epsilon": (int, float),
     "stages": list,
+    "eval_loss": (int, float),
+    "round_bytes": int,
 }
-_OPTIONAL_FIELDS = ("stages",)  # may be absent on the wire (then their default)
+# Fields that may be absent on the wire (then their default), and their defaults.
+_OPTIONAL_FIELDS: dict[str, Any] = {"stages": (), "eval_loss": -1.0, "round_bytes": 0}
 
 
 def _check_types(
@@ -190,7 +195,7 @@ def _check_types(
 
 
 def _from_wire(wire: Any) -> PeerRecord:
-    _check_types(wire, _RECORD_TYPES, "record", _OPTIONAL_FIELDS)
+    _check_types(wire, _RECORD_TYPES, "record", tuple(_OPTIONAL_FIELDS))
     _check_types(wire["capacity"], _CAPACITY_TYPES, "capacity")
     if not all(isinstance(item, str) for item in wire["roles"] + wire["maddrs"]):
         raise RecordError("roles and maddrs must be lists of strings")
@@ -220,6 +225,10 @@ def _check_fields(record: PeerRecord) -> None:
         raise RecordError("record.state_digest must be empty or 16 bytes")
     if not (record.epsilon == -1 or (math.isfinite(record.epsilon) and 0 <= record.epsilon <= 1e6)):
         raise RecordError("record.epsilon must be -1 (no differential privacy) or in [0, 1e6]")
+    if not (record.eval_loss == -1 or (math.isfinite(record.eval_loss) and 0 <= record.eval_loss <= 1e6)):
+        raise RecordError("record.eval_loss must be -1 (none yet) or in [0, 1e6]")
+    if not 0 <= record.round_bytes <= MAX_UINT64:
+        raise RecordError("record.round_bytes must be a non-negative 64-bit integer")
     if not record.roles or not set(record.roles) <= ROLES or len(set(record.roles)) != len(record.roles):
         raise RecordError(f"record.roles must be distinct names from {sorted(ROLES)}")
     if record.capacity.device_kind not in DEVICE_KINDS:

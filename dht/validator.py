@@ -13,6 +13,10 @@ record that claimed to live for a year would pin stale data and shadow every ref
 Ban records (dht/bans.py) are checked the same way: strictly under a known run's bans key, and
 wherever a value carries the ban tag. A ban may not be stored to live past its own signed ttl
 (at most ``MAX_BAN_TTL``), so no reporter can ban a server for longer than that.
+
+Ledger summaries (dht/ledger.py) likewise: strictly under a known run's ledger key, and wherever a
+value carries the ledger tag; their subkey is a PeerID string, so they are told apart from peer
+records before the peer-record rules apply.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
 from dht.bans import BAN_TAG, BanError, bans_key, check_stored_ban
+from dht.ledger import LEDGER_TAG, LedgerError, check_stored_summary, ledger_key
 from dht.records import MAX_RECORD_BYTES, RECORD_TAG, PeerRecord, RecordError
 from dht.wire import WireError, unpack_bounded
 
@@ -52,7 +57,9 @@ class PeerRecordValidator(RecordValidatorBase):
         run_ids = list(run_ids)
         self._strict_keys = {DHTID.generate(source=peers_key(run_id)).to_bytes() for run_id in run_ids}
         self._ban_keys = {DHTID.generate(source=bans_key(run_id)).to_bytes() for run_id in run_ids}
+        self._ledger_keys = {DHTID.generate(source=ledger_key(run_id)).to_bytes() for run_id in run_ids}
         self.rejected = 0  # records rejected so far, for monitoring
+        self.rejected_by_reason: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)  # the same, by reason
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key in self._ban_keys or BAN_TAG.encode() in record.value[:64]:
@@ -60,9 +67,11 @@ class PeerRecordValidator(RecordValidatorBase):
                 check_stored_ban(_loads_bounded(record.subkey), _loads_bounded(record.value), record.expiration_time)
                 return True
             except (BanError, RecordError) as e:
-                self.rejected += 1
+                self._count("ban")
                 logger.warning(f"rejected a ban record: {e}")
                 return False
+        if record.key in self._ledger_keys or LEDGER_TAG.encode() in record.value[:64]:
+            return self._check_summary(record)
         strict = record.key in self._strict_keys or _names_a_peer(record.subkey)
         if not strict and RECORD_TAG.encode() not in record.value[:64]:
             return True  # not ours: hivemind's own records (matchmaking, state sharing)
@@ -70,9 +79,13 @@ class PeerRecordValidator(RecordValidatorBase):
             self.check(record)
             return True
         except RecordError as e:
-            self.rejected += 1
+            self._count(rejection_reason(str(e)))
             logger.warning(f"rejected a peer record: {e}")
             return False
+
+    def _count(self, reason: str) -> None:
+        self.rejected += 1
+        self.rejected_by_reason[reason] += 1
 
     def check(self, record: DHTRecord, now: float | None = None) -> PeerRecord:
         """Return the peer record inside a DHT record, or raise :class:`RecordError` saying why not."""
@@ -98,12 +111,43 @@ class PeerRecordValidator(RecordValidatorBase):
             raise RecordError(f"expiration is {record.expiration_time - now:.0f}s in the future")
         return peer_record
 
+    def _check_summary(self, record: DHTRecord) -> bool:
+        try:
+            value = _loads_bounded(record.value)
+            check_stored_summary(record.key, _loads_bounded(record.subkey), value, record.expiration_time)
+            return True
+        except (LedgerError, RecordError) as e:
+            self._count(rejection_reason(str(e)))
+            logger.warning(f"rejected a ledger summary: {e}")
+            return False
+
     def merge_with(self, other: RecordValidatorBase) -> bool:
         if not isinstance(other, PeerRecordValidator):
             return False
         self._strict_keys |= other._strict_keys
         self._ban_keys |= other._ban_keys
+        self._ledger_keys |= other._ledger_keys
         return True
+
+
+def rejection_reason(message: str) -> str:
+    """The bounded label (one of ``REJECTION_REASONS``) of a :class:`RecordError` message, for metrics."""
+    for reason, words in _REASON_WORDS:
+        if any(word in message for word in words):
+            return reason
+    return "malformed"
+
+
+REJECTION_REASONS = ("signature", "binding", "subkey", "expired", "future", "expiration", "size", "ban", "malformed")
+_REASON_WORDS = (
+    ("signature", ("signature does not verify", "signed by the identity")),
+    ("binding", ("not bound to the PeerID",)),
+    ("subkey", ("subkey does not match",)),
+    ("expired", ("expired",)),
+    ("expiration", ("expiration is",)),
+    ("future", ("in the future",)),
+    ("size", ("-byte limit", "too long", "over ")),
+)
 
 
 def _names_a_peer(subkey: bytes) -> bool:

@@ -6,6 +6,7 @@
     zen-node serve --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --config run.toml --max-memory 20GB
     zen-node export --workdir ~/.zen/work --out ./zen-model --display-name Ada
     zen-node generate --model ./zen-model --prompt "Once upon a time" --max-new-tokens 48
+    zen-node ledger --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --config run.toml --csv
 
 Errors a user can fix (``user_errors()``: a bad flag or config value, missing data, a machine too
 small, an unreachable swarm) print one line, ``zen-node: error: ...``, and exit with status 2.
@@ -16,6 +17,7 @@ its config and arguments before it creates any folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -99,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--min-peers", type=int, default=None, help="wait for this many trainers before training, e.g. 3")
     join.add_argument("--save-round-params", action="store_true", default=None, help="keep each round's global params")
     join.add_argument(
+        "--metrics-port",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve this trainer's Prometheus metrics at http://HOST:PORT/metrics (unsharded runs; host 127.0.0.1 "
+        "unless given), e.g. 9100",
+    )
+    join.add_argument(
+        "--display-name", default=None, help="this node's name in the run's ledger and model cards, e.g. 'Ada'"
+    )
+    join.add_argument(
         "--epsilon-budget",
         type=float,
         default=None,
@@ -138,7 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with differential privacy at this epsilon over the demo's rounds (0: off), e.g. 8",
     )
     _add_export_commands(commands)
+    _add_ledger_command(commands)
     return parser
+
+
+def _add_ledger_command(commands: Any) -> None:
+    ledger = commands.add_parser("ledger", help="list a run's contributors from the signed contribution ledger")
+    _add_swarm_flags(ledger)
+    output = ledger.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per contributor, e.g. --json")
+    output.add_argument("--csv", action="store_true", help="CSV with a header line, e.g. --csv")
 
 
 def _add_export_commands(commands: Any) -> None:
@@ -168,7 +189,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         ConfigError: a bad file, flag or value (the message names the field and the fix).
     """
     overrides = _overrides(args)
-    if args.command == "status":
+    if args.command in ("status", "ledger"):
         # status always dials out only (cmd_status), whatever the flag or file says; the config's check of
         # client mode against secure aggregation is for trainers.
         overrides["swarm.client_mode"] = False
@@ -192,6 +213,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "min_peers": "node.min_peers",
         "save_round_params": "node.save_round_params",
         "epsilon_budget": "node.epsilon_budget",
+        "display_name": "node.display_name",
         "stages": "serve.stages",
     }
     values = {key: getattr(args, name) for name, key in mapping.items() if getattr(args, name, None) is not None}
@@ -264,10 +286,11 @@ def cmd_join(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
     node: TrainingNode | ShardedTrainer
+    cleanup = contextlib.ExitStack()  # the progress bar and metrics endpoint, ended after the node
     if config.run.sharding.stages:
         node = ShardedTrainer(config, stop_event=stop, on_step=_print_step)
     else:
-        node = TrainingNode(config, stop_event=stop, on_round=_print_progress)
+        node = TrainingNode(config, stop_event=stop, on_round=_round_display(args.metrics_port, config.rounds, cleanup))
     try:
         node.prepare()
         node.join()
@@ -275,7 +298,28 @@ def cmd_join(args: argparse.Namespace) -> int:
         node.run_forever()
     finally:
         node.close()
+        cleanup.close()
     return 0
+
+
+def _round_display(metrics_port: str | None, rounds: int, cleanup: contextlib.ExitStack) -> Callable[..., None]:
+    """The trainer's on_round: the progress line (a live bar on a terminal) and, with a port, the metrics."""
+    from node.metrics import start_node_metrics
+    from node.progress import RoundProgress
+
+    metrics = start_node_metrics(metrics_port)
+    if metrics is not None:
+        cleanup.callback(metrics.stop)
+        print(f"metrics: {metrics.url}", flush=True)
+    progress = RoundProgress(_print_progress, rounds).start()
+    cleanup.callback(progress.close)
+
+    def on_round(report: RoundReport) -> None:
+        progress(report)
+        if metrics is not None:
+            metrics.observe(report)
+
+    return on_round
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -356,6 +400,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from node.ledger.listing import format_rows, read_run_ledger  # here, after the config's checks (user_errors)
+
+    rows = read_run_ledger(config.swarm, config.run)
+    print(format_rows(rows, config.run.run_id, "json" if args.json else "csv" if args.csv else "text"), end="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo  # here: it loads torch, which no other command needs
 
@@ -394,6 +447,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "export": cmd_export,
     "generate": cmd_generate,
+    "ledger": cmd_ledger,
 }
 
 

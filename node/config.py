@@ -149,6 +149,7 @@ class NodeConfig:
     epsilon_budget: float = 0.0  # this node's privacy budget if lower than run.privacy.target_epsilon; 0 = the run's
     heartbeat_period: float = 5.0  # seconds between record refreshes
     record_ttl: float = 20.0  # seconds a record lives; a dead node leaves the listing within this
+    display_name: str = ""  # a name this node opts into for the ledger and model cards ("": its PeerID)
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, f"node.rounds must be >= 0, got {self.rounds}")
@@ -157,6 +158,10 @@ class NodeConfig:
             f"node.epsilon_budget must be >= 0, got {self.epsilon_budget}",
         )
         _require(1 <= self.min_peers <= 1024, f"node.min_peers must be in [1, 1024], got {self.min_peers}")
+        _require(
+            len(self.display_name) <= 64 and self.display_name.isprintable(),
+            f"node.display_name must be at most 64 printable characters, got {self.display_name!r}",
+        )
         _require(
             0 < self.heartbeat_period < self.record_ttl <= 60,
             "node.heartbeat_period must be > 0 and < node.record_ttl <= 60",

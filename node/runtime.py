@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -81,6 +82,8 @@ class NodeRuntime:
         self.maddrs: tuple[str, ...] = ()  # visible multiaddrs, published in the record
         self.heartbeat: Heartbeat | None = None
         self._describe: RecordFields | None = None
+        self._last_round: dict[str, Any] = {}  # eval_loss and round_bytes of the last round (note_round)
+        self._bytes_at_last_round = 0  # the wire meter's total when the last round was noted
         # components that need the DHT, stopped by close() before it (last adopted first)
         self._adopted: list[tuple[str, Callable[[], None]]] = []
         self._closed = False
@@ -134,7 +137,19 @@ class NodeRuntime:
 
     def _current_record(self) -> bytes:
         assert self._describe is not None
-        return self.record(**self._describe())
+        return self.record(**{**self._describe(), **self._last_round})
+
+    def note_round(self, eval_loss: float, bytes_sent: int) -> None:
+        """Carry a finished round's held-out loss and the bytes sent during it in the next records.
+
+        Args:
+            eval_loss: held-out loss after the round (a non-finite one is left out).
+            bytes_sent: everything sent so far (the wire meter's total); the record carries the round's share.
+        """
+        round_bytes = max(0, bytes_sent - self._bytes_at_last_round)
+        self._bytes_at_last_round = max(self._bytes_at_last_round, bytes_sent)
+        loss = eval_loss if math.isfinite(eval_loss) and 0 <= eval_loss <= 1e6 else -1.0
+        self._last_round = {"eval_loss": float(loss), "round_bytes": min(round_bytes, 2**64 - 1)}
 
     def beat(self) -> bool:
         """Publish the record now (after a round, a move); False when not announced or no peer stored it."""

@@ -338,12 +338,12 @@ def test_healthz_reports_identity_peers_and_addresses(running: tuple[BootstrapPr
 
 
 def test_unknown_path_is_404(running: tuple[BootstrapProcess, Ready]) -> None:
-    """Only /healthz is served; any other path is a JSON 404."""
+    """A path the peer does not serve (beside /healthz, the dashboard, /api/swarm, /metrics) is a JSON 404."""
     # Prepare
     _, ready = running
 
     # Execute
-    status, body = _get(ready.health_url.replace("/healthz", "/metrics"))
+    status, body = _get(ready.health_url.replace("/healthz", "/no-such-page"))
 
     # Assert
     assert status == 404

@@ -21,8 +21,10 @@ from node.config import ConfigError
 EXPECTED_FLAGS = {
     "join": [
         "--allow-low-memory", "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--data",
-        "--device", "--epsilon-budget", "--help", "--host-maddrs", "--identity", "--initial-peers", "--log-level",
-        "--min-peers", "--no-relay", "--resume", "--rounds", "--run-id", "--save-round-params", "--workdir",
+        "--device", "--display-name", "--epsilon-budget", "--help", "--host-maddrs", "--identity", "--initial-peers",
+        "--log-level",
+        "--metrics-port", "--min-peers", "--no-relay", "--resume", "--rounds", "--run-id", "--save-round-params",
+        "--workdir",
     ],
     "status": [
         "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--help", "--host-maddrs",
@@ -38,6 +40,10 @@ EXPECTED_FLAGS = {
     ],
     "export": ["--config", "--display-name", "--help", "--log-level", "--out", "--workdir"],
     "generate": ["--help", "--log-level", "--max-new-tokens", "--model", "--prompt", "--seed"],
+    "ledger": [
+        "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--csv", "--help", "--host-maddrs",
+        "--initial-peers", "--json", "--log-level", "--no-relay", "--run-id",
+    ],
 }  # fmt: skip
 
 

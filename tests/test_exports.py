@@ -18,6 +18,8 @@ DHT_EXPORTS = [
     "CohortMatcher",
     "Heartbeat",
     "IdentityError",
+    "LedgerError",
+    "LedgerSummary",
     "NodeIdentity",
     "PeerRecord",
     "PeerRecordValidator",
@@ -30,11 +32,13 @@ DHT_EXPORTS = [
     "encode_sketch",
     "list_bans",
     "list_peers",
+    "list_summaries",
     "peer_id_from_public_key",
     "peers_key",
     "public_key_from_peer_id",
     "publish_ban",
     "publish_record",
+    "publish_summary",
     "start_dht",
 ]
 

@@ -35,11 +35,14 @@ LAYER_RANK = {
     "node.sketch": 3,
     "node.wire_meter": 3,
     "node.runtime": 3,
+    "node.ledger": 3,  # receipts and contributor rows; the DHT summary is dht/ledger.py
     "node.capacity": 4,
     "node.secagg": 4,
     "node.aggregation": 5,
     "node.training": 6,
     "node.sharding": 7,  # its trainer writes the training report (node/training/report.py)
+    "node.metrics": 7,  # fed by the training report
+    "node.progress": 7,  # shows the training report
     "node.demo": 8,
     "node.export": 8,
     "node.generate": 8,

@@ -534,3 +534,70 @@ def test_junk_under_a_peer_id_subkey_is_rejected_by_a_run_agnostic_validator(ali
     # Assert
     assert not ok
     assert validator.rejected == 1
+
+
+# --- the dashboard's round fields (eval_loss, round_bytes) ------------------------------------------------
+
+
+def test_round_fields_roundtrip_and_stay_off_the_wire_at_their_defaults(
+    alice: NodeIdentity, record_factory: RecordFactory
+) -> None:
+    """eval_loss and round_bytes verify back; at their defaults the body holds neither (older nodes' form)."""
+    # Prepare
+    with_round = record_factory(alice, eval_loss=2.5, round_bytes=12345)
+    without = record_factory(alice)
+
+    # Execute
+    verified = PeerRecord.verify(with_round.sign(alice))
+    _, body, _ = msgpack.unpackb(without.sign(alice), raw=False)
+    old_body = msgpack.unpackb(body, raw=False)
+
+    # Assert
+    assert (verified.eval_loss, verified.round_bytes) == (2.5, 12345)
+    assert not {"eval_loss", "round_bytes", "stages"} & set(old_body)
+    assert PeerRecord.verify(without.sign(alice)) == without
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"eval_loss": float("nan")}, id="nan-loss"),
+        pytest.param({"eval_loss": -0.5}, id="negative-loss"),
+        pytest.param({"eval_loss": 1e7}, id="huge-loss"),
+        pytest.param({"round_bytes": -1}, id="negative-bytes"),
+        pytest.param({"round_bytes": 2**64}, id="bytes-over-64-bits"),
+    ],
+)
+def test_out_of_range_round_fields_are_refused(
+    alice: NodeIdentity, record_factory: RecordFactory, fields: dict[str, Any]
+) -> None:
+    """The round fields are bounded like the others: signing refuses them, and so does verification."""
+    # Prepare
+    record = record_factory(alice, **fields)
+    wire = {**_wire(record_factory(alice)), **fields}
+
+    # Execute / Assert
+    with pytest.raises(RecordError):
+        record.sign(alice)
+    if fields.get("round_bytes", 0) < 2**64:  # msgpack cannot even encode a larger integer
+        with pytest.raises(RecordError):
+            PeerRecord.verify(_envelope(wire, alice))
+
+
+def test_validator_counts_rejections_by_reason(
+    alice: NodeIdentity, bob: NodeIdentity, record_factory: RecordFactory
+) -> None:
+    """rejected_by_reason labels each refusal with a bounded reason (what the bootstrap's /metrics reports)."""
+    # Prepare
+    validator = PeerRecordValidator([RUN])
+    record = record_factory(alice)
+    forged = _dht_record(_forged_signature(alice, bob, record), alice.peer_id, record.timestamp + 10)
+    expired = _dht_record(record.sign(alice), alice.peer_id, get_dht_time() - 1)
+
+    # Execute
+    results = [validator.validate(forged), validator.validate(expired)]
+
+    # Assert
+    assert results == [False, False]
+    assert validator.rejected == 2
+    assert {k: v for k, v in validator.rejected_by_reason.items() if v} == {"signature": 1, "expired": 1}

@@ -7,6 +7,11 @@ group's peers (a ``peers`` list, which later versions may write). So the contrib
 counts, for each PeerID the reports name (this node's own always), the group rounds observed
 from this node's reports; peers that are not named are summed in one row. This is not the
 signed contribution ledger: the card says so.
+
+When the workdir holds the contribution ledger (node/ledger/: this node's signed receipts in
+``ledger.jsonl``, the run's signed summaries the trainer kept in ``ledger_summaries.json``), the
+contributors table is the ledger's instead: every contributor with its rounds, samples, compute
+seconds and shares, as ``zen-node ledger`` lists them; claims that do not verify are marked.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import json
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from node.config import ModelConfig, RunConfig
+from node.ledger.contributors import Claim, ContributorRow, claim_from_receipts, contributor_rows, read_summaries_cache
+from node.ledger.receipts import read_receipts
 from node.training.report import REPORT_FILE
 
 logger = logging.getLogger(__name__)
@@ -52,6 +59,7 @@ class RunSummary:
     losses: list[tuple[int, float]]  # (round, held-out loss) from the reports
     epsilon: float | None  # privacy this node has spent (the last report's), None without DP
     contributors: list[Contributor] = field(default_factory=list)
+    ledger: list[ContributorRow] | None = None  # the ledger's contributors, when the workdir holds a ledger
     loss_plot: str | None = None  # the PNG's file name in the export, when matplotlib drew it
 
 
@@ -111,7 +119,27 @@ def summarize_run(
         losses=losses,
         epsilon=epsilons[-1] if epsilons else None,
         contributors=contributors(reports, peer_id, display_name),
+        ledger=ledger_contributors(workdir, run_hash, peer_id, display_name),
     )
+
+
+def ledger_contributors(
+    workdir: Path, run_hash: str, peer_id: str, display_name: str | None
+) -> list[ContributorRow] | None:
+    """The ledger's rows: the run's summaries kept in ``workdir``, this node's own figures from its receipts
+    (fresher than its last summary); None when the workdir holds no ledger."""
+    kept = read_summaries_cache(workdir, run_hash)
+    receipts, failed = read_receipts(workdir, run_hash)
+    if not kept and not receipts and not failed:
+        return None
+    own: list[Claim] = []
+    if receipts or failed:
+        me = receipts[0].receipt.peer_id if receipts else peer_id
+        name = display_name or next((c.display_name for c in kept if c.peer_id == me and c.verified), "")
+        own = [replace(claim_from_receipts(me, receipts, failed), display_name=name)]
+    elif display_name:
+        kept = [replace(c, display_name=display_name) if c.peer_id == peer_id else c for c in kept]
+    return contributor_rows(own + kept)
 
 
 def plot_losses(losses: list[tuple[int, float]], path: Path, title: str) -> bool:
@@ -230,6 +258,8 @@ def _privacy_section(summary: RunSummary) -> list[str]:
 
 
 def _contributors_section(summary: RunSummary) -> list[str]:
+    if summary.ledger is not None:
+        return _ledger_section(summary.ledger)
     rows = [
         f"| {_cell(c.name)} | {'`' + c.peer_id + '`' if c.peer_id else '-'} | {c.group_rounds} | "
         f"{'-' if c.samples is None else f'{c.samples:,}'} |"
@@ -244,6 +274,34 @@ def _contributors_section(summary: RunSummary) -> list[str]:
         *rows,
         "",
     ]
+
+
+def _ledger_section(rows: list[ContributorRow]) -> list[str]:
+    lines = []
+    for row in rows:
+        name = _cell(row.display_name) if row.display_name else row.peer_id
+        figures = f"{_figure(row.rounds)} | {_figure(row.samples)} | {_figure(row.compute_seconds, ',.1f')}"
+        shares = f"{_percent(row.share_of_samples)} | {_percent(row.share_of_rounds)}"
+        verified = "yes" if row.verified else f"**no**: {_cell(row.note)}"
+        lines.append(f"| {name} | `{_cell(row.peer_id)}` | {figures} | {shares} | {verified} |")
+    return [
+        "## Contributors\n",
+        "From the signed contribution ledger: each node's receipts of the rounds it gave to a group and the "
+        "signed running summaries the run's nodes published (`zen-node ledger` lists the same). Shares are of "
+        "the verified contributors' samples and rounds; a claim that did not verify is marked and gets no share.\n",
+        "| contributor | PeerID | rounds | samples | compute seconds | share of samples | share of rounds | verified |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+        *lines,
+        "",
+    ]
+
+
+def _figure(value: float | None, spec: str = ",") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _exporter(summary: RunSummary) -> str:

@@ -10,4 +10,5 @@ class TrainerPrivacy, compression_bound (privacy.py): DP at the run's level (rec
 class DPSGDStep, RecordSampler, RecordAccountant (dpsgd.py): record-level DP-SGD on Poisson samples of text windows
 class ConfigMismatchError, refuse_mismatched (admission.py): a peer of the run with another config is refused
 class StateSharer, wait_for_peer_ahead (state_sharing.py): late joiners (and resyncs) download the state from peers
+class ContributionLedger (ledger.py): each group round's signed receipt (node/ledger/), the summary in the DHT
 """

@@ -2,19 +2,16 @@
 
 ``TrainingNode`` drives the loop; its parts live in their own modules:
 
-- inner.py: the inner AdamW steps and the held-out evaluation;
-- outer.py: the outer step and the staleness rule of the overlapped loop (the round, step by step);
+- inner.py: the inner AdamW steps and held-out evaluation; outer.py: the outer step and the staleness rule;
 - privacy.py: DP at the run's level, record (DP-SGD, dpsgd.py) or user (ring noise), and its budget;
 - checkpoint.py: ``<workdir>/checkpoint.safetensors`` after every round, read back by ``--resume``;
 - report.py: ``RoundOutcome`` and the ``RoundReport`` line each round appends to ``report.jsonl``;
-- gate.py: the held-out loss gate a group's mean passes before it is applied;
-- admission.py: a peer of the run with another config is refused (``ConfigMismatchError``);
-- node/runtime.py: identity, DHT peer, signed record and heartbeat (``NodeRuntime``);
-- node/aggregation/: the Aggregator that merges a round's update with a group.
+- ledger.py: the signed receipt of each round given to a group, and this node's ledger summary in the DHT;
+- gate.py: the held-out loss gate a group's mean passes; admission.py: another config's peers are refused;
+- node/runtime.py: identity, DHT peer, record and heartbeat; node/aggregation/: a round's merge with a group.
 
-With ``[run.cohorts]``, the Aggregator is a ``HierarchicalAggregator`` (node/aggregation/hierarchy.py): local
-parameters never leave (the state shared with joiners holds zeros for them), and joiners, movers and nodes
-that missed a round download from their own cohort's members only.
+With ``[run.cohorts]`` (a ``HierarchicalAggregator``, node/aggregation/hierarchy.py) local parameters never leave
+(joiners get zeros for them), and joiners, movers and nodes that missed a round download from their cohort only.
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ from node.training.admission import ConfigMismatchError, refuse_mismatched
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, save_round_params
 from node.training.gate import LossGate
 from node.training.inner import evaluate, inner_phase
+from node.training.ledger import ContributionLedger
 from node.training.outer import AggregationOutcome, InFlight, OuterState
 from node.training.privacy import TrainerPrivacy, compression_bound
 from node.training.report import REPORT_FILE, RoundOutcome, RoundReport, append_report
@@ -106,6 +104,7 @@ class TrainingNode:
         self.meter: WireMeter | None = None
         self.sharer: StateSharer | None = None
         self.aggregator: Aggregator | None = None
+        self.ledger = ContributionLedger(config)  # a signed receipt per round given to a group; summary in the DHT
 
         # round progress
         self.round = 0
@@ -410,9 +409,11 @@ class TrainingNode:
         if self.config.save_round_params:
             save_round_params(self.workdir, self.round, self.global_params)
         append_report(self.workdir, report)
+        self.ledger.credit(self._swarm(), report, flight)
         assert self.sharer is not None
         self.sharer.announce(self.round)
         self._refresh_sketch()
+        self._swarm().note_round(report.eval_loss, report.bytes_sent)
         self._swarm().beat_soon()
         self.on_round(report)
 
