@@ -18,6 +18,13 @@ One invocation runs all three, on 127.0.0.1::
     same total samples. Every peer keeps each round's global parameters (``--save-round-params``);
     peer 0's are evaluated on the same held-out slice (the file's last 10%), one point per round.
 
+Model families (``--family``): ``zen-gpt`` (default), the built-in byte GPT of ``--n-layer``,
+``--n-head``, ``--d-model``; ``hf``, a Llama-shaped transformers model of the same flags (4 heads unless
+given) with a 512-token BPE tokenizer trained on the training bytes, its files written to the scratch
+folder (benchmarks/model_family.py); the context is then in tokens. ``--lora`` (with ``hf``): rank-8
+LoRA adapters on q_proj and v_proj over a frozen base (the seeded init, not pretrained); the adapters
+are the only parameters trained and sent. All three runs build the model as a node does.
+
 Presets (``--preset``) set the model and the length of the run; any flag given explicitly still wins:
 
 - ``small``: 2 layers, 2 heads, width 64, context 64 (120,576 parameters), batch 16, 1000 steps
@@ -43,7 +50,12 @@ over TCP, DHT included, mean over peers), ``bytes_ratio`` (naive / measured), ``
 (inner-step seconds over wall seconds of every round report of every peer, from the start of
 training to the last landed round), ``central_curve``, ``alone_curve`` and ``swarm_curve`` (lists
 of [samples consumed, held-out loss]; the swarm's has one point per round kept, round 0 included,
-its samples summed over all peers up to that round), ``preset``, the setup and the seconds of each run.
+its samples summed over all peers up to that round), ``preset``, the setup and the seconds of each run;
+``family``, ``lora`` (the adapters' settings, or null), ``parameters`` (trainable: the adapters with
+``--lora``; ``params`` is the same count), ``model_bytes`` (float32 of every saved value, base
+included), ``adapter_bytes`` (float32 adapters, null without ``--lora``) and ``bytes_per_round_per_peer``
+(bytes each peer's daemon sent from its round-0 report to its last, over the rounds it trained, mean
+over peers).
 ``--plot FILE.png`` draws the three curves against samples and against steps per participant
 (needs matplotlib: ``pip install -e ".[bench]"``).
 """
@@ -68,17 +80,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.config import CompressionConfig, ModelConfig, TrainConfig  # noqa: E402
-from node.data import ByteBatches, batch_seed, split_corpus  # noqa: E402
+from efficiency_plot import Curve, plot  # noqa: E402  (benchmarks/, this script's folder)
+from model_family import BenchmarkModel, gpt_model, hf_model  # noqa: E402
+
+from node.config import CompressionConfig, TrainConfig  # noqa: E402
+from node.data import TokenBatches, batch_seed, split_corpus  # noqa: E402
 from node.demo import join_command, start_bootstrap, stop_process  # noqa: E402
-from node.model import build_model  # noqa: E402
 from node.training.checkpoint import load_round_params  # noqa: E402
 from node.training.report import REPORT_FILE  # noqa: E402
 
 EVAL_BATCHES = 16
 SEED = 0
-
-Curve = list[tuple[int, float]]  # (samples consumed, held-out loss)
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ DEFAULTS: dict[str, Any] = {
 
 def resolve_settings(args: argparse.Namespace) -> None:
     """Fill in every flag left unset: from ``--preset`` (and the run's defaults) if given, else ``DEFAULTS``."""
-    chosen = dict(DEFAULTS)
+    chosen = {**DEFAULTS, "n_head": 4} if args.family == "hf" else dict(DEFAULTS)
     if args.preset:
         preset, train, compression = PRESETS[args.preset], TrainConfig(), CompressionConfig()
         inner_steps = train.inner_steps if args.inner_steps is None else args.inner_steps
@@ -152,17 +164,12 @@ def resolve_settings(args: argparse.Namespace) -> None:
             setattr(args, key, value)
 
 
-def run_toml(args: argparse.Namespace) -> str:
+def run_toml(args: argparse.Namespace, model: BenchmarkModel) -> str:
     return f"""[run]
 run_id = "zen-efficiency"
 min_memory_gb = 0.0
 
-[run.model]
-n_layer = {args.n_layer}
-n_head = {args.n_head}
-d_model = {args.d_model}
-context = {args.context}
-
+{model.toml()}
 [run.train]
 inner_steps = {args.inner_steps}
 batch_size = {args.batch_size}
@@ -185,13 +192,16 @@ error_feedback = true
 """
 
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, context=args.context)
+def benchmark_model(args: argparse.Namespace, train: bytes, folder: Path) -> BenchmarkModel:
+    """``--family``'s model; "hf" writes its config, tokenizer (trained on ``train``) and base into ``folder``."""
+    if args.family == "zen-gpt":
+        return gpt_model(args.n_layer, args.n_head, args.d_model, args.context)
+    shape = {"n_layer": args.n_layer, "n_head": args.n_head, "d_model": args.d_model, "context": args.context}
+    return hf_model(folder, train, shape, lora=args.lora, seed=SEED)
 
 
-def held_out_batches(held_out: bytes, args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    batches = ByteBatches(held_out, args.context, args.batch_size, seed=1234)
-    return [batches.next() for _ in range(EVAL_BATCHES)]
+def held_out_batches(held_out: bytes, args: argparse.Namespace, model: BenchmarkModel) -> list[Any]:
+    return model.batches(held_out, args.batch_size, seed=1234).take(EVAL_BATCHES)
 
 
 def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -199,9 +209,9 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
         return sum(float(model(x, y)) for x, y in batches) / len(batches)
 
 
-def train_curve(batches: ByteBatches, held_out: list[Any], args: argparse.Namespace) -> Curve:
+def train_curve(batches: TokenBatches, held_out: list[Any], args: argparse.Namespace, built: BenchmarkModel) -> Curve:
     """One model, AdamW for rounds x H steps on ``batches``, no peers: the curve (samples, held-out loss)."""
-    model = build_model(model_config(args), SEED)
+    model = built.build(SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.inner_lr, weight_decay=0.0)
     steps = args.rounds * args.inner_steps
     curve = [(0, evaluate(model, held_out))]
@@ -216,23 +226,24 @@ def train_curve(batches: ByteBatches, held_out: list[Any], args: argparse.Namesp
     return curve
 
 
-def central(train: bytes, held_out: list[Any], args: argparse.Namespace) -> Curve:
+def central(train: bytes, held_out: list[Any], args: argparse.Namespace, model: BenchmarkModel) -> Curve:
     """The centralized run's curve: every training byte, batch N x the per-peer batch."""
-    return train_curve(ByteBatches(train, args.context, args.peers * args.batch_size, seed=SEED), held_out, args)
+    return train_curve(model.batches(train, args.peers * args.batch_size, seed=SEED), held_out, args, model)
 
 
-def alone(train: bytes, held_out: list[Any], args: argparse.Namespace) -> Curve:
-    """Peer 0 on its own: its slice split and shuffled as its node does (``split_corpus``, ``batch_seed``)."""
+def alone(train: bytes, held_out: list[Any], args: argparse.Namespace, model: BenchmarkModel) -> Curve:
+    """Peer 0 on its own: its slice split, tokenized and shuffled as its node does (``split_corpus``,
+    ``batch_seed``)."""
     own, _ = split_corpus(train[: len(train) // args.peers], args.context)
-    return train_curve(ByteBatches(own, args.context, args.batch_size, seed=batch_seed(SEED, own)), held_out, args)
+    return train_curve(model.batches(own, args.batch_size, seed=batch_seed(SEED, own)), held_out, args, model)
 
 
 def start_swarm(train: bytes, args: argparse.Namespace, root: Path, logs: list[IO[str]], started: list[Any]) -> None:
-    """Start the bootstrap and N nodes into ``started`` as (folder, process), the bootstrap first (``root``).
+    """Start the bootstrap and N nodes of ``root / "run.toml"`` into ``started`` as (folder, process), the
+    bootstrap first (``root``).
 
     ``logs`` and ``started`` fill as it goes, so the caller's cleanup reaches whatever did start.
     """
-    (root / "run.toml").write_text(run_toml(args))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     share = len(train) // args.peers
     boot_log = open(root / "bootstrap.log", "w")
@@ -250,10 +261,13 @@ def start_swarm(train: bytes, args: argparse.Namespace, root: Path, logs: list[I
         started.append((folder, process))
 
 
-def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def swarm(
+    train: bytes, held_out: list[Any], args: argparse.Namespace, root: Path, model: BenchmarkModel
+) -> dict[str, Any]:
     """Run N nodes on contiguous slices; return the curve, final loss, samples, bytes and utilization."""
     logs: list[IO[str]] = []
     started: list[Any] = []
+    (root / "run.toml").write_text(run_toml(args, model))
     try:
         start_swarm(train, args, root, logs, started)
         deadline = time.monotonic() + args.timeout
@@ -272,12 +286,13 @@ def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Pat
     folders = [folder for folder, _ in started[1:]]
     reports = [[json.loads(line) for line in (f / "work" / REPORT_FILE).read_text().splitlines()] for f in folders]
     trained = [[r for r in peer if r["mode"] not in ("initial", "loaded")] for peer in reports]
-    curve = swarm_curve(folders[0] / "work" / "rounds", trained, held_out, args)
+    curve = swarm_curve(folders[0] / "work" / "rounds", trained, held_out, args, model)
     return {
         "curve": curve,
         "final_loss": curve[-1][1],
         "samples": sum(r["samples"] for peer in trained for r in peer),
         "bytes_per_peer": sum(peer[-1]["bytes_sent"] for peer in reports) / len(reports),
+        "bytes_per_round": bytes_per_round(reports, trained),
         # time-weighted: inner-step seconds over wall seconds, every report of every peer
         "utilization": sum(r["utilization"] * r["seconds"] for peer in trained for r in peer)
         / max(1e-9, sum(r["seconds"] for peer in trained for r in peer)),
@@ -285,14 +300,27 @@ def swarm(train: bytes, held_out: list[Any], args: argparse.Namespace, root: Pat
     }
 
 
+def bytes_per_round(reports: list[list[dict[str, Any]]], trained: list[list[dict[str, Any]]]) -> float:
+    """Bytes a peer sent from its round-0 report (the join) to its last, over the rounds it trained; mean over peers."""
+    sent = [
+        (peer[-1]["bytes_sent"] - peer[0]["bytes_sent"]) / max(1, len(t))
+        for peer, t in zip(reports, trained, strict=True)
+    ]
+    return sum(sent) / len(sent)
+
+
 def swarm_curve(
-    rounds_dir: Path, trained: list[list[dict[str, Any]]], held_out: list[Any], args: argparse.Namespace
+    rounds_dir: Path,
+    trained: list[list[dict[str, Any]]],
+    held_out: list[Any],
+    args: argparse.Namespace,
+    built: BenchmarkModel,
 ) -> Curve:
     """Peer 0's global parameters of every round it kept, on the held-out batches; the last is round ``--rounds``.
 
     A round's samples are every peer's samples in the reports of that round and the ones before it.
     """
-    model = build_model(model_config(args), SEED)
+    model = built.build(SEED)  # the base (buffers with --lora) as every node built it; parameters are loaded
     numbered = sorted((int(path.stem.removeprefix("round-")), path) for path in rounds_dir.glob("round-*.safetensors"))
     if not numbered or numbered[-1][0] != args.rounds:
         raise RuntimeError(f"peer 0 kept no parameters of round {args.rounds} in {rounds_dir}")
@@ -316,50 +344,13 @@ def samples_to_reach(curve: Curve, loss: float) -> float | None:
     return None
 
 
-def plot(path: str, curves: dict[str, Curve], per_step: dict[str, int], title: str) -> None:
-    """Draw held-out loss against samples (left) and against steps per peer (right) as a PNG.
-
-    Left is what ``efficiency`` measures (a peer alone has consumed 1/N of the samples); right puts
-    the three at equal compute per participant, where ``gap_closed`` compares their ends.
-
-    Args:
-        path: the PNG to write.
-        curves: "central", "swarm" and "alone" curves of (samples, held-out loss).
-        per_step: samples one step of each run consumes (central N x b, swarm N x b, alone b).
-        title: the figure's title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (by_samples, by_steps) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    styles = {"central": ("tab:blue", ""), "swarm": ("tab:green", "o"), "alone": ("tab:red", "")}
-    for name, curve in curves.items():
-        color, marker = styles[name]
-        samples, losses = zip(*curve, strict=True)
-        steps = [s / per_step[name] for s in samples]
-        for axes, xs in ((by_samples, samples), (by_steps, steps)):
-            axes.plot(xs, losses, color=color, marker=marker, markersize=3, label=name)
-    # a peer alone stops at 1/N of the samples: carry its final loss across for comparison
-    by_samples.axhline(curves["alone"][-1][1], color="tab:red", linestyle=":", linewidth=1, label="alone, final")
-    by_samples.set_xlabel("training samples consumed, all participants (sequences)")
-    by_steps.set_xlabel("inner steps per participant")
-    by_samples.set_ylabel("held-out loss (nats per byte)")
-    for axes in (by_samples, by_steps):
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--data", required=True, help="a text file, e.g. ../shared/data/tinyshakespeare.txt")
     add("--preset", choices=sorted(PRESETS), help="model and steps users run, e.g. medium (flags still override)")
+    add("--family", choices=("zen-gpt", "hf"), default="zen-gpt", help="model family, e.g. hf (default zen-gpt)")
+    add("--lora", action="store_true", help="with --family hf: train LoRA adapters on a frozen base, e.g. --lora")
     add("--peers", type=int, default=4, help="N swarm peers, e.g. 4")
     add("--rounds", type=int, help="outer rounds, e.g. 8 (default 8; a preset: steps per peer / H)")
     add("--inner-steps", type=int, help="H inner steps per round, e.g. 50 (default 50; a preset: the run's H)")
@@ -368,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--outer-lr", type=float, help="outer Nesterov learning rate, e.g. 0.7 (a preset: the run's)")
     add("--outer-momentum", type=float, help="outer Nesterov momentum, e.g. 0.9 (a preset: the run's)")
     add("--n-layer", type=int, help="transformer blocks, e.g. 2")
-    add("--n-head", type=int, help="attention heads, e.g. 2")
+    add("--n-head", type=int, help="attention heads, e.g. 2 (default 2; --family hf: 4)")
     add("--d-model", type=int, help="model width, e.g. 64")
     add("--context", type=int, help="tokens per sequence, e.g. 64")
     add("--bits", type=int, choices=(4, 8, 16, 32), help="bits per value, e.g. 8 (a preset: the run's)")
@@ -382,18 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-bytes", type=int, default=0, help="use only the first B bytes of --data (0: all)")
     add("--timeout", type=float, help="seconds the swarm may take, e.g. 900 (small 1800, medium 3600)")
     add("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of central and alone, e.g. 2 (all)")
-    add("--workdir", default="", help="keep the swarm's folders (logs, reports, round params) here")
+    add("--workdir", default="", help="keep the swarm's folders (logs, reports, round params, hf model files) here")
     add("--plot", default="", help="draw held-out loss against samples to this PNG, e.g. efficiency.png")
     add("--json", action="store_true", help="print one JSON line, e.g. --json")
     return parser
 
 
-def summarize(args: argparse.Namespace, curves: dict[str, Curve], result: dict[str, Any]) -> dict[str, Any]:
-    """The JSON line: losses, efficiency, bytes, utilization, the curves and the setup."""
+def summarize(
+    args: argparse.Namespace, curves: dict[str, Curve], result: dict[str, Any], facts: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON line: losses, efficiency, bytes, utilization, the curves and the setup (``facts``: the model's)."""
     central_curve, alone_curve = curves["central"], curves["alone"]
     needed = samples_to_reach(central_curve, result["final_loss"])
     efficiency = (central_curve[-1][0] if needed is None else needed) / result["samples"]
-    params = sum(p.numel() for p in build_model(model_config(args), SEED).parameters())
+    params = facts["parameters"]
     naive = 2 * (args.peers - 1) / args.peers * 4 * params * args.rounds * args.inner_steps
     central_loss, swarm_loss = round(central_curve[-1][1], 4), round(result["final_loss"], 4)
     alone_loss = round(alone_curve[-1][1], 4)
@@ -423,6 +416,8 @@ def summarize(args: argparse.Namespace, curves: dict[str, Curve], result: dict[s
         "bytes_ratio": round(naive / max(result["bytes_per_peer"], 1), 1),
         "utilization": round(result["utilization"], 4),
         "rounds_in_group": result["rounds_in_group"],
+        **facts,
+        "bytes_per_round_per_peer": int(result["bytes_per_round"]),
         "central_seconds": result["central_seconds"],
         "alone_seconds": result["alone_seconds"],
         "swarm_seconds": result["swarm_seconds"],
@@ -430,12 +425,31 @@ def summarize(args: argparse.Namespace, curves: dict[str, Curve], result: dict[s
     }
 
 
-def main() -> int:
-    parser = build_parser()
-    args = parser.parse_args()
-    resolve_settings(args)
+def compare(
+    train: bytes, held_out_bytes: bytes, args: argparse.Namespace, root: Path, model: BenchmarkModel
+) -> tuple[dict[str, Curve], dict[str, Any]]:
+    """Run central, alone and the swarm (in ``root``) on ``model``; return their curves and the JSON summary."""
+    held_out = held_out_batches(held_out_bytes, args, model)
+    # central and alone run while nothing else of ours does: every core (--threads 1 on a busy machine)
+    torch.set_num_threads(max(1, args.threads))
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    curves = {"central": central(train, held_out, args, model)}
+    timings["central_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
+    curves["alone"] = alone(train, held_out, args, model)
+    timings["alone_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
+    result = swarm(train, held_out, args, root, model)
+    curves["swarm"] = result["curve"]
+    result["swarm_seconds"] = round(time.perf_counter() - started, 1)
+    return curves, summarize(args, curves, {**result, **timings}, model.facts())
+
+
+def read_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bytes:
+    """``--data`` (its first ``--max-bytes``), after the checks that need no data; parser.error on a bad one."""
     if args.peers < 3:
         parser.error(f"--peers must be >= 3 (secure aggregation), got {args.peers}")
+    if args.lora and args.family != "hf":
+        parser.error("--lora needs --family hf (the built-in GPT trains every parameter)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (only --plot needs it; fail before the runs, not after)
@@ -445,33 +459,31 @@ def main() -> int:
         data = Path(args.data).read_bytes()
     except OSError as e:
         parser.error(f"cannot read --data {args.data}: {e.strerror}")
-    if args.max_bytes:
-        data = data[: args.max_bytes]
-    split = int(len(data) * 0.9)
-    train, held_out = data[:split], held_out_batches(data[split:], args)
-    if len(train) // args.peers <= 4 * args.context:
+    data = data[: args.max_bytes] if args.max_bytes else data
+    if int(len(data) * 0.9) // args.peers <= 4 * args.context:
         parser.error(f"--data is too small for {args.peers} peers with context {args.context}")
-    # central and alone run while nothing else of ours does: every core (--threads 1 on a busy machine)
-    torch.set_num_threads(max(1, args.threads))
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    curves = {"central": central(train, held_out, args)}
-    timings["central_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
-    curves["alone"] = alone(train, held_out, args)
-    timings["alone_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
+    return data
+
+
+def main() -> int:
+    parser = build_parser()
+    args = parser.parse_args()
+    resolve_settings(args)
+    data = read_data(parser, args)
+    split = int(len(data) * 0.9)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.workdir or scratch)
         root.mkdir(parents=True, exist_ok=True)
         if any(root.iterdir()):
             parser.error(f"--workdir {root} is not empty")
-        result = swarm(train, held_out, args, root)
-    curves["swarm"] = result["curve"]
-    result["swarm_seconds"] = round(time.perf_counter() - started, 1)
-    summary = summarize(args, curves, {**result, **timings})
+        # the "hf" files live beside the swarm's folders: its nodes read them there
+        model = benchmark_model(args, data[:split], root / "model")
+        curves, summary = compare(data[:split], data[split:], args, root, model)
     if args.plot:
         title = f"{args.preset or 'custom'}: N = {args.peers}, {summary['params']:,} parameters, H = {args.inner_steps}"
         per_step = {"central": args.peers * args.batch_size, "swarm": args.peers * args.batch_size}
-        plot(args.plot, curves, {**per_step, "alone": args.batch_size}, title)
+        unit = "byte" if args.family == "zen-gpt" else "token"
+        plot(args.plot, curves, {**per_step, "alone": args.batch_size}, title, unit)
     if args.json:
         print(json.dumps(summary))
     else:

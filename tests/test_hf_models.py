@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ZEN_NODE, NodeProcess, write_run_config
+from helpers import REPO_ROOT, ZEN_NODE, NodeProcess, write_run_config
 
 from node.config import ConfigError, RunConfig, describe_difference, load_node_config, run_config_from_dict
 from node.data import generate_corpus
@@ -393,3 +395,31 @@ def test_three_peers_train_lora_adapters_and_never_send_the_base(
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft on transformers 5
+def test_the_efficiency_benchmark_runs_lora_on_a_llama_shape(tmp_path: Path) -> None:
+    """`efficiency.py --family hf --lora` runs a tiny swarm and reports the model's fields: the adapters are
+    the parameters, and a round sends far less than the base."""
+    # Prepare
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(CORPUS)
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "efficiency.py"), "--data", str(data), "--peers", "3"]
+    command += ["--family", "hf", "--lora", "--rounds", "1", "--inner-steps", "3", "--batch-size", "4"]
+    command += ["--context", "16", "--eval-every", "3", "--timeout", "120", "--json"]
+
+    # Execute
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["family"] == "hf"
+    assert summary["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    assert summary["parameters"] == summary["params"] == 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8))  # 2 x (q, v)
+    assert summary["adapter_bytes"] == 4 * summary["parameters"] < summary["model_bytes"]
+    assert 0 < summary["bytes_per_round_per_peer"] <= summary["swarm_bytes_per_peer"]
+    assert summary["bytes_per_round_per_peer"] < summary["model_bytes"] / 2  # the base never goes on the wire
+    assert [s for s, _ in summary["swarm_curve"]] == [0, 3 * 3 * 4]
+    assert all(math.isfinite(loss) for _, loss in summary["swarm_curve"] + summary["central_curve"])
