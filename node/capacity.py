@@ -102,7 +102,7 @@ def _shape(config: ModelConfig) -> tuple[int, int, int, int]:
         return config.n_layer, config.d_model, config.n_head, config.vocab_size
     from node.model_hf import load_hf_config
 
-    hf = load_hf_config(config.hf_config)
+    hf = load_hf_config(config)
     return hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.vocab_size
 
 

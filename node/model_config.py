@@ -10,13 +10,15 @@ this module imports neither torch nor transformers.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from node.model_files import digest_hf_files
 
 ModelFamily = Literal["zen-gpt", "hf"]  # the built-in byte GPT (node/model.py), or a transformers causal LM
 MODEL_PATH_FIELDS = ("hf_config", "tokenizer", "weights")  # a node's own paths: never in the run hash or record
+# where the "hf" model's config comes from: a path, or the keys inline; the run hash has its digest instead
+MODEL_SOURCE_FIELDS = (*MODEL_PATH_FIELDS, "hf")
 MODEL_DIGEST_FIELDS = ("config_digest", "tokenizer_digest", "weights_digest")  # their content: in the hash
 
 
@@ -50,6 +52,9 @@ class ModelConfig:
     hf_config: str = ""  # hf: local path of the model's config.json, e.g. "./tiny-llama/config.json" (not hashed)
     tokenizer: str = ""  # hf: local path of a tokenizer.json; "" = bytes, token id = byte value (not hashed)
     weights: str = ""  # hf: local folder of *.safetensors base weights; "" = init seeded by train.seed (not hashed)
+    # hf: the config.json's keys inline, as the table [run.model.hf] (model_type = "llama", hidden_size = 64, ...),
+    # in place of hf_config; the same content as a file gives the same config_digest
+    hf: dict[str, Any] = field(default_factory=dict)
     # content digests of the three files (hashed), computed when the config is loaded; one set in the run's
     # file pins that content: a node whose file differs stops with the field named
     config_digest: str = ""
@@ -63,12 +68,13 @@ class ModelConfig:
             all(isinstance(getattr(self, name), str) for name in (*MODEL_PATH_FIELDS, *MODEL_DIGEST_FIELDS)),
             "model.hf_config, tokenizer, weights and their digests must be strings",
         )
+        require(isinstance(self.hf, dict), "model.hf must be a table of config.json keys, e.g. [run.model.hf]")
         if self.family == "hf":
             self._digest_files()
             return
         require(
-            not any(getattr(self, name) for name in (*MODEL_PATH_FIELDS, *MODEL_DIGEST_FIELDS)),
-            "model.hf_config, tokenizer and weights need model.family = 'hf' (the built-in GPT is byte-level)",
+            not any(getattr(self, name) for name in (*MODEL_SOURCE_FIELDS, *MODEL_DIGEST_FIELDS)),
+            "model.hf_config, hf, tokenizer and weights need model.family = 'hf' (the built-in GPT is byte-level)",
         )
         require(self.vocab_size == 256, f"model.vocab_size must be 256 (bytes), got {self.vocab_size}")
         require(1 <= self.n_layer <= 96, f"model.n_layer must be in [1, 96], got {self.n_layer}")
@@ -81,10 +87,11 @@ class ModelConfig:
     def _digest_files(self) -> None:
         """Family "hf": check the local files and fill in (or check pinned) content digests."""
         require(
-            bool(self.hf_config),
-            'model.family = "hf" needs model.hf_config, the local path of the model\'s config.json',
+            bool(self.hf_config) != bool(self.hf),
+            'model.family = "hf" needs one of model.hf_config (the local path of the model\'s config.json) '
+            "or its keys inline as [run.model.hf]" + (", not both" if self.hf_config and self.hf else ""),
         )
-        digests = digest_hf_files(self.hf_config, self.tokenizer, self.weights, self.context)
+        digests = digest_hf_files(self.hf or self.hf_config, self.tokenizer, self.weights, self.context)
         for name, value in (
             ("config_digest", digests.config),
             ("tokenizer_digest", digests.tokenizer),
@@ -101,7 +108,9 @@ class ModelConfig:
     def shared_dict(self) -> dict[str, Any]:
         """What peers must agree on: no local paths; the built-in GPT without the "hf" fields (its hash as before)."""
         values = dataclasses.asdict(self)
-        unshared = MODEL_PATH_FIELDS if self.family == "hf" else (*MODEL_PATH_FIELDS, *MODEL_DIGEST_FIELDS, "family")
+        unshared: tuple[str, ...] = MODEL_SOURCE_FIELDS
+        if self.family != "hf":
+            unshared = (*MODEL_SOURCE_FIELDS, *MODEL_DIGEST_FIELDS, "family")
         return {key: value for key, value in values.items() if key not in unshared}
 
 

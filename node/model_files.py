@@ -28,6 +28,7 @@ from typing import Any
 
 DIGEST_BYTES = 16
 MAX_JSON_BYTES = 64 * 1024**2  # a config.json or tokenizer.json larger than this is refused
+MAX_INLINE_CONFIG_BYTES = 256 * 1024  # a model config (its shared keys, as JSON) larger than this is refused
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own cap on a file's JSON header
 _UNSHARED_KEYS = ("transformers_version",)  # config.json keys that differ between writers, not models
 
@@ -71,16 +72,28 @@ def read_hf_config(path: str | Path) -> HFConfigFacts:
     """
     path = Path(path).expanduser()
     value = _read_json(path, "hf_config", "transformers config.json, e.g. ./tiny-llama/config.json")
+    return hf_config_facts(value, f"model.hf_config {path}")
+
+
+def hf_config_facts(value: Any, where: str) -> HFConfigFacts:
+    """Check a transformers model config (a ``config.json``'s content or ``[run.model.hf]``'s keys); digest it.
+
+    A file and inline keys with the same content give the same digest, so peers may use either.
+
+    Raises:
+        ModelFileError: it is not a transformers model config, or its encoding is over the size bound.
+    """
     if not isinstance(value, dict) or not isinstance(value.get("model_type"), str):
         raise ModelFileError(
-            f'model.hf_config {path} is not a transformers model config (no "model_type"); '
-            "point it at a causal LM's config.json"
+            f'{where} is not a transformers model config (no "model_type"); point it at a causal LM\'s config.json'
         )
     vocab = value.get("vocab_size")
     if not isinstance(vocab, int) or not 1 <= vocab <= 10_000_000:
-        raise ModelFileError(f'model.hf_config {path} has no valid "vocab_size" (got {vocab!r}); add it')
+        raise ModelFileError(f'{where} has no valid "vocab_size" (got {vocab!r}); add it')
     positions = value.get("max_position_embeddings", value.get("n_positions"))
     shared = {k: v for k, v in value.items() if not k.startswith("_") and k not in _UNSHARED_KEYS}
+    if len(json.dumps(shared)) > MAX_INLINE_CONFIG_BYTES:
+        raise ModelFileError(f"{where} is over {MAX_INLINE_CONFIG_BYTES >> 10} KiB as JSON; is it a model config?")
     return HFConfigFacts(
         digest=_canonical_digest(shared),
         model_type=value["model_type"],
@@ -161,11 +174,11 @@ class ModelDigests:
     weights: str
 
 
-def digest_hf_files(hf_config: str, tokenizer: str, weights: str, context: int) -> ModelDigests:
+def digest_hf_files(hf_config: str | dict[str, Any], tokenizer: str, weights: str, context: int) -> ModelDigests:
     """Check an "hf" run's files against each other and digest them.
 
     Args:
-        hf_config: path of the model's ``config.json``.
+        hf_config: path of the model's ``config.json``, or its keys inline (``[run.model.hf]``).
         tokenizer: path of a ``tokenizer.json``; "" = bytes (token id = byte value).
         weights: folder of ``*.safetensors`` base weights; "" = a seeded init.
         context: tokens per training sequence (at most the config's position limit).
@@ -174,17 +187,20 @@ def digest_hf_files(hf_config: str, tokenizer: str, weights: str, context: int) 
         ModelFileError: a file is missing or malformed, the tokenizer's ids do not fit the model's
             vocabulary, or ``context`` exceeds the model's positions.
     """
-    facts = read_hf_config(hf_config)
+    if isinstance(hf_config, dict):
+        where = "[run.model.hf]"
+        facts = hf_config_facts(hf_config, where)
+    else:
+        where, facts = f"model.hf_config {hf_config}", read_hf_config(hf_config)
     token_digest, vocab = ("", 256) if not tokenizer else read_tokenizer(tokenizer)
     source = f"the tokenizer {tokenizer}" if tokenizer else "bytes (no model.tokenizer)"
     if vocab > facts.vocab_size:
         raise ModelFileError(
-            f"{source} has {vocab} tokens but model.hf_config {hf_config} has vocab_size {facts.vocab_size}; "
+            f"{source} has {vocab} tokens but {where} has vocab_size {facts.vocab_size}; "
             "use the model's own tokenizer or set vocab_size in config.json to at least that"
         )
     if facts.max_positions is not None and context > facts.max_positions:
         raise ModelFileError(
-            f"model.context {context} exceeds the {facts.max_positions} positions of model.hf_config {hf_config}; "
-            "lower model.context"
+            f"model.context {context} exceeds the {facts.max_positions} positions of {where}; lower model.context"
         )
     return ModelDigests(facts.digest, token_digest, weights_digest(weights) if weights else "")

@@ -52,19 +52,25 @@ class HFCausalLM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-def load_hf_config(path: str | Path) -> Any:
-    """The ``PretrainedConfig`` of a local ``config.json`` (no hub), its dropout off for reproducible steps.
+def load_hf_config(model: ModelConfig) -> Any:
+    """The ``PretrainedConfig`` of the run's local ``config.json`` or inline ``[run.model.hf]`` keys (no hub),
+    its dropout off for reproducible steps.
 
     Raises:
         ConfigError: transformers cannot read it or does not know its ``model_type``.
     """
     from transformers import AutoConfig
 
+    where = "[run.model.hf]" if model.hf else f"model.hf_config {model.hf_config}"
     try:
-        config = AutoConfig.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+        if model.hf:
+            keys = {k: v for k, v in model.hf.items() if k != "model_type"}
+            config = AutoConfig.for_model(model.hf["model_type"], **keys)
+        else:
+            config = AutoConfig.from_pretrained(str(Path(model.hf_config).expanduser()), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
-            f"model.hf_config {path} is not a config transformers builds ({str(e).splitlines()[0][:200]}); "
+            f"{where} is not a config transformers builds ({str(e).splitlines()[0][:200]}); "
             "point it at a causal LM's config.json"
         ) from None
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
@@ -92,14 +98,15 @@ def build_hf_model(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    config = load_hf_config(model.hf_config)
+    config = load_hf_config(model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as e:
         reason = str(e)[:200]
-        raise ConfigError(f"model.hf_config {model.hf_config} builds no causal LM ({reason}); use another") from None
+        where = "[run.model.hf]" if model.hf else f"model.hf_config {model.hf_config}"
+        raise ConfigError(f"{where} builds no causal LM ({reason}); use another") from None
     finally:
         torch.random.set_rng_state(generator_state)
     if load_weights and model.weights:

@@ -96,6 +96,8 @@ def _toml_value(value: object) -> str:
         return json.dumps(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. model={"hf": {"model_type": "llama", ...}}
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
     raise TypeError(f"no TOML form for {value!r}")
 
 

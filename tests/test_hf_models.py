@@ -51,6 +51,18 @@ def write_tokenizer(path: Path, text: bytes, vocab: int = VOCAB) -> Path:
     return path
 
 
+LLAMA = {  # the keys of write_llama_config's config.json that say the shape (the rest are transformers' defaults)
+    "model_type": "llama",
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
 def write_llama_config(folder: Path, vocab: int = VOCAB) -> Path:
     """A Llama-shaped ``config.json``: 2 layers, width 64, 4 heads (2 key/value heads)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,6 +160,12 @@ BROKEN = {
         lambda t, f: {"hf_config": _write(t / "c.json", '{"model_type": "nonesuch", "vocab_size": 300}')},
         "not a config transformers builds",
     ),
+    "inline keys not a model": (lambda t, f: {"hf": {"vocab_size": 300}}, "[run.model.hf] is not a transformers"),
+    "inline keys and a file": (lambda t, f: {"hf_config": f["hf_config"], "hf": LLAMA}, "not both"),
+    "inline unknown model type": (
+        lambda t, f: {"hf": {"model_type": "nonesuch", "vocab_size": 300}},
+        "[run.model.hf] is not a config transformers builds",
+    ),
     "missing tokenizer": (lambda t, f: {**f, "tokenizer": str(t / "tok.json")}, "model.tokenizer"),
     "tokenizer not JSON": (lambda t, f: {**f, "tokenizer": _write(t / "tok.json", "[1, 2")}, "not readable JSON"),
     "tokenizer too big": (
@@ -179,7 +197,32 @@ def test_a_broken_model_file_gets_a_one_line_error_naming_it(case: str, files: d
     # Assert
     message = str(error.value)
     assert expected in message and "\n" not in message
-    assert any(str(Path(path).expanduser()) in message for path in model.values())
+    paths = [str(Path(path).expanduser()) for path in model.values() if isinstance(path, str)]
+    assert any(path in message for path in paths) or "[run.model.hf]" in message
+
+
+def test_inline_config_keys_build_the_files_model_under_the_same_hash(files: dict[str, str], tmp_path: Path) -> None:
+    """``[run.model.hf]`` keys and a config.json of the same keys: one config digest, run hash and initial model;
+    the keys stay out of the record (their digest is in it); the built-in GPT refuses them."""
+    # Prepare
+    config_json = Path(_write(tmp_path / "same" / "config.json", json.dumps(LLAMA)))
+    inline_toml = write_run_config(tmp_path / "inline.toml", model={"family": "hf", "hf": LLAMA, "context": 32})
+    file_toml = write_run_config(tmp_path / "file.toml", model={"family": "hf", "hf_config": str(config_json)})
+
+    # Execute
+    inline, from_file = (load_node_config(str(path)).run for path in (inline_toml, file_toml))
+    models = [build_run_model(run.model, seed=0) for run in (inline, from_file)]
+    with pytest.raises(ConfigError) as refused:
+        run_config_from_dict({"model": {"hf": LLAMA}})
+
+    # Assert
+    assert inline.model.config_digest == from_file.model.config_digest != ""
+    assert inline.digest() == from_file.digest()
+    assert "hf" not in inline.shared_dict()["model"] and b"intermediate_size" not in inline.to_bytes()
+    assert models[0].hf_model.config.num_key_value_heads == 2
+    pairs = zip(models[0].parameters(), models[1].parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert "need model.family = 'hf'" in str(refused.value)
 
 
 def test_another_shape_of_base_and_unsupported_combinations_are_refused(files: dict[str, str], tmp_path: Path) -> None:
