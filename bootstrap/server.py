@@ -47,7 +47,16 @@ from bootstrap.health import HealthServer
 from bootstrap.metrics import BootstrapMetrics, MetricsSnapshot
 from bootstrap.monitor import SwarmMonitor
 from bootstrap.swarm_api import MAX_RUNS, SwarmBoard
-from dht import IdentityError, NodeIdentity, SwarmConfig, SwarmError, check_multiaddr, list_peers, start_dht
+from dht import (
+    IdentityError,
+    NodeIdentity,
+    SwarmConfig,
+    SwarmError,
+    check_multiaddr,
+    list_peers,
+    list_summaries,
+    start_dht,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +286,8 @@ class BootstrapPeer:
             records = list_peers(cast(hivemind.DHT, _BoundedDHT(self)), run_id)
             self.monitor.update_records(run_id, [record.peer_id for record in records])
             self.board.update(run_id, records)
+            entries = list_summaries(cast(hivemind.DHT, _BoundedDHT(self)), run_id)
+            self.board.update_ledger(run_id, [e.summary for e in entries if e.summary is not None])
         self._polls += 1
 
     def _result(self, future: Future[_T]) -> _T:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dht.cohorts import CohortMatcher
+from dht.ledger import LedgerSummary
 from dht.records import PeerRecord
 from dht.wire import WireError, unpack_bounded
 
@@ -37,6 +38,7 @@ class _RunState:
     updated: float  # time.time() of the poll that read them
     history: OrderedDict[str, OrderedDict[int, tuple[float, int]]]  # PeerID -> round -> (loss, bytes)
     cohorts: list[dict[str, Any]] | None = None  # the cohorts of ``records``, computed once per change of them
+    summaries: list[LedgerSummary] | None = None  # the run's verified ledger summaries (dht/ledger.py)
 
 
 class SwarmBoard:
@@ -61,6 +63,13 @@ class SwarmBoard:
             for record in records:
                 if "trainer" in record.roles and record.eval_loss >= 0:
                     self._remember(state, record)
+
+    def update_ledger(self, run_id: str, summaries: Sequence[LedgerSummary]) -> None:
+        """Take a poll's verified ledger summaries of ``run_id`` (dht.list_summaries), at most ``max_peers``."""
+        with self._lock:
+            state = self._runs.get(run_id)
+            if state is not None:
+                state.summaries = sorted(summaries, key=lambda s: s.peer_id)[: self.max_peers]
 
     def _remember(self, state: _RunState, record: PeerRecord) -> None:
         rounds = state.history.pop(record.peer_id, None) or OrderedDict()
@@ -97,6 +106,7 @@ class SwarmBoard:
             history = {p: list(rounds.items()) for p, rounds in state.history.items()} if state is not None else {}
             updated = state.updated if state is not None else None
             cohorts = state.cohorts if state is not None else []
+            summaries = list(state.summaries or []) if state is not None else []
         if cohorts is None and run_id is not None:
             cohorts = _cohorts_json(run_id, records)
             with self._lock:
@@ -105,6 +115,7 @@ class SwarmBoard:
         body: dict[str, Any] = {"runs": runs, "run_id": run_id, "updated": updated}
         body["peers"] = [_peer_json(record, now) for record in records]
         body["cohorts"] = cohorts or []
+        body["contributors"] = _contributors_json(summaries, _majority_hash(records))
         body["history"] = {
             peer_id: [{"round": r, "eval_loss": loss, "bytes": sent} for r, (loss, sent) in sorted(rounds)]
             for peer_id, rounds in sorted(history.items())
@@ -134,6 +145,34 @@ def _peer_json(record: PeerRecord, now: float) -> dict[str, Any]:
     }
 
 
+def _majority_hash(records: Sequence[PeerRecord]) -> str | None:
+    """The run hash most trainers announce (ties: the smallest), None without trainers."""
+    hashes = Counter(r.run_hash for r in records if "trainer" in r.roles)
+    return min(hashes, key=lambda h: (-hashes[h], h)) if hashes else None
+
+
+def _contributors_json(summaries: Sequence[LedgerSummary], run_hash: str | None) -> list[dict[str, Any]]:
+    """Each contributor's signed summary and its shares of the run's samples and rounds.
+
+    Only summaries made under the run hash most trainers announce count (another config's claims are
+    for another model); ``dht.list_summaries`` has checked every signature before they got here.
+    """
+    counted = [s for s in summaries if run_hash is None or s.run_hash == run_hash]
+    samples, rounds = sum(s.samples for s in counted), sum(s.rounds for s in counted)
+    return [
+        {
+            "peer_id": s.peer_id,
+            "display_name": _text(s.display_name),
+            "rounds": s.rounds,
+            "samples": s.samples,
+            "compute_seconds": round(s.compute_seconds, 1),
+            "share_of_samples": s.samples / samples if samples else 0.0,
+            "share_of_rounds": s.rounds / rounds if rounds else 0.0,
+        }
+        for s in counted
+    ]
+
+
 def _cohort_key(records: Sequence[PeerRecord]) -> list[tuple[str, str, tuple[str, ...], bytes]]:
     """What the cohorts depend on; the rest of a record (round, timestamp) changes at every heartbeat."""
     return [(r.peer_id, r.run_hash, r.roles, r.sketch) for r in records]
@@ -141,10 +180,9 @@ def _cohort_key(records: Sequence[PeerRecord]) -> list[tuple[str, str, tuple[str
 
 def _cohorts_json(run_id: str, records: Sequence[PeerRecord]) -> list[dict[str, Any]]:
     """The cohorts by the run's own rule (from the majority run hash's signed run config)."""
-    hashes = Counter(r.run_hash for r in records if "trainer" in r.roles)
-    if not hashes:
+    run_hash = _majority_hash(records)
+    if run_hash is None:
         return []
-    run_hash = min(hashes, key=lambda h: (-hashes[h], h))
     config = next((r.run_config for r in records if r.run_hash == run_hash and r.run_config), b"")
     cohorts = CohortMatcher(run_id, **_cohort_options(config)).cohorts(records, run_hash)
     return [{"cohort_id": c.cohort_id, "members": list(c.members)} for c in cohorts]

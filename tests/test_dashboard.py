@@ -23,7 +23,7 @@ import sys
 import termios
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bootstrap.swarm_api import SwarmBoard
 from dht import SKETCH_DIM, Capacity, NodeIdentity, PeerRecord, SwarmConfig, encode_sketch, publish_record, start_dht
+from dht.ledger import LedgerSummary, ledger_key, publish_summary
 from dht.records import RECORD_TAG
 from dht.validator import peers_key
 from node.data import generate_corpus
@@ -59,6 +60,8 @@ class Swarm:
     url: str  # the dashboard, http://127.0.0.1:PORT/
     trainers: list[NodeIdentity]
     victim: NodeIdentity  # named by the forged record, never published
+    dhts: list[hivemind.DHT]  # the trainers' DHT peers
+    plain: hivemind.DHT  # a peer with no validator: it stores what a forger hands it
 
 
 def _record(identity: NodeIdentity, round_no: int, **fields: object) -> PeerRecord:
@@ -136,6 +139,12 @@ def _kill_tree(process: subprocess.Popen) -> None:
         process.stdout.close()
 
 
+def _stored(store: Callable[[], bool], what: str) -> None:
+    """Store until a replica accepts it, as a node's heartbeat does: on a loaded machine one store's RPCs
+    to its nearest peers may all time out (hivemind's 3-s wait), and the store returns False."""
+    wait_until(store, EVENT_TIMEOUT, f"{what} stored", interval=0.5)
+
+
 def _forge(plain: hivemind.DHT, victim: NodeIdentity, signer: NodeIdentity, run_id: str = RUN_ID) -> None:
     """Store, from a peer with no validator, a record naming ``victim`` whose body ``signer`` signed."""
     record = _record(victim, 7, eval_loss=0.5, run_config=msgpack.packb({"run_id": run_id}))
@@ -157,13 +166,14 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         started += dhts
         for round_no in (1, 2):  # the bootstrap must see round 1 before round 2 replaces it
             for dht, identity in zip(dhts, trainers, strict=True):
-                assert publish_record(dht, RUN_ID, _record(identity, round_no).sign(identity))
+                envelope = _record(identity, round_no).sign(identity)
+                _stored(lambda d=dht, e=envelope: publish_record(d, RUN_ID, e), "a trainer's record")
             wait_until(lambda r=round_no: _at_round(url, trainers, r), EVENT_TIMEOUT, f"round {round_no} listed")
         victim = NodeIdentity.load_or_create(folder / "victim")
         plain = hivemind.DHT(initial_peers=[maddr], host_maddrs=[LOCALHOST_MADDR], start=True)
         started.append(plain)
         _forge(plain, victim, trainers[0])
-        yield Swarm(url=url, trainers=trainers, victim=victim)
+        yield Swarm(url=url, trainers=trainers, victim=victim, dhts=dhts, plain=plain)
     finally:
         for dht in reversed(started):
             dht.shutdown()
@@ -202,6 +212,52 @@ def test_api_swarm_lists_the_signed_peers_their_cohort_and_history(swarm: Swarm)
     for trainer in swarm.trainers:
         rounds = [(h["round"], h["eval_loss"], h["bytes"]) for h in body["history"][trainer.peer_id]]
         assert rounds == [(r, LOSSES[r], ROUND_BYTES[r]) for r in (1, 2)]
+
+
+def _summary(identity: NodeIdentity, rounds: int, samples: int, run_hash: str = "ab" * 16) -> LedgerSummary:
+    return LedgerSummary(
+        peer_id=identity.peer_id,
+        signing_key=identity.signing_public_key,
+        binding=identity.binding,
+        run_id=RUN_ID,
+        run_hash=run_hash,
+        rounds=rounds,
+        samples=samples,
+        compute_seconds=10.0,
+        last_round=rounds,
+        receipts_digest=bytes(32),
+        timestamp=get_dht_time(),
+        ttl=600.0,
+        display_name="Ada" if samples == 300 else "",
+    )
+
+
+def test_api_swarm_lists_the_contributors_shares_from_verified_summaries(swarm: Swarm) -> None:
+    """Signed ledger summaries give each contributor's shares; another config's summary and one stored
+    under a PeerID that did not sign it (by a peer with no validator) are not counted."""
+    # Prepare
+    first, second, third = swarm.trainers
+    envelopes = [
+        _summary(first, 2, 300).sign(first),
+        _summary(second, 2, 100).sign(second),
+        _summary(third, 5, 900, run_hash="cd" * 16).sign(third),  # another run config's claim
+    ]
+    for dht, envelope in zip(swarm.dhts, envelopes, strict=True):
+        _stored(lambda d=dht, e=envelope: publish_summary(d, e), "a ledger summary")
+    genuine = _summary(second, 2, 100).sign(second)
+    swarm.plain.store(ledger_key(RUN_ID), genuine, get_dht_time() + 300, subkey=swarm.victim.peer_id)
+
+    # Execute
+    wait_until(lambda: len(_swarm_json(swarm.url)["contributors"]) >= 2, EVENT_TIMEOUT, "the contributors listed")
+    rows = {row["peer_id"]: row for row in _swarm_json(swarm.url)["contributors"]}
+
+    # Assert
+    assert set(rows) == {first.peer_id, second.peer_id}
+    assert rows[first.peer_id]["share_of_samples"] == pytest.approx(0.75) and rows[first.peer_id]["rounds"] == 2
+    assert rows[second.peer_id]["share_of_samples"] == pytest.approx(0.25)
+    assert rows[first.peer_id]["share_of_rounds"] == pytest.approx(0.5)
+    assert rows[first.peer_id]["display_name"] == "Ada" and rows[second.peer_id]["display_name"] == ""
+    assert '<table id="contributors">' in _get(swarm.url)[1].decode()
 
 
 def test_a_forged_record_is_counted_and_never_served(swarm: Swarm) -> None:
@@ -302,7 +358,8 @@ def test_without_run_id_the_runs_it_stores_are_listed(tmp_path: Path) -> None:
 
         # Execute
         _forge(plain, NodeIdentity.load_or_create(tmp_path / "victim"), trainer, run_id="ghost-run")
-        assert publish_record(dht, RUN_ID, _record(trainer, 1).sign(trainer))
+        envelope = _record(trainer, 1).sign(trainer)
+        _stored(lambda: publish_record(dht, RUN_ID, envelope), "a record")
         rejected = wait_until(lambda: _rejected(url, "signature"), EVENT_TIMEOUT, "the forged record's rejection")
         body = wait_until(lambda: (b := _swarm_json(url))["runs"] and b, EVENT_TIMEOUT, "a run to be listed")
     finally:
