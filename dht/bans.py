@@ -40,11 +40,10 @@ from typing import Any
 
 import hivemind
 import msgpack
-import nacl.exceptions
-import nacl.signing
 from hivemind.utils import get_dht_time
 
-from dht.identity import NodeIdentity, verify_binding
+from dht.envelope import check_signature, open_envelope, seal
+from dht.identity import NodeIdentity
 from dht.records import PeerRecord
 from dht.wire import WireError, unpack_bounded
 
@@ -90,7 +89,7 @@ class BanRecord:
             raise BanError("a ban record must be signed by the identity it names")
         _check(self)
         body = msgpack.packb(asdict(self), use_bin_type=True)
-        return msgpack.packb([BAN_TAG, body, identity.sign(BAN_TAG.encode() + body)], use_bin_type=True)
+        return seal(BAN_TAG, body, identity)
 
     @classmethod
     def verify(cls, envelope: Any) -> BanRecord:
@@ -101,12 +100,7 @@ class BanRecord:
         """
         if not isinstance(envelope, bytes) or len(envelope) > MAX_BAN_BYTES:
             raise BanError(f"a ban record must be bytes of at most {MAX_BAN_BYTES}")
-        outer = _unpack(envelope)
-        if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == BAN_TAG):
-            raise BanError("not a zen ban record envelope")
-        _, body, signature = outer
-        if not isinstance(body, bytes) or not isinstance(signature, bytes) or len(signature) != 64:
-            raise BanError("ban body or signature has the wrong type")
+        body, signature = open_envelope(envelope, BAN_TAG, _unpack, BanError, "ban record")
         wire = _unpack(body)
         names = {f.name: f.type for f in fields(cls)}
         if not isinstance(wire, dict) or set(wire) != set(names):
@@ -117,12 +111,8 @@ class BanRecord:
                 raise BanError(f"ban.{name} has type {type(wire[name]).__name__}")
         record = cls(**wire)
         _check(record)
-        try:
-            nacl.signing.VerifyKey(record.signing_key).verify(BAN_TAG.encode() + body, signature)
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
-            raise BanError("ban signature does not verify") from e
-        if not verify_binding(record.reporter, record.signing_key, record.binding):
-            raise BanError("ban signing key is not bound to the reporter's PeerID")
+        signer = (record.reporter, record.signing_key, record.binding)
+        check_signature(BAN_TAG, body, signature, signer, BanError, "ban record")
         return record
 
 

@@ -30,12 +30,11 @@ from typing import Any
 
 import hivemind
 import msgpack
-import nacl.exceptions
-import nacl.signing
 from hivemind.dht.routing import DHTID
 from hivemind.utils import get_dht_time
 
-from dht.identity import NodeIdentity, verify_binding
+from dht.envelope import check_signature, open_envelope, seal
+from dht.identity import NodeIdentity
 from dht.wire import WireError, unpack_bounded
 
 logger = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class LedgerSummary:
             raise LedgerError("a ledger summary must be signed by the identity it names")
         _check(self)
         body = msgpack.packb(asdict(self), use_bin_type=True)
-        envelope = msgpack.packb([LEDGER_TAG, body, identity.sign(LEDGER_TAG.encode() + body)], use_bin_type=True)
+        envelope = seal(LEDGER_TAG, body, identity)
         if len(envelope) > MAX_SUMMARY_BYTES:
             raise LedgerError(f"ledger summary is {len(envelope)} bytes, over the {MAX_SUMMARY_BYTES}-byte limit")
         return envelope
@@ -97,12 +96,8 @@ class LedgerSummary:
         body, signature = _open(envelope)
         summary = cls.decode_claim(body)
         _check(summary)
-        try:
-            nacl.signing.VerifyKey(summary.signing_key).verify(LEDGER_TAG.encode() + body, signature)
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
-            raise LedgerError("ledger summary signature does not verify") from e
-        if not verify_binding(summary.peer_id, summary.signing_key, summary.binding):
-            raise LedgerError("ledger summary signing key is not bound to its PeerID")
+        signer = (summary.peer_id, summary.signing_key, summary.binding)
+        check_signature(LEDGER_TAG, body, signature, signer, LedgerError, "ledger summary")
         return summary
 
     @classmethod
@@ -132,13 +127,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "bytes": bytes, "int":
 def _open(envelope: Any) -> tuple[bytes, bytes]:
     if not isinstance(envelope, bytes) or len(envelope) > MAX_SUMMARY_BYTES:
         raise LedgerError(f"a ledger summary must be bytes of at most {MAX_SUMMARY_BYTES}")
-    outer = _unpack(envelope)
-    if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == LEDGER_TAG):
-        raise LedgerError("not a zen ledger summary envelope")
-    _, body, signature = outer
-    if not isinstance(body, bytes) or not isinstance(signature, bytes) or len(signature) != 64:
-        raise LedgerError("ledger summary body or signature has the wrong type")
-    return body, signature
+    return open_envelope(envelope, LEDGER_TAG, _unpack, LedgerError, "ledger summary")
 
 
 def _check(summary: LedgerSummary) -> None:

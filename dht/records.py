@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import msgpack
-import nacl.exceptions
-import nacl.signing
 
-from dht.identity import NodeIdentity, verify_binding
+from dht.envelope import check_signature, open_envelope, seal
+from dht.identity import NodeIdentity
 from dht.wire import WireError, unpack_bounded
 
 RECORD_TAG = "zen/peer-record/v1"
@@ -88,7 +87,7 @@ class PeerRecord:
             raise RecordError("a record must be signed by the identity it names")
         _check_fields(self)
         body = msgpack.packb(_to_wire(self), use_bin_type=True)
-        envelope = msgpack.packb([RECORD_TAG, body, identity.sign(RECORD_TAG.encode() + body)], use_bin_type=True)
+        envelope = seal(RECORD_TAG, body, identity)
         if len(envelope) > MAX_RECORD_BYTES:
             raise RecordError(f"record is {len(envelope)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
         return envelope
@@ -104,19 +103,10 @@ class PeerRecord:
             raise RecordError(f"record must be bytes, got {type(envelope).__name__}")
         if len(envelope) > MAX_RECORD_BYTES:
             raise RecordError(f"record is {len(envelope)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
-        outer = _unpack(envelope)
-        if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == RECORD_TAG):
-            raise RecordError("not a zen peer record envelope")
-        _, body, signature = outer
-        if not isinstance(body, bytes) or not isinstance(signature, bytes) or len(signature) != 64:
-            raise RecordError("envelope body or signature has the wrong type")
+        body, signature = open_envelope(envelope, RECORD_TAG, _unpack, RecordError, "peer record")
         record = _from_wire(_unpack(body))
-        try:
-            nacl.signing.VerifyKey(record.signing_key).verify(RECORD_TAG.encode() + body, signature)
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
-            raise RecordError("signature does not verify") from e
-        if not verify_binding(record.peer_id, record.signing_key, record.binding):
-            raise RecordError("signing key is not bound to the PeerID")
+        signer = (record.peer_id, record.signing_key, record.binding)
+        check_signature(RECORD_TAG, body, signature, signer, RecordError, "peer record")
         return record
 
 
