@@ -99,7 +99,7 @@ def test_group_members_send_the_same_coordinates_and_agree_on_the_mean(swarm: Se
     assert np.abs(mean[selected] - exact[selected]).max() <= bound
     # the parts travel packed: (bits + 2 headroom) bits per value, not 32
     for part, (start, stop) in enumerate(sessions[0].parts[:-1]):
-        assert sessions[0]._wire_size(part) == packed_size(stop - start, bits + 2)
+        assert sessions[0].layout.wire_size(part) == packed_size(stop - start, bits + 2)
 
 
 def test_error_feedback_loses_no_mass(swarm: SecAggSwarm) -> None:

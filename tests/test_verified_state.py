@@ -13,13 +13,13 @@ from helpers import NodeProcess, write_run_config
 from dht import NodeIdentity, PeerRecord, encode_sketch
 from dht.records import SKETCH_DIM, Capacity
 from dht.swarm import publish_record
-from node.config import load_node_config
+from node.config import AggregationConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
 from node.runtime import signed_record
 from node.training.checkpoint import load_round_params
 from node.training.outer import OuterState, state_digest
-from node.training.state_sharing import RecordVerifier, SharedState, StateSharer
+from node.training.state_sharing import RecordVerifier, SharedState, StateSharer, ahead_wait
 
 if TYPE_CHECKING:
     from conftest import SwarmPeer
@@ -43,6 +43,14 @@ def trainers(
         return [record_factory(identity_factory(None), round=r, state_digest=d) for r, d in states]
 
     return make
+
+
+def test_a_node_that_missed_a_round_waits_for_a_peer_ahead_as_long_as_a_round_takes() -> None:
+    """Not the whole aggregation timeout: when every member failed the round, nobody will be ahead."""
+    config = AggregationConfig(matchmaking_time=2.0, message_timeout=10.0, timeout=120.0)
+    assert ahead_wait(config, 0.0) == 12.0  # before any merged round: matchmaking and a message timeout
+    assert ahead_wait(config, 5.0) == 22.0  # and twice the slowest merged round
+    assert ahead_wait(config, 500.0) == 120.0  # never past the aggregation timeout
 
 
 def test_a_state_the_majority_signs_passes(trainers: Callable[..., list[PeerRecord]]) -> None:

@@ -26,6 +26,7 @@ each collect t signatures from colluders and reveal for different sets.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
@@ -117,7 +118,7 @@ class ContributorAgreement:
         threshold: int,
         sign: Callable[[bytes], bytes],
         keys: dict[int, dict[str, Any]],
-        post: Callable[[Iterable[int], str, dict[str, Any]], None],
+        post: Callable[[Iterable[int], str, dict[str, Any]], list[asyncio.Future[Any]]],
     ):
         self.index, self.peer_ids = transport.index, transport.peer_ids
         self.group_id, self.round_no = transport.group_id, transport.round_no
@@ -178,8 +179,10 @@ class ContributorAgreement:
         Raises:
             SecAggError: a peer reports other digests (naming the parts' holders and the reporter).
         """
-        self.post(live, "total", {"parts": parts})
+        sending = self.post(live, "total", {"parts": parts})
         reported = await self.collect("total", live, self.timeout)
+        if sending:  # the last message: ending the round now would cancel it, and the others would wait for it
+            await asyncio.wait(sending, timeout=self.timeout)
         for j, message in sorted(reported.items()):
             theirs = message.data["parts"]
             differ = (

@@ -117,6 +117,8 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # a digest of each part of the unmasked total the sender summed, before anyone decodes it
     # (consistency.py): a holder that sent its recipients different partial sums is caught
     "total": {"parts": _is_part_digests},
+    # the sender has left this round (its own failure; transport.py): no phase waits for it any longer
+    "abort": {"reason": lambda v: isinstance(v, str) and len(v) <= MAX_REASON},
 }
 
 _BODY_FIELDS = {"kind", "group", "round", "sender", "recipient", "data", "size", "digest"}

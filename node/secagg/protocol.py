@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CLAIM_ATTEMPTS = 2
+ABORT_WAIT = 1.0  # seconds a failed peer spends telling the others it left
 
 
 class MaskedAllReduce:
@@ -224,6 +225,9 @@ class MaskedAllReduce:
     async def run(self) -> SecAggResult:
         try:
             return await self._run()
+        except SecAggError as e:  # the others stop waiting for us now, not at their deadlines
+            await self.transport.abort(str(e), min(ABORT_WAIT, self.timeouts.message))
+            raise
         finally:
             self.close()  # a failed or cancelled peer stops sending
 
@@ -441,11 +445,9 @@ class MaskedAllReduce:
         """Send to each peer and wait for every acknowledgement (or failure)."""
         await asyncio.gather(*(self._send(j, kind, make(j)) for j in to if j != self.index))
 
-    def _post(self, to: Iterable[int], kind: str, data: dict[str, Any]) -> None:
+    def _post(self, to: Iterable[int], kind: str, data: dict[str, Any]) -> list[asyncio.Future[Any]]:
         """Send to each peer in the background: a peer that stalls must not hold up our next phase."""
-        for j in to:
-            if j != self.index:
-                self.transport.spawn(self._send(j, kind, data))
+        return [self.transport.spawn(self._send(j, kind, data)) for j in to if j != self.index]
 
     async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -481,9 +483,6 @@ class MaskedAllReduce:
             state.blamed.append(j)
             logger.warning(f"blamed peer {j} ({self.peer_ids[j]}): its shares {e}; left out of U")
             return None
-
-    def _wire_size(self, part: int) -> int:
-        return self.layout.wire_size(part)
 
     def _mask_part(self, part: int, state: RoundState) -> None:
         """masked[part] = enc(omega * x) + PRG(b) + sum_j sign * PRG(s_ij), each mask keyed for this part."""

@@ -25,7 +25,7 @@ from typing import Any
 from hivemind.p2p import P2P, PeerID
 
 from dht.identity import verify_binding
-from node.secagg.messages import MAX_REPLY_BYTES, Message, MessageError, named_indices, parse_reply
+from node.secagg.messages import MAX_REASON, MAX_REPLY_BYTES, Message, MessageError, named_indices, parse_reply
 from node.secagg.parts import PartLayout
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,26 @@ class GroupTransport:
         self.stats["bytes_sent"] += 4 + len(header) + len(payload)
         self.stats["messages_sent"] += 1
         return True
+
+    async def abort(self, reason: str, wait: float) -> None:
+        """Tell the other peers that we left the round, so that none waits for us until its deadline.
+
+        Best effort, at most ``wait`` s: a peer that misses it waits for us as for any silent peer.
+        A signed abort only removes its sender, which silence would do anyway.
+        """
+        data = {"reason": reason[:MAX_REASON]}
+
+        async def tell(to: int) -> None:
+            header = Message("abort", self.group_id, self.round_no, self.index, to, data).seal(self.sign)
+            await self._deliver(to, "abort", header, b"")
+
+        sends = [asyncio.ensure_future(tell(j)) for j in range(len(self.peer_ids)) if j != self.index]
+        for send in sends:
+            send.add_done_callback(_retrieve)
+        if sends:
+            _, pending = await asyncio.wait(sends, timeout=wait)
+            for send in pending:
+                send.cancel()
 
     def spawn(self, sending: Awaitable[Any]) -> asyncio.Future[Any]:
         """Run a send in the background (a peer that stalls must not hold up a phase); cancelled on close."""
@@ -204,6 +224,9 @@ class GroupTransport:
             raise MessageError(f"duplicate {message.kind!r} message from peer {message.sender}")
         if message.kind == "keys":
             self._signers[message.sender] = message.data["signing_pk"]
+        if message.kind == "abort":
+            logger.info(f"group {self.group_id.hex()[:8]}: peer {message.sender} left: {message.data['reason']}")
+            self._mark_dead(message.sender)
         self._inbox[slot] = message
         self._changed.set()
         return True

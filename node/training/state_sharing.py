@@ -6,7 +6,9 @@ round as priority, so a joiner downloads from the most advanced peer. What arriv
 before use: the metadata is a small msgpack map (hivemind's MSGPackSerializer; no pickle), and
 the tensors must match the local model's count, shapes and dtypes and be finite. Anything else
 is rejected and logged, and the node starts from its own state. ``wait_for_peer_ahead`` waits
-for a live peer that has finished a later round (a node that missed its group resyncs from it).
+for a live peer that has finished a later round (a node that missed its group resyncs from it), for
+``ahead_wait`` seconds: as long as a group that formed without us takes to finish its round, not the
+whole aggregation timeout (when every member failed the same round, nobody is ahead to wait for).
 
 Verified downloads: a donor's priority and round are its own say, so a Sybil could claim a huge
 round and serve anything. A trainer therefore checks a state against the run's signed records
@@ -44,6 +46,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from dht import PeerRecord, connect_to_peers
+from node.config import AggregationConfig
 from node.runtime import NodeRuntime
 from node.training.outer import state_digest
 
@@ -226,6 +229,12 @@ class StateSharer:
 
     def shutdown(self) -> None:
         self._averager.shutdown()
+
+
+def ahead_wait(config: AggregationConfig, longest_round: float) -> float:
+    """Seconds a node that missed a round waits for a peer to finish it: matchmaking, a message timeout
+    and twice the slowest round it has merged (``longest_round``; 0 before any), at most ``config.timeout``."""
+    return min(config.timeout, config.matchmaking_time + config.message_timeout + 2 * longest_round)
 
 
 def wait_for_peer_ahead(

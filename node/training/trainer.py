@@ -47,7 +47,7 @@ from node.training.outer import AggregationOutcome, InFlight, OuterState
 from node.training.privacy import TrainerPrivacy, compression_bound
 from node.training.report import REPORT_FILE, RoundOutcome, RoundReport, append_report
 from node.training.schedule import InnerSchedule
-from node.training.state_sharing import RecordVerifier, SharedState, StateSharer, wait_for_peer_ahead
+from node.training.state_sharing import RecordVerifier, SharedState, StateSharer, ahead_wait, wait_for_peer_ahead
 from node.wire_meter import WireMeter
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class TrainingNode:
         self._digest = b""  # state digest of the global parameters at ``round``
         self._inflight: InFlight | None = None
         self._unsent_samples = 0  # samples behind the progress not yet sent (carried when a round is missed)
+        self._longest_round = 0.0  # seconds of the slowest round a group merged (how long to wait for a peer ahead)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate")
         self._inner_seconds = 0.0  # inner-step time since the last report
         self._inner_mark = 0.0  # when the inner steps not yet in ``_inner_seconds`` began
@@ -331,12 +332,14 @@ class TrainingNode:
     ) -> AggregationOutcome:
         """Runs in the background: a group's mean, else a peer's newer state, else our own delta alone."""
         assert self.aggregator is not None
+        started = time.monotonic()
         try:
             result = self.aggregator.aggregate(round_no, mean, weight=samples)
         except AggregationError as e:
             logger.warning(str(e))
             result = None
         if result is not None:
+            self._longest_round = max(self._longest_round, time.monotonic() - started)
             residual = self.aggregator.residual
             if residual is not None:  # compression: what the sum left out stays ours
                 pieces = residual.split([t.numel() for t in mean])
@@ -346,10 +349,8 @@ class TrainingNode:
             return RoundOutcome.GROUP, result
         if self.stop_event.is_set():
             return RoundOutcome.STOPPED, None
-        among = self.aggregator.cohort_members  # with cohorts: only our own cohort's members (and donors)
-        if self._others_alive() and wait_for_peer_ahead(
-            self._swarm(), self.round, self.run.aggregation.timeout, self.stop_event, among
-        ):
+        among, wait = self.aggregator.cohort_members, ahead_wait(self.run.aggregation, self._longest_round)
+        if self._others_alive() and wait_for_peer_ahead(self._swarm(), self.round, wait, self.stop_event, among):
             state = self._download(round_no)
             if state is not None:
                 return RoundOutcome.RESYNC, state
@@ -418,8 +419,7 @@ class TrainingNode:
         self.on_round(report)
 
     def _report(self, mode: RoundOutcome, group_size: int, flight: InFlight | None) -> RoundReport:
-        now = time.perf_counter()
-        seconds = now - self._last_report
+        seconds = (now := time.perf_counter()) - self._last_report
         samples = flight.samples if flight is not None else 0
         train_loss, steps = flight.inner if flight is not None and mode.trained else (math.nan, 0)
         utilization = min(1.0, self._inner_seconds / max(seconds, 1e-9)) if steps else 0.0
