@@ -1,7 +1,7 @@
 """Attacks on what a node accepts (issue 15): one row per attack, the model's loss against an honest run.
 
 Real in-process stage servers and a sharded trainer on 127.0.0.1 (real libp2p, real signatures),
-built with the tests' helpers (``tests/test_sharding.py``, ``tests/test_sharding_attacks.py``). Each
+built with the sharding harness (``tests/sharding_harness.py``, shared with the tests). Each
 scenario trains ``--steps`` steps with an attacker present, and the same length with honest peers
 only; the held-out loss is the trainer's local parts around an honest replica's stage weights, on
 batches of a corpus no one trained on::
@@ -31,11 +31,10 @@ import torch
 from hivemind.utils import get_dht_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the scenarios' helpers live there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the harness lives with the tests
 
 from helpers import wait_until
-from test_sharding import node_config
-from test_sharding_attacks import ProofKeeper, TamperedServer, signed_ban, start_servers
+from sharding_harness import ProofKeeper, TamperedServer, node_config, signed_ban, start_servers
 
 from dht import SKETCH_DIM, Capacity, NodeIdentity, PeerRecord, encode_sketch, publish_record
 from dht.bans import list_bans, publish_ban

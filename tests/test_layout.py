@@ -1,5 +1,6 @@
 """Guard the house: arrows between layers point one way, no import cycle, no own-``__init__``
-import, no oversized function or module, and a cheap configuration import.
+import, no oversized function or module, a cheap configuration import, and no test module
+imported by another test or a benchmark (what they share lives in helper and harness modules).
 
 The layer order is docs/architecture.md's picture; moving a module across it is a deliberate
 change made here and there together.
@@ -149,6 +150,25 @@ def test_no_module_imports_its_own_package_face() -> None:
         if path.name != "__init__.py"
         and module.startswith(f"{target}.")
         and MODULES.get(target, path).name == "__init__.py"
+    ]
+
+    # Assert
+    assert offenders == []
+
+
+def test_no_test_module_is_imported_by_tests_or_benchmarks() -> None:
+    """Tests and benchmarks share ``helpers``, ``conftest`` and the ``*_harness`` modules, never a ``test_*`` one."""
+    # Prepare
+    sources = sorted((REPO_ROOT / "tests").glob("*.py")) + sorted((REPO_ROOT / "benchmarks").glob("*.py"))
+
+    # Execute
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{node.lineno} imports {name}"
+        for path in sources
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in ([node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])
+        if name.split(".")[0].startswith("test_")
     ]
 
     # Assert

@@ -18,19 +18,11 @@ import torch
 from helpers import LOCALHOST_MADDR, NodeProcess, wait_until, write_run_config
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from sharding_harness import node_config
 
 from dht import SwarmConfig, start_dht
 from dht.bans import BanError, BanRecord, evidence_digest, list_bans
-from node.config import (
-    AggregationConfig,
-    ModelConfig,
-    NodeConfig,
-    RunConfig,
-    ServeConfig,
-    ShardingConfig,
-    TrainConfig,
-    load_node_config,
-)
+from node.config import RunConfig, ServeConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
 from node.sharding.messages import StageReply, StageRequest
@@ -152,37 +144,6 @@ def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> Non
     finally:
         for process in processes:
             process.stop()
-
-
-def node_config(
-    tmp_path: Path, name: str, initial: list[str], spot_check: float = 1.0, average_period: float = 0.0
-) -> NodeConfig:
-    """An in-process node's config: one remote stage (blocks 1-2 of a 3-block GPT), every call spot-checked."""
-    run = RunConfig(
-        run_id="shard",
-        min_memory_gb=0.0,
-        model=ModelConfig(n_layer=3, d_model=32, context=32),
-        train=TrainConfig(batch_size=4),
-        aggregation=AggregationConfig(matchmaking_time=1.0, timeout=6.0),
-        sharding=ShardingConfig(
-            stages=1,
-            local_blocks=1,
-            request_timeout=3.0,
-            spot_check_fraction=spot_check,
-            average_period=average_period,
-        ),
-    )
-    swarm = SwarmConfig(host_maddrs=[LOCALHOST_MADDR], initial_peers=initial)
-    folder = tmp_path / name
-    return NodeConfig(
-        run=run,
-        swarm=swarm,
-        identity=str(folder / "id"),
-        workdir=str(folder / "work"),
-        device="cpu",
-        heartbeat_period=1.0,
-        record_ttl=6.0,
-    )
 
 
 class PerturbingServer(StageServer):

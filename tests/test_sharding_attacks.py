@@ -5,6 +5,10 @@ with gradients of its choice, to claim the victim's future steps. Sybil bans: a 
 just appeared bans every honest server. Both run against real in-process servers, trainers and DHT
 peers (real libp2p, real signatures); each test fails on the code before the defence.
 
+Mending from a lying replica: a listed server answers ``state`` with a poisoned state at a
+version ahead of everyone's; an honest replica that mends after a round without a group refuses
+it, names it in its log and copies the honest replica ahead instead (node/sharding/averaging.py).
+
 Weights that agree: a server whose stage weights were tampered, and which computes consistently
 with them (so spot-checks pass), among two honest replicas: the trainer compares the replicas'
 weights digests and bans the minority (node/sharding/agreement.py).
@@ -12,7 +16,7 @@ weights digests and bans the minority (node/sharding/agreement.py).
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,60 +25,18 @@ import torch
 from conftest import SwarmPeer
 from helpers import wait_until
 from hivemind.utils import get_dht_time
-from test_sharding import node_config
+from sharding_harness import LyingDonor, ProofKeeper, TamperedServer, node_config, signed_ban, start_servers
 
 from dht import NodeIdentity, PeerRecord, publish_record
-from dht.bans import MAX_BAN_TTL, BanError, BanRecord, ban_subkey, bans_key, evidence_digest, list_bans, publish_ban
-from node.config import ServeConfig
+from dht.bans import MAX_BAN_TTL, BanError, BanRecord, ban_subkey, bans_key, list_bans, publish_ban
 from node.data import generate_corpus
 from node.sharding.agreement import INITIAL_HISTORY, WeightsReport, compare_weights
 from node.sharding.client import RemoteStages
+from node.sharding.hosted import HostedStage
 from node.sharding.messages import StageMessageError, StageReply, StageRequest
 from node.sharding.proofs import gradients_digest, sign_step
 from node.sharding.server import StageServer
 from node.sharding.trainer import ShardedTrainer
-
-
-class ProofKeeper(StageServer):
-    """A listed replica of the stage that keeps every step proof it is sent (what a malicious one replays)."""
-
-    proofs: list[bytes]
-
-    async def _dispatch(self, request: StageRequest, remote: str) -> StageReply:
-        if request.proof:
-            self.proofs.append(request.proof)
-        return await super()._dispatch(request, remote)
-
-
-class TamperedServer(StageServer):
-    """Serves stage weights shifted by 0.02 and computes with them: its forward matches its published state."""
-
-    def _host(self, stage: int, records: list[PeerRecord]) -> None:
-        super()._host(stage, records)
-        with torch.no_grad():
-            for param in self.hosted[stage].params:
-                param.add_(0.02)
-
-
-def start_servers(tmp_path: Path, classes: list[type[StageServer]], spot_check: float = 0.0) -> list[StageServer]:
-    """In-process servers of stage 0, one per class, each seeing all of them listed before this returns.
-
-    ``spot_check`` is part of the run's hash: the trainer's config must use the same.
-    """
-    servers: list[StageServer] = []
-    initial: list[str] = []
-    for i, cls in enumerate(classes):
-        config = node_config(tmp_path, f"s{i}", initial, spot_check=spot_check)
-        server = cls(config, ServeConfig(rebalance_period=0, stages=(0,)))
-        server.proofs = []  # type: ignore[attr-defined]
-        servers.append(server.start())
-        initial = initial or list(servers[0].maddrs)
-    wait_until(
-        lambda: all(len(s.rpc.run(s.stage_replicas(0), timeout=30)) >= len(classes) for s in servers),
-        60,
-        "the servers to see each other's records",
-    )
-    return servers
 
 
 def params_of(server: StageServer) -> list[torch.Tensor]:
@@ -137,24 +99,60 @@ def test_a_listed_server_cannot_preempt_a_trainers_steps_by_replicating_them(tmp
             server.shutdown()
 
 
-def signed_ban(reporter: NodeIdentity, banned: str, run_hash: str, stage: int = 0, ttl: float = 60.0) -> bytes:
-    """A well-formed ban of ``banned`` by ``reporter``, its evidence digest right (the digests are of nothing)."""
-    inputs, output = os.urandom(32), os.urandom(32)
-    return BanRecord(
-        reporter=reporter.peer_id,
-        signing_key=reporter.signing_public_key,
-        binding=reporter.binding,
-        banned=banned,
-        stage=stage,
-        reason="stage 0 forward differs from recomputation by 0.5 (tolerance 0.001)",
-        evidence=evidence_digest(run_hash, banned, stage, 3, inputs, output),
-        timestamp=get_dht_time(),
-        run_hash=run_hash,
-        version=3,
-        inputs_digest=inputs,
-        output_digest=output,
-        ttl=ttl,
-    ).sign(reporter)
+def shifted_params(hosted: HostedStage) -> list[torch.Tensor]:
+    """The stage's state with every parameter moved by 5 (finite, and ruinous to the model)."""
+    count = len(hosted.params)
+    return [t + 5.0 if i < count else t for i, t in enumerate(hosted.state())]
+
+
+def runaway_moments(hosted: HostedStage) -> list[torch.Tensor]:
+    """The stage's own params and anchor, with first moments of 1 over second moments of 0 (a huge next step)."""
+    state, count = hosted.state(), len(hosted.params)
+    moments = [torch.ones_like(p) for p in hosted.params] + [torch.zeros_like(p) for p in hosted.params]
+    return [*state[:count], *moments, *state[3 * count :]]
+
+
+@pytest.mark.parametrize(
+    ("version", "poison", "reason"),
+    [
+        (2**40, shifted_params, "ahead of ours, more than the 256"),
+        (2, shifted_params, "its params are 5 from ours"),
+        (2, runaway_moments, "Adam moments are none AdamW makes"),
+    ],
+    ids=["inflated-version", "shifted-params", "runaway-moments"],
+)
+def test_a_replica_mending_after_a_round_without_a_group_refuses_a_lying_donor(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    version: int,
+    poison: Callable[[HostedStage], list[torch.Tensor]],
+    reason: str,
+) -> None:
+    """The liar ranks first (highest version) with a poisoned state: the honest replica refuses it, logs it,
+    and copies the honest replica one step ahead. Before the Mending checks it copied the liar's state."""
+    # Prepare
+    servers = start_servers(tmp_path, [StageServer, StageServer, LyingDonor])
+    behind, ahead, liar = servers
+    try:
+        grads = [torch.full_like(p, 0.1) for p in ahead.hosted[0].params]
+        ahead.rpc.run(ahead.in_compute(lambda: ahead.hosted[0].apply(("trainer", 7), grads)), timeout=30)
+        expected = params_of(ahead)
+        liar.lie = (version, poison)  # type: ignore[attr-defined]
+
+        # Execute
+        with caplog.at_level(logging.WARNING, logger="node.sharding.averaging"):
+            outcome = behind.rpc.run(behind.averager.average(0), timeout=90)
+
+        # Assert
+        assert outcome == "resynced"
+        assert behind.hosted[0].version == 1
+        assert all(torch.equal(a, b) for a, b in zip(params_of(behind), expected, strict=True))
+        assert behind.averager.donors_refused == {liar.identity.peer_id: 1}
+        refusals = [r.getMessage() for r in caplog.records if "not copying the state" in r.getMessage()]
+        assert len(refusals) == 1 and liar.identity.peer_id in refusals[0] and reason in refusals[0]
+    finally:
+        for server in servers:
+            server.shutdown()
 
 
 def test_a_sybil_trainer_cannot_ban_an_honest_server_and_a_quorum_of_trainers_bans_a_cheater(

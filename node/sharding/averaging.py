@@ -29,11 +29,43 @@ A round (all servers of a stage start it at the same wall-clock multiple of the 
    from the same gradients, only in another order.
 5. Resync. A server that formed no group (a missed step, a late start, a lost peer), and every
    server of a stage with exactly 2 servers, copies the state (params, moments, anchor, version)
-   of the listed replica with the highest version, ties to the smallest PeerID; if that is
-   itself, it keeps its state and the others copy it. Two servers do not average: a secure sum
-   of two reveals both inputs, and a plain mean is not needed for privacy either (a stage's
-   weights are public: every server answers ``state`` with them for trainers' spot-checks), but
-   copying one replica is what makes the two bit-identical; their difference is step order only.
+   of the listed replica with the highest version, ties to the smallest PeerID, that passes the
+   checks of "Mending" below (one that fails is logged and the next is tried); if that is itself,
+   it keeps its state and the others copy it. Two servers do not average: a secure sum of two
+   reveals both inputs, and a plain mean is not needed for privacy either (a stage's weights are
+   public: every server answers ``state`` with them for trainers' spot-checks), but copying one
+   replica is what makes the two bit-identical; their difference is step order only.
+
+Mending. A donor's ``state`` reply is its own word: a replica that reported a huge version with
+arbitrary finite weights used to be copied by every honest replica of its stage. A state is now
+copied only if updates could have produced it from ours, so one lying replica moves an honest one
+no further than the updates it claims:
+
+- its version is at most ``RESYNC_MAX_LEAD`` (256, as for a replicated step, server.py) ahead of
+  ours; a replica further behind cannot mend by copying (it takes no replicated step either): it
+  stays stale, trainers skip it, and a restart downloads the stage afresh;
+- every coordinate of its params lies within ``(v_donor - v_synced) + (v_ours - v_synced)``
+  updates of ours, where ``v_synced`` is the version at which we last held our peers' bits
+  (``HostedStage.synced_version``) and one update moves a coordinate by at most
+  ``lr * (ADAM_STEP_BOUND + weight_decay * max|p|)``: AdamW's step is ``lr * m_hat / (sqrt(v_hat) +
+  eps)``, and ``|m| <= 0.1 / sqrt(0.001) / sqrt(1 - 0.81 / 0.999) * sqrt(v) = 7.27 sqrt(v)`` for
+  any gradients (Cauchy-Schwarz over the moments' sums; the bias corrections only shrink it), and
+  an averaging round lands within its members' updates. Its anchor is ours or within the same
+  distance (a far anchor would pull the next round's params to it);
+- its Adam moments are ones AdamW could have made, ``|exp_avg| <= ADAM_STEP_BOUND * sqrt(exp_avg_sq)``
+  (larger ones would make our next step as large as they like).
+
+An honest donor that shared our bits at ``v_synced`` always passes. One that did not (it last
+synced with another replica) may be refused until both have made enough updates to cover their
+difference; meanwhile the replicas stay apart and trainers' weights checks tell them apart. What a
+lying replica can still do, per round: move each coordinate of the replicas that copy it by up to
+the bound above (at most ``RESYNC_MAX_LEAD`` plus twice our updates since the last sync, about as
+far as a trainer committing that many steps of gradients of its choice could; with the default lr
+of 3e-3 and a full lead, 6 per coordinate: bounded, not harmless), raise their
+version by up to 256, and serve large second moments that slow their next steps; never copy in
+non-finite weights, a far-off state, a runaway version or moments that blow up a step. With
+exactly 2 servers a liar is half the stage: nothing tells the two apart, and the bound is the
+whole defence.
 
 A server that is alone on its stage only re-anchors. Drift is clipped to ``DRIFT_BOUND`` per
 coordinate (one period of AdamW moves a coordinate by about ``period_steps * lr``); the 32-bit
@@ -61,7 +93,7 @@ from node.aggregation.base import AggregationError, AggregationResult, Aggregato
 from node.aggregation.factory import make_aggregator
 from node.config import AggregationConfig, RunConfig
 from node.sharding.hosted import HostedStage
-from node.sharding.messages import StageMessageError, StageReply, StageRequest
+from node.sharding.messages import STATE_BLOCKS, StageMessageError, StageReply, StageRequest
 
 if TYPE_CHECKING:
     import hivemind
@@ -73,6 +105,9 @@ logger = logging.getLogger(__name__)
 DRIFT_BOUND = 8.0  # per-coordinate clip of one period's drift in the fixed-point ring
 DRAIN_MARGIN_SECONDS = 0.5  # on top of the longest replication, before the snapshot
 KEY_BITS = 48  # bits of the round number that names (stage, version, anchor)
+RESYNC_MAX_LEAD = 256  # versions a resync donor may be ahead of us (module docstring: Mending)
+ADAM_STEP_BOUND = 8.0  # one AdamW step per coordinate, in units of lr (7.27 at betas 0.9, 0.999; Mending)
+RESYNC_TOLERANCE = 1e-5  # float32 rounding allowed on top of a donor's bound
 
 T = TypeVar("T")
 
@@ -117,6 +152,52 @@ def round_key(stage: int, version: int, anchor_digest: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=KEY_BITS // 8).digest(), "big")
 
 
+def max_magnitude(tensors: Sequence[torch.Tensor]) -> float:
+    """The largest absolute value in ``tensors`` (0.0 for none)."""
+    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+
+
+def donor_refusal(
+    mine: Sequence[torch.Tensor], version: int, synced_version: int, offer: StageReply, step_bound: float
+) -> str | None:
+    """Why a resync donor's state may not be copied (module docstring: Mending); None if it may.
+
+    Args:
+        mine: our state as ``HostedStage.state()`` lists it (params, two Adam moments, anchor), on CPU.
+        version: our version.
+        synced_version: the version at which we last held our peers' bits.
+        offer: the donor's ``state`` reply (at a version not below ours).
+        step_bound: how far one update may move a coordinate.
+
+    Returns:
+        None, or a one-line reason naming the check that failed.
+    """
+    lead = offer.version - version
+    if lead > RESYNC_MAX_LEAD:
+        return f"its version is {lead} ahead of ours, more than the {RESYNC_MAX_LEAD} a resync may catch up"
+    tensors = offer.tensors
+    count = len(mine) // STATE_BLOCKS
+    if len(tensors) != len(mine) or any(
+        t.shape != m.shape or not torch.isfinite(t).all() for t, m in zip(tensors, mine, strict=True)
+    ):
+        return "its state is not finite params, two Adam moments and an anchor of the stage's shapes"
+    for avg, avg_sq in zip(tensors[count : 2 * count], tensors[2 * count : 3 * count], strict=True):
+        if (avg_sq < 0).any() or (avg.abs() > ADAM_STEP_BOUND * avg_sq.sqrt()).any():
+            return f"its Adam moments are none AdamW makes (|exp_avg| > {ADAM_STEP_BOUND:g} * sqrt(exp_avg_sq))"
+    updates = (offer.version - synced_version) + (version - synced_version)
+    allowance = updates * step_bound + RESYNC_TOLERANCE
+    params = mine[:count]
+    moved = max_magnitude([(t - p) for t, p in zip(tensors[:count], params, strict=True)])
+    if moved > allowance:
+        return f"its params are {moved:.3g} from ours, more than {updates} updates move them ({allowance:.3g})"
+    anchor = tensors[3 * count :]
+    if not all(torch.equal(a, b) for a, b in zip(anchor, mine[3 * count :], strict=True)):
+        off = max_magnitude([(a - p) for a, p in zip(anchor, params, strict=True)])
+        if off > allowance:
+            return f"its anchor is {off:.3g} from our params, more than {updates} updates move them ({allowance:.3g})"
+    return None
+
+
 class StageAverager:
     """The periodic averaging rounds of one stage server's hosted stages (runs on the server's event loop).
 
@@ -132,6 +213,7 @@ class StageAverager:
         self.stop_event = stop_event
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, resynced, kept, alone, gone
         self.last: dict[int, AggregationResult] = {}  # each stage's last round that averaged
+        self.donors_refused: Counter[str] = Counter()  # resync donors whose state failed the Mending checks
         self._aggregators: dict[int, Aggregator] = {}
         self._blocking = ThreadPoolExecutor(max_workers=64, thread_name_prefix="zen-stage-averaging")
         self._rounds = 0
@@ -237,27 +319,56 @@ class StageAverager:
             aggregator.shutdown()
 
     async def _resync(self, stage: int, hosted: HostedStage, others: list[str]) -> str:
-        """Copy the state of the listed replica with the highest version (ties: smallest PeerID), unless that is us."""
+        """Copy the state of the listed replica with the highest version (ties: smallest PeerID) that passes
+        the Mending checks (module docstring), unless that is us."""
         replies = await asyncio.gather(
             *(self.host.call(peer, StageRequest("state", stage)) for peer in others), return_exceptions=True
         )
-        candidates: list[tuple[int, str, StageReply | None]] = [(hosted.version, self.host.identity.peer_id, None)]
-        for peer, reply in zip(others, replies, strict=True):
-            if not isinstance(reply, BaseException) and reply.ok:
-                candidates.append((reply.version, peer, reply))
-        version, donor, best = min(candidates, key=lambda c: (-c[0], c[1]))
-        if best is None:
+        answered = [
+            (-reply.version, peer, reply)
+            for peer, reply in zip(others, replies, strict=True)
+            if not isinstance(reply, BaseException) and reply.ok
+        ]
+        ours = (-hosted.version, self.host.identity.peer_id)
+        offers = sorted(offer for offer in answered if offer[:2] < ours)
+        if not offers:
+            if answered:
+                await self.host.in_compute(hosted.mark_synced)  # the replicas that answered copy us
             return "kept"
-        if version == hosted.version:
-            mine = await self.host.in_compute(hosted.state)
-            if all(torch.equal(a.detach().cpu(), b.cpu()) for a, b in zip(mine, best.tensors, strict=True)):
+        for _, donor, offer in offers:
+            outcome = await self._copy(stage, hosted, donor, offer)
+            if outcome:
+                return outcome
+        logger.warning(f"stage {stage}: no listed replica offered a state we may copy; keeping ours")
+        return "kept"
+
+    async def _copy(self, stage: int, hosted: HostedStage, donor: str, offer: StageReply) -> str | None:
+        """Copy ``offer`` unless it fails the Mending checks; None when it is refused (logged)."""
+        mine = await self.host.in_compute(hosted.state)
+        if offer.version == hosted.version and len(mine) == len(offer.tensors):
+            if all(torch.equal(a.detach().cpu(), b.cpu()) for a, b in zip(mine, offer.tensors, strict=True)):
+                await self.host.in_compute(hosted.mark_synced)
                 return "kept"  # the donor already holds our bits (it may have copied them from us this round)
-        try:
-            await self.host.in_compute(hosted.load_state, best.tensors, best.version, best.applied, best.history)
-        except StageMessageError as e:
-            logger.warning(f"stage {stage}: could not resync from {donor[:16]}: {e}")
-            return "kept"
-        logger.info(f"stage {stage}: copied version {version} from {donor[:16]} after a round without a group")
+        train = self.run.train
+        step_bound = train.inner_lr * (ADAM_STEP_BOUND + train.weight_decay * max_magnitude(hosted.params))
+        reason = donor_refusal(
+            [t.detach().cpu() for t in mine], hosted.version, hosted.synced_version, offer, step_bound
+        )
+        if reason is None:
+            try:
+                await self.host.in_compute(
+                    hosted.load_state, offer.tensors, offer.version, offer.applied, offer.history
+                )
+            except StageMessageError as e:
+                reason = str(e)
+        if reason is not None:
+            self.donors_refused[donor] += 1
+            logger.warning(
+                f"stage {stage}: not copying the state of replica {donor} (version {offer.version}, ours "
+                f"{hosted.version}): {reason}"
+            )
+            return None
+        logger.info(f"stage {stage}: copied version {offer.version} from {donor[:16]} after a round without a group")
         return "resynced"
 
     def shutdown(self) -> None:

@@ -10,7 +10,10 @@ Version. ``version`` counts the updates this replica has made to the stage: one 
 step (its own commit or a replicated one) and one per averaging round it took part in. Every
 member of an averaging group held the same version before the round (the round's key includes
 it) and adds one, so the group agrees on it afterwards; it never goes down, so a trainer that
-skips servers behind its last committed version never sees it go backwards.
+skips servers behind its last committed version never sees it go backwards. ``synced_version``
+is the version at which this replica last held the same bits as its peers (start-up, a download,
+an averaging round, or a resync round whose donor it was): a donor's state may differ from ours
+by no more than the updates both made since (node/sharding/averaging.py, "Mending").
 
 Anchor. ``anchor`` is the stage's parameters as they were right after the last averaging round
 (bit-identical on every member of that round's group) or, for a lone server, at its last
@@ -61,6 +64,7 @@ class HostedStage:
         self.params = list(module.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.version = 0
+        self.synced_version = 0  # the version at which we last held our peers' bits (see the module docstring)
         self.pending: collections.OrderedDict[tuple[str, int], dict[int, list[torch.Tensor]]] = (
             collections.OrderedDict()
         )
@@ -174,8 +178,13 @@ class HostedStage:
             for param, anchor, drift in zip(self.params, self.anchor, mean, strict=True):
                 param.copy_(anchor - drift.to(param.device, param.dtype))
         self.version += 1
+        self.synced_version = self.version
         self.reanchor()
         self.history = chain_history(self.history, "average", self.anchor_digest)
+
+    def mark_synced(self) -> None:
+        """Our state is the one the stage's other replicas copy this round (we were the resync's donor)."""
+        self.synced_version = self.version
 
     def weights_report(self) -> WeightsReport:
         """This replica's version, history and weights digest (hashed once per version and history)."""
@@ -220,6 +229,6 @@ class HostedStage:
                     }
         self.anchor = [t.clone().to(p.device) for t, p in zip(tensors[3 * count :], self.params, strict=True)]
         self.anchor_digest = tensors_digest(self.anchor)
-        self.version = version
+        self.version = self.synced_version = version
         self.history = history if len(history) == len(INITIAL_HISTORY) else INITIAL_HISTORY
         self.applied.update({pair: version for pair in applied})
