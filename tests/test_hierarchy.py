@@ -69,7 +69,7 @@ def test_importance_weights_scale_a_cohort_by_size_to_the_minus_alpha(alpha: flo
 
 
 def test_cohort_config_is_validated_and_refuses_unsupported_combinations() -> None:
-    """Out-of-range fields name themselves; cohorts with sharding or user-level DP are refused for now."""
+    """Out-of-range fields name themselves; cohorts with sharding are refused for now, with user-level DP not."""
     with pytest.raises(ConfigError, match=r"cohorts\.alpha"):
         load_node_config(None, {"run.cohorts.alpha": -1.0})
     with pytest.raises(ConfigError, match=r"cohorts\.local_patterns"):
@@ -77,8 +77,7 @@ def test_cohort_config_is_validated_and_refuses_unsupported_combinations() -> No
     with pytest.raises(ConfigError, match="cohorts cannot yet be combined with sharding"):
         load_node_config(None, {"run.cohorts.enabled": True, "run.sharding.stages": 1})
     user_dp = {"run.privacy.enabled": True, "run.privacy.level": "user", "run.privacy.target_epsilon": 8.0}
-    with pytest.raises(ConfigError, match="cohorts cannot yet be combined with user-level DP"):
-        load_node_config(None, {"run.cohorts.enabled": True, **user_dp})
+    assert load_node_config(None, {"run.cohorts.enabled": True, **user_dp}).run.privacy.level == "user"
     with pytest.raises(ConfigError, match=r"cohorts\.min_separation"):
         load_node_config(None, {"run.cohorts.min_separation": 1.0})
     combined = {"run.cohorts.enabled": True, "run.compression.bits": 8, "run.privacy.enabled": True}

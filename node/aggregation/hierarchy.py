@@ -25,6 +25,16 @@ overlapped loop, staleness rule and round alignment are unchanged):
 A cohort smaller than the aggregation's ``min_group_size`` (a secure group needs 3) cannot average
 on its own: its members skip the cohort step, train their cohort params solo, and still bring
 their global params to the cross-cohort rounds (with their own delta in place of a cohort mean).
+
+With user-level DP (a ``noise`` share) each ring adds its own noise share, sized for its own group,
+and each ring's release is its own accounting event: the cohort ring releases under slot 0 of the
+release ledger (node/secagg/privacy.py), the cross-cohort ring under slot 1 (``CROSS_COHORT_RING``).
+Counting the cross-cohort release is an upper bound when the cohort ring decoded (its input is then
+the cohort's noised mean, post-processing), and exact when it did not (our own clipped update). A round
+whose cohort ring released no mean for us while the cross-cohort ring did would otherwise apply our
+own un-noised update to the cohort params, which ``StateSharer`` serves: under DP that part is
+withheld (zero in the mean, all of it in ``residual``), so it stays in the local model, to be sent
+with a later cohort group, as a solo round's update does (node/training/privacy.py).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import fnmatch
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import hivemind
@@ -43,10 +53,12 @@ from dht import Cohort, CohortMatcher, list_peers
 from node.aggregation.base import AggregationError, AggregationResult, Aggregator
 from node.aggregation.factory import make_aggregator
 from node.config import CohortConfig, ConfigError
+from node.secagg.privacy import NoiseShare
 
 logger = logging.getLogger(__name__)
 
 TAGS = ("global", "cohort", "local")
+CROSS_COHORT_RING = 1  # the release ledger's slot of the cross-cohort ring (the cohort ring's is 0)
 
 
 @dataclass(frozen=True)
@@ -123,7 +135,10 @@ class HierarchicalAggregator(Aggregator):
         partition: the tags of the parameters.
         cohorts: the run's cohort settings.
         min_group_size: the smallest group an aggregator accepts; smaller cohorts skip the cohort step.
-        make: builds an inner aggregator, ``make(dht, run_id, templates, **kwargs)``; kwargs are passed on.
+        make: builds an inner aggregator, ``make(dht, run_id, templates, noise=..., **kwargs)``; kwargs are
+            passed on.
+        noise: this node's user-level DP noise share (None: none); the cross-cohort ring gets a copy that
+            releases under ``CROSS_COHORT_RING``.
     """
 
     def __init__(
@@ -137,15 +152,19 @@ class HierarchicalAggregator(Aggregator):
         cohorts: CohortConfig,
         min_group_size: int,
         make: AggregatorFactory = make_aggregator,
+        noise: NoiseShare | None = None,
         **kwargs: Any,
     ):
         self.dht, self.run_id, self.run_hash, self.peer_id = dht, run_id, run_hash, peer_id
         self.partition, self.cohorts, self.min_group_size = partition, cohorts, min_group_size
         self.matcher = cohort_matcher(run_id, cohorts, min_group_size)
-        self._make, self._kwargs = make, kwargs
+        self._make, self._kwargs, self._noise = make, kwargs, noise
         self._shared_templates = [templates[i] for i in partition.shared]
+        cross_noise = None if noise is None else replace(noise, ring=CROSS_COHORT_RING)
         self._global = (
-            make(dht, run_id, [templates[i] for i in partition.global_], **kwargs) if partition.global_ else None
+            make(dht, run_id, [templates[i] for i in partition.global_], noise=cross_noise, **kwargs)
+            if partition.global_
+            else None
         )
         self._cohort_aggregator: tuple[str, Aggregator] | None = None
         self._residual: torch.Tensor | None = None  # the last aggregate's, over every parameter (``residual``)
@@ -171,7 +190,8 @@ class HierarchicalAggregator(Aggregator):
                 self._cohort_aggregator = None
             if wanted is not None and self._cohort_aggregator is None:
                 key = f"{self.run_id}-cohort-{wanted}"
-                self._cohort_aggregator = (wanted, self._make(self.dht, key, self._shared_templates, **self._kwargs))
+                made = self._make(self.dht, key, self._shared_templates, noise=self._noise, **self._kwargs)
+                self._cohort_aggregator = (wanted, made)
         return self.cohort
 
     def prepare_round(self, round_no: int) -> None:
@@ -203,6 +223,7 @@ class HierarchicalAggregator(Aggregator):
         results: list[AggregationResult] = []
         rings: list[tuple[Aggregator, tuple[int, ...]]] = []  # the steps that averaged, with what they carried
         self._residual = None
+        cohort_averaged = False  # whether the cohort ring gave us its (noised, under DP) mean
         if step is not None:
             shared = [tensors[i] for i in self.partition.shared]  # the same tensors: averaged in place
             result = step[1].aggregate(round_no, shared, weight)
@@ -211,6 +232,7 @@ class HierarchicalAggregator(Aggregator):
             else:
                 results.append(result)
                 rings.append((step[1], self.partition.shared))
+                cohort_averaged = True
         if self._global is not None and round_no % self.cohorts.global_every == 0:
             global_ = [tensors[i] for i in self.partition.global_]
             try:
@@ -223,7 +245,10 @@ class HierarchicalAggregator(Aggregator):
                 rings.append((self._global, self.partition.global_))
         if not results:
             return None
-        self._residual = self._combined_residual(tensors, rings)
+        withheld = self.partition.cohort if self._noise is not None and not cohort_averaged else ()
+        self._residual = self._combined_residual(tensors, rings, withheld)
+        for i in withheld:  # DP: our un-noised delta must not reach the served cohort params (module docstring)
+            tensors[i].zero_()
         peers = tuple(sorted({p for r in results for p in r.peers}))
         return AggregationResult(round=round_no, group_size=results[0].group_size, peers=peers)
 
@@ -234,16 +259,22 @@ class HierarchicalAggregator(Aggregator):
         Each ring keeps its own error feedback (compression residuals per ring): a cohort or global
         parameter gets what the cohort ring left out of the node's update, and on cross-cohort rounds a
         global parameter also what the run-wide ring left out of the cohort mean the node brought to it;
-        the trainer adds both to the next round's update. Local parameters were never sent: zero.
+        the trainer adds both to the next round's update. Local parameters were never sent: zero. Under
+        DP, cohort parameters that no cohort ring averaged this round are left out whole (module docstring).
         """
         return self._residual
 
     @staticmethod
     def _combined_residual(
-        tensors: Sequence[torch.Tensor], rings: Sequence[tuple[Aggregator, tuple[int, ...]]]
+        tensors: Sequence[torch.Tensor],
+        rings: Sequence[tuple[Aggregator, tuple[int, ...]]],
+        withheld: Sequence[int] = (),
     ) -> torch.Tensor | None:
+        """The rings' residuals over every parameter, plus the whole of ``tensors[i]`` for ``withheld`` i."""
         pieces = [torch.zeros(t.numel(), dtype=torch.float32) for t in tensors]
-        left_out = False
+        left_out = bool(withheld)
+        for i in withheld:
+            pieces[i] += tensors[i].detach().reshape(-1).to("cpu", torch.float32)
         for ring, indices in rings:
             residual = ring.residual
             if residual is None:

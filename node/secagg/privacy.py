@@ -26,6 +26,13 @@ round, and the accountant counts every one (``PrivacyAccountant.sync``). A round
 its parts went out is counted although its sum may never have been formed: the count is an upper
 bound on what was released, never below it.
 
+With cohorts a round runs up to two rings (node/aggregation/hierarchy.py): the cohort ring, and
+every ``global_every`` rounds the cross-cohort ring. Each is its own secure all-reduce with its own
+noise share (``NoiseShare.ring`` names it), and each release is its own accounting event: the
+ledger then has one slot per ring, and a round's permit allows as many releases as the budget
+still fits (at most one per ring, taken in the order the rings run), so a retry inside one ring
+cannot spend the other ring's release and the count stays exact.
+
 Gaps, stated plainly:
 - Accounting treats each round as a Gaussian mechanism with multiplier
   ``sigma * C * s / (C * s + sqrt(d))``: stochastic rounding can add up to ``sqrt(d)`` (ring
@@ -69,21 +76,32 @@ class ReleaseRefused(Exception):
 
 
 class ReleaseLedger:
-    """Permits and releases of this node's noised update, in memory shared with the averager process.
+    """Permits and releases of this node's noised update, in memory shared with the averager processes.
 
-    The trainer sets ``permit(1)`` before a round it may spend budget on (``permit(0)`` otherwise); the
-    masked all-reduce calls ``NoiseShare.at_phase``, which checks a permit at "keys" and takes it at
-    "parts" (one release). ``released`` counts every release since the ledger was made.
+    The trainer sets ``permit(n)`` before a round (``n`` releases the budget still fits, at most one per
+    ring; ``permit(0)``: none); each masked all-reduce calls ``NoiseShare.at_phase``, which checks its ring's
+    permit at "keys" and takes it at "parts" (one release). ``released`` counts every release since the
+    ledger was made, over all rings.
+
+    Args:
+        rings: the secure all-reduces a round may run, each releasing at most once (1; 2 with cohorts).
     """
 
-    def __init__(self) -> None:
-        self._permits = mp.Value("i", 0)
+    def __init__(self, rings: int = 1) -> None:
+        if rings < 1:
+            raise ValueError(f"a release ledger needs at least one ring, got {rings}")
+        self.rings = rings
+        self._permits = mp.Value("i", 0)  # releases this round may still make, over all rings
+        self._done = mp.Array("b", rings, lock=False)  # 1: this ring released this round (guarded by _permits)
         self._released = mp.Value("i", 0)
 
     def permit(self, count: int) -> None:
-        """Allow ``count`` more releases (replacing any unused permit: a round never inherits one)."""
+        """Allow this round ``count`` releases in all, one per ring at most (replacing whatever the last round
+        left unused: a round never inherits a permit)."""
         with self._permits.get_lock():
             self._permits.value = count
+            for ring in range(self.rings):
+                self._done[ring] = 0
 
     @property
     def permits(self) -> int:
@@ -93,19 +111,25 @@ class ReleaseLedger:
     def released(self) -> int:
         return int(self._released.value)
 
-    def check(self) -> None:
-        """ReleaseRefused unless a permit is left (a session's first phase)."""
-        if self._permits.value <= 0:
-            raise ReleaseRefused("no DP release permitted for this round (already released, or budget spent)")
-
-    def take(self) -> None:
-        """Use the permit and count one release (our noised parts are about to leave)."""
+    def check(self, ring: int = 0) -> None:
+        """ReleaseRefused unless ``ring`` may still release this round (a session's first phase)."""
         with self._permits.get_lock():
-            if self._permits.value <= 0:
-                raise ReleaseRefused("no DP release permitted for this round (already released, or budget spent)")
+            self._refuse_unless_permitted(ring)
+
+    def take(self, ring: int = 0) -> None:
+        """Use ``ring``'s permit and count one release (our noised parts are about to leave)."""
+        with self._permits.get_lock():
+            self._refuse_unless_permitted(ring)
             self._permits.value -= 1
+            self._done[ring] = 1
             with self._released.get_lock():
                 self._released.value += 1
+
+    def _refuse_unless_permitted(self, ring: int) -> None:
+        if not 0 <= ring < self.rings:
+            raise ReleaseRefused(f"no ring {ring} in this release ledger (it has {self.rings})")
+        if self._permits.value <= 0 or self._done[ring]:
+            raise ReleaseRefused("no DP release permitted for this round (already released, or budget spent)")
 
 
 @dataclass(frozen=True)
@@ -116,15 +140,16 @@ class NoiseShare:
     clip_norm: float  # C
     max_dropouts: int  # t: the noise survives this many peers dropping or colluding
     ledger: ReleaseLedger | None = field(default=None, compare=False, repr=False)  # None: releases not gated
+    ring: int = 0  # the ledger's slot this share releases under (with cohorts: 0 the cohort ring, 1 cross-cohort)
 
     def at_phase(self, phase: str) -> None:
-        """The masked all-reduce's hook at each phase: a permit checked at "keys", taken at "parts"."""
+        """The masked all-reduce's hook at each phase: the ring's permit checked at "keys", taken at "parts"."""
         if self.ledger is None:
             return
         if phase == "keys":
-            self.ledger.check()
+            self.ledger.check(self.ring)
         elif phase == "parts":
-            self.ledger.take()
+            self.ledger.take(self.ring)
 
     def contributors_needed(self, group_size: int) -> int:
         """The fewest shares that together carry the full sigma * C: the smallest U a round may accept.
@@ -237,13 +262,16 @@ def effective_multiplier(noise_multiplier: float, clip_norm: float, scale: float
 
 
 class PrivacyAccountant:
-    """One node's budget: the rounds it contributed to, epsilon spent, and whether it may send again.
+    """One node's budget: the releases it made, epsilon spent, and whether it may send again.
+
+    Every release is one Gaussian mechanism, and ``rounds`` counts releases, not outer rounds: with cohorts
+    a round releases once per ring that ran (the cohort ring, and on cross-cohort rounds the run-wide one).
 
     Args:
-        noise_multiplier: the multiplier each round is accounted with (``effective_multiplier``).
+        noise_multiplier: the multiplier each release is accounted with (``effective_multiplier``).
         delta: the delta of every reported epsilon.
         budget: the epsilon the node may spend; ``math.inf`` for no limit.
-        rounds: rounds already contributed (restored from a checkpoint).
+        rounds: releases already counted (restored from a checkpoint).
         ledger: the releases the averager counted (``sync`` adds the new ones); None: ``record`` only.
     """
 
@@ -267,9 +295,9 @@ class PrivacyAccountant:
     def rdp_epsilon(self) -> float:
         return rdp_epsilon(self.noise_multiplier, self.rounds, self.delta)
 
-    def can_contribute(self) -> bool:
-        """Whether one more contribution keeps epsilon within the budget."""
-        return math.isinf(self.budget) or self.epsilon(self.rounds + 1) <= self.budget
+    def can_contribute(self, more: int = 1) -> bool:
+        """Whether ``more`` contributions keep epsilon within the budget."""
+        return math.isinf(self.budget) or self.epsilon(self.rounds + more) <= self.budget
 
     def record(self) -> None:
         """Count one release of this node's update."""
@@ -285,8 +313,12 @@ class PrivacyAccountant:
         return new
 
     def permit_round(self) -> bool:
-        """Before a round: grant the ledger one release if the budget allows one more, else none."""
-        allowed = self.can_contribute()
+        """Before a round: grant the ledger as many releases as the budget still fits, one per ring at most;
+        returns whether it granted any."""
+        rings = self.ledger.rings if self.ledger is not None else 1
+        allowed = 0
+        while allowed < rings and self.can_contribute(allowed + 1):
+            allowed += 1
         if self.ledger is not None:
-            self.ledger.permit(1 if allowed else 0)
-        return allowed
+            self.ledger.permit(allowed)
+        return allowed > 0

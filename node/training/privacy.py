@@ -8,7 +8,10 @@
   are no longer counted: nothing they produce leaves the node.
 - ``"user"``: the node's whole pseudo-gradient is clipped to ``clip_norm`` and noised inside the
   masked ring (node/secagg/privacy.py); the accountant counts releases through a ``ReleaseLedger``
-  shared with the averager process (a permit per round, each release counted, no retry after one).
+  shared with the averager processes (a permit per round, each release counted, no retry after one).
+  With ``[run.cohorts]`` a round runs two rings, the cohort ring and every ``global_every`` rounds the
+  cross-cohort one, and each ring's release is its own accounting event: the ledger has a slot per
+  ring, and the noise is planned for ``planned_releases`` (the rounds plus their cross-cohort rings).
   The accountant's effective noise multiplier accounts for the ring's fixed-point scale, so the ring
   bound (and the compression bound it depends on) is computed here too. Before anything starts
   (``check_privacy``, which ``zen-node join`` calls before it creates any folder or identity, and
@@ -105,10 +108,28 @@ def check_user_population(run: RunConfig, dimension: int, noise_multiplier: floa
     return ratio
 
 
-def user_noise_multiplier(privacy: PrivacyConfig) -> float:
-    """User level: sigma, the run's ``noise_multiplier`` or calibrated from ``target_epsilon`` over the plan."""
+def release_rings(run: RunConfig) -> int:
+    """User level: the secure all-reduces a round may run, each one release: 2 with cohorts (cohort and
+    cross-cohort rings, node/aggregation/hierarchy.py), else 1."""
+    return 2 if run.cohorts.enabled else 1
+
+
+def planned_releases(run: RunConfig) -> int:
+    """User level: the releases ``planned_rounds`` rounds make, the events sigma is calibrated over.
+
+    One a round, and with cohorts one more on every round that is a multiple of ``global_every`` (its
+    cross-cohort ring): ``R + R // global_every``, e.g. 150 for 100 rounds with ``global_every = 2``.
+    """
+    rounds = run.privacy.planned_rounds
+    return rounds + rounds // run.cohorts.global_every if run.cohorts.enabled else rounds
+
+
+def user_noise_multiplier(run: RunConfig) -> float:
+    """User level: sigma, the run's ``noise_multiplier`` or calibrated from ``target_epsilon`` over the
+    planned releases (``planned_releases``)."""
+    privacy = run.privacy
     return privacy.noise_multiplier or calibrate_noise_multiplier(
-        privacy.target_epsilon, privacy.delta, privacy.planned_rounds
+        privacy.target_epsilon, privacy.delta, planned_releases(run)
     )
 
 
@@ -126,7 +147,7 @@ def check_privacy(run: RunConfig) -> None:
     if not privacy.enabled or privacy.level != "user":
         return
     dimension = sum(p.numel() for p in build_run_model(run.model, run.train.seed, False, run.lora).parameters())
-    check_user_population(run, dimension, user_noise_multiplier(privacy))
+    check_user_population(run, dimension, user_noise_multiplier(run))
 
 
 def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tuple[NoiseShare, PrivacyAccountant]:
@@ -141,9 +162,9 @@ def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tupl
         ConfigError: the run's groups are below the population floor (``check_user_population``).
     """
     privacy = run.privacy
-    sigma = user_noise_multiplier(privacy)
+    sigma = user_noise_multiplier(run)
     check_user_population(run, dimension, sigma)
-    ledger = ReleaseLedger()
+    ledger = ReleaseLedger(rings=release_rings(run))
     noise = NoiseShare(sigma, privacy.clip_norm, privacy.max_dropouts, ledger=ledger)
     bound = ring_bound(run.aggregation, noise, compression_bound(run))
     scale = FixedPointCodec(MAX_SECURE_GROUP, bound, bits=run.compression.bits).scale
@@ -156,7 +177,8 @@ def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tupl
     accountant.epsilon(accountant.rounds + 1)
     logger.info(
         f"user-level differential privacy: clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, "
-        f"delta {privacy.delta}, budget epsilon {budget}"
+        f"delta {privacy.delta}, budget epsilon {budget}, up to {ledger.rings} release(s) a round "
+        f"({planned_releases(run)} planned)"
     )
     return noise, accountant
 
@@ -255,7 +277,7 @@ class TrainerPrivacy:
         """Before a round is sent: clip it (user level) and say whether the budget lets it leave."""
         if self.accountant is not None:
             clip_update(sent, self.clip_norm)  # the clipped-off excess stays unsent, for later
-            allowed = self.accountant.permit_round()
+            allowed = self.accountant.permit_round()  # a release per ring that the budget still fits
         else:
             allowed = self._counting
         if not allowed and not self.budget_spent:
@@ -267,9 +289,12 @@ class TrainerPrivacy:
         return allowed
 
     def landed(self) -> None:
-        """After a round, whatever its outcome: count the releases the averager made (user level)."""
-        if self.accountant is not None:
-            self.accountant.sync()
+        """After a round, whatever its outcome: count the releases the averagers made (user level)."""
+        if self.accountant is not None and (new := self.accountant.sync()):
+            logger.info(
+                f"{new} DP release(s) counted this round, {self.accountant.rounds} in all: "
+                f"epsilon {self.accountant.epsilon():.4f}"
+            )
 
     def publishes(self, mode: RoundOutcome) -> bool:
         """Whether a round that formed no group (or whose mean the gate rejected) may apply its update to the

@@ -315,7 +315,7 @@ class TrainingNode:
         sent = self.outer.pseudo_gradient(self.model)
         round_no = self.round + 1
         future: Future[AggregationOutcome] = Future()
-        if self.privacy is not None and not self.privacy.launch(sent):  # user level: clipped, one release permitted
+        if self.privacy is not None and not self.privacy.launch(sent):  # user DP: clipped; a release per ring it fits
             future.set_result((RoundOutcome.LOCAL, None))
         mean = [t.clone() for t in sent]
         undelivered: list[torch.Tensor] = []
