@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 
 
 AggregationMode = Literal["secure", "plain"]  # masked all-reduce, or hivemind's float averager
+GroupFormation = Literal["matchmaking", "declared"]  # who forms secure groups (node/secagg/formation.py)
 CompressionBits = Literal[4, 8, 16, 32]  # bits per value in the secure ring; 32 = no quantization
 LrSchedule = Literal["constant", "cosine"]  # the inner learning rate over the run's inner steps (after warmup)
 
@@ -112,6 +113,11 @@ class AggregationConfig:
     # Sybils: a leader refuses other followers, a follower asks no other leader, a group with another
     # member aborts before any message (docs/architecture.md, "Who forms groups")
     allowlist: list[str] = field(default_factory=list)
+    # secure: who forms groups. "matchmaking": hivemind's (a leader gathers followers, so a leader with Sybils
+    # can choose a victim's group); "declared": every ready peer declares itself and all compute the same
+    # partition from a seed nobody chose (node/secagg/formation.py; the peers' clocks must agree to well within
+    # matchmaking_time / 4)
+    formation: GroupFormation = "matchmaking"
     # the held-out loss gate (node/training/gate.py): a group's mean whose outer step would raise this node's
     # held-out loss by more than this fraction of it is not applied (the round is "rejected"); 0 = no gate.
     # 0.5: honest steps measured up to +21% (the overlapped loop), a mean poisoned within the bounds +30% in its
@@ -120,6 +126,11 @@ class AggregationConfig:
 
     def __post_init__(self) -> None:
         _require_choice(self.mode, AggregationMode, "aggregation.mode")
+        _require_choice(self.formation, GroupFormation, "aggregation.formation")
+        _require(
+            self.formation == "matchmaking" or self.mode == "secure",
+            "aggregation.formation = 'declared' needs aggregation.mode = 'secure'",
+        )
         _require(
             math.isfinite(self.gate_tolerance) and 0 <= self.gate_tolerance <= 10,
             f"aggregation.gate_tolerance must be in [0, 10] (a fraction of the held-out loss; 0 = no gate), "
@@ -199,7 +210,9 @@ class PrivacyConfig:
     target_epsilon: float = 0.0  # the budget: a node stops sending updates before exceeding it; 0 = none
     delta: float = 1e-5  # the delta of every epsilon
     max_dropouts: int = 1  # t (user level): the aggregate keeps its noise when this many peers drop out or collude
-    planned_rounds: int = 100  # rounds the budget is planned for, when sigma is derived (record: x inner_steps)
+    # rounds the budget is planned for, when sigma is derived (record: x inner_steps; user with cohorts: plus one
+    # cross-cohort release every cohorts.global_every rounds, node/training/privacy.py planned_releases)
+    planned_rounds: int = 100
     # user level: start even when the noise on a group's mean outweighs the clipped update (groups of
     # aggregation.min_group_size below the floor sigma * sqrt(d), node/training/privacy.py); a warning names the ratio
     allow_noisy: bool = False
@@ -373,11 +386,6 @@ class RunConfig:
         _require(
             not self.cohorts.enabled or self.sharding.stages == 0,
             "cohorts cannot yet be combined with sharding; set cohorts.enabled = false or sharding.stages = 0",
-        )
-        _require(
-            not (self.cohorts.enabled and self.privacy.enabled and self.privacy.level == "user"),
-            "cohorts cannot yet be combined with user-level DP (a round's two releases, cohort and cross-cohort, "
-            "are one accounting event today); use privacy.level = 'record' or set cohorts.enabled = false",
         )
         _require(
             self.sharding.stages == 0 or (self.train.lr_schedule == "constant" and self.train.warmup_steps == 0),

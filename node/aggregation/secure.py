@@ -63,6 +63,7 @@ class SecureAggregator(AveragerAggregator):
             noise=noise,
             compression=compression,
             group_rounds=config.group_rounds,
+            formation=config.formation,
             allowlist=[PeerID.from_base58(peer) for peer in config.allowlist],
             prefix=f"zen_{run_id}_secagg",
             target_group_size=MAX_SECURE_GROUP,

@@ -35,7 +35,9 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import enter_asynchronously
 
 from node.config import CompressionConfig
+from node.secagg.declared import DeclaredFormation
 from node.secagg.endpoint import SecAggEndpoint
+from node.secagg.formation import GROUP_TARGET
 from node.secagg.kept_group import KeptGroup, gathered_round, key_fingerprint, round_group_id
 from node.secagg.parts import Workspace
 from node.secagg.privacy import NoiseShare
@@ -123,6 +125,8 @@ class SecureAverager(DecentralizedAverager):
             error feedback on, ``residual`` (shared memory, flat float32) holds what was not sent.
         group_rounds: rounds a matched group runs before matching again (kept_group.py); 1: every round.
         allowlist: the PeerIDs that may share a group with this peer (itself included); empty: anyone.
+        formation: "matchmaking" (hivemind's: a leader gathers followers) or "declared" (formation.py: a
+            partition of the declared peers under a seed that nobody chose).
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class SecureAverager(DecentralizedAverager):
         compression: CompressionConfig | None = None,
         group_rounds: int = 1,
         allowlist: Iterable[PeerID] = (),
+        formation: str = "matchmaking",
         **kwargs: Any,
     ):
         if kwargs.get("client_mode"):
@@ -147,7 +152,7 @@ class SecureAverager(DecentralizedAverager):
         self._endpoint: SecAggEndpoint | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._workspace = Workspace()
-        self._group_rounds = group_rounds
+        self._group_rounds, self._formation = group_rounds, formation
         self._allowed = frozenset(allowlist)
         self._kept: KeptGroup | None = None  # the group that may run the next round unmatched (in the averager process)
         self.bytes_sent = mp.Value("d", 0.0)  # shared with the averager process
@@ -170,13 +175,30 @@ class SecureAverager(DecentralizedAverager):
             matchmaking.__class__ = _GatedMatchmaking
             matchmaking.allowed = self._allowed
         match = matchmaking.look_for_group
+        declared = self._declared(matchmaking) if self._formation == "declared" else None
 
         async def look_for_group(step: Any) -> GroupInfo | None:
             group = self._kept_round(step.data_for_gather)
-            return group if group is not None else await match(step)
+            if group is not None:
+                return group
+            return await declared.form(step.data_for_gather) if declared is not None else await match(step)
 
         matchmaking.look_for_group = look_for_group
         self.__dict__["_paced_matchmaking"] = matchmaking
+
+    def _declared(self, matchmaking: Matchmaking) -> DeclaredFormation:
+        """Declared group formation in place of ``matchmaking``'s leaders (formation.py); it never runs theirs."""
+        return DeclaredFormation(
+            dht=self.dht,
+            prefix=self.prefix,
+            peer_id=matchmaking.peer_id,
+            identity=self._signer,
+            window=matchmaking.min_matchmaking_time,
+            min_size=matchmaking.min_group_size,
+            target=GROUP_TARGET,
+            allowed=self._allowed,
+            serializer=self.serializer,
+        )
 
     def _kept_round(self, data_for_gather: bytes) -> GroupInfo | None:
         """The kept group's next round for the round this step gathers, or None (then matchmaking)."""

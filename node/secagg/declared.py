@@ -1,0 +1,156 @@
+"""The DHT side of declared group formation (formation.py): commit, read, reveal, read, partition.
+
+Runs in the averager's process, in place of hivemind's matchmaking, once per attempt of a round; an
+attempt that yields no group returns None and hivemind's step tries again (the next slot) until the
+round's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from node.secagg.formation import (
+    SECRET_BYTES,
+    Commitment,
+    DeclarationError,
+    formation_seed,
+    group_id_of,
+    open_reveal,
+    partition,
+    read_commitments,
+    seal_commitment,
+    seal_reveal,
+    slot_of,
+)
+from node.secagg.kept_group import gathered_round
+from node.secagg.state import SecAggIdentity
+
+logger = logging.getLogger(__name__)
+
+_ROUNDS_REMEMBERED = 4  # rounds whose withheld reveals are remembered
+_SUBKEY = "by:"  # + the declarer's PeerID (a bare PeerID string would be checked as a peer record: dht/validator.py)
+
+
+class DeclaredFormation:
+    """One peer's declared group formation (formation.py's module docstring).
+
+    Args:
+        dht: the node's DHT (as the averager's process sees it).
+        prefix: the run's averaging prefix; keys are ``{prefix}_form_{round}_{slot}_{commit|reveal}``.
+        peer_id: this peer.
+        identity: signs our declarations (its key is bound to ``peer_id``).
+        window: W, the slot length (aggregation.matchmaking_time).
+        min_size: the smallest group (aggregation.min_group_size); target: peers per group where enough declared.
+        allowed: PeerIDs whose declarations count (aggregation.allowlist); empty: everyone's.
+        serializer: hivemind's MSGPackSerializer (the gathered data's format).
+    """
+
+    def __init__(
+        self,
+        *,
+        dht: Any,
+        prefix: str,
+        peer_id: PeerID,
+        identity: SecAggIdentity,
+        window: float,
+        min_size: int,
+        target: int,
+        allowed: frozenset[PeerID],
+        serializer: Any,
+    ):
+        self.dht, self.prefix, self.me, self.identity = dht, prefix, str(peer_id), identity
+        self.window, self.min_size, self.target, self.serializer = window, min_size, target, serializer
+        self.allowed = frozenset(str(peer) for peer in allowed)
+        self.withheld: dict[int, set[str]] = {}  # round -> peers that committed and did not reveal
+
+    async def form(self, data_for_gather: bytes) -> GroupInfo | None:
+        """Our group for the round ``data_for_gather`` names, or None (too few declared, or a reveal withheld)."""
+        round_no = gathered_round(data_for_gather, self.serializer)
+        if round_no is None:
+            return None
+        slot = slot_of(get_dht_time(), self.window)
+        boundary, key = slot * self.window, f"{self.prefix}_form_{round_no}_{slot}"
+        secret = os.urandom(SECRET_BYTES)
+        signer = (self.identity.sign, self.identity.signing_public_key, self.identity.binding)
+        commitment = seal_commitment(self.me, round_no, slot, secret, data_for_gather, signer)
+        await self._store(f"{key}_commit", commitment, boundary)
+        await _sleep_until(boundary)
+        found = read_commitments(await self._read(f"{key}_commit"), round_no, slot, self.allowed)
+        skipped = self.withheld.get(round_no, set())
+        commitments = {p: c for p, c in found.items() if p not in skipped and self._gathers(c, round_no)}
+        if self.me not in commitments:  # our own store may not be visible yet: we know what we declared
+            commitments[self.me] = Commitment(self.me, round_no, slot, b"", data_for_gather, b"")
+        if len(commitments) < self.min_size:
+            logger.info(f"round {round_no} slot {slot}: {len(commitments)} peers declared, fewer than {self.min_size}")
+            return None
+        await self._store(f"{key}_reveal", seal_reveal(self.me, round_no, slot, secret, self.identity.sign), boundary)
+        await _sleep_until(boundary + self.window / 2)
+        secrets = self._secrets(await self._read(f"{key}_reveal"), commitments, round_no)
+        if secrets is None:
+            return None
+        secrets[self.me] = secret
+        seed = formation_seed(round_no, slot, secrets)
+        for index, members in enumerate(partition(commitments, seed, self.min_size, self.target)):
+            if self.me in members:
+                gathered = tuple(commitments[peer].gathered for peer in members)
+                peers = tuple(PeerID.from_base58(peer) for peer in members)
+                logger.info(f"round {round_no} slot {slot}: group {index}, {len(members)} of {len(secrets)} declared")
+                return GroupInfo(group_id_of(seed, index), peers, gathered)
+        return None
+
+    def _gathers(self, commitment: Commitment, round_no: int) -> bool:
+        """Whether a commitment's gathered data is what a node gathers, for this round (else it is ignored)."""
+        try:
+            bandwidth, mode, user_bytes = self.serializer.loads(commitment.gathered)
+            ok = isinstance(bandwidth, int | float | None) and isinstance(mode, int) and isinstance(user_bytes, bytes)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or gathered_round(commitment.gathered, self.serializer) != round_no:
+            logger.warning(f"ignored {commitment.peer_id[:16]}'s commitment: its gathered data is malformed")
+            return False
+        return True
+
+    def _secrets(
+        self, reveals: dict[str, Any], commitments: dict[str, Commitment], round_no: int
+    ) -> dict[str, bytes] | None:
+        """Every other committed peer's verified secret; None (and the silent ones remembered) if one is missing."""
+        secrets, missing = {}, []
+        for peer, commitment in commitments.items():
+            if peer == self.me:
+                continue
+            try:
+                secrets[peer] = open_reveal(reveals.get(peer), commitment)
+            except DeclarationError as e:
+                missing.append(peer)
+                logger.warning(f"round {round_no}: {peer[:16]} committed and did not reveal ({e}); left out")
+        if missing:
+            self.withheld.setdefault(round_no, set()).update(missing)
+            for old in sorted(self.withheld)[:-_ROUNDS_REMEMBERED]:
+                del self.withheld[old]
+            return None
+        return secrets
+
+    async def _store(self, key: str, value: bytes, boundary: float) -> None:
+        expiration = boundary + 4 * self.window
+        await self.dht.store(key, value, expiration_time=expiration, subkey=_SUBKEY + self.me, return_future=True)
+
+    async def _read(self, key: str) -> dict[str, Any]:
+        """``{subkey: value}`` stored under ``key`` (values unwrapped from their expirations)."""
+        found = await self.dht.get(key, latest=True, return_future=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        entries = found.value.items()
+        return {k.removeprefix(_SUBKEY): e.value for k, e in entries if isinstance(k, str) and k.startswith(_SUBKEY)}
+
+
+async def _sleep_until(when: float) -> None:
+    delay = when - get_dht_time()
+    if delay > 0:
+        await asyncio.sleep(delay)
