@@ -89,7 +89,7 @@ class BanRecord:
             raise BanError("a ban record must be signed by the identity it names")
         _check(self)
         body = msgpack.packb(asdict(self), use_bin_type=True)
-        return seal(BAN_TAG, body, identity)
+        return seal(BAN_TAG, body, identity.sign)
 
     @classmethod
     def verify(cls, envelope: Any) -> BanRecord:

@@ -16,14 +16,14 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
-from dht.identity import NodeIdentity, verify_binding
+from dht.identity import verify_binding
 
 SIGNATURE_BYTES = 64
 
 
-def seal(tag: str, body: bytes, identity: NodeIdentity) -> bytes:
-    """The envelope of ``body``, signed by ``identity`` under ``tag``."""
-    return msgpack.packb([tag, body, identity.sign(tag.encode() + body)], use_bin_type=True)
+def seal(tag: str, body: bytes, sign: Callable[[bytes], bytes]) -> bytes:
+    """The envelope of ``body``, signed under ``tag`` by ``sign`` (an identity's Ed25519 signer)."""
+    return msgpack.packb([tag, body, sign(tag.encode() + body)], use_bin_type=True)
 
 
 def open_envelope(
@@ -57,9 +57,20 @@ def check_signature(
         error: the signature does not verify, or the signing key is not bound to the PeerID.
     """
     peer_id, signing_key, binding = signer
+    verify_signature(tag, body, signature, signing_key, error, what)
+    if not verify_binding(peer_id, signing_key, binding):
+        raise error(f"{what} signing key is not bound to the PeerID it names")
+
+
+def verify_signature(
+    tag: str, body: bytes, signature: bytes, signing_key: bytes, error: type[Exception], what: str
+) -> None:
+    """Check ``signature`` over ``tag + body`` by ``signing_key`` alone (its binding checked elsewhere).
+
+    Raises:
+        error: the signature does not verify.
+    """
     try:
         nacl.signing.VerifyKey(signing_key).verify(tag.encode() + body, signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
         raise error(f"{what} signature does not verify") from e
-    if not verify_binding(peer_id, signing_key, binding):
-        raise error(f"{what} signing key is not bound to the PeerID it names")

@@ -81,7 +81,7 @@ class LedgerSummary:
             raise LedgerError("a ledger summary must be signed by the identity it names")
         _check(self)
         body = msgpack.packb(asdict(self), use_bin_type=True)
-        envelope = seal(LEDGER_TAG, body, identity)
+        envelope = seal(LEDGER_TAG, body, identity.sign)
         if len(envelope) > MAX_SUMMARY_BYTES:
             raise LedgerError(f"ledger summary is {len(envelope)} bytes, over the {MAX_SUMMARY_BYTES}-byte limit")
         return envelope

@@ -87,7 +87,7 @@ class PeerRecord:
             raise RecordError("a record must be signed by the identity it names")
         _check_fields(self)
         body = msgpack.packb(_to_wire(self), use_bin_type=True)
-        envelope = seal(RECORD_TAG, body, identity)
+        envelope = seal(RECORD_TAG, body, identity.sign)
         if len(envelope) > MAX_RECORD_BYTES:
             raise RecordError(f"record is {len(envelope)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
         return envelope

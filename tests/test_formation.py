@@ -8,6 +8,7 @@ real DHT on 127.0.0.1 derive the same group, leaving out a peer that commits and
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import random
@@ -49,13 +50,8 @@ def test_every_peer_derives_the_same_groups_whatever_order_it_read_the_declarati
     assert [len(g) for g in groups] == [10, 10]  # 20 // 8 = 2 groups, each at least the target
     assert partition(PEERS, os.urandom(32), min_size=3, target=8) != groups  # another seed, another draw
     assert partition(PEERS[:2], seed, min_size=3) == []  # fewer than the minimum: no group
-    assert partition(PEERS[:5], seed, min_size=3) == [sorted(PEERS[:5], key=lambda p: groups_order(seed, p))]
-
-
-def groups_order(seed: bytes, peer: str) -> bytes:
-    import hashlib
-
-    return hashlib.sha256(seed + peer.encode()).digest()
+    by_hash = sorted(PEERS[:5], key=lambda peer: hashlib.sha256(seed + peer.encode()).digest())
+    assert partition(PEERS[:5], seed, min_size=3) == [by_hash]  # one group below 2 x target, in H(seed, peer) order
 
 
 def test_a_victim_lands_with_only_sybils_no_more_often_than_a_uniform_draw_gives() -> None:

@@ -46,10 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import nacl.exceptions
-import nacl.signing
 
-from dht.envelope import check_signature, open_envelope
+from dht.envelope import check_signature, open_envelope, seal, verify_signature
 from dht.wire import WireError, unpack_bounded
 
 logger = logging.getLogger(__name__)
@@ -102,15 +100,11 @@ def seal_commitment(
     body = msgpack.packb(
         [peer_id, round_no, slot, commitment_of(secret), gathered, signing_key, binding], use_bin_type=True
     )
-    return _envelope(COMMIT_TAG, body, sign)
+    return seal(COMMIT_TAG, body, sign)
 
 
 def seal_reveal(peer_id: str, round_no: int, slot: int, secret: bytes, sign: Callable[[bytes], bytes]) -> bytes:
-    return _envelope(REVEAL_TAG, msgpack.packb([peer_id, round_no, slot, secret], use_bin_type=True), sign)
-
-
-def _envelope(tag: str, body: bytes, sign: Callable[[bytes], bytes]) -> bytes:
-    return msgpack.packb([tag, body, sign(tag.encode() + body)], use_bin_type=True)
+    return seal(REVEAL_TAG, msgpack.packb([peer_id, round_no, slot, secret], use_bin_type=True), sign)
 
 
 def _unpack(data: Any) -> Any:
@@ -152,10 +146,8 @@ def open_reveal(data: Any, commitment: Commitment) -> bytes:
         raise DeclarationError("a reveal for another peer, round or slot")
     if not _is_bytes(secret, SECRET_BYTES) or commitment_of(secret) != commitment.commit:
         raise DeclarationError("a revealed secret that does not match its commitment")
-    try:  # under the key the commitment bound to the PeerID
-        nacl.signing.VerifyKey(commitment.signing_key).verify(REVEAL_TAG.encode() + body, signature)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
-        raise DeclarationError("reveal signature does not verify") from e
+    # under the key the commitment bound to the PeerID
+    verify_signature(REVEAL_TAG, body, signature, commitment.signing_key, DeclarationError, "reveal")
     return secret
 
 
