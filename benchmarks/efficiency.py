@@ -87,6 +87,7 @@ from node.config import CompressionConfig, TrainConfig  # noqa: E402
 from node.data import TokenBatches, batch_seed, split_corpus  # noqa: E402
 from node.demo import join_command, start_bootstrap, stop_process  # noqa: E402
 from node.training.checkpoint import load_round_params  # noqa: E402
+from node.training.optimizers import build_inner_optimizer  # noqa: E402
 from node.training.report import REPORT_FILE  # noqa: E402
 
 EVAL_BATCHES = 16
@@ -122,6 +123,7 @@ DEFAULTS: dict[str, Any] = {
     "inner_steps": 50,
     "batch_size": 16,
     "inner_lr": 3e-3,
+    "inner_optimizer": "adamw",
     "outer_lr": TrainConfig().outer_lr,  # the run's defaults (they were DiLoCo's 0.7 / 0.9 before the sweep)
     "outer_momentum": TrainConfig().outer_momentum,
     "n_layer": 2,
@@ -153,6 +155,7 @@ def resolve_settings(args: argparse.Namespace) -> None:
             inner_steps=inner_steps,
             rounds=max(1, math.ceil(preset.steps_per_peer / inner_steps)),
             inner_lr=train.inner_lr,
+            inner_optimizer=train.inner_optimizer,
             outer_lr=train.outer_lr,
             outer_momentum=train.outer_momentum,
             overlap=train.overlap,
@@ -174,6 +177,7 @@ min_memory_gb = 0.0
 inner_steps = {args.inner_steps}
 batch_size = {args.batch_size}
 inner_lr = {args.inner_lr}
+inner_optimizer = "{args.inner_optimizer}"
 outer_lr = {args.outer_lr}
 outer_momentum = {args.outer_momentum}
 seed = {SEED}
@@ -210,9 +214,10 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
 
 
 def train_curve(batches: TokenBatches, held_out: list[Any], args: argparse.Namespace, built: BenchmarkModel) -> Curve:
-    """One model, AdamW for rounds x H steps on ``batches``, no peers: the curve (samples, held-out loss)."""
+    """One model, the run's inner optimizer for rounds x H steps on ``batches``, no peers: the curve (samples,
+    held-out loss)."""
     model = built.build(SEED)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.inner_lr, weight_decay=0.0)
+    optimizer = build_inner_optimizer(model, args.inner_optimizer, args.inner_lr, 0.0)
     steps = args.rounds * args.inner_steps
     curve = [(0, evaluate(model, held_out))]
     for step in range(1, steps + 1):
@@ -355,7 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rounds", type=int, help="outer rounds, e.g. 8 (default 8; a preset: steps per peer / H)")
     add("--inner-steps", type=int, help="H inner steps per round, e.g. 50 (default 50; a preset: the run's H)")
     add("--batch-size", type=int, help="per-peer batch (sequences), e.g. 16")
-    add("--inner-lr", type=float, help="AdamW learning rate, e.g. 0.003 (a preset: the run's)")
+    add("--inner-lr", type=float, help="inner learning rate, e.g. 0.003 (a preset: the run's)")
+    add(
+        "--inner-optimizer",
+        choices=["adamw", "muon"],
+        help="inner optimizer of swarm, central and alone (a preset: the run's)",
+    )
     add("--outer-lr", type=float, help="outer Nesterov learning rate, e.g. 0.7 (a preset: the run's)")
     add("--outer-momentum", type=float, help="outer Nesterov momentum, e.g. 0.9 (a preset: the run's)")
     add("--n-layer", type=int, help="transformer blocks, e.g. 2")
@@ -402,6 +412,8 @@ def summarize(
         "overlap": args.overlap,
         "outer_lr": args.outer_lr,
         "outer_momentum": args.outer_momentum,
+        "inner_lr": args.inner_lr,
+        "inner_optimizer": args.inner_optimizer,
         "central_final_loss": central_loss,
         "swarm_final_loss": swarm_loss,
         "alone_final_loss": alone_loss,

@@ -51,6 +51,7 @@ from node.config import ModelConfig, TrainConfig  # noqa: E402
 from node.data import ByteBatches, batch_seed, split_corpus  # noqa: E402
 from node.model import build_model  # noqa: E402
 from node.training.inner import evaluate  # noqa: E402
+from node.training.optimizers import build_inner_optimizer  # noqa: E402
 from node.training.outer import OuterState  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +79,8 @@ class Setup:
     lr_schedule: str  # "constant" or "cosine"
     warmup_steps: int  # cosine only: linear warmup steps
     eval_every: int  # central steps between evaluations of its curve
+    inner_optimizer: str = "adamw"  # "adamw" or "muon" (node/training/optimizers.py), for every run of the setup
+    lr: float = 0.0  # the inner (and central, alone) learning rate; 0: the preset's
 
     @property
     def model(self) -> ModelConfig:
@@ -90,7 +93,11 @@ class Setup:
 
     @property
     def inner_lr(self) -> float:
-        return float(PRESETS[self.preset]["inner_lr"])
+        return self.lr or float(PRESETS[self.preset]["inner_lr"])
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """The inner optimizer every run of this setup uses (the node's own builder)."""
+        return build_inner_optimizer(model, self.inner_optimizer, self.inner_lr, 0.0)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,7 @@ class Point:
     delay: str  # tau in inner steps between a round's launch and its mean's landing, or "H" (one round late)
     warm_start_rounds: int  # K rounds of warm_start_h steps before rounds of H
     warm_start_h: int
+    swarm_lr_scale: float = 1.0  # the peers' inner lr over the baselines' (central and alone keep the setup's)
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
@@ -146,7 +154,7 @@ def baseline(setup: Setup, kind: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     train, held_out = load(setup)
     model = build_model(setup.model, SEED)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.inner_lr, weight_decay=0.0)
+    optimizer = setup.optimizer(model)
     if kind == "central":
         batch = setup.peers * setup.batch_size
         batches = ByteBatches(train, setup.model.context, batch, seed=SEED)
@@ -192,8 +200,8 @@ def simulate(setup: Setup, point: Point) -> dict[str, Any]:
         seed=SEED,
         overlap=point.delay != "0",
     )
-    models = [build_model(setup.model, SEED) for _ in range(setup.peers)]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=setup.inner_lr, weight_decay=0.0) for m in models]
+    models = [build_model(setup.model, SEED) for _ in range(setup.peers)]  # optimizers' lr: set at every step
+    optimizers = [setup.optimizer(m) for m in models]
     streams = [peer_batches(train, setup, i) for i in range(setup.peers)]
     outer = OuterState(models[0], config)  # every peer's global params are the same; one copy stands for all
     inflight: list[list[torch.Tensor]] | None = None  # every peer's sent delta, until the mean lands
@@ -215,7 +223,11 @@ def simulate(setup: Setup, point: Point) -> dict[str, Any]:
             if inflight is not None and step == land_at:
                 land(inflight)
                 inflight = None
-            lr = setup.inner_lr * lr_factor(step, setup.steps, setup.lr_schedule, setup.warmup_steps)
+            lr = (
+                point.swarm_lr_scale
+                * setup.inner_lr
+                * lr_factor(step, setup.steps, setup.lr_schedule, setup.warmup_steps)
+            )
             for model, optimizer, stream in zip(models, optimizers, streams, strict=True):
                 inner_step(model, optimizer, stream, lr)
             step += 1
@@ -247,6 +259,8 @@ def derive(setup: Setup, point: Point, run: dict[str, Any], central: list[Any], 
         "peers": setup.peers,
         "steps": setup.steps,
         "lr_schedule": setup.lr_schedule,
+        "inner_optimizer": setup.inner_optimizer,
+        "inner_lr": setup.inner_lr,
         "warmup_steps": setup.warmup_steps if setup.lr_schedule == "cosine" else 0,
         **asdict(point),
         "delay": point.delay if point.delay == "H" else int(point.delay),
@@ -289,6 +303,9 @@ def parse_args() -> argparse.Namespace:
         "--delay", type=delays, default=["H"], help="tau inner steps, or H (one round late), e.g. 0,2,H"
     )
     parser.add_argument("--lr-schedule", type=comma(str), default=["constant"], help="constant,cosine")
+    parser.add_argument("--inner-optimizer", type=comma(str), default=["adamw"], help="adamw,muon (all runs)")
+    parser.add_argument("--inner-lr", type=comma(float), default=[0.0], help="inner lr of all runs (0: preset's)")
+    parser.add_argument("--swarm-lr-scale", type=comma(float), default=[1.0], help="peers' inner lr x, e.g. 1,1.5,2")
     parser.add_argument("--warmup-steps", type=int, default=50, help="cosine: linear warmup steps, e.g. 50")
     parser.add_argument("--warm-start-rounds", type=comma(int), default=[0], help="K rounds of small H, e.g. 0,100")
     parser.add_argument("--warm-start-h", type=int, default=1, help="inner steps of a warm-start round, e.g. 1")
@@ -296,6 +313,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel processes, e.g. 2")
     parser.add_argument("--json", action="store_true", help="one JSON line per configuration and a summary line")
     args = parser.parse_args()
+    for kind in args.inner_optimizer:
+        if kind not in ("adamw", "muon"):
+            parser.error(f"--inner-optimizer takes adamw or muon, got {kind!r}")
     for schedule in args.lr_schedule:
         if schedule not in ("constant", "cosine"):
             parser.error(f"--lr-schedule takes constant or cosine, got {schedule!r}")
@@ -314,13 +334,18 @@ def main() -> int:
     started = time.perf_counter()
     steps = args.steps or int(PRESETS[args.preset]["steps"])
     setups = [
-        Setup(args.data, args.preset, n, steps, s, args.warmup_steps, args.eval_every)
-        for n, s in itertools.product(args.peers, args.lr_schedule)
+        Setup(args.data, args.preset, n, steps, s, args.warmup_steps, args.eval_every, o, lr)
+        for n, s, o, lr in itertools.product(args.peers, args.lr_schedule, args.inner_optimizer, args.inner_lr)
     ]
     points = [
-        Point(lr, m, h, tau, k, args.warm_start_h)
-        for lr, m, h, tau, k in itertools.product(
-            args.outer_lr, args.outer_momentum, args.inner_steps, args.delay, args.warm_start_rounds
+        Point(lr, m, h, tau, k, args.warm_start_h, scale)
+        for lr, m, h, tau, k, scale in itertools.product(
+            args.outer_lr,
+            args.outer_momentum,
+            args.inner_steps,
+            args.delay,
+            args.warm_start_rounds,
+            args.swarm_lr_scale,
         )
     ]
     lines: list[dict[str, Any]] = []
@@ -339,7 +364,8 @@ def main() -> int:
             else:
                 print(
                     f"N={line['peers']} lr={point.outer_lr} m={point.outer_momentum} H={point.inner_steps} "
-                    f"tau={point.delay} {setup.lr_schedule} K={point.warm_start_rounds}: loss {line['final_loss']} "
+                    f"tau={point.delay} {setup.lr_schedule} {setup.inner_optimizer} lr={setup.inner_lr} "
+                    f"x{point.swarm_lr_scale} K={point.warm_start_rounds}: loss {line['final_loss']} "
                     f"gap_closed {line['gap_closed']} efficiency {line['efficiency']} "
                     f"(central {line['central_final_loss']}, alone {line['alone_final_loss']})",
                     flush=True,

@@ -30,6 +30,7 @@ AggregationMode = Literal["secure", "plain"]  # masked all-reduce, or hivemind's
 GroupFormation = Literal["matchmaking", "declared"]  # who forms secure groups (node/secagg/formation.py)
 CompressionBits = Literal[4, 8, 16, 32]  # bits per value in the secure ring; 32 = no quantization
 LrSchedule = Literal["constant", "cosine"]  # the inner learning rate over the run's inner steps (after warmup)
+InnerOptimizerKind = Literal["adamw", "muon"]  # the inner optimizer (node/training/optimizers.py)
 
 
 @dataclass
@@ -52,9 +53,11 @@ class TrainConfig:
     lr_schedule: LrSchedule = "constant"  # inner lr after warmup: "constant", or "cosine" decay to 10% of inner_lr
     warmup_steps: int = 0  # the inner lr rises linearly from inner_lr / warmup_steps over this many inner steps
     total_steps: int = 0  # "cosine" decays over this many inner steps; 0 = node.rounds x inner_steps
+    inner_optimizer: InnerOptimizerKind = "adamw"  # "muon": Muon on the blocks' matrices, AdamW elsewhere (MuLoCo)
 
     def __post_init__(self) -> None:
         _require_choice(self.lr_schedule, LrSchedule, "train.lr_schedule")
+        _require_choice(self.inner_optimizer, InnerOptimizerKind, "train.inner_optimizer")
         _require(
             0 <= self.warmup_steps <= 10_000_000, f"train.warmup_steps must be in [0, 1e7], got {self.warmup_steps}"
         )
@@ -392,6 +395,10 @@ class RunConfig:
             "a sharded run's trainers do not follow an inner learning-rate schedule yet; "
             "set train.lr_schedule = 'constant' and train.warmup_steps = 0",
         )
+        _require(
+            self.sharding.stages == 0 or self.train.inner_optimizer == "adamw",
+            "a sharded run's trainers and stage servers step with AdamW only; set train.inner_optimizer = 'adamw'",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, local model paths included (a checkpoint's record of its run)."""
@@ -402,6 +409,8 @@ class RunConfig:
         shared = {**self.to_dict(), "model": self.model.shared_dict()}
         if not self.lora.active:
             del shared["lora"]  # a run without adapters keeps the hash it had before LoRA existed
+        if self.train.inner_optimizer == "adamw":
+            del shared["train"]["inner_optimizer"]  # likewise a run on the default inner optimizer
         return shared
 
     def to_bytes(self) -> bytes:

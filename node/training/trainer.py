@@ -43,6 +43,7 @@ from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, save_round_par
 from node.training.gate import LossGate
 from node.training.inner import evaluate, inner_phase
 from node.training.ledger import ContributionLedger
+from node.training.optimizers import build_inner_optimizer
 from node.training.outer import AggregationOutcome, InFlight, OuterState
 from node.training.privacy import TrainerPrivacy, compression_bound
 from node.training.report import REPORT_FILE, RoundOutcome, RoundReport, append_report
@@ -146,7 +147,7 @@ class TrainingNode:
         self.outer = OuterState(self.model, train)
         if self.run.cohorts.enabled:
             self.partition = partition_parameters([name for name, _ in self.model.named_parameters()], self.run.cohorts)
-        self.inner_opt = torch.optim.AdamW(self.model.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
+        self.inner_opt = build_inner_optimizer(self.model, train.inner_optimizer, train.inner_lr, train.weight_decay)
         self.schedule = InnerSchedule.for_run(train, self.config.rounds)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.run.privacy.enabled:
