@@ -7,6 +7,7 @@ class SwarmBoard (swarm_api.py): verified records and each trainer's round histo
 dashboard_routes (dashboard.py): ``GET /`` (dashboard.html), ``/api/swarm``, ``/metrics``
 class BootstrapMetrics (metrics.py): the Prometheus text of ``/metrics``
 stored_runs, rejections (discovery.py): runs found in the DHT process's storage, the validator's refusals
+class DHTRequestCounter (dht_requests.py): counts the DHT requests the peer serves and sends, by kind
 main (cli.py): the ``zen-bootstrap`` command
 
 ``bootstrap`` imports ``dht`` (and hivemind, the standard library), never ``node``.

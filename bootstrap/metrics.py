@@ -8,7 +8,10 @@ not collide) reads the peer's state when scraped: no gauge is kept up to date be
 - ``zen_bootstrap_records_rejected_total{reason}``: records the DHT process's validator refused, by reason
   (``dht.validator.REJECTION_REASONS``), as of the last poll;
 - ``zen_bootstrap_polls_total``, ``zen_bootstrap_dht_requests_total``: looks at the swarm and the DHT calls
-  they made.
+  they made;
+- ``zen_bootstrap_dht_requests_served_total{kind}``, ``zen_bootstrap_dht_requests_sent_total{kind}``: DHT
+  requests (ping, store, find) other peers made to this one, and this one's DHT process made to them, as of
+  the last poll (bootstrap/dht_requests.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bootstrap.dht_requests import KINDS
 
 __all__ = ["CONTENT_TYPE_LATEST", "BootstrapMetrics", "MetricsSnapshot"]
 
@@ -34,6 +39,8 @@ class MetricsSnapshot:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> records refused so far
     polls: int = 0
     dht_requests: int = 0
+    dht_served: dict[str, int] = field(default_factory=dict)  # kind -> DHT requests served
+    dht_sent: dict[str, int] = field(default_factory=dict)  # kind -> DHT requests sent
 
 
 class BootstrapMetrics:
@@ -74,3 +81,10 @@ class _Collector:
         yield rejected
         yield CounterMetricFamily("zen_bootstrap_polls", "looks at the swarm", value=s.polls)
         yield CounterMetricFamily("zen_bootstrap_dht_requests", "DHT calls made by the poller", value=s.dht_requests)
+        for direction, counts, what in (("served", s.dht_served, "served to"), ("sent", s.dht_sent, "sent to")):
+            family = CounterMetricFamily(
+                f"zen_bootstrap_dht_requests_{direction}", f"DHT requests {what} other peers, by kind", labels=["kind"]
+            )
+            for kind in (*KINDS, "other"):
+                family.add_metric([kind], counts.get(kind, 0))
+            yield family

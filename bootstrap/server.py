@@ -13,7 +13,8 @@ What makes a hivemind DHT peer a good bootstrap peer, and how this module gets e
   and does nothing, so it is not passed. go-libp2p starts the relay service only once the peer
   believes it is publicly reachable (AutoNAT, which needs a few peers to dial back); a host known
   to be public can say so at once with ``force_reachability="public"``.
-- A view of the swarm. A poller thread asks p2pd for its open connections and, for each run id
+- A view of the swarm. A poller thread asks p2pd for its open connections, the DHT process for the
+  requests it served (bootstrap/dht_requests.py), and, for each run id
   (``--run-id``, else the runs found in its own DHT storage: bootstrap/discovery.py), reads the run's
   signed peer records; :class:`~bootstrap.monitor.SwarmMonitor` logs the changes,
   :meth:`BootstrapPeer.health` reports them at ``/healthz``, and :class:`~bootstrap.swarm_api.SwarmBoard`
@@ -42,6 +43,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from bootstrap.dashboard import dashboard_routes
+from bootstrap.dht_requests import DHTRequestCounter, request_counts
 from bootstrap.discovery import rejections, stored_runs
 from bootstrap.health import HealthServer
 from bootstrap.metrics import BootstrapMetrics, MetricsSnapshot
@@ -131,6 +133,7 @@ class BootstrapPeer:
         self._rejected: dict[str, int] = {}  # the DHT process's validator refusals, as of the last poll
         self._polls = 0  # looks at the swarm so far
         self._dht_requests = 0  # DHT calls the poller made so far
+        self._dht_traffic: dict[str, dict[str, int]] = {}  # DHT requests served and sent, by kind, as of the last poll
         self.identity: NodeIdentity | None = None
         self.dht: hivemind.DHT | None = None
         self.maddrs: list[str] = []  # our full multiaddrs, each ending in /p2p/<PeerID>
@@ -206,7 +209,7 @@ class BootstrapPeer:
             use_auto_relay=False,
             startup_timeout=config.startup_timeout,
         )
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"authorizer": DHTRequestCounter()}  # counts the DHT requests we serve
         if config.force_reachability is not None:
             extra["force_reachability"] = config.force_reachability
         try:
@@ -263,6 +266,8 @@ class BootstrapPeer:
             rejected=dict(self._rejected),
             polls=self._polls,
             dht_requests=self._dht_requests,
+            dht_served=dict(self._dht_traffic.get("served", {})),
+            dht_sent=dict(self._dht_traffic.get("sent", {})),
         )
 
     def poll(self) -> None:
@@ -278,6 +283,7 @@ class BootstrapPeer:
             raise BootstrapError(f"p2pd did not list its connections: {connected}")
         self.monitor.update_connected(connected)
         self._rejected = self._result(self.dht.run_coroutine(rejections, return_future=True))
+        self._dht_traffic = self._result(self.dht.run_coroutine(request_counts, return_future=True))
         run_ids = list(self.config.run_ids)
         if not run_ids:  # no --run-id: every run this peer stores a verified record of
             found = self._result(self.dht.run_coroutine(partial(stored_runs, limit=MAX_RUNS), return_future=True))

@@ -4,8 +4,10 @@ Everything here starts from :class:`dht.PeerRecord` objects that ``dht.list_peer
 record's signature, key binding and freshness was checked before it reaches this module; nothing a peer
 says reaches the page any other way. The bootstrap's poller hands each run's records to
 :class:`SwarmBoard` (``update``), which keeps the latest records per run and, for each trainer, a bounded
-history of rounds (held-out loss and bytes sent, the fields ``eval_loss`` and ``round_bytes`` of the
-record). :meth:`SwarmBoard.document` builds the JSON body from that state, in the HTTP thread, without
+history of rounds (held-out loss and bytes sent: the record's ``eval_loss`` and ``round_bytes``, and the
+last rounds it carries in ``recent_rounds``, so a round shorter than the poll period still gets its point).
+:meth:`SwarmBoard.document` builds the JSON body from that state (peers, cohorts, the pipeline stages of
+a sharded run with their servers and throughput, contributors, history), in the HTTP thread, without
 touching the network.
 
 Bounds: at most ``MAX_RUNS`` runs (least recently updated dropped), ``MAX_PEERS`` peers per run shown and
@@ -23,7 +25,7 @@ from typing import Any
 
 from dht.cohorts import CohortMatcher
 from dht.ledger import LedgerSummary
-from dht.records import PeerRecord
+from dht.records import MAX_STAGES, PeerRecord
 from dht.wire import WireError, unpack_bounded
 
 MAX_RUNS = 32  # runs the board remembers
@@ -61,7 +63,7 @@ class SwarmBoard:
                 state.cohorts = None  # clustering is the costly part of a request: redo it only on change
             state.records, state.updated = records, time.time()
             for record in records:
-                if "trainer" in record.roles and record.eval_loss >= 0:
+                if "trainer" in record.roles:
                     self._remember(state, record)
 
     def update_ledger(self, run_id: str, summaries: Sequence[LedgerSummary]) -> None:
@@ -72,11 +74,18 @@ class SwarmBoard:
                 state.summaries = sorted(summaries, key=lambda s: s.peer_id)[: self.max_peers]
 
     def _remember(self, state: _RunState, record: PeerRecord) -> None:
+        """Keep the record's rounds: those it carries (``recent_rounds``: rounds that ended between two
+        polls) and its latest; a round without a held-out loss is not charted."""
+        points = [*record.recent_rounds, (record.round, record.eval_loss, record.round_bytes)]
+        points = [(r, float(loss), int(sent)) for r, loss, sent in points if loss >= 0]
+        if not points:
+            return
         rounds = state.history.pop(record.peer_id, None) or OrderedDict()
         state.history[record.peer_id] = rounds  # most recently heard from last
         while len(state.history) > self.max_peers:
             state.history.popitem(last=False)
-        rounds[record.round] = (float(record.eval_loss), int(record.round_bytes))  # a later record overwrites
+        for round_no, loss, sent in points:
+            rounds[round_no] = (loss, sent)  # a later record overwrites
         while len(rounds) > self.max_rounds:
             del rounds[min(rounds)]
 
@@ -115,6 +124,7 @@ class SwarmBoard:
         body: dict[str, Any] = {"runs": runs, "run_id": run_id, "updated": updated}
         body["peers"] = [_peer_json(record, now) for record in records]
         body["cohorts"] = cohorts or []
+        body["stages"] = _stages_json(records, now)
         body["contributors"] = _contributors_json(summaries, _majority_hash(records))
         body["history"] = {
             peer_id: [{"round": r, "eval_loss": loss, "bytes": sent} for r, (loss, sent) in sorted(rounds)]
@@ -145,10 +155,61 @@ def _peer_json(record: PeerRecord, now: float) -> dict[str, Any]:
     }
 
 
-def _majority_hash(records: Sequence[PeerRecord]) -> str | None:
-    """The run hash most trainers announce (ties: the smallest), None without trainers."""
-    hashes = Counter(r.run_hash for r in records if "trainer" in r.roles)
+def _majority_hash(records: Sequence[PeerRecord], role: str = "trainer") -> str | None:
+    """The run hash most records of ``role`` announce (ties: the smallest), None without such records."""
+    hashes = Counter(r.run_hash for r in records if role in r.roles)
     return min(hashes, key=lambda h: (-hashes[h], h)) if hashes else None
+
+
+def _stages_json(records: Sequence[PeerRecord], now: float) -> list[dict[str, Any]]:
+    """Each pipeline stage of a sharded run: its servers and their throughput, the weakest stage marked.
+
+    A stage's capacity is the sum of its servers' measured samples/s (the rule block selection uses,
+    node/sharding/stages.py); what it served is each server's ``served_per_second`` shared evenly among
+    the stages it hosts. Servers count only under the run hash most trainers (else servers) announce, and
+    the stages are those the signed run config names (else up to the highest announced).
+    """
+    run_hash = _majority_hash(records) or _majority_hash(records, "server")
+    servers = [r for r in records if "server" in r.roles and r.run_hash == run_hash]
+    if not servers:
+        return []
+    config = next((r.run_config for r in records if r.run_hash == run_hash and r.run_config), b"")
+    count = _configured_stages(config) or max((s + 1 for r in servers for s in r.stages), default=0)
+    stages: list[dict[str, Any]] = []
+    for stage in range(min(count, MAX_STAGES)):
+        hosts = [r for r in servers if stage in r.stages]
+        served = [r.served_per_second / len(r.stages) for r in hosts if r.served_per_second >= 0]
+        stages.append(
+            {
+                "stage": stage,
+                "servers": [_server_json(r, now) for r in hosts],
+                "samples_per_second": sum(r.capacity.samples_per_second for r in hosts),
+                "served_per_second": sum(served) if served else None,
+                "weakest": False,
+            }
+        )
+    weakest = min(stages, key=lambda s: (s["samples_per_second"], s["stage"]))
+    weakest["weakest"] = True
+    return stages
+
+
+def _server_json(record: PeerRecord, now: float) -> dict[str, Any]:
+    return {
+        "peer_id": record.peer_id,
+        "version": record.round,
+        "device": record.capacity.device_kind,
+        "samples_per_second": record.capacity.samples_per_second,
+        "served_per_second": None if record.served_per_second < 0 else record.served_per_second,
+        "heartbeat_seconds_ago": round(max(0.0, now - record.timestamp), 1),
+    }
+
+
+def _configured_stages(run_config: bytes) -> int:
+    """``[run.sharding] stages`` of a signed run config; 0 when it does not say (or says nonsense)."""
+    config = _run_config(run_config)
+    sharding = config.get("sharding") if config is not None else None
+    stages = sharding.get("stages") if isinstance(sharding, dict) else None
+    return stages if isinstance(stages, int) and not isinstance(stages, bool) and 0 < stages <= MAX_STAGES else 0
 
 
 def _contributors_json(summaries: Sequence[LedgerSummary], run_hash: str | None) -> list[dict[str, Any]]:
@@ -188,13 +249,19 @@ def _cohorts_json(run_id: str, records: Sequence[PeerRecord]) -> list[dict[str, 
     return [{"cohort_id": c.cohort_id, "members": list(c.members)} for c in cohorts]
 
 
-def _cohort_options(run_config: bytes) -> dict[str, Any]:
-    """CohortMatcher's options from a signed run config; the defaults when it does not say."""
+def _run_config(run_config: bytes) -> dict[str, Any] | None:
+    """A signed record's run config as a map (bounded decode), None when it is not one."""
     try:
         config = unpack_bounded(run_config, max_str=4096, max_bin=4096, max_array=256, max_map=64)
     except WireError:
-        return {}
-    if not isinstance(config, dict):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _cohort_options(run_config: bytes) -> dict[str, Any]:
+    """CohortMatcher's options from a signed run config; the defaults when it does not say."""
+    config = _run_config(run_config)
+    if config is None:
         return {}
     cohorts, aggregation = config.get("cohorts"), config.get("aggregation")
     options: dict[str, Any] = {}

@@ -35,6 +35,8 @@ SKETCH_DIM = 256  # floats in a data sketch
 ROLES = frozenset({"trainer", "server", "bootstrap"})
 DEVICE_KINDS = frozenset({"cpu", "cuda", "mps", "xpu", "none"})
 MAX_STAGES = 64  # most pipeline stages a run has, and a server may announce
+MAX_RECENT_ROUNDS = 16  # (round, loss, bytes) entries a record carries, so a poller misses no short round
+MAX_SERVED_PER_SECOND = 1e9  # the largest throughput a server may announce
 
 
 class RecordError(ValueError):
@@ -77,6 +79,10 @@ class PeerRecord:
     )  # pipeline stages this server hosts (node/sharding/stages.py); () if none
     eval_loss: float = -1.0  # held-out loss after ``round`` (the dashboard's chart); -1 if none
     round_bytes: int = 0  # bytes this node sent during ``round`` (the dashboard's chart); 0 if none
+    recent_rounds: tuple[tuple[int, float, int], ...] = field(
+        default=()
+    )  # the last rounds' (round, eval_loss, round_bytes), oldest first, at most MAX_RECENT_ROUNDS; () if none
+    served_per_second: float = -1.0  # sequences a server's stages computed per second lately; -1 if not measured
 
     def sketch_vector(self) -> list[float]:
         return list(struct.unpack(f"<{SKETCH_DIM}f", self.sketch))
@@ -134,7 +140,7 @@ def _to_wire(record: PeerRecord) -> dict[str, Any]:
         if wire[name] == default:
             del wire[name]
         elif isinstance(default, tuple):
-            wire[name] = list(wire[name])
+            wire[name] = [list(item) if isinstance(item, tuple) else item for item in wire[name]]
     return wire
 
 
@@ -165,9 +171,17 @@ _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "stages": list,
     "eval_loss": (int, float),
     "round_bytes": int,
+    "recent_rounds": list,
+    "served_per_second": (int, float),
 }
 # Fields that may be absent on the wire (then their default), and their defaults.
-_OPTIONAL_FIELDS: dict[str, Any] = {"stages": (), "eval_loss": -1.0, "round_bytes": 0}
+_OPTIONAL_FIELDS: dict[str, Any] = {
+    "stages": (),
+    "eval_loss": -1.0,
+    "round_bytes": 0,
+    "recent_rounds": (),
+    "served_per_second": -1.0,
+}
 
 
 def _check_types(
@@ -194,12 +208,46 @@ def _from_wire(wire: Any) -> PeerRecord:
         raise RecordError("record.stages must be a list of integers")
     values = dict(wire)
     values["stages"] = tuple(stages)
+    values["recent_rounds"] = _recent_rounds_from_wire(wire.get("recent_rounds", []))
     values["capacity"] = Capacity(**wire["capacity"])
     values["roles"] = tuple(wire["roles"])
     values["maddrs"] = tuple(wire["maddrs"])
     record = PeerRecord(**values)
     _check_fields(record)
     return record
+
+
+def _recent_rounds_from_wire(items: list[Any]) -> tuple[tuple[int, float, int], ...]:
+    """``[[round, loss, bytes], ...]`` -> tuples, types checked (ranges are ``_check_recent_rounds``'s)."""
+    if len(items) > MAX_RECENT_ROUNDS:
+        raise RecordError(f"record.recent_rounds holds at most {MAX_RECENT_ROUNDS} entries")
+    entries = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 3:
+            raise RecordError("record.recent_rounds entries must be [round, eval_loss, round_bytes]")
+        round_no, loss, sent = item
+        if any(isinstance(v, bool) for v in item) or not isinstance(round_no, int) or not isinstance(sent, int):
+            raise RecordError("record.recent_rounds: round and round_bytes must be integers")
+        if not isinstance(loss, int | float):
+            raise RecordError("record.recent_rounds: eval_loss must be a number")
+        entries.append((round_no, float(loss), sent))
+    return tuple(entries)
+
+
+def _check_recent_rounds(record: PeerRecord) -> None:
+    """At most MAX_RECENT_ROUNDS entries, rounds increasing up to ``record.round``, each figure in range."""
+    entries = record.recent_rounds
+    if len(entries) > MAX_RECENT_ROUNDS:
+        raise RecordError(f"record.recent_rounds holds at most {MAX_RECENT_ROUNDS} entries")
+    previous = -1
+    for round_no, loss, sent in entries:
+        if not previous < round_no <= record.round:
+            raise RecordError("record.recent_rounds: rounds must increase and not pass record.round")
+        if not (loss == -1 or (math.isfinite(loss) and 0 <= loss <= 1e6)):
+            raise RecordError("record.recent_rounds: eval_loss must be -1 (none) or in [0, 1e6]")
+        if not 0 <= sent <= MAX_UINT64:
+            raise RecordError("record.recent_rounds: round_bytes must be a non-negative 64-bit integer")
+        previous = round_no
 
 
 def _check_fields(record: PeerRecord) -> None:
@@ -241,8 +289,12 @@ def _check_fields(record: PeerRecord) -> None:
         raise RecordError(f"record.stages must be at most {MAX_STAGES} distinct stage numbers")
     if any(not 0 <= stage < MAX_STAGES for stage in record.stages):
         raise RecordError(f"record.stages must be in [0, {MAX_STAGES})")
-    if record.stages and "server" not in record.roles:
-        raise RecordError("only a record with the server role may announce stages")
+    if (record.stages or record.served_per_second != -1) and "server" not in record.roles:
+        raise RecordError("only a record with the server role may announce stages or served_per_second")
+    served = record.served_per_second
+    if not (served == -1 or (math.isfinite(served) and 0 <= served <= MAX_SERVED_PER_SECOND)):
+        raise RecordError(f"record.served_per_second must be -1 (not measured) or in [0, {MAX_SERVED_PER_SECOND:g}]")
+    _check_recent_rounds(record)
     if len(record.maddrs) > 16 or len(record.run_hash) > 128 or len(record.version) > 64:
         raise RecordError("record.maddrs, run_hash or version is too long")
 

@@ -26,13 +26,9 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from node.config import ConfigError, NodeConfig, check_join, check_serve, load_node_config, parse_memory
-
-if TYPE_CHECKING:
-    from node.sharding.trainer import StepReport
-    from node.training.trainer import RoundReport
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +79,16 @@ def _add_swarm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level, e.g. DEBUG")
 
 
+def _add_metrics_flag(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        default=None,
+        metavar="[HOST:]PORT",
+        help=f"serve {whose} Prometheus metrics at http://HOST:PORT/metrics (host 127.0.0.1 unless given; "
+        "overrides [node] metrics_port), e.g. 9100",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zen-node", description="Zen Federation training node.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,13 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--resume", action="store_true", default=None, help="continue from the checkpoint in --workdir")
     join.add_argument("--min-peers", type=int, default=None, help="wait for this many trainers before training, e.g. 3")
     join.add_argument("--save-round-params", action="store_true", default=None, help="keep each round's global params")
-    join.add_argument(
-        "--metrics-port",
-        default=None,
-        metavar="[HOST:]PORT",
-        help="serve this trainer's Prometheus metrics at http://HOST:PORT/metrics (unsharded runs; host 127.0.0.1 "
-        "unless given), e.g. 9100",
-    )
+    _add_metrics_flag(join, "this trainer's")
     join.add_argument(
         "--display-name", default=None, help="this node's name in the run's ledger and model cards, e.g. 'Ada'"
     )
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--stages", type=int, nargs="+", default=None, help="host these stages instead of choosing, e.g. 0 1"
     )
+    _add_metrics_flag(serve, "this stage server's")
 
     status = commands.add_parser("status", help="list the swarm's peers as the DHT shows them")
     _add_swarm_flags(status)
@@ -214,6 +215,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "save_round_params": "node.save_round_params",
         "epsilon_budget": "node.epsilon_budget",
         "display_name": "node.display_name",
+        "metrics_port": "node.metrics_port",
         "stages": "serve.stages",
     }
     values = {key: getattr(args, name) for name, key in mapping.items() if getattr(args, name, None) is not None}
@@ -253,31 +255,10 @@ def _exit_hard() -> None:
     os._exit(1)
 
 
-def _megabytes(count: int) -> str:
-    return "?" if count < 0 else f"{count / 1e6:.2f} MB"
-
-
-def _print_progress(report: RoundReport) -> None:
-    print(
-        f"round {report.round:4d} | {report.mode:7s} | eval loss {report.eval_loss:.4f} | "
-        f"train loss {report.train_loss:.4f} | {report.samples_per_second:8.1f} samples/s | "
-        f"peers {report.group_size} | busy {report.utilization:4.0%} | sent {_megabytes(report.bytes_sent)}"
-        + ("" if report.epsilon is None else f" | epsilon {report.epsilon:.3f}"),
-        flush=True,
-    )
-
-
-def _print_step(report: StepReport) -> None:
-    print(
-        f"step {report.step:6d} | loss {report.loss:.4f} | {report.tokens_per_second:9.1f} tokens/s | "
-        f"stage versions {report.versions} | failovers {report.failovers} | bans {report.bans}",
-        flush=True,
-    )
-
-
 def cmd_join(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_join(config)
+    from node.progress import JoinDisplay
     from node.sharding.trainer import ShardedTrainer  # here, after the config's checks (user_errors)
     from node.training.privacy import check_privacy
     from node.training.trainer import TrainingNode
@@ -287,14 +268,16 @@ def cmd_join(args: argparse.Namespace) -> int:
     _install_signal_handlers(stop)
     node: TrainingNode | ShardedTrainer
     cleanup = contextlib.ExitStack()  # the progress bar and metrics endpoint, ended after the node
+    display = JoinDisplay(config, cleanup)
     if config.run.sharding.stages:
-        node = ShardedTrainer(config, stop_event=stop, on_step=_print_step)
+        node = ShardedTrainer(config, stop_event=stop, on_step=display.on_step)
     else:
-        node = TrainingNode(config, stop_event=stop, on_round=_round_display(args.metrics_port, config.rounds, cleanup))
+        node = TrainingNode(config, stop_event=stop, on_round=display.on_round)
     try:
+        display.start(node)
         node.prepare()
         node.join()
-        print(f"joined run {config.run.run_id!r} as {node.identity.peer_id} at round {node.round}", flush=True)
+        display.line(f"joined run {config.run.run_id!r} as {node.identity.peer_id} at round {node.round}")
         node.run_forever()
     finally:
         node.close()
@@ -302,35 +285,20 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
-def _round_display(metrics_port: str | None, rounds: int, cleanup: contextlib.ExitStack) -> Callable[..., None]:
-    """The trainer's on_round: the progress line (a live bar on a terminal) and, with a port, the metrics."""
-    from node.metrics import start_node_metrics
-    from node.progress import RoundProgress
-
-    metrics = start_node_metrics(metrics_port)
-    if metrics is not None:
-        cleanup.callback(metrics.stop)
-        print(f"metrics: {metrics.url}", flush=True)
-    progress = RoundProgress(_print_progress, rounds).start()
-    cleanup.callback(progress.close)
-
-    def on_round(report: RoundReport) -> None:
-        progress(report)
-        if metrics is not None:
-            metrics.observe(report)
-
-    return on_round
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_serve(config)
+    from node.metrics import start_node_metrics
     from node.sharding.server import StageServer  # here, after the config's checks (user_errors)
 
     stop = threading.Event()
     _install_signal_handlers(stop)
     server = StageServer(config, config.serve, stop_event=stop)
+    metrics = start_node_metrics(config.metrics_port, "server")
     try:
+        if metrics is not None:
+            metrics.watch_stage_server(server.calls, lambda: len(server.hosted))
+            print(f"metrics: {metrics.url}", flush=True)
         server.start()
         print(
             f"serving stage(s) {sorted(server.hosted)} of run {config.run.run_id!r} as {server.identity.peer_id} "
@@ -340,6 +308,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run_forever()
     finally:
         server.shutdown()
+        if metrics is not None:
+            metrics.stop()
     return 0
 
 

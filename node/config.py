@@ -70,15 +70,30 @@ __all__ = [
     "describe_difference",
     "load_node_config",
     "parse_memory",
+    "parse_metrics_address",
     "run_config_from_dict",
 ]
 
 DEFAULT_HYSTERESIS = 0.2  # a stage move must raise the weakest stage's throughput by more than 20%
+DEFAULT_METRICS_HOST = "127.0.0.1"  # where --metrics-port PORT serves (HOST:PORT names another address)
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def parse_metrics_address(value: str) -> tuple[str, int]:
+    """``"9100"`` -> ``("127.0.0.1", 9100)``; ``"0.0.0.0:9100"`` -> ``("0.0.0.0", 9100)`` (node/metrics.py).
+
+    Raises:
+        ValueError: not a port in 0..65535, optionally after a host and a colon.
+    """
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or DEFAULT_METRICS_HOST
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--metrics-port must be PORT or HOST:PORT with a port in 0..65535, got {value!r}")
+    return host, int(port)
 
 
 def parse_memory(text: str, name: str = "--max-memory") -> int:
@@ -150,8 +165,18 @@ class NodeConfig:
     heartbeat_period: float = 5.0  # seconds between record refreshes
     record_ttl: float = 20.0  # seconds a record lives; a dead node leaves the listing within this
     display_name: str = ""  # a name this node opts into for the ledger and model cards ("": its PeerID)
+    metrics_port: str | None = None  # serve Prometheus metrics at [HOST:]PORT, e.g. "9100"; None: off
 
     def __post_init__(self) -> None:
+        if isinstance(self.metrics_port, int) and not isinstance(self.metrics_port, bool):
+            self.metrics_port = str(self.metrics_port)  # a TOML file may say metrics_port = 9100
+        if self.metrics_port is not None:
+            try:
+                parse_metrics_address(str(self.metrics_port))
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"node.metrics_port must be PORT or HOST:PORT with a port in 0..65535, got {self.metrics_port!r}"
+                ) from None
         _require(self.rounds >= 0, f"node.rounds must be >= 0, got {self.rounds}")
         _require(
             math.isfinite(self.epsilon_budget) and self.epsilon_budget >= 0,

@@ -13,6 +13,22 @@ A node, whatever it does, lives in the swarm the same way:
 5. ``runtime.close()``: stop the heartbeat, then the adopted components (last adopted first), then
    the DHT peer and its daemon. Idempotent, safe after a partial start, leaves no child process.
 
+What the node does now. ``runtime.phases`` is the node's :class:`PhaseClock`: a trainer enters a phase
+around each part of its work (``with runtime.phases.phase("inner", ...)``), node/metrics.py reports the
+seconds per phase (``zen_node_phase_seconds_total``) and node/progress.py shows the inner step, the tokens
+per second and what a long wait waits for. Phases (``Phase``):
+
+- ``inner``: inner steps (a sharded trainer's steps, remote stages included);
+- ``aggregation``: one aggregation call, matchmaking then the all-reduce (in the background when rounds
+  overlap); ``aggregation_wait``: the training thread waiting for an aggregation and landing it;
+- ``evaluation``: the held-out loss; ``checkpoint``: writing the checkpoint after a round;
+- ``download``: downloading the swarm's state (at join, a resync, a cohort move);
+- ``peer_wait``: waiting for peers (``--min-peers``) or for stage servers.
+
+A thread's phases nest: entering one pauses the phase its thread was in (landing a round between two
+inner steps is not inner-step time). Phases of different threads run at once (an overlapped round's
+aggregation runs beside the next inner steps), so the totals may add up to more than the wall time.
+
 Usage::
 
     runtime = NodeRuntime.create(config)
@@ -31,13 +47,17 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import hivemind
 from hivemind.utils import get_dht_time
 
 from dht import Heartbeat, NodeIdentity, PeerRecord, list_peers, start_dht
+from dht.records import MAX_RECENT_ROUNDS
 from node._version import __version__
 from node.config import NodeConfig, RunConfig
 
@@ -70,28 +90,31 @@ class NodeRuntime:
     Args:
         config: the node's configuration (swarm, run, record ttl and heartbeat period).
         identity: the node's keys; ``NodeRuntime.create`` loads them from ``config.identity_path``.
+        phases: the node's phase clock (a fresh one if None).
     """
 
-    def __init__(self, config: NodeConfig, identity: NodeIdentity):
-        # what the node is
+    def __init__(self, config: NodeConfig, identity: NodeIdentity, phases: PhaseClock | None = None):
+        # what the node is, and what it does now
         self.config = config
         self.run = config.run
         self.identity = identity
+        self.phases = phases if phases is not None else PhaseClock()
         # its presence in the swarm, born in start() and announce()
         self._dht: hivemind.DHT | None = None
         self.maddrs: tuple[str, ...] = ()  # visible multiaddrs, published in the record
         self.heartbeat: Heartbeat | None = None
         self._describe: RecordFields | None = None
-        self._last_round: dict[str, Any] = {}  # eval_loss and round_bytes of the last round (note_round)
+        self._last_round: dict[str, Any] = {}  # eval_loss, round_bytes and recent_rounds (note_round)
+        self._recent: deque[tuple[int, float, int]] = deque(maxlen=MAX_RECENT_ROUNDS)  # (round, loss, bytes)
         self._bytes_at_last_round = 0  # the wire meter's total when the last round was noted
         # components that need the DHT, stopped by close() before it (last adopted first)
         self._adopted: list[tuple[str, Callable[[], None]]] = []
         self._closed = False
 
     @classmethod
-    def create(cls, config: NodeConfig) -> NodeRuntime:
+    def create(cls, config: NodeConfig, phases: PhaseClock | None = None) -> NodeRuntime:
         """Load the identity at ``config.identity_path`` (created on first use); no network yet."""
-        return cls(config, NodeIdentity.load_or_create(config.identity_path))
+        return cls(config, NodeIdentity.load_or_create(config.identity_path), phases)
 
     @property
     def dht(self) -> hivemind.DHT:
@@ -137,19 +160,31 @@ class NodeRuntime:
 
     def _current_record(self) -> bytes:
         assert self._describe is not None
-        return self.record(**{**self._describe(), **self._last_round})
+        fields = {**self._describe(), **self._last_round}
+        if "recent_rounds" in fields:  # a record never names a round past its own
+            fields["recent_rounds"] = tuple(r for r in fields["recent_rounds"] if r[0] <= fields.get("round", 0))
+        return self.record(**fields)
 
-    def note_round(self, eval_loss: float, bytes_sent: int) -> None:
-        """Carry a finished round's held-out loss and the bytes sent during it in the next records.
+    def note_round(self, eval_loss: float, bytes_sent: int, round_no: int | None = None) -> None:
+        """Carry a finished round's held-out loss and the bytes sent during it in the next records, published soon.
+
+        The records also carry the last MAX_RECENT_ROUNDS rounds' (round, loss, bytes), so a reader that
+        polls less often than rounds end (the bootstrap's dashboard) still sees every round's point.
 
         Args:
             eval_loss: held-out loss after the round (a non-finite one is left out).
             bytes_sent: everything sent so far (the wire meter's total); the record carries the round's share.
+            round_no: the round that ended (None: only the latest figures are carried).
         """
-        round_bytes = max(0, bytes_sent - self._bytes_at_last_round)
+        round_bytes = min(max(0, bytes_sent - self._bytes_at_last_round), 2**64 - 1)
         self._bytes_at_last_round = max(self._bytes_at_last_round, bytes_sent)
-        loss = eval_loss if math.isfinite(eval_loss) and 0 <= eval_loss <= 1e6 else -1.0
-        self._last_round = {"eval_loss": float(loss), "round_bytes": min(round_bytes, 2**64 - 1)}
+        loss = float(eval_loss) if math.isfinite(eval_loss) and 0 <= eval_loss <= 1e6 else -1.0
+        if round_no is not None:
+            while self._recent and self._recent[-1][0] >= round_no:  # a resync may go back: keep rounds increasing
+                self._recent.pop()
+            self._recent.append((round_no, loss, round_bytes))
+        self._last_round = {"eval_loss": loss, "round_bytes": round_bytes, "recent_rounds": tuple(self._recent)}
+        self.beat_soon()
 
     def beat(self) -> bool:
         """Publish the record now (after a round, a move); False when not announced or no peer stored it."""
@@ -165,15 +200,21 @@ class NodeRuntime:
         """The run's live, verified peer records (this node's own included once published)."""
         return list_peers(self.dht, self.run.run_id)
 
+    def others_alive(self) -> bool:
+        """Whether another trainer's record is listed now."""
+        return any(p.peer_id != self.identity.peer_id and "trainer" in p.roles for p in self.peers())
+
     def wait_for_trainers(self, count: int, stop_event: threading.Event, timeout: float = 300.0) -> None:
         """Wait until ``count`` trainers are listed (or ``timeout`` s pass, or ``stop_event`` is set)."""
         deadline = time.monotonic() + timeout
-        while not stop_event.is_set():
-            trainers = [p for p in self.peers() if "trainer" in p.roles]
-            if len(trainers) >= count or time.monotonic() > deadline:
-                return
-            logger.info(f"waiting for peers: {len(trainers)}/{count} trainers listed")
-            stop_event.wait(1.0)
+        with self.phases.phase("peer_wait", f"waiting for {count} trainers") as activity:
+            while not stop_event.is_set():
+                trainers = [p for p in self.peers() if "trainer" in p.roles]
+                if len(trainers) >= count or time.monotonic() > deadline:
+                    return
+                activity.detail = f"waiting for peers: {len(trainers)}/{count} trainers listed"
+                logger.info(activity.detail)
+                stop_event.wait(1.0)
 
     def adopt(self, name: str, stop: Callable[[], None]) -> None:
         """Have ``close()`` call ``stop`` after the heartbeat stops and before the DHT shuts down."""
@@ -194,3 +235,127 @@ class NodeRuntime:
         dht, self._dht = self._dht, None
         if dht is not None:
             dht.shutdown()
+
+
+Phase = Literal["inner", "aggregation", "aggregation_wait", "evaluation", "checkpoint", "download", "peer_wait"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
+
+
+@dataclass(eq=False)  # compared by identity: two phases alike in every field are still two
+class Activity:
+    """One running phase: what it is and since when."""
+
+    phase: Phase
+    detail: str  # what it does or waits for, in words, e.g. "waiting for round 3's group"
+    since: float  # when it was entered (the clock's time: time.monotonic)
+    thread: int  # the thread that entered it
+    seconds: float = 0.0  # time spent in it before its last pause (a nested phase pauses it)
+    resumed: float | None = field(default=None)  # when it last started running; None while paused
+
+    def elapsed(self, now: float) -> float:
+        """Seconds spent in this phase itself so far (nested phases excluded)."""
+        return self.seconds + (now - self.resumed if self.resumed is not None else 0.0)
+
+
+@dataclass(frozen=True)
+class InnerProgress:
+    """The current (else the last) inner phase: steps taken of how many, and its tokens per second."""
+
+    steps: int
+    total: int  # 0: not known
+    tokens_per_second: float
+
+
+class PhaseClock:
+    """Seconds per phase and the phases running now; every method is thread-safe.
+
+    Args:
+        now: the clock it reads (``time.monotonic``; a test hands in its own).
+    """
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self.now = now
+        self._lock = threading.Lock()
+        self._totals: dict[Phase, float] = dict.fromkeys(PHASES, 0.0)  # finished phases' seconds
+        self._stacks: dict[int, list[Activity]] = {}  # thread id -> its running phases, innermost last
+        self._inner: Activity | None = None  # the current (else the last) inner phase
+        self._inner_steps, self._inner_total, self._tokens_per_step = 0, 0, 0
+        self._lap_at, self._lap_inner = now(), 0.0  # the last lap (round report)
+
+    @contextmanager
+    def phase(self, name: Phase, detail: str = "", steps: int = 0, tokens_per_step: int = 0) -> Iterator[Activity]:
+        """Count the time inside the ``with`` block as ``name``; pause the thread's enclosing phase meanwhile.
+
+        Args:
+            name: the phase.
+            detail: what it does or waits for, shown on the progress line.
+            steps: for ``inner``: the steps the phase will take (0: not known).
+            tokens_per_step: for ``inner``: tokens one step trains on (for tokens per second).
+
+        Yields:
+            The running phase (its ``detail`` may be updated as the wait goes on).
+        """
+        now, thread = self.now(), threading.get_ident()
+        activity = Activity(name, detail, now, thread, resumed=now)
+        with self._lock:
+            stack = self._stacks.setdefault(thread, [])
+            if stack:
+                self._pause(stack[-1], now)
+            stack.append(activity)
+            if name == "inner":
+                self._inner, self._inner_steps = activity, 0
+                self._inner_total, self._tokens_per_step = steps, tokens_per_step
+        try:
+            yield activity
+        finally:
+            now = self.now()
+            with self._lock:
+                stack.remove(activity)
+                self._totals[name] += activity.elapsed(now)
+                activity.seconds, activity.resumed = activity.elapsed(now), None
+                if stack:
+                    stack[-1].resumed = now
+                else:
+                    del self._stacks[thread]
+
+    def stepped(self, steps: int) -> None:
+        """The current inner phase has taken ``steps`` steps."""
+        with self._lock:
+            self._inner_steps = steps
+
+    def totals(self) -> dict[Phase, float]:
+        """Seconds spent in each phase so far, running phases included up to now (never decreasing)."""
+        now = self.now()
+        with self._lock:
+            totals = dict(self._totals)
+            for stack in self._stacks.values():
+                for activity in stack:
+                    totals[activity.phase] += activity.elapsed(now)
+        return totals
+
+    def running(self) -> list[Activity]:
+        """The phases running now on any thread, the most recently entered last."""
+        with self._lock:
+            return sorted((a for stack in self._stacks.values() for a in stack), key=lambda a: a.since)
+
+    def inner_progress(self) -> InnerProgress | None:
+        """Steps and tokens per second of the current (else the last) inner phase; None before the first."""
+        now = self.now()
+        with self._lock:
+            if self._inner is None:
+                return None
+            seconds = self._inner.elapsed(now)
+            tokens = self._inner_steps * self._tokens_per_step
+            return InnerProgress(self._inner_steps, self._inner_total, tokens / seconds if seconds > 0 else 0.0)
+
+    def lap(self) -> tuple[float, float]:
+        """Seconds since the previous lap and the fraction of them spent in inner steps; starts the next lap."""
+        now, inner = self.now(), self.totals()["inner"]
+        with self._lock:
+            seconds, busy = now - self._lap_at, inner - self._lap_inner
+            self._lap_at, self._lap_inner = now, inner
+        return seconds, min(1.0, busy / seconds) if seconds > 0 else 0.0
+
+    @staticmethod
+    def _pause(activity: Activity, now: float) -> None:
+        activity.seconds, activity.resumed = activity.elapsed(now), None

@@ -32,7 +32,8 @@ EXPECTED_FLAGS = {
     ],
     "serve": [
         "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--device", "--help", "--host-maddrs",
-        "--identity", "--initial-peers", "--log-level", "--max-memory", "--no-relay", "--run-id", "--stages",
+        "--identity", "--initial-peers", "--log-level", "--max-memory", "--metrics-port", "--no-relay", "--run-id",
+        "--stages",
     ],
     "demo": [
         "--aggregation", "--help", "--inner-steps", "--log-level", "--peers", "--privacy-epsilon", "--rounds",

@@ -47,6 +47,7 @@ from node.training.report import RoundOutcome, RoundReport
 
 RUN_ID = "dash-run"
 REAL_RUN = "dash-real"  # a second run the bootstrap watches, for a real trainer (its own config)
+STAGES_RUN = "dash-stages"  # a sharded run the bootstrap watches: stage servers' records
 START_TIMEOUT = 60.0  # seconds zen-bootstrap may take to print its ready block
 EVENT_TIMEOUT = 30.0  # seconds for a published record to show up on the dashboard
 LOSSES = {1: 3.25, 2: 2.5}  # the held-out loss each trainer reports after rounds 1 and 2
@@ -157,7 +158,7 @@ def _forge(plain: hivemind.DHT, victim: NodeIdentity, signer: NodeIdentity, run_
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """The bootstrap, three trainers that published rounds 1 then 2, and one forged record stored."""
     folder = tmp_path_factory.mktemp("dashboard")
-    process, maddr, url = _start_bootstrap(folder, RUN_ID, REAL_RUN)
+    process, maddr, url = _start_bootstrap(folder, RUN_ID, REAL_RUN, STAGES_RUN)
     started: list[hivemind.DHT] = []
     try:
         trainers = [NodeIdentity.load_or_create(folder / f"trainer{i}") for i in range(3)]
@@ -284,9 +285,33 @@ def test_metrics_parse_and_their_counters_move(swarm: Swarm) -> None:
 
     # Assert
     assert first[("zen_bootstrap_run_peers", (("role", "trainer"), ("run", RUN_ID)))] == 3
-    assert first[("zen_bootstrap_runs", ())] == 1
+    assert first[("zen_bootstrap_runs", ())] >= 1
     assert first[("zen_bootstrap_peers_connected", ())] >= 3
     assert later[("zen_bootstrap_dht_requests_total", ())] > first[("zen_bootstrap_dht_requests_total", ())]
+
+
+def _served(url: str, kind: str) -> float:
+    return _metrics(url + "metrics").get(("zen_bootstrap_dht_requests_served_total", (("kind", kind),)), 0.0)
+
+
+def test_metrics_count_the_dht_requests_the_bootstrap_serves(swarm: Swarm) -> None:
+    """The DHT requests other peers make to the bootstrap are counted by kind, and a trainer's store moves them."""
+    # Prepare
+    trainer, dht = swarm.trainers[0], swarm.dhts[0]
+    wait_until(lambda: _served(swarm.url, "store") >= 1, EVENT_TIMEOUT, "the trainers' stores to be counted")
+    stores, finds = _served(swarm.url, "store"), _served(swarm.url, "find")
+
+    # Execute
+    envelope = _record(trainer, 2).sign(trainer)
+    _stored(lambda: publish_record(dht, RUN_ID, envelope), "a trainer's record")
+    dht.get(peers_key(RUN_ID), latest=True)  # a lookup: find requests to the peers nearest the key
+
+    # Assert
+    wait_until(lambda: _served(swarm.url, "store") > stores, EVENT_TIMEOUT, "another served store")
+    wait_until(lambda: _served(swarm.url, "find") > finds, EVENT_TIMEOUT, "another served find")
+    sent = _metrics(swarm.url + "metrics")
+    assert sent[("zen_bootstrap_dht_requests_sent_total", (("kind", "find"),))] >= 1  # its own polls' lookups
+    assert sent[("zen_bootstrap_dht_requests_served_total", (("kind", "other"),))] == 0
 
 
 @pytest.mark.parametrize(
@@ -371,6 +396,107 @@ def test_without_run_id_the_runs_it_stores_are_listed(tmp_path: Path) -> None:
     assert body["runs"] == [RUN_ID] and body["run_id"] == RUN_ID  # the only run is shown
     assert [p["peer_id"] for p in body["peers"]] == [trainer.peer_id]
     assert rejected >= 1
+
+
+STAGES_HASH = "cd" * 16
+STAGES_CONFIG = msgpack.packb({"run_id": STAGES_RUN, "sharding": {"stages": 3}})
+
+
+@dataclass
+class StageSwarm:
+    """The stages run: three servers of its config (two on stage 0, one on 1, none on 2), an outsider."""
+
+    servers: list[NodeIdentity]  # fast (stage 0), slow (stage 0), lone (stage 1)
+    outsider: NodeIdentity  # a server of another config that announces stage 2
+
+
+def _server_record(identity: NodeIdentity, stages: tuple[int, ...], speed: float, **fields: object) -> PeerRecord:
+    values: dict[str, object] = dict(
+        roles=("server",), stages=stages, run_hash=STAGES_HASH, run_config=STAGES_CONFIG,
+        capacity=Capacity(device_kind="cuda", device_name="gpu", memory_bytes=2**34, samples_per_second=speed),
+    )  # fmt: skip
+    values.update(fields)
+    return _record(identity, 7, **values)
+
+
+@pytest.fixture(scope="module")
+def stage_swarm(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> StageSwarm:
+    """Signed records of stage servers (and a trainer) in the stages run, stored until the dashboard lists them."""
+    folder = tmp_path_factory.mktemp("stages")
+    servers = [NodeIdentity.load_or_create(folder / f"server{i}") for i in range(3)]
+    outsider, trainer = (NodeIdentity.load_or_create(folder / name) for name in ("outsider", "trainer"))
+    records = [
+        _server_record(servers[0], (0,), 100.0, served_per_second=40.0),
+        _server_record(servers[1], (0,), 50.0),  # not measured yet: no served_per_second
+        _server_record(servers[2], (1,), 30.0, served_per_second=12.0),
+        _server_record(outsider, (2,), 500.0, run_hash="ef" * 16),
+        _record(trainer, 1, run_hash=STAGES_HASH, run_config=STAGES_CONFIG),
+    ]
+    for index, record in enumerate(records):
+        identity = [*servers, outsider, trainer][index]
+        envelope, dht = record.sign(identity), swarm.dhts[index % len(swarm.dhts)]
+        _stored(lambda d=dht, e=envelope: publish_record(d, STAGES_RUN, e), "a stage server's record")
+    query = f"?run={STAGES_RUN}"
+    wait_until(lambda: len(_swarm_json(swarm.url, query)["peers"]) == 5, EVENT_TIMEOUT, "the stages run listed")
+    return StageSwarm(servers=servers, outsider=outsider)
+
+
+def test_api_swarm_lists_the_stages_their_servers_and_throughput(swarm: Swarm, stage_swarm: StageSwarm) -> None:
+    """/api/swarm's stages come from the servers' signed records: servers, capacity, served rate, the weakest
+    stage; a server of another config counts nowhere, and an unsharded run has no stages."""
+    # Execute
+    stages = _swarm_json(swarm.url, f"?run={STAGES_RUN}")["stages"]
+    unsharded = _swarm_json(swarm.url)["stages"]
+
+    # Assert
+    fast, slow, lone = (s.peer_id for s in stage_swarm.servers)
+    assert [s["stage"] for s in stages] == [0, 1, 2] and unsharded == []
+    assert sorted(v["peer_id"] for v in stages[0]["servers"]) == sorted([fast, slow])
+    assert [v["peer_id"] for v in stages[1]["servers"]] == [lone] and stages[2]["servers"] == []
+    assert [s["samples_per_second"] for s in stages] == [150.0, 30.0, 0.0]
+    assert [s["served_per_second"] for s in stages] == [40.0, 12.0, None]
+    assert [s["weakest"] for s in stages] == [False, False, True]
+    by_peer = {v["peer_id"]: v for v in stages[0]["servers"]}
+    assert by_peer[fast]["served_per_second"] == 40.0 and by_peer[slow]["served_per_second"] is None
+    assert by_peer[fast]["version"] == 7 and by_peer[fast]["device"] == "cuda"
+    assert stage_swarm.outsider.peer_id not in json.dumps(stages)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium package is not installed")
+def test_headless_chromium_shows_the_stages_table(swarm: Swarm, stage_swarm: StageSwarm, tmp_path: Path) -> None:
+    """The page of a sharded run shows a row per stage with its servers; the weakest stage is marked."""
+    # Prepare
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    browser += ["--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}"]
+
+    # Execute
+    dom = subprocess.run(
+        [*browser, "--dump-dom", f"{swarm.url}?run={STAGES_RUN}"], capture_output=True, text=True, timeout=60
+    ).stdout
+
+    # Assert
+    section = re.search(r'<section id="stages-section">(.*?)</section>', dom, re.S)
+    assert section is not None, dom[-2000:]
+    rows = re.findall(r'<tr(?: class="weakest")?><td class="num">(\d+)[^<]*</td><td[^>]*>([^<]*)</td>', section[1])
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    assert "(v7)" in rows[0][1] and rows[2][1] == "no server"
+    assert '<tr class="weakest"><td class="num">2 (weakest)</td>' in section[1]
+
+
+def test_swarm_board_keeps_the_rounds_a_record_carries(tmp_path: Path) -> None:
+    """Rounds that ended between two polls reach the history through the record's recent_rounds."""
+    # Prepare
+    board = SwarmBoard()
+    peer = NodeIdentity.load_or_create(tmp_path / "p")
+    recent = tuple((r, 3.0 - 0.1 * r, 100 * r) for r in range(1, 6))
+
+    # Execute: the board's polls saw only round 0 and round 6, which carries rounds 1-5
+    board.update("a", [_record(peer, 0, eval_loss=3.0)])
+    board.update("a", [_record(peer, 6, eval_loss=2.4, round_bytes=600, recent_rounds=recent)])
+    history = board.document("a", get_dht_time())["history"][peer.peer_id]
+
+    # Assert
+    assert [(h["round"], h["eval_loss"], h["bytes"]) for h in history] == [(0, 3.0, 0), *recent, (6, 2.4, 600)]
 
 
 def test_swarm_board_keeps_bounded_history(tmp_path: Path) -> None:
@@ -498,6 +624,8 @@ def test_a_real_trainer_feeds_the_dashboard_and_its_own_metrics(swarm: Swarm, tm
 
     # Assert
     assert rounds[("zen_node_samples_total", ())] > 0 and rounds[("zen_node_bytes_sent_total", ())] > 0
+    phases = {dict(k)["phase"]: v for (name, k), v in rounds.items() if name == "zen_node_phase_seconds_total"}
+    assert all(phases[phase] > 0 for phase in ("inner", "aggregation", "evaluation", "checkpoint")), phases
     assert all(h["eval_loss"] > 0 for h in history) and any(h["bytes"] > 0 for h in history)
 
 
@@ -535,4 +663,5 @@ def test_zen_node_join_draws_its_bar_on_a_terminal(tmp_path: Path) -> None:
     # Assert
     assert code == 0, shown[-3000:]
     assert re.search(r"round\s+2 \| \w+\s*\| eval loss", shown), shown[-3000:]
-    assert "[##########..........] round 1/2" in shown and "\r\x1b[2K" in shown
+    assert "[##########..........] round 1/2 | inner step " in shown and "\r\x1b[2K" in shown
+    assert re.search(r"round 1/2 \| inner step \d+/4 \| \d+ tokens/s", shown), shown[-3000:]

@@ -51,6 +51,7 @@ from hivemind.proto import runtime_pb2
 from dht import SKETCH_DIM, Capacity, NodeIdentity, PeerRecord, encode_sketch
 from node.capacity import CapacityError, device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, ServeConfig
+from node.metrics import StageCallCounter, call_outcome
 from node.runtime import NodeRuntime
 from node.sharding.averaging import StageAverager
 from node.sharding.batching import ForwardBatcher
@@ -138,6 +139,7 @@ class StageServer:
         self.busy = False  # another process uses the GPU: forward and backward are refused
         self.load = 0  # requests being handled now
         self.refused = 0  # malformed or unauthorized requests, for monitoring
+        self.calls = StageCallCounter()  # calls by method and outcome, sequences computed (metrics, record)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zen-stage-compute")
         self._batchers: dict[int, ForwardBatcher] = {}
         self._tasks: list[asyncio.Task[Any]] = []  # the GPU watch, forward batches, averaging rounds
@@ -238,6 +240,7 @@ class StageServer:
             "round": max((h.version for h in self.hosted.values()), default=0),
             "state_digest": b"",
             "stages": tuple(sorted(self.hosted)),
+            "served_per_second": self.calls.served_per_second(),
         }
 
     async def _start_serving(self) -> None:
@@ -249,18 +252,21 @@ class StageServer:
     # ---- request handling -------------------------------------------------------------------
     async def _handle(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         self.load += 1
-        remote = context.remote_id.to_base58()
+        remote, method = context.remote_id.to_base58(), "malformed"
         try:
-            reply = await self._dispatch(StageRequest.decode(request.metadata), remote)
+            decoded = StageRequest.decode(request.metadata)
+            method, reply = decoded.method, await self._dispatch(decoded, remote)
+            outcome = call_outcome(reply)
         except StageMessageError as e:
             self.refused += 1
             logger.warning(f"refused a stage request from {remote[:16]}: {e}")
-            reply = StageReply(ok=False, reason=str(e))
+            reply, outcome = StageReply(ok=False, reason=str(e)), "refused"
         except Exception as e:  # never let one request take the server down
             logger.exception(f"stage request from {remote[:16]} failed")
-            reply = StageReply(ok=False, reason=f"server error: {type(e).__name__}")
+            reply, outcome = StageReply(ok=False, reason=f"server error: {type(e).__name__}"), "error"
         finally:
             self.load -= 1
+        self.calls.call(method, outcome)
         return runtime_pb2.ExpertResponse(metadata=reply.encode())
 
     async def _dispatch(self, request: StageRequest, remote: str) -> StageReply:
@@ -290,6 +296,7 @@ class StageServer:
     async def _forward(self, request: StageRequest, hosted: HostedStage) -> StageReply:
         (hidden,) = self._hidden_states(request, 1)
         output = await self._batcher(request.stage).forward(hidden)
+        self.calls.computed(hidden.shape[0])
         return StageReply(ok=True, version=hosted.version, load=self.load, tensors=(output,))
 
     async def _backward(self, request: StageRequest, hosted: HostedStage) -> StageReply:
@@ -298,6 +305,7 @@ class StageServer:
         if key in hosted.applied:
             return StageReply(ok=False, reason="step already applied", version=hosted.version)
         grad_input = await self.in_compute(hosted.backward, key, request.micro_batch, hidden, grad)
+        self.calls.computed(hidden.shape[0])
         return StageReply(ok=True, version=hosted.version, load=self.load, tensors=(grad_input.cpu(),))
 
     async def _commit(self, request: StageRequest, hosted: HostedStage) -> StageReply:
@@ -345,6 +353,7 @@ class StageServer:
         for peer, result in zip(peers, results, strict=True):
             if isinstance(result, BaseException) or not result.ok:
                 self._replica_failed[peer] = time.monotonic()
+                self.calls.replica_missed()
                 logger.warning(f"stage {replicate.stage}: replica {peer[:16]} missed step {key}: {result!r}")
 
     async def _replicate(self, request: StageRequest, hosted: HostedStage) -> StageReply:

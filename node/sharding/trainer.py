@@ -15,7 +15,8 @@ Raw bytes and labels never leave the trainer: servers see hidden states after th
 server remembers as applied.
 
 Each step appends a line to ``<workdir>/report.jsonl`` (loss, the stages' versions, the servers
-used; node/training/report.py) and calls ``on_step`` (the CLI prints a progress line). Its life in
+used; node/training/report.py) and calls ``on_step`` (the CLI's progress line and metrics); its time
+counts as the ``inner`` phase of ``phases`` (node/runtime.py), the wait for stage servers as ``peer_wait``. Its life in
 the swarm (identity, DHT, record, heartbeat, shutdown) is a ``NodeRuntime`` (node/runtime.py).
 Several trainers may train against the same servers at once (each step is applied once, in
 arrival order); their local parts are not averaged with each other: each trainer's embedding and
@@ -39,7 +40,7 @@ from node.capacity import device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, RunConfig
 from node.data import ByteBatches, batch_seed, byte_histogram, load_corpus, split_corpus
 from node.model import build_model
-from node.runtime import NodeRuntime
+from node.runtime import NodeRuntime, PhaseClock
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.stages import LocalParts
 from node.training.report import append_report
@@ -118,6 +119,7 @@ class ShardedTrainer:
         # progress
         self.step = 0
         self.session = secrets.randbits(30)  # the high bits of our step ids
+        self.phases = PhaseClock()  # seconds per phase and what we wait for (metrics, progress line)
 
     @property
     def round(self) -> int:
@@ -126,7 +128,7 @@ class ShardedTrainer:
 
     def prepare(self) -> None:
         """Identity, data, device and the local parts (everything that needs no network)."""
-        self.runtime = NodeRuntime.create(self.config)
+        self.runtime = NodeRuntime.create(self.config, self.phases)
         self.identity = self.runtime.identity
         corpus = load_corpus(self.config.data)
         self.sketch = byte_histogram(corpus)
@@ -157,7 +159,9 @@ class ShardedTrainer:
         self.runtime.announce(self._record_fields)
         self.remote = remote = RemoteStages(dht, self.run, self.identity, self.workdir, self.stop_event)
         self.runtime.adopt("remote stages", remote.shutdown)
-        if not remote.wait_for_stages():
+        with self.phases.phase("peer_wait", f"waiting for servers of the run's {self.run.sharding.stages} stages"):
+            found = remote.wait_for_stages()
+        if not found:
             raise StageUnavailableError(
                 f"no server hosts some of the run's {self.run.sharding.stages} stages; start `zen-node serve` "
                 f"with this run's config (peers listed: {len(self.runtime.peers())})"
@@ -216,7 +220,8 @@ class ShardedTrainer:
         total = self.config.rounds * self.run.train.inner_steps
         while not self.stop_event.is_set() and not (total and self.step >= total):
             try:
-                self.train_step()
+                with self.phases.phase("inner", f"step {self.step + 1}"):  # remote stages included
+                    self.train_step()
             except StageUnavailableError:
                 if self.stop_event.is_set():
                     break  # stopped while waiting for a server: the step was not applied here

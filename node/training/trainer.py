@@ -35,7 +35,7 @@ from node.capacity import fit_batch_size, pick_device, probe_capacity
 from node.config import NodeConfig
 from node.data import DataError, TokenBatches, batch_seed, load_corpus, split_corpus
 from node.model import build_run_model
-from node.runtime import NodeRuntime
+from node.runtime import NodeRuntime, PhaseClock
 from node.sketch import data_sketch
 from node.tokens import RunTokenizer
 from node.training.admission import ConfigMismatchError, refuse_mismatched
@@ -114,9 +114,7 @@ class TrainingNode:
         self._unsent_samples = 0  # samples behind the progress not yet sent (carried when a round is missed)
         self._longest_round = 0.0  # seconds of the slowest round a group merged (how long to wait for a peer ahead)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate")
-        self._inner_seconds = 0.0  # inner-step time since the last report
-        self._inner_mark = 0.0  # when the inner steps not yet in ``_inner_seconds`` began
-        self._last_report = time.perf_counter()
+        self.phases = PhaseClock()  # seconds per phase and what we do now (metrics, progress line; node/runtime.py)
 
     @property
     def global_params(self) -> list[torch.nn.Parameter]:
@@ -125,7 +123,7 @@ class TrainingNode:
     # ---- enrollment -------------------------------------------------------------------------
     def prepare(self) -> None:
         """Everything that can fail without the network: identity, data, device, model, checkpoint."""
-        self.runtime = NodeRuntime.create(self.config)
+        self.runtime = NodeRuntime.create(self.config, self.phases)
         self.identity = self.runtime.identity
         corpus = load_corpus(self.config.data)
         train_bytes, eval_bytes = split_corpus(corpus, context := self.run.model.context)
@@ -193,7 +191,7 @@ class TrainingNode:
         if any(p.round > self.round for p in peers):
             self._catch_up(RoundOutcome.LOADED)
         self.sharer.announce(self.round)
-        runtime.wait_for_trainers(self.config.min_peers, self.stop_event)
+        runtime.wait_for_trainers(self.config.min_peers, self.stop_event)  # a phase (peer_wait) of its own
 
     def _make_aggregator(self) -> Aggregator:
         """The run's aggregator, or with [run.cohorts] the hierarchical one around it."""
@@ -250,7 +248,8 @@ class TrainingNode:
         """The most advanced peer's state if it has finished round ``at_least`` or later (retried)."""
         assert self.sharer is not None
         donors = self.aggregator.cohort_members if self.aggregator is not None else None  # cohorts: our own
-        state = self.sharer.download_retrying(self._state_tensors(), self.run_hash, self.stop_event, donors)
+        with self.phases.phase("download", "downloading the swarm's state"):
+            state = self.sharer.download_retrying(self._state_tensors(), self.run_hash, self.stop_event, donors)
         return state if state is not None and state.round >= at_least else None
 
     def _apply_state(self, state: SharedState) -> None:
@@ -271,7 +270,8 @@ class TrainingNode:
     # ---- training ---------------------------------------------------------------------------
     def evaluate(self) -> float:
         """Mean loss of the global parameters on the held-out batches."""
-        return evaluate(self.model, self.global_params, self.eval_set, self.device)
+        with self.phases.phase("evaluation", "evaluating the held-out loss"):
+            return evaluate(self.model, self.global_params, self.eval_set, self.device)
 
     def train_round(self) -> None:
         """Inner steps (the previous round lands between two once ready), then this round's launch (outer.py)."""
@@ -290,22 +290,22 @@ class TrainingNode:
     def _inner_phase(self) -> tuple[float, int]:
         """Inner steps (node/training/inner.py): their time and samples are counted; returns mean loss and steps."""
         phase = (self._inflight.round if self._inflight is not None else self.round) + 1  # the round it sends
-        self._inner_mark = time.perf_counter()
         train, dp = self.run.train, self.privacy
-        losses = inner_phase(
-            self.model,
-            self.inner_opt,
-            self.batches,
-            self.device,
-            train,
-            self.stop_event,
-            schedule=self.schedule,
-            first_step=(phase - 1) * train.inner_steps,
-            between_steps=self._land_if_ready,
-            step=None if dp is None else dp.inner_step,
-            steps=None if dp is None else dp.phase_steps(train.inner_steps),
-        )
-        self._inner_seconds += time.perf_counter() - self._inner_mark
+        with self.phases.phase("inner", f"round {phase}", train.inner_steps, self.batch_size * self.run.model.context):
+            losses = inner_phase(
+                self.model,
+                self.inner_opt,
+                self.batches,
+                self.device,
+                train,
+                self.stop_event,
+                schedule=self.schedule,
+                first_step=(phase - 1) * train.inner_steps,
+                between_steps=self._land_if_ready,
+                step=None if dp is None else dp.inner_step,
+                steps=None if dp is None else dp.phase_steps(train.inner_steps),
+            )
+            self.phases.stepped(len(losses))
         self._unsent_samples += len(losses) * self.batch_size
         return (sum(losses) / len(losses) if losses else math.nan), len(losses)
 
@@ -335,7 +335,8 @@ class TrainingNode:
         assert self.aggregator is not None
         started = time.monotonic()
         try:
-            result = self.aggregator.aggregate(round_no, mean, weight=samples)
+            with self.phases.phase("aggregation", f"aggregating round {round_no} (matchmaking, all-reduce)"):
+                result = self.aggregator.aggregate(round_no, mean, weight=samples)
         except AggregationError as e:
             logger.warning(str(e))
             result = None
@@ -351,7 +352,8 @@ class TrainingNode:
         if self.stop_event.is_set():
             return RoundOutcome.STOPPED, None
         among, wait = self.aggregator.cohort_members, ahead_wait(self.run.aggregation, self._longest_round)
-        if self._others_alive() and wait_for_peer_ahead(self._swarm(), self.round, wait, self.stop_event, among):
+        swarm = self._swarm()
+        if swarm.others_alive() and wait_for_peer_ahead(swarm, self.round, wait, self.stop_event, among):
             state = self._download(round_no)
             if state is not None:
                 return RoundOutcome.RESYNC, state
@@ -360,18 +362,19 @@ class TrainingNode:
 
     def _land_if_ready(self, steps: int) -> None:
         """Between inner steps (``steps`` taken so far): land the in-flight round if its aggregation is done."""
+        self.phases.stepped(steps)
         if self._inflight is None or not self._inflight.ready():
             return
-        self._inner_seconds += time.perf_counter() - self._inner_mark  # landing is not training
         logger.info(f"round {self._inflight.round} lands {steps} inner steps into the next phase")
-        self._land()
-        self._inner_mark = time.perf_counter()
+        with self.phases.phase("aggregation_wait", f"landing round {self._inflight.round}"):  # not training
+            self._land()
 
     def _land(self) -> None:
         """Wait for the in-flight aggregation and apply it (the staleness rule, node/training/outer.py)."""
         flight, self._inflight = self._inflight, None
         assert flight is not None
-        mode, outcome = flight.future.result()
+        with self.phases.phase("aggregation_wait", f"waiting for round {flight.round}'s group"):
+            mode, outcome = flight.future.result()
         if self.privacy is not None:
             self.privacy.landed()  # every release the averager made counts, whatever the outcome
         if mode is RoundOutcome.STOPPED:
@@ -401,9 +404,6 @@ class TrainingNode:
             self.round = max(self.round, flight.round)
         self._finish_round(mode, group_size, flight)
 
-    def _others_alive(self) -> bool:
-        return any(p.peer_id != self.identity.peer_id and "trainer" in p.roles for p in self._swarm().peers())
-
     def _finish_round(self, mode: RoundOutcome, group_size: int = 0, flight: InFlight | None = None) -> None:
         """Report the round (``flight``: the aggregation it landed), checkpoint it, and tell the swarm."""
         report = self._report(mode, group_size, flight)
@@ -415,16 +415,14 @@ class TrainingNode:
         assert self.sharer is not None
         self.sharer.announce(self.round)
         self._refresh_sketch()
-        self._swarm().note_round(report.eval_loss, report.bytes_sent)
-        self._swarm().beat_soon()
+        self._swarm().note_round(report.eval_loss, report.bytes_sent, report.round)  # published soon
         self.on_round(report)
 
     def _report(self, mode: RoundOutcome, group_size: int, flight: InFlight | None) -> RoundReport:
-        seconds = (now := time.perf_counter()) - self._last_report
+        seconds, busy = self.phases.lap()  # since the last report; the share of it in inner steps
         samples = flight.samples if flight is not None else 0
         train_loss, steps = flight.inner if flight is not None and mode.trained else (math.nan, 0)
-        utilization = min(1.0, self._inner_seconds / max(seconds, 1e-9)) if steps else 0.0
-        self._inner_seconds, self._last_report = 0.0, now
+        utilization = busy if steps else 0.0
         self._digest = self.outer.digest()
         return RoundReport(
             round=self.round,
@@ -455,15 +453,16 @@ class TrainingNode:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
-        Checkpoint(
-            run_hash=self.run_hash,
-            round=self.round,
-            global_params=[p.detach().cpu() for p in self.global_params],
-            outer_opt=self.outer.optimizer.state_dict(),
-            inner_opt=self.inner_opt.state_dict(),
-            data_rng=self.batches.state(),
-            dp_rounds=0 if self.privacy is None else self.privacy.spent,
-        ).save(self.workdir, run=self.run, peer_id=self.identity.peer_id)
+        with self.phases.phase("checkpoint", "writing the checkpoint"):
+            Checkpoint(
+                run_hash=self.run_hash,
+                round=self.round,
+                global_params=[p.detach().cpu() for p in self.global_params],
+                outer_opt=self.outer.optimizer.state_dict(),
+                inner_opt=self.inner_opt.state_dict(),
+                data_rng=self.batches.state(),
+                dp_rounds=0 if self.privacy is None else self.privacy.spent,
+            ).save(self.workdir, run=self.run, peer_id=self.identity.peer_id)
 
     def _load_checkpoint(self) -> None:
         checkpoint = Checkpoint.load(self.workdir, self.run_hash)
@@ -486,7 +485,7 @@ class TrainingNode:
         """Train until ``config.rounds`` rounds are done (0: forever) or the stop event is set."""
         if self.round == 0 and not (self.workdir / REPORT_FILE).exists():
             self._finish_round(RoundOutcome.INITIAL)
-        self._last_report = time.perf_counter()
+        self.phases.lap()
         while not self.stop_event.is_set():
             if self.config.rounds and self.round >= self.config.rounds and self._inflight is None:
                 break
