@@ -13,7 +13,9 @@ Four measurements in one run, all on 127.0.0.1::
    rounds (``stopped_at_budget``).
 4. Loss: the 3-peer demo swarm (``zen-node demo``'s run config, data and node processes) without DP,
    with user-level DP (``val_loss_dp``: level "user", clip 2.0) and with record-level DP-SGD
-   (``val_loss_record_dp``: level "record", clip --record-clip) at --epsilon (default 8, delta 1e-5)
+   (``val_loss_record_dp``: level "record", clip --record-clip, DP-SGD's expected batch and lr at
+   --record-batch-scale and --record-lr-scale times the run's, the defaults of ``[run.privacy]``) at
+   --epsilon (default 8, delta 1e-5)
    over --rounds outer rounds: the mean final held-out losses of the peers.
    ``record_dp_loss_ratio`` = val_loss_record_dp / val_loss_no_dp (target <= 1.10), both for the
    first of --record-peers (default 3,4; ``val_loss_no_dp`` is always the 3-peer swarm's);
@@ -21,7 +23,8 @@ Four measurements in one run, all on 127.0.0.1::
    repeat them for each of --record-peers, each swarm against a no-DP swarm of its own size.
 5. ``dp_step_overhead``: the median time of one DP-SGD step (per-example gradients, clip, noise,
    AdamW) over one plain AdamW step, same model (the demo's) and expected batch, one thread
-   (target <= 2.5).
+   (target <= 2.5). ``dp_step_overhead_scaled``: the same with DP-SGD at its expected batch
+   (--record-batch-scale x the plain batch): what a DP round's inner steps cost over a plain one's.
 6. ``user_dp_population``: an exact in-process simulation (no network, no quantization) of K users
    a round under user-level DP at --epsilon (delta 1e-5, sigma calibrated for the
    --population-rounds rounds, every user in every round) for each K of --population-ks: the
@@ -34,11 +37,22 @@ Four measurements in one run, all on 127.0.0.1::
    the std the K users' ``NoiseShare``s add together (``sigma * C * sqrt(K / (K - t))``, t = 1);
    the global params become the mean (the run's default outer step, lr 1, no momentum).
    ``--population-only`` runs this part alone.
+7. ``--record-sweep`` (alone, not part of the run above): an exact in-process simulation (no network,
+   no quantization) of the record-level swarm of part 4, for a cheap sweep of the DP-SGD settings.
+   Each of --sweep-peers peers holds the slice of the demo's corpus its node would, split and
+   evaluated as the node does (node/data.py ``split_corpus``; 4 held-out batches of 16); every peer
+   takes --inner-steps steps a round on a persistent AdamW, then the global params become the exact
+   mean of the peers' updates (the run's outer step) and every peer restarts from them. A DP point
+   (clip C, expected batch B, inner lr) runs DPSGDStep on Poisson samples with sigma calibrated (PLD)
+   for --rounds x --inner-steps steps at --epsilon; a no-DP point (``"dp": false``) takes plain steps
+   on batches of B. Every point of the Cartesian product of --sweep-clips, --sweep-batches,
+   --sweep-lrs and --sweep-seeds prints one JSON line (the mean final held-out loss of the peers).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -59,8 +73,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import sweep  # noqa: E402  (benchmarks/, this script's folder: the exact in-process simulation of peers)
 from secagg_harness import SecAggSwarm  # noqa: E402
 
-from node.config import ModelConfig, TrainConfig  # noqa: E402
-from node.data import ByteBatches, generate_corpus  # noqa: E402
+from node.config import ModelConfig, PrivacyConfig, TrainConfig  # noqa: E402
+from node.data import ByteBatches, batch_seed, generate_corpus, split_corpus  # noqa: E402
 from node.demo import BYTES_PER_PEER, _demo_config, join_command, start_bootstrap, stop_process  # noqa: E402
 from node.model import build_model  # noqa: E402
 from node.secagg.privacy import (  # noqa: E402
@@ -71,11 +85,13 @@ from node.secagg.privacy import (  # noqa: E402
     mean_noise_ratio,
     pld_epsilon,
 )
-from node.training.dpsgd import DPSGDStep, RecordSampler  # noqa: E402
+from node.training.dpsgd import DPSGDStep, RecordSampler, calibrate_record_noise  # noqa: E402
 from node.training.inner import evaluate, plain_step  # noqa: E402
 from node.training.outer import OuterState  # noqa: E402
 
 POPULATION_TARGET = 1.10  # user_dp_population: DP loss over no-DP loss at or below this
+DEMO_MODEL = ModelConfig(n_layer=2, n_head=2, d_model=64, context=64)  # node/demo.py's run model
+DEMO_EVAL_BATCHES = 4  # held-out batches of 16 a node evaluates (node/training/trainer.py EVAL_BATCHES)
 
 
 def measure_noise(rounds: int, numel: int) -> float:
@@ -99,13 +115,20 @@ def measure_noise(rounds: int, numel: int) -> float:
 
 
 def swarm_loss(
-    peers: int, epsilon: float, rounds: int, inner_steps: int, level: str = "user", clip: float = 2.0
+    peers: int,
+    epsilon: float,
+    rounds: int,
+    inner_steps: int,
+    level: str = "user",
+    clip: float = 2.0,
+    scales: tuple[int, float] = (1, 1.0),
 ) -> float:
-    """The demo's swarm (its run config with ``level`` and ``clip`` under DP): mean final held-out loss."""
+    """The demo's swarm (its run config with ``level``, ``clip`` and record level's (batch, lr) ``scales``
+    under DP): mean final held-out loss."""
     config = _demo_config(peers, inner_steps, "secure", rounds, epsilon)
     if epsilon > 0:  # user level: 3 peers are far below the population floor, so allow_noisy (measured on purpose)
-        noisy = "\nallow_noisy = true" if level == "user" else ""
-        config = config.replace("clip_norm = 2.0", f'clip_norm = {clip}\nlevel = "{level}"{noisy}')
+        extra = "\nallow_noisy = true" if level == "user" else f"\nbatch_scale = {scales[0]}\nlr_scale = {scales[1]}"
+        config = config.replace("clip_norm = 2.0", f'clip_norm = {clip}\nlevel = "{level}"{extra}')
     corpus = generate_corpus(BYTES_PER_PEER * peers, seed=7)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as scratch:
@@ -138,15 +161,16 @@ def swarm_loss(
         return sum(finals) / len(finals)
 
 
-def step_overhead(steps: int, clip: float) -> float:
-    """Median DP-SGD step time over the median plain step time (the demo's model, batch 16, one thread)."""
+def step_overhead(steps: int, clip: float, batch_scale: int = 1) -> float:
+    """Median DP-SGD step time (expected batch 16 x ``batch_scale``) over the median plain step time (the demo's
+    model, batch 16, one thread)."""
     torch.set_num_threads(1)
     config = ModelConfig(n_layer=2, n_head=2, d_model=64, context=64)
     corpus = generate_corpus(BYTES_PER_PEER, seed=7)
     plain_model, dp_model = build_model(config, 0), build_model(config, 0)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=3e-3)
     batches = ByteBatches(corpus, config.context, 16, seed=1)
-    sampler = RecordSampler(corpus, config.context, 16, seed=1)
+    sampler = RecordSampler(corpus, config.context, 16 * batch_scale, seed=1)
     dp = DPSGDStep(dp_model, torch.optim.AdamW(dp_model.parameters(), lr=3e-3), sampler, 1.0, clip, torch.device("cpu"))
     device = torch.device("cpu")
 
@@ -162,6 +186,55 @@ def step_overhead(steps: int, clip: float) -> float:
     plain = timed(lambda: plain_step(plain_model, plain_opt, batches, device))
     private = timed(dp)
     return private / plain
+
+
+def record_swarm_sim(
+    peers: int, rounds: int, inner_steps: int, epsilon: float, clip: float, batch: int, lr: float, seed: int
+) -> dict[str, object]:
+    """Part 7: the demo's record-level swarm simulated exactly in-process; ``epsilon`` 0: no DP (plain steps)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)  # the DP noise (Opacus draws from torch's default generator)
+    started = time.perf_counter()
+    corpus = generate_corpus(BYTES_PER_PEER * peers, seed=7)
+    context, device = DEMO_MODEL.context, torch.device("cpu")
+    models = [build_model(DEMO_MODEL, 0) for _ in range(peers)]
+    outer = OuterState(models[0], TrainConfig())  # the run's outer step: the global params become the mean
+    steps: list[object] = []
+    held_out: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    sigma, rate = 0.0, 0.0
+    for i, model in enumerate(models):
+        train, held = split_corpus(corpus[i * BYTES_PER_PEER : (i + 1) * BYTES_PER_PEER], context)
+        held_out.append(ByteBatches(held, context, 16, seed=1234).take(DEMO_EVAL_BATCHES))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        if epsilon > 0:
+            sampler = RecordSampler(train, context, batch, seed=seed * 1000 + i)
+            rate = sampler.sample_rate
+            sigma = calibrate_record_noise(epsilon, 1e-5, rate, rounds * inner_steps)
+            steps.append(DPSGDStep(model, optimizer, sampler, sigma, clip, device))
+        else:
+            batches = ByteBatches(train, context, batch, seed=batch_seed(0, train))
+            steps.append(lambda m=model, o=optimizer, b=batches: plain_step(m, o, b, device))
+    for _ in range(rounds):
+        for step in steps:
+            for _ in range(inner_steps):
+                step()  # type: ignore[operator]
+        sent = [outer.pseudo_gradient(model) for model in models]
+        outer.step([torch.stack(parts).mean(dim=0) for parts in zip(*sent, strict=True)])
+        for model in models:
+            outer.copy_to(model)
+    losses = [evaluate(models[0], outer.params, batches, device) for batches in held_out]
+    return {
+        "peers": peers,
+        "dp": epsilon > 0,
+        "clip": clip if epsilon > 0 else None,
+        "expected_batch": batch,
+        "inner_lr": lr,
+        "seed": seed,
+        "noise_multiplier": round(sigma, 4),
+        "sample_rate": round(rate, 5),
+        "val_loss": round(sum(losses) / len(losses), 4),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def population_loss(setup: sweep.Setup, users: int, rounds: int, noise: NoiseShare | None, seed: int = 0) -> float:
@@ -264,6 +337,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="outer rounds of each training run, e.g. 5")
     parser.add_argument("--inner-steps", type=int, default=30, help="inner steps per round, e.g. 30")
     parser.add_argument("--record-clip", type=float, default=1.0, help="DP-SGD per-record clip norm, e.g. 1.0")
+    parser.add_argument(
+        "--record-batch-scale",
+        type=int,
+        default=PrivacyConfig().batch_scale,
+        help="DP-SGD's expected batch over the run's batch (privacy.batch_scale), e.g. 4",
+    )
+    parser.add_argument(
+        "--record-lr-scale",
+        type=float,
+        default=PrivacyConfig().lr_scale,
+        help="DP-SGD's lr over the run's inner lr (privacy.lr_scale), e.g. 3.0",
+    )
     parser.add_argument("--record-peers", default="3,4", help="swarm sizes for record-level DP, e.g. 3,4")
     parser.add_argument("--overhead-steps", type=int, default=30, help="timed steps for dp_step_overhead, e.g. 30")
     parser.add_argument(
@@ -282,12 +367,27 @@ def main() -> int:
         help="text the users' windows and the held-out set come from (generated if missing)",
     )
     parser.add_argument("--population-only", action="store_true", help="measure user_dp_population alone")
+    parser.add_argument("--record-sweep", action="store_true", help="run part 7 alone: one JSON line a point")
+    parser.add_argument("--sweep-peers", type=int, default=4, help="simulated peers of --record-sweep, e.g. 4")
+    parser.add_argument("--sweep-clips", type=sweep.comma(float), default=[1.0], help="per-record clips, e.g. 0.1,1")
+    parser.add_argument("--sweep-batches", type=sweep.comma(int), default=[16], help="expected batches, e.g. 16,64")
+    parser.add_argument("--sweep-lrs", type=sweep.comma(float), default=[3e-3], help="inner lrs, e.g. 0.003,0.01")
+    parser.add_argument("--sweep-seeds", type=sweep.comma(int), default=[0], help="noise and sampling seeds, e.g. 0,1")
+    parser.add_argument("--sweep-no-dp", action="store_true", help="--record-sweep without DP (plain steps, batch B)")
     parser.add_argument("--json", action="store_true", help="print one JSON line, e.g. --json")
     args = parser.parse_args()
     if not args.population_ks or min(args.population_ks) < 1 or args.population_rounds < 1:
         parser.error("--population-ks and --population-rounds must be >= 1")
     if args.population_inner_steps < 1 or args.population_windows < 1:
         parser.error("--population-inner-steps and --population-windows must be >= 1")
+    if args.record_sweep:
+        for clip, batch, lr, seed in itertools.product(
+            args.sweep_clips, args.sweep_batches, args.sweep_lrs, args.sweep_seeds
+        ):
+            epsilon = 0.0 if args.sweep_no_dp else args.epsilon
+            point = record_swarm_sim(args.sweep_peers, args.rounds, args.inner_steps, epsilon, clip, batch, lr, seed)
+            print(json.dumps(point), flush=True)
+        return 0
     with tempfile.TemporaryDirectory() as scratch:
         args.population_data = population_data(args.population_data, Path(scratch))
         row = {"user_dp_population": user_dp_population(args)} if args.population_only else measure_all(args)
@@ -332,8 +432,11 @@ def measure_all(args: argparse.Namespace) -> dict[str, object]:
         "dp_epsilon": args.epsilon,
         "rounds": args.rounds,
     }
+    scales = (args.record_batch_scale, args.record_lr_scale)
     by_peers = {
-        peers: round(swarm_loss(peers, args.epsilon, args.rounds, args.inner_steps, "record", args.record_clip), 4)
+        peers: round(
+            swarm_loss(peers, args.epsilon, args.rounds, args.inner_steps, "record", args.record_clip, scales), 4
+        )
         for peers in record_peers
     }
     first = record_peers[0]
@@ -343,7 +446,9 @@ def measure_all(args: argparse.Namespace) -> dict[str, object]:
     row["val_loss_no_dp_by_peers"] = {str(k): no_dp[k] for k in record_peers}
     row["record_dp_loss_ratio_by_peers"] = {str(k): round(v / no_dp[k], 4) for k, v in by_peers.items()}
     row["record_clip"] = args.record_clip
+    row["record_batch_scale"], row["record_lr_scale"] = scales
     row["dp_step_overhead"] = round(step_overhead(args.overhead_steps, args.record_clip), 3)
+    row["dp_step_overhead_scaled"] = round(step_overhead(args.overhead_steps, args.record_clip, scales[0]), 3)
     row["user_dp_population"] = user_dp_population(args)
     return row
 

@@ -219,6 +219,11 @@ class PrivacyConfig:
     # user level: start even when the noise on a group's mean outweighs the clipped update (groups of
     # aggregation.min_group_size below the floor sigma * sqrt(d), node/training/privacy.py); a warning names the ratio
     allow_noisy: bool = False
+    # Record level only; the run without DP keeps train.batch_size and train.inner_lr. DP-SGD's noise on a step's
+    # mean is sigma * C / batch and, for a fixed epsilon, sigma grows slower than the batch; that noise also fills
+    # AdamW's second moment, which shrinks each step. 4-peer demo swarm, BENCHMARKS.md: scale 1 and 1 lose 19%.
+    batch_scale: int = 4  # DP-SGD's expected batch: this x train.batch_size records a step (Poisson sampled)
+    lr_scale: float = 3.0  # DP-SGD's AdamW learning rate: this x the inner lr (its schedule's shape kept)
 
     def __post_init__(self) -> None:
         _require(
@@ -234,6 +239,11 @@ class PrivacyConfig:
         _require(0 < self.delta < 0.1, f"privacy.delta must be in (0, 0.1), got {self.delta}")
         _require(0 <= self.max_dropouts <= 29, f"privacy.max_dropouts must be in [0, 29], got {self.max_dropouts}")
         _require(1 <= self.planned_rounds <= 100_000, "privacy.planned_rounds must be in [1, 100000]")
+        _require(1 <= self.batch_scale <= 64, f"privacy.batch_scale must be in [1, 64], got {self.batch_scale}")
+        _require(
+            math.isfinite(self.lr_scale) and 0 < self.lr_scale <= 100,
+            f"privacy.lr_scale must be in (0, 100], got {self.lr_scale}",
+        )
         _require(
             not self.enabled or self.noise_multiplier > 0 or self.target_epsilon > 0,
             "privacy needs privacy.noise_multiplier > 0 or a privacy.target_epsilon to derive it from",

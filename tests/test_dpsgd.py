@@ -13,7 +13,7 @@ import torch
 from dp_accounting.pld import pld_privacy_accountant
 from helpers import NodeProcess, write_run_config
 
-from node.config import ConfigError, ModelConfig, load_node_config
+from node.config import ConfigError, ModelConfig, PrivacyConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
 from node.training.dpsgd import (
@@ -173,7 +173,7 @@ def record_privacy(tmp_path: Path, budget: float) -> TrainerPrivacy:
 
 def test_record_level_budget_caps_the_steps_and_stops_sending(tmp_path: Path) -> None:
     """With a budget of 7 steps and 5-step phases: 5, then 2 counted, then sending stops and steps go uncounted."""
-    sample_rate = 4 / (4000 // (MODEL.context + 1))
+    sample_rate = 4 * PrivacyConfig().batch_scale / (4000 // (MODEL.context + 1))  # batch 4, DP-SGD's scale
     budget = (record_epsilon(1.0, sample_rate, 7, 1e-5) + record_epsilon(1.0, sample_rate, 8, 1e-5)) / 2
     privacy = record_privacy(tmp_path, budget)
     assert privacy.level == "record" and privacy.noise is None and privacy.steps is not None
@@ -246,3 +246,69 @@ def test_privacy_with_sharding_is_refused_in_one_line(level: str) -> None:
     assert "\n" not in message and "cannot yet be combined with sharding" in message
     assert "set privacy.enabled = false or sharding.stages = 0" in message
     assert load_node_config(None, overrides).run.privacy.enabled  # the same privacy without sharding starts
+
+
+def test_record_level_dp_with_cohorts_starts_and_plans_the_same_steps(tmp_path: Path) -> None:
+    """Cohorts with DP-SGD start, and their second (cross-cohort) ring costs no epsilon: sigma and the step
+    budget are those of the same run without cohorts (each ring sends post-processing of counted steps)."""
+    # Prepare
+    common = {"run.privacy.enabled": True, "run.privacy.target_epsilon": 8.0, "run.privacy.planned_rounds": 4}
+    common |= {"run.model.d_model": MODEL.d_model, "run.model.context": MODEL.context, "run.train.inner_steps": 5}
+    cohorts = {"run.cohorts.enabled": True, "run.cohorts.global_every": 2}
+
+    # Execute
+    plans = []
+    for overrides in (common, {**common, **cohorts}):
+        node = load_node_config(None, overrides)
+        model = build_model(node.run.model, seed=0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        privacy = TrainerPrivacy.create(node, model, optimizer, corpus(), batch_size=4)
+        assert privacy.level == "record" and privacy.dpsgd is not None and privacy.steps is not None
+        plans.append((privacy.dpsgd.noise_multiplier, privacy.steps.max_steps()))
+
+    # Assert
+    assert plans[0] == plans[1]
+    assert plans[0][1] == 4 * 5  # planned_rounds x inner_steps steps fit the target exactly
+
+
+def test_dp_sgd_steps_at_lr_scale_and_leaves_the_schedules_lr() -> None:
+    """lr_scale 2.5 moves the parameters 2.5 times as far as lr_scale 1 (no noise, plain SGD); the param
+    groups keep the lr the schedule set."""
+    # Prepare
+    tokens, targets = RecordSampler(corpus(), MODEL.context, 4, seed=2).sample()
+    moves = []
+
+    # Execute
+    for lr_scale in (1.0, 2.5):
+        model, step = sgd_step(0.0, 1.0)
+        step.lr_scale = lr_scale
+        before = flat(model)
+        step.step_on(tokens, targets)
+        moves.append(flat(model) - before)
+        assert [group["lr"] for group in step.optimizer.param_groups] == [1.0]
+
+    # Assert
+    torch.testing.assert_close(moves[1], 2.5 * moves[0])
+
+
+def test_record_level_uses_the_dp_only_batch_and_lr_scales(tmp_path: Path) -> None:
+    """DP-SGD expects batch_scale x train.batch_size records a step at lr_scale x the inner lr; out-of-range
+    scales are refused naming the field."""
+    # Prepare
+    overrides = {"run.privacy.enabled": True, "run.privacy.noise_multiplier": 1.0, "run.privacy.batch_scale": 3}
+    node = load_node_config(None, {**overrides, "run.privacy.lr_scale": 2.0, "run.model.context": MODEL.context})
+    model = build_model(ModelConfig(context=MODEL.context), seed=0)
+
+    # Execute
+    privacy = TrainerPrivacy.create(node, model, torch.optim.AdamW(model.parameters()), corpus(), batch_size=4)
+
+    # Assert
+    assert privacy.dpsgd is not None and privacy.steps is not None
+    records = 4000 // (MODEL.context + 1)
+    assert privacy.dpsgd.sampler.sample_rate == privacy.steps.sample_rate == 12 / records
+    assert privacy.dpsgd.optimizer.expected_batch_size == round(12 / records * records)
+    assert privacy.dpsgd.lr_scale == 2.0
+    assert (PrivacyConfig().batch_scale, PrivacyConfig().lr_scale) == (4, 3.0)
+    for field, value in (("batch_scale", 0), ("lr_scale", 0.0)):
+        with pytest.raises(ConfigError, match=f"privacy.{field} must be in"):
+            load_node_config(None, {f"run.privacy.{field}": value})

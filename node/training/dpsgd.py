@@ -24,7 +24,19 @@ Each DP-SGD step (Abadi et al. 2016):
    gradients are handed to Opacus as ``grad_sample``.
 3. Opacus' ``DPOptimizer`` clips each example's whole gradient to L2 norm ``clip_norm`` (flat
    clipping), adds Gaussian noise of std ``sigma * clip_norm`` to the sum and divides by the
-   expected batch size; the run's AdamW then steps on that (post-processing).
+   expected batch size; the run's AdamW then steps on that (post-processing), at ``lr_scale``
+   times the learning rate its schedule sets.
+
+Why DP-SGD's batch and learning rate differ from the run's (``privacy.batch_scale``,
+``privacy.lr_scale``): the noise on a step's mean gradient is ``sigma * C / B`` per coordinate
+(about ``sigma * C * sqrt(d) / B`` in norm, against a clipped mean of norm <= C), and for a fixed
+epsilon and number of steps sigma grows more slowly than ``B`` while ``sigma`` is near or below 1
+(demo swarm: B = 16 -> sigma 0.56, B = 64 -> 0.90 for 150 steps at epsilon 8), so a bigger
+expected batch lowers the noise on every step. AdamW divides each coordinate by the root of its
+second moment, which the noise then dominates: the step along the signal shrinks by the
+signal-to-noise ratio, and a larger learning rate gives it back. Both were measured on the 4-peer
+demo swarm (BENCHMARKS.md, "Differential privacy"); the no-DP baseline is best at the run's own
+batch and learning rate, so the scales apply to DP-SGD only.
 
 Accounting: ``s`` steps are ``s`` compositions of the Poisson-subsampled Gaussian mechanism
 ``(q, sigma)``. The reported epsilon is dp-accounting's PLD accountant; Opacus' PRV and RDP
@@ -99,6 +111,7 @@ class DPSGDStep:
         noise_multiplier: sigma of each step's Gaussian noise, in units of ``clip_norm``.
         clip_norm: C, the L2 bound on each example's gradient.
         device: where the model lives.
+        lr_scale: each step runs at this times the learning rate of ``optimizer``'s param groups.
     """
 
     def __init__(
@@ -109,11 +122,12 @@ class DPSGDStep:
         noise_multiplier: float,
         clip_norm: float,
         device: torch.device,
+        lr_scale: float = 1.0,
     ):
         from opacus.optimizers import DPOptimizer
 
         self.model, self.sampler, self.device = model, sampler, device
-        self.noise_multiplier, self.clip_norm = noise_multiplier, clip_norm
+        self.noise_multiplier, self.clip_norm, self.lr_scale = noise_multiplier, clip_norm, lr_scale
         self.optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -149,7 +163,15 @@ class DPSGDStep:
         grads, loss = self.per_example_gradients(tokens, targets)
         for name, param in self.params.items():
             param.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus' DPOptimizer
-        self.optimizer.step()
+        groups = self.optimizer.param_groups  # the trainer's: its schedule set their lr for this step
+        rates = [group["lr"] for group in groups]
+        try:
+            for group, rate in zip(groups, rates, strict=True):
+                group["lr"] = rate * self.lr_scale
+            self.optimizer.step()
+        finally:
+            for group, rate in zip(groups, rates, strict=True):
+                group["lr"] = rate
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 

@@ -192,19 +192,24 @@ def setup_record_privacy(
     device: torch.device,
     epsilon_budget: float,
 ) -> tuple[DPSGDStep, RecordAccountant]:
-    """Record level: the DP-SGD step over this node's records and the accountant of its steps."""
+    """Record level: the DP-SGD step over this node's records and the accountant of its steps.
+
+    DP-SGD expects ``privacy.batch_scale`` x ``batch_size`` records a step and steps at ``privacy.lr_scale``
+    x the inner lr (node/training/dpsgd.py says why).
+    """
     privacy = run.privacy
-    sampler = RecordSampler(corpus, run.model.context, batch_size)
+    sampler = RecordSampler(corpus, run.model.context, batch_size * privacy.batch_scale)
     planned = privacy.planned_rounds * run.train.inner_steps
     sigma = privacy.noise_multiplier or calibrate_record_noise(
         privacy.target_epsilon, privacy.delta, sampler.sample_rate, planned
     )
     budget = node_budget(privacy, epsilon_budget)
-    step = DPSGDStep(model, optimizer, sampler, sigma, privacy.clip_norm, device)
+    step = DPSGDStep(model, optimizer, sampler, sigma, privacy.clip_norm, device, privacy.lr_scale)
     accountant = RecordAccountant(sigma, sampler.sample_rate, privacy.delta, budget)
     logger.info(
         f"record-level differential privacy (DP-SGD): {sampler.count} records, sample rate "
-        f"{sampler.sample_rate:.4f}, clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, delta {privacy.delta}, "
+        f"{sampler.sample_rate:.4f} (expected batch {batch_size * privacy.batch_scale}), lr x {privacy.lr_scale}, "
+        f"clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, delta {privacy.delta}, "
         f"budget epsilon {budget} ({accountant.max_steps()} steps)"
     )
     return step, accountant
