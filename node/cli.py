@@ -161,6 +161,9 @@ def _add_ledger_command(commands: Any) -> None:
     output = ledger.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object per contributor, e.g. --json")
     output.add_argument("--csv", action="store_true", help="CSV with a header line, e.g. --csv")
+    ledger.add_argument(
+        "--receipts", nargs="*", default=[], help="ledger.jsonl files or workdirs to audit, e.g. ~/.zen/work"
+    )
 
 
 def _add_export_commands(commands: Any) -> None:
@@ -374,7 +377,12 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from node.ledger.listing import format_rows, read_run_ledger  # here, after the config's checks (user_errors)
 
-    rows = read_run_ledger(config.swarm, config.run)
+    from pathlib import Path
+
+    receipts = [Path(p).expanduser() for p in args.receipts]
+    if missing := [p for p in receipts if not p.exists()]:
+        raise ConfigError(f"--receipts {missing[0]}: no such file or folder; give a ledger.jsonl or a node's workdir")
+    rows = read_run_ledger(config.swarm, config.run, receipts)
     print(format_rows(rows, config.run.run_id, "json" if args.json else "csv" if args.csv else "text"), end="")
     return 0
 

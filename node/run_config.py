@@ -301,7 +301,9 @@ class CohortConfig:
     # Unset: the adaptive rule (dht/cohorts.py). Set: the fixed override, cosine distance up to which two sketches link.
     distance_threshold: float | None = None
     min_separation: float = 2.5  # the adaptive rule cuts where groups are this many times farther apart than spread
-    local_patterns: list[str] = field(default_factory=lambda: ["ln_f.*"])  # fnmatch names: never sent
+    # fnmatch on a parameter's name or its canonical name (hierarchy.canonical_name: a Hugging Face model's final
+    # norm reads as ln_f, decoder layer i as blocks.i, embeddings as wte / wpe, its output head as head)
+    local_patterns: list[str] = field(default_factory=lambda: ["ln_f.*"])  # never sent: the final norm
     cohort_patterns: list[str] = field(default_factory=lambda: ["blocks.*"])  # averaged within the cohort only
     global_every: int = 4  # the global params are also averaged across cohorts every this many rounds
     alpha: float = 0.5  # a cohort's weight across cohorts is its samples * size**-alpha (0: by samples)

@@ -43,7 +43,7 @@ EXPECTED_FLAGS = {
     "generate": ["--help", "--log-level", "--max-new-tokens", "--model", "--prompt", "--seed"],
     "ledger": [
         "--announce-maddrs", "--auto-relay", "--client-mode", "--config", "--csv", "--help", "--host-maddrs",
-        "--initial-peers", "--json", "--log-level", "--no-relay", "--run-id",
+        "--initial-peers", "--json", "--log-level", "--no-relay", "--receipts", "--run-id",
     ],
 }  # fmt: skip
 

@@ -18,7 +18,15 @@ import pytest
 import torch
 from helpers import REPO_ROOT, ZEN_NODE, NodeProcess, write_run_config
 
-from node.config import ConfigError, RunConfig, describe_difference, load_node_config, run_config_from_dict
+from node.aggregation.hierarchy import ParameterPartition, partition_parameters
+from node.config import (
+    CohortConfig,
+    ConfigError,
+    RunConfig,
+    describe_difference,
+    load_node_config,
+    run_config_from_dict,
+)
 from node.data import generate_corpus
 from node.export.writer import export_run
 from node.model import build_run_model
@@ -466,3 +474,56 @@ def test_the_efficiency_benchmark_runs_lora_on_a_llama_shape(tmp_path: Path) -> 
     assert summary["bytes_per_round_per_peer"] < summary["model_bytes"] / 2  # the base never goes on the wire
     assert [s for s, _ in summary["swarm_curve"]] == [0, 3 * 3 * 4]
     assert all(math.isfinite(loss) for _, loss in summary["swarm_curve"] + summary["central_curve"])
+
+
+HF_SHAPES = {  # tiny configs of the three families the cohort rule must read (built from these keys, no download)
+    "llama": LLAMA,
+    "qwen2": {**LLAMA, "model_type": "qwen2"},
+    "gpt2": {"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HF_SHAPES))
+def test_the_default_cohort_patterns_tag_hf_models_as_the_built_in_gpt(shape: str) -> None:
+    """With the default patterns, an HF model's final norm is local, its decoder layers are cohort params, and its
+    embeddings and head are global, as ln_f, blocks.* and wte/wpe are for zen-gpt."""
+    # Prepare
+    hf_names = [name for name, _ in build_run_model(hf_run(hf=HF_SHAPES[shape]).model, seed=0).named_parameters()]
+    gpt_names = [name for name, _ in build_run_model(RunConfig().model, seed=0).named_parameters()]
+    cohorts = CohortConfig(enabled=True)
+
+    # Execute
+    hf, gpt = partition_parameters(hf_names, cohorts), partition_parameters(gpt_names, cohorts)
+
+    # Assert
+    def tagged(partition: ParameterPartition, tag: str) -> set[str]:
+        return {partition.names[i] for i in range(len(partition.names)) if partition.tag(i) == tag}
+
+    assert {n.split(".")[0] for n in tagged(gpt, "local")} == {"ln_f"}
+    assert {n.split(".")[0] for n in tagged(gpt, "global")} == {"wte", "wpe"}
+    final_norm = {
+        "llama": "hf_model.model.norm.",
+        "qwen2": "hf_model.model.norm.",
+        "gpt2": "hf_model.transformer.ln_f.",
+    }
+    layers = {"llama": "hf_model.model.layers.", "qwen2": "hf_model.model.layers.", "gpt2": "hf_model.transformer.h."}
+    assert tagged(hf, "local") and all(n.startswith(final_norm[shape]) for n in tagged(hf, "local"))
+    assert tagged(hf, "cohort") == {n for n in hf_names if n.startswith(layers[shape])}
+    assert tagged(hf, "global") and all(
+        ("embed" in n or "wte" in n or "wpe" in n or "lm_head" in n) for n in tagged(hf, "global")
+    )
+
+
+def test_lora_adapters_on_an_hf_model_are_cohort_params_by_default() -> None:
+    """A LoRA run's parameters are the adapters inside the decoder layers: the default rule averages them in the
+    cohort (nothing is local, so the rule does not refuse the model)."""
+    # Prepare
+    run = run_config_from_dict({"model": {"family": "hf", "context": 32, "hf": LLAMA}, "lora": {"r": 4}})
+    names = [name for name, _ in build_run_model(run.model, seed=0, lora=run.lora).named_parameters()]
+
+    # Execute
+    partition = partition_parameters(names, CohortConfig(enabled=True))
+
+    # Assert
+    assert names and all("lora_" in n for n in names)
+    assert len(partition.cohort) == len(names) and not partition.local and not partition.global_

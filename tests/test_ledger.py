@@ -52,6 +52,7 @@ from node.ledger.receipts import (
     Receipt,
     ReceiptError,
     append_receipt,
+    certificate_verdict,
     contributors_digest,
     read_receipts,
     sign_receipt,
@@ -381,6 +382,17 @@ def test_zen_node_ledger_refuses_json_with_csv(capsys) -> None:
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_zen_node_ledger_names_a_missing_receipts_path_in_one_line(tmp_path: Path, capsys) -> None:
+    """--receipts with a path that does not exist: one line naming it and what to give, exit 2, no DHT started."""
+    missing = tmp_path / "nowhere" / "ledger.jsonl"
+
+    code = main(["ledger", "--run-id", RUN, "--receipts", str(missing)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and f"--receipts {missing}: no such file or folder" in err[0], err
+
+
 # ---- the trainer's keeper and the model card -----------------------------------------------------------------
 
 
@@ -475,6 +487,9 @@ def test_a_three_node_swarm_credits_its_contributors(tmp_path: Path, bootstrap_m
         flags = ["--initial-peers", bootstrap_maddr, "--config", str(config), "--log-level", "WARNING"]
         assert main(["ledger", *flags, "--json"]) == 0
         listed = {row["peer_id"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+        workdirs = [str(node.folder / "work") for node in nodes]
+        assert main(["ledger", *flags, "--json", "--receipts", *workdirs]) == 0
+        audited = {row["peer_id"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
         out = tmp_path / "model"
         assert main(["export", "--workdir", str(nodes[0].folder / "work"), "--out", str(out)]) == 0
         card = (out / "README.md").read_text()
@@ -488,8 +503,12 @@ def test_a_three_node_swarm_credits_its_contributors(tmp_path: Path, bootstrap_m
     assert [len(r) for r in receipts] == [2, 2, 2]
     groups = {(s.receipt.round, s.receipt.contributors, s.receipt.contributors_digest) for r in receipts for s in r}
     assert len(groups) == 2  # every node signed the same contributor set for each round
+    verdicts = [certificate_verdict(s.receipt) for r in receipts for s in r]
+    assert all(v.certified is not None for v in verdicts), [v.note for v in verdicts]  # t+ members signed each U
     members = {s.receipt.peer_id for r in receipts for s in r}
     assert set(listed) == members and all(row["verified"] and row["rounds"] == 2 for row in listed.values())
+    assert all(row["attested_rounds"] is None for row in listed.values())  # nothing presented, nothing attested
+    assert {peer: row["attested_rounds"] for peer, row in audited.items()} == dict.fromkeys(members, 2)
     assert sum(row["share_of_samples"] for row in listed.values()) == pytest.approx(1.0, abs=1e-5)
     own = listed[receipts[0][0].receipt.peer_id]
     assert f"| {own['peer_id']} | `{own['peer_id']}` | 2 | {own['samples']:,} |" in card

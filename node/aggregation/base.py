@@ -43,6 +43,9 @@ class AggregationResult:
     group_id: str = ""  # secure: the group's id this round (hex)
     group_round: int = 0  # secure: rounds the group ran before this one without matchmaking (0: just matched)
     key_fingerprints: tuple[str, ...] = ()  # secure: each contributor's round keys as received, in ``peers`` order
+    # secure: the group's consistency certificate, encoded (node/ledger/certificate.py: t+ signatures on U, checkable
+    # by anyone); b"" for plain aggregation and for a round that combined several groups (cohorts)
+    certificate: bytes = b""
 
 
 class Aggregator(ABC):

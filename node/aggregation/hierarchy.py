@@ -1,6 +1,11 @@
 """Hierarchical averaging: cohort parameters within the cohort, global ones also across cohorts, local never.
 
-Every parameter of the model carries one tag, from its name (``ParameterPartition``):
+Every parameter of the model carries one tag, from its name (``ParameterPartition``), or from its
+canonical name: a Hugging Face causal LM's names (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, OPT, Phi
+shapes, behind ``HFCausalLM`` and peft's LoRA wrapper) read as the built-in GPT's (``canonical_name``:
+the final norm is ``ln_f``, decoder layer i is ``blocks.i``, the token and position embeddings
+``wte`` and ``wpe``, the output head ``head``), so the default patterns tag the same roles in either
+family and keep the run hash they had:
 
 - ``local`` (``cohorts.local_patterns``, fnmatch): personalization layers. They are never handed to
   an aggregator, so they never leave the node; each node applies its own delta to them.
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -79,18 +85,42 @@ class ParameterPartition:
         return "local" if index in self.local else "cohort" if index in self.cohort else "global"
 
 
+_BACKBONE = r"(?:model\.decoder|model|transformer|gpt_neox)"  # where HF causal LMs keep their decoder stack
+_WRAPPERS = re.compile(r"^(?:hf_model\.)?(?:base_model\.model\.)?")  # HFCausalLM (node/model_hf.py), peft's LoRA
+_ROLES = (  # an HF causal LM's module names -> the built-in GPT's (node/model.py)
+    (re.compile(rf"^{_BACKBONE}\.(?:layers|h|blocks)\.(\d+)\."), r"blocks.\1."),
+    (re.compile(rf"^{_BACKBONE}\.(?:norm|ln_f|final_layer_norm|final_layernorm)\."), "ln_f."),
+    (re.compile(rf"^{_BACKBONE}\.(?:embed_tokens|wte|embed_in)\."), "wte."),
+    (re.compile(rf"^{_BACKBONE}\.(?:wpe|embed_positions)\."), "wpe."),
+    (re.compile(r"^(?:lm_head|embed_out)\."), "head."),
+)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name as the built-in GPT would call its role: ``hf_model.model.layers.3.mlp.up_proj.weight``
+    -> ``blocks.3.mlp.up_proj.weight``, ``hf_model.transformer.ln_f.bias`` -> ``ln_f.bias``; the GPT's own
+    names (and names of no known role) are unchanged."""
+    stripped = _WRAPPERS.sub("", name, count=1)
+    for pattern, role in _ROLES:
+        renamed, found = pattern.subn(role, stripped, count=1)
+        if found:
+            return renamed
+    return name
+
+
 def partition_parameters(names: Sequence[str], config: CohortConfig) -> ParameterPartition:
-    """Tag each parameter name: ``local`` if a local pattern matches, else ``cohort`` if a cohort pattern does,
-    else ``global``.
+    """Tag each parameter name: ``local`` if a local pattern matches it or its ``canonical_name``, else ``cohort``
+    if a cohort pattern does, else ``global``.
 
     Raises:
         ConfigError: every parameter would be local (nothing would be averaged).
     """
     tags = []
     for name in names:
-        if any(fnmatch.fnmatchcase(name, p) for p in config.local_patterns):
+        both = (name, canonical_name(name))
+        if any(fnmatch.fnmatchcase(n, p) for n in both for p in config.local_patterns):
             tags.append("local")
-        elif any(fnmatch.fnmatchcase(name, p) for p in config.cohort_patterns):
+        elif any(fnmatch.fnmatchcase(n, p) for n in both for p in config.cohort_patterns):
             tags.append("cohort")
         else:
             tags.append("global")
@@ -249,6 +279,8 @@ class HierarchicalAggregator(Aggregator):
         self._residual = self._combined_residual(tensors, rings, withheld)
         for i in withheld:  # DP: our un-noised delta must not reach the served cohort params (module docstring)
             tensors[i].zero_()
+        if len(results) == 1:  # one ring's group: its id, keys and certificate stand for the round (ledger receipts)
+            return results[0]
         peers = tuple(sorted({p for r in results for p in r.peers}))
         return AggregationResult(round=round_no, group_size=results[0].group_size, peers=peers)
 

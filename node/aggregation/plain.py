@@ -92,6 +92,7 @@ def _result(round_no: int, gathered: dict[Any, Any]) -> AggregationResult:
         group_id=str(about.get("group", "")),
         group_round=int(about.get("group_round", 0)),
         key_fingerprints=tuple(str(gathered[peer]["keys"]) for peer in peers if "keys" in gathered[peer]),
+        certificate=about.get("certificate", b"") if isinstance(about.get("certificate"), bytes) else b"",
     )
 
 

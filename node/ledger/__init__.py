@@ -1,7 +1,11 @@
 """The contribution ledger: signed receipts of the rounds a node gave, and the run's contributors from them.
 
 class Receipt, SignedReceipt, Totals (receipts.py): one signed line of ledger.jsonl per group round; sign_receipt,
-    verify_receipt, read_receipts, totals (the running summary a node publishes)
+    verify_receipt, read_receipts, totals (the running summary a node publishes), certificate_verdict
+class GroupCertificate, Certified (certificate.py): a secure round's t+ signatures on U with the digest's inputs,
+    checkable by anyone; statement and decode_digest, the bytes the protocol signs
+class ReceiptAudit (audit.py): presented receipts checked; audit_receipts, apply_audit (rounds each PeerID is
+    attested in by verified certificates, and whether a node's receipts are those its summary commits to)
 class Claim, ContributorRow (contributors.py): each node's claimed figures, verified or marked; contributor_rows
     (shares of samples and rounds), rows_as_json / rows_as_csv / rows_as_text, the workdir's copy of the summaries
 read_run_ledger, format_rows (listing.py): ``zen-node ledger``: the run's summaries from the DHT, printed

@@ -41,6 +41,7 @@ COLUMNS = (
     "share_of_rounds",
     "verified",
     "note",
+    "attested_rounds",
 )
 
 
@@ -53,8 +54,10 @@ class Claim:
     samples: int | None
     compute_seconds: float | None
     verified: bool
-    note: str = ""  # why it did not verify
+    note: str = ""  # why it did not verify (or what a receipt audit found)
     display_name: str = ""
+    receipts_digest: bytes = b""  # the summary's chain over its receipts (b"": not from a summary)
+    attested_rounds: int | None = None  # rounds presented certificates name it in (None: none presented)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class ContributorRow:
     share_of_rounds: float | None
     verified: bool
     note: str
+    attested_rounds: int | None = None  # rounds verified certificates of presented receipts name it in (audit.py)
 
 
 def claim_from_summary(summary: LedgerSummary, run_hash: str | None) -> Claim:
@@ -83,6 +87,7 @@ def claim_from_summary(summary: LedgerSummary, run_hash: str | None) -> Claim:
         not note,
         note,
         summary.display_name,
+        summary.receipts_digest,
     )
 
 
@@ -134,6 +139,7 @@ def contributor_rows(claims: Iterable[Claim]) -> list[ContributorRow]:
             share_of_rounds=_share(c.rounds, all_rounds) if c.verified else None,
             verified=c.verified,
             note=c.note,
+            attested_rounds=c.attested_rounds,
         )
         for c in best.values()
     ]
@@ -176,7 +182,7 @@ def rows_as_text(rows: Sequence[ContributorRow], run_id: str) -> str:
         figures = f"{_text(row.rounds):>7s} {_text(row.samples):>10s} {_text(row.compute_seconds, '.1f'):>10s}"
         shares = f"{_percent(row.share_of_samples):>9s} {_percent(row.share_of_rounds):>8s}"
         name = f" ({row.display_name})" if row.display_name else ""
-        mark = "" if row.verified else f"  UNVERIFIED: {row.note}"
+        mark = f"  ({row.note})" if row.verified and row.note else "" if row.verified else f"  UNVERIFIED: {row.note}"
         lines.append(f"{row.peer_id:54s} {figures} {shares}{name}{mark}")
     return "\n".join(lines) + "\n"
 

@@ -4,15 +4,20 @@ A receipt names the run (id and hash), the round, the group's id, the group's ag
 set (U, the PeerIDs whose updates are in the round's sum) and its digest, and this node's samples
 and compute seconds for the round. ``contributors_digest`` is the BLAKE2b-32 of the group id, the
 round, U and the contributors' round-key fingerprints as the aggregation agreed on them
-(:func:`contributors_digest`); it stands for the group's signed consistency certificate, which
-the aggregation result does not carry out of the secure aggregation yet.
+(:func:`contributors_digest`). Under secure aggregation the receipt also carries the group's
+consistency certificate (node/ledger/certificate.py: at least t members' signatures on U, with what
+a third party needs to check them against the members' PeerIDs); :func:`certificate_verdict` checks
+it against the receipt's group, round and contributors. Plain aggregation has no certificate (the
+digest stands alone), nor has a cohort round that combined two groups; receipts written before
+certificates have none either and still verify, their certificate marked unverified.
 
 Form at rest: a JSON line ``{"receipt": {...}, "body": <base64>, "signature": <hex>}``. ``body`` is
-the msgpack map of the receipt's fields, and ``signature`` the node's record-signing key's
-Ed25519 signature over ``RECEIPT_TAG || body``; the readable ``receipt`` copy must decode to the
-same values, so editing either is caught. The body carries the signing key and its binding to the
-PeerID (dht/identity.py), so anyone holding the file verifies it without the node's keys. Decoding
-is bounded msgpack (dht/wire.py); nothing is unpickled.
+the msgpack map of the receipt's fields (``certificate`` only when there is one), and ``signature``
+the node's record-signing key's Ed25519 signature over ``RECEIPT_TAG || body``; the readable
+``receipt`` copy must decode to the same values (the certificate there as its BLAKE2b-32), so
+editing either is caught. The body carries the signing key and its binding to the PeerID
+(dht/identity.py), so anyone holding the file verifies it without the node's keys. Decoding is
+bounded msgpack (dht/wire.py); nothing is unpickled.
 
 The node's DHT summary (dht/ledger.py) is the running total of its receipts (:func:`totals`), and
 its ``receipts_digest`` chains the receipts' signatures in order, so the published figures commit
@@ -39,12 +44,13 @@ import nacl.signing
 from dht.identity import NodeIdentity, verify_binding
 from dht.ledger import receipts_chain
 from dht.wire import WireError, unpack_bounded
+from node.ledger.certificate import MAX_CERTIFICATE_BYTES, CertificateError, Certified, GroupCertificate
 
 logger = logging.getLogger(__name__)
 
 RECEIPTS_FILE = "ledger.jsonl"
 RECEIPT_TAG = "zen/ledger-receipt/v1"
-MAX_RECEIPT_BYTES = 64 * 1024
+MAX_RECEIPT_BYTES = MAX_CERTIFICATE_BYTES + 16 * 1024
 MAX_CONTRIBUTORS = 1024
 CHAIN_START = bytes(32)  # the receipts digest of an empty ledger
 
@@ -70,6 +76,7 @@ class Receipt:
     compute_seconds: float  # seconds of inner steps behind it
     outcome: str  # how the round landed here ("group", or "rejected" by the loss gate: still contributed)
     timestamp: float  # wall-clock time at signing
+    certificate: bytes = b""  # the group's consistency certificate, encoded (b"": none; see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,11 @@ def read_receipts(workdir: Path, run_hash: str | None = None) -> tuple[list[Sign
 
     A line that fails is logged and counted, never used: the caller says so rather than credit it.
     """
-    path = workdir / RECEIPTS_FILE
+    return read_receipts_file(workdir / RECEIPTS_FILE, run_hash)
+
+
+def read_receipts_file(path: Path, run_hash: str | None = None) -> tuple[list[SignedReceipt], int]:
+    """``read_receipts`` of one ledger file (a workdir's ``ledger.jsonl``, or a copy of it someone presents)."""
     if not path.exists():
         return [], 0
     good, bad = [], 0
@@ -187,6 +198,29 @@ def totals(receipts: Iterable[SignedReceipt]) -> Totals:
     return result
 
 
+@dataclass(frozen=True)
+class CertificateVerdict:
+    """Whether a receipt's certificate proves its contributor set, and what it proves."""
+
+    certified: Certified | None  # None: not verified (see ``note``)
+    note: str = ""  # why not: no certificate (plain, or written before certificates), or the check that failed
+
+
+def certificate_verdict(receipt: Receipt) -> CertificateVerdict:
+    """Check a receipt's certificate against its group, round and contributors (never raises)."""
+    if not receipt.certificate:
+        if not receipt.group_id:
+            return CertificateVerdict(None, "no certificate (plain aggregation, or a round over several groups)")
+        return CertificateVerdict(None, "unverified certificate (the receipt carries none)")
+    try:
+        certified = GroupCertificate.decode(receipt.certificate).verify(bytes.fromhex(receipt.group_id), receipt.round)
+    except (CertificateError, ValueError) as e:
+        return CertificateVerdict(None, f"certificate does not verify: {e}")
+    if set(certified.contributors) != set(receipt.contributors):
+        return CertificateVerdict(None, "certificate does not verify: it certifies other contributors")
+    return CertificateVerdict(certified)
+
+
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "str": str,
     "bytes": bytes,
@@ -199,15 +233,17 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 def _to_wire(receipt: Receipt) -> dict[str, Any]:
     wire = asdict(receipt)
     wire["contributors"] = list(receipt.contributors)
+    if not receipt.certificate:
+        del wire["certificate"]  # a receipt without one reads as before certificates existed
     return wire
 
 
 def _from_wire(wire: Any) -> Receipt:
     types = {f.name: _TYPES[str(f.type)] for f in fields(Receipt)}
-    if not isinstance(wire, dict) or set(wire) != set(types):
-        raise ReceiptError(f"receipt fields must be exactly {sorted(types)}")
+    if not isinstance(wire, dict) or not set(types) - {"certificate"} <= set(wire) <= set(types):
+        raise ReceiptError(f"receipt fields must be exactly {sorted(types)} (certificate optional)")
     for name, expected in types.items():
-        if isinstance(wire[name], bool) or not isinstance(wire[name], expected):
+        if name in wire and (isinstance(wire[name], bool) or not isinstance(wire[name], expected)):
             raise ReceiptError(f"receipt.{name} has type {type(wire[name]).__name__}")
     if not all(isinstance(p, str) for p in wire["contributors"]):
         raise ReceiptError("receipt.contributors must be PeerID strings")
@@ -227,6 +263,8 @@ def _check(receipt: Receipt) -> None:
         raise ReceiptError("receipt.compute_seconds must be finite and non-negative")
     if not math.isfinite(receipt.timestamp):
         raise ReceiptError("receipt.timestamp must be finite")
+    if len(receipt.certificate) > MAX_CERTIFICATE_BYTES:
+        raise ReceiptError(f"receipt.certificate is over {MAX_CERTIFICATE_BYTES} bytes")
 
 
 def _readable(receipt: Receipt) -> dict[str, Any]:
@@ -235,13 +273,21 @@ def _readable(receipt: Receipt) -> dict[str, Any]:
     for name in ("signing_key", "binding", "contributors_digest"):
         values[name] = values[name].hex()
     values["contributors"] = list(receipt.contributors)
+    del values["certificate"]
+    if receipt.certificate:
+        values["certificate"] = hashlib.blake2b(receipt.certificate, digest_size=32).hexdigest()
     return values
 
 
 def _unpack(body: bytes) -> Any:
     try:
         return unpack_bounded(
-            body, max_bytes=MAX_RECEIPT_BYTES, max_str=256, max_bin=64, max_array=MAX_CONTRIBUTORS, max_map=16
+            body,
+            max_bytes=MAX_RECEIPT_BYTES,
+            max_str=256,
+            max_bin=MAX_CERTIFICATE_BYTES,
+            max_array=MAX_CONTRIBUTORS,
+            max_map=16,
         )
     except WireError as e:
         raise ReceiptError(str(e)) from None

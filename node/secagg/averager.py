@@ -9,6 +9,10 @@ bandwidths the peers announced, so faster peers reduce larger parts.
 Each averager serves one ``SecAggEndpoint`` (endpoint.py), the receiving side of the all-reduce's
 streams; each group's ``MaskedAllReduce`` registers with it while it runs. A group that averaged
 a round runs the next one without matchmaking, up to ``group_rounds`` rounds (kept_group.py).
+
+A round's result leaves the averager's process with the group's consistency certificate (the t+
+signatures on U with the digest's inputs, consistency.py ``group_certificate``; at most
+``MAX_CERTIFICATE_BYTES``), which the contribution ledger's receipt carries.
 """
 
 from __future__ import annotations
@@ -256,7 +260,12 @@ class SecureAverager(DecentralizedAverager):
                 result = await session.run()
                 _unflatten_from(result.mean, tensors)
             uses = self._keep(kept, group_info, round_no, len(result.contributors))
-            about = {"group": group_info.group_id.hex(), "group_round": uses - 1}
+            certificate = session.agreement.group_certificate()  # the t+ signatures on U, for the ledger's receipt
+            about = {
+                "group": group_info.group_id.hex(),
+                "group_round": uses - 1,
+                "certificate": b"" if certificate is None else certificate.encode(),
+            }
             keys = session.agreement.keys  # each contributor's verified round keys, as received
             return {
                 group_info.peer_ids[j]: {**gathered[group_info.peer_ids[j]], **about, "keys": key_fingerprint(keys[j])}

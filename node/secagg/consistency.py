@@ -22,6 +22,10 @@ A separate certificate round (Bonawitz's) would add a round trip and nothing her
 server-routed protocol every peer already hears every live peer's signed statement directly.
 What this cannot do: honest peers that cannot hear each other at all (a partition mid-round) may
 each collect t signatures from colluders and reveal for different sets.
+
+The signed bytes (``statement``, ``decode_digest``) are defined in node/ledger/certificate.py, below this
+layer, where a ledger receipt's copy of the certificate (``group_certificate``: the signatures with the
+digest's inputs) is checked by anyone.
 """
 
 from __future__ import annotations
@@ -32,42 +36,16 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import msgpack
 import numpy as np
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
+from node.ledger.certificate import GroupCertificate, decode_digest, statement
 from node.secagg.messages import Message
 from node.secagg.state import SecAggError
 from node.secagg.transport import GroupTransport
 
 logger = logging.getLogger(__name__)
-
-STATEMENT_CONTEXT = b"zen-federation/secagg-consistency/v1"
-_KEY_FIELDS = ("c_pk", "s_pk", "b_commit", "signing_pk", "bound_exp")
-
-
-def decode_digest(
-    *,
-    group_id: bytes,
-    round_no: int,
-    peer_ids: list[bytes],
-    contributors: list[int],
-    designation: list[list[int]],
-    dropped: list[int],
-    keys: dict[int, dict[str, Any]],
-    bound: float,
-    bits: int,
-) -> bytes:
-    """BLAKE2b over every parameter the decode depends on, as this peer holds it."""
-    adverts = [[j, *(keys[j][name] for name in _KEY_FIELDS)] for j in sorted(set(contributors) | set(dropped))]
-    body = [group_id, round_no, peer_ids, contributors, designation, dropped, adverts, float(bound), bits]
-    return hashlib.blake2b(msgpack.packb(body, use_bin_type=True), digest_size=32, person=b"zen-decode").digest()
-
-
-def statement(group_id: bytes, round_no: int, contributors: list[int], digest: bytes) -> bytes:
-    """The bytes each survivor signs: this round's U and the digest of its decode."""
-    return STATEMENT_CONTEXT + msgpack.packb([group_id, round_no, contributors, digest], use_bin_type=True)
 
 
 def valid_signers(signed: bytes, signatures: dict[int, bytes], signing_keys: dict[int, bytes]) -> list[int]:
@@ -125,11 +103,14 @@ class ContributorAgreement:
         self.collect, self.timeout = transport.collect, transport.timeout  # the message timeout
         self.threshold, self.sign, self.keys, self.post = threshold, sign, keys, post
         self.certificate: dict[str, list[Any]] = {"signers": [], "sigs": []}  # the t+ signatures we forward
+        self.inputs: dict[str, Any] = {}  # what ``digest`` hashed (U, designation, dropouts, bound, width)
+        self.digested = b""  # the digest ``confirm`` had certified
 
     def digest(
         self, contributors: list[int], designation: list[list[int]], dropped: list[int], bound: float, bits: int
     ) -> bytes:
         """``decode_digest`` for this group and round, over the keys adverts as this peer received them."""
+        self.inputs = dict(contributors=contributors, designation=designation, dropped=dropped, bound=bound, bits=bits)
         return decode_digest(
             group_id=self.group_id,
             round_no=self.round_no,
@@ -166,7 +147,22 @@ class ContributorAgreement:
         self._require(not forged, "signed the agreed statement with a bad signature", forged)
         self._require(len(signers) >= self.threshold, f"only {len(signers)} peers signed U (need {self.threshold})")
         self.certificate = {"signers": signers, "sigs": [signatures[j] for j in signers]}
+        self.digested = digest
         return signers
+
+    def group_certificate(self) -> GroupCertificate | None:
+        """The certificate of the statement ``confirm`` certified, with the digest's inputs, for a third party to
+        check (node/ledger/certificate.py); None before ``confirm`` succeeded."""
+        if not self.digested or self.inputs.get("contributors") is None:
+            return None
+        return GroupCertificate.from_round(
+            peer_ids=[peer.to_bytes() for peer in self.peer_ids],
+            digest=self.digested,
+            keys=self.keys,
+            signers=self.certificate["signers"],
+            signatures=self.certificate["sigs"],
+            **self.inputs,
+        )
 
     async def confirm_total(self, parts: list[bytes], holders: dict[int, int], live: set[int]) -> None:
         """Check that every live peer summed the same partial sums as we did, before anyone decodes.

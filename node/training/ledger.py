@@ -3,7 +3,8 @@
 After each round the trainer calls ``ContributionLedger.credit``. When the round's aggregation
 returned a group whose agreed contributor set names this node (it landed as ``group``, or was
 gated as ``rejected``: its update is in the group's sum either way), a receipt is signed and
-appended to ``<workdir>/ledger.jsonl`` (node/ledger/receipts.py). Rounds applied alone, resyncs
+appended to ``<workdir>/ledger.jsonl`` (node/ledger/receipts.py), with the group's consistency
+certificate when the aggregation was secure (``AggregationResult.certificate``). Rounds applied alone, resyncs
 and downloads earn none.
 
 The summary of the receipts (dht/ledger.py) is published by ``SummaryPublisher``, a background
@@ -100,6 +101,7 @@ class ContributionLedger:
             compute_seconds=round(max(0.0, report.utilization * report.seconds), 3),
             outcome=str(report.mode),
             timestamp=time.time(),
+            certificate=result.certificate,
         )
         line = sign_receipt(identity, receipt)
         append_receipt(self.workdir, line)
