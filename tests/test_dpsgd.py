@@ -308,6 +308,7 @@ def test_record_level_uses_the_dp_only_batch_and_lr_scales(tmp_path: Path) -> No
     assert privacy.dpsgd.sampler.sample_rate == privacy.steps.sample_rate == 12 / records
     assert privacy.dpsgd.optimizer.expected_batch_size == round(12 / records * records)
     assert privacy.dpsgd.lr_scale == 2.0
+    assert privacy.step_samples(4) == 12  # the samples a step counts (weights, ledger): DP-SGD's expected batch
     assert (PrivacyConfig().batch_scale, PrivacyConfig().lr_scale) == (4, 3.0)
     for field, value in (("batch_scale", 0), ("lr_scale", 0.0)):
         with pytest.raises(ConfigError, match=f"privacy.{field} must be in"):

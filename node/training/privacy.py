@@ -277,6 +277,13 @@ class TrainerPrivacy:
             self.steps.record(1)
         return loss
 
+    def step_samples(self, batch_size: int) -> int:
+        """Records an inner step trains on: the run's ``batch_size``, or DP-SGD's expected Poisson batch."""
+        if self.dpsgd is None:
+            return batch_size
+        sampler = self.dpsgd.sampler
+        return max(1, round(sampler.sample_rate * sampler.count))
+
     # ---- a round ------------------------------------------------------------------------------
     def launch(self, sent: list[torch.Tensor]) -> bool:
         """Before a round is sent: clip it (user level) and say whether the budget lets it leave."""

@@ -306,7 +306,7 @@ class TrainingNode:
                 steps=None if dp is None else dp.phase_steps(train.inner_steps),
             )
             self.phases.stepped(len(losses))
-        self._unsent_samples += len(losses) * self.batch_size
+        self._unsent_samples += len(losses) * (self.batch_size if dp is None else dp.step_samples(self.batch_size))
         return (sum(losses) / len(losses) if losses else math.nan), len(losses)
 
     def _launch(self, inner: tuple[float, int]) -> None:
