@@ -252,6 +252,33 @@ def test_the_budget_stops_the_cross_cohort_ring_before_it_overspends(
     assert privacy.budget_spent and privacy.epsilon() == pld_epsilon(2.0, 2, DELTA) <= budget
 
 
+def test_a_derived_sigma_releases_in_every_planned_ring_and_stops_after_the_plan(
+    swarm_factory: Callable[..., list[SwarmPeer]], record_factory: Callable[..., PeerRecord], run_id: str
+) -> None:
+    """Target 8 over 5 rounds, global_every 2, a 16-bit code: sigma derived for the multiplier the accountant
+    charges (the code's rounding shrinks it by about 1%) spends all R + R // global_every = 7 releases within the
+    target, the cohort ring of round 2 and 4 and their cross-cohort rings included, and round 6 sends nothing."""
+    # Prepare
+    privacy_fields = {"enabled": True, "level": "user", "target_epsilon": 8.0, "planned_rounds": 5, "allow_noisy": True}
+    overrides = {f"run.privacy.{key}": value for key, value in privacy_fields.items()}
+    run = load_node_config(None, {**overrides, **cohorts_on(2), "run.compression.bits": 16}).run
+    dimension = sum(p.numel() for p in PersonalizedNet().parameters())
+    noise, accountant = setup_privacy(run, dimension, 0.0)
+    privacy = TrainerPrivacy("user", 8.0, 1.0, user=(noise, accountant))
+    log: list[tuple[int, str, str]] = []
+    node = placed_node(swarm_factory(3, run_ids=[run_id]), record_factory, run_id, noise, log)
+    try:
+        # Execute
+        counted = dp_rounds(node, privacy, 7)
+    finally:
+        node.shutdown()
+
+    # Assert
+    assert counted == [1, 2, 1, 2, 1, 0, 0] and accountant.rounds == planned_releases(run) == 7
+    assert [(r, ring) for r, ring, _ in log if r in (4, 5)] == [(4, "cohort"), (4, "global"), (5, "cohort")]
+    assert privacy.budget_spent and privacy.epsilon() == pld_epsilon(accountant.noise_multiplier, 7, DELTA) <= 8.0
+
+
 def test_a_node_without_a_cohort_ring_spends_its_last_release_across_cohorts(
     swarm_factory: Callable[..., list[SwarmPeer]], record_factory: Callable[..., PeerRecord], run_id: str
 ) -> None:

@@ -13,7 +13,9 @@
   cross-cohort one, and each ring's release is its own accounting event: the ledger has a slot per
   ring, and the noise is planned for ``planned_releases`` (the rounds plus their cross-cohort rings).
   The accountant's effective noise multiplier accounts for the ring's fixed-point scale, so the ring
-  bound (and the compression bound it depends on) is computed here too. Before anything starts
+  bound (and the compression bound it depends on) is computed here too (``accounted_multiplier``), and a
+  sigma derived from ``target_epsilon`` is calibrated for that multiplier: the planned releases fit the
+  target exactly, as the accountant counts them (``user_noise_multiplier``). Before anything starts
   (``check_privacy``, which ``zen-node join`` calls before it creates any folder or identity, and
   again at set-up), ``check_user_population`` refuses a run whose smallest group would get a mean
   with more noise than signal (a floor of about ``sigma * sqrt(d)`` peers a group), unless ``allow_noisy``.
@@ -50,6 +52,7 @@ from node.secagg.privacy import (
     effective_multiplier,
     group_size_floor,
     mean_noise_ratio,
+    pld_epsilon,
 )
 from node.training.dpsgd import DPSGDStep, RecordAccountant, RecordSampler, calibrate_record_noise
 from node.training.report import RoundOutcome
@@ -58,6 +61,8 @@ if TYPE_CHECKING:
     from node.config import PrivacyConfig
 
 logger = logging.getLogger(__name__)
+
+MAX_NOISE_MULTIPLIER = 1e3  # the largest privacy.noise_multiplier a run may set (node/run_config.py)
 
 
 def compression_bound(run: RunConfig) -> float:
@@ -124,13 +129,75 @@ def planned_releases(run: RunConfig) -> int:
     return rounds + rounds // run.cohorts.global_every if run.cohorts.enabled else rounds
 
 
-def user_noise_multiplier(run: RunConfig) -> float:
-    """User level: sigma, the run's ``noise_multiplier`` or calibrated from ``target_epsilon`` over the
-    planned releases (``planned_releases``)."""
+def run_dimension(run: RunConfig) -> int:
+    """The values in one update of the run's model: built once on the CPU to count its parameters (the meta
+    device would save the memory, but its seeded init takes seconds)."""
+    return sum(p.numel() for p in build_run_model(run.model, run.train.seed, False, run.lora).parameters())
+
+
+def accounted_multiplier(run: RunConfig, dimension: int, noise_multiplier: float) -> float:
+    """User level: the multiplier the accountant charges each release of a ring noised with ``noise_multiplier``.
+
+    ``effective_multiplier`` (node/secagg/privacy.py): sigma shrunk by stochastic rounding's worst-case L2 growth
+    at the fixed-point scale of the largest group (``MAX_SECURE_GROUP``: the most headroom bits, the coarsest
+    scale), whose ring bound widens with sigma (``ring_bound``). Slightly below sigma with the full 32-bit ring
+    (about 1e-4 relative for the default model), far below it with a low-bit code.
+    """
     privacy = run.privacy
-    return privacy.noise_multiplier or calibrate_noise_multiplier(
-        privacy.target_epsilon, privacy.delta, planned_releases(run)
-    )
+    noise = NoiseShare(noise_multiplier, privacy.clip_norm, privacy.max_dropouts)
+    bound = ring_bound(run.aggregation, noise, compression_bound(run))
+    scale = FixedPointCodec(MAX_SECURE_GROUP, bound, bits=run.compression.bits).scale
+    return effective_multiplier(noise_multiplier, privacy.clip_norm, scale, dimension)
+
+
+def user_noise_multiplier(run: RunConfig, dimension: int | None = None) -> float:
+    """User level: sigma, the run's ``noise_multiplier`` or derived from ``target_epsilon`` over the planned
+    releases (``planned_releases``) for an update of ``dimension`` values (None: the run's model, built to count).
+
+    A derived sigma is the smallest whose *accounted* multiplier (``accounted_multiplier``, what the accountant
+    charges each release) spends at most the target over the planned releases: calibrating sigma itself to the
+    target left the accountant's slightly smaller multiplier a hair above it at the last planned release, which
+    the budget then refused (epsilon 8 over 10 rounds stopped after 9). The accounted multiplier grows with sigma
+    (the ring bound's growth only shrinks the sensitivity's rounding share), so the smallest sigma reaching the
+    calibrated one is found by bisection; the result is checked with the accountant's own computation
+    (``pld_epsilon``), so a run can make exactly its planned releases and never spends above its target.
+
+    Raises:
+        ConfigError: no sigma up to the config's 1000 is accounted at the calibrated multiplier (a low-bit
+            ``compression.bits``, whose rounding dominates the sensitivity).
+    """
+    privacy = run.privacy
+    if privacy.noise_multiplier:
+        return privacy.noise_multiplier
+    dimension = run_dimension(run) if dimension is None else dimension
+    releases = planned_releases(run)
+    needed = calibrate_noise_multiplier(privacy.target_epsilon, privacy.delta, releases)
+
+    def accounted(sigma: float) -> float:
+        return accounted_multiplier(run, dimension, sigma)
+
+    low, high = needed, MAX_NOISE_MULTIPLIER  # accounted(low) < needed (rounding only shrinks it) <= accounted(high)
+    if accounted(high) < needed:
+        raise ConfigError(
+            f"privacy.target_epsilon = {privacy.target_epsilon} over {releases} planned release(s) needs an "
+            f"accounted noise multiplier of {needed:.4g}, but with compression.bits = {run.compression.bits} the "
+            f"ring's rounding caps it at {accounted(high):.4g} for {dimension} parameters (any "
+            f"privacy.noise_multiplier <= {MAX_NOISE_MULTIPLIER:g}); raise compression.bits, raise "
+            "privacy.target_epsilon or lower privacy.planned_rounds"
+        )
+    for _ in range(200):  # to float resolution: about 60 halvings
+        middle = (low + high) / 2
+        if not low < middle < high:
+            break
+        low, high = (low, middle) if accounted(middle) >= needed else (middle, high)
+    # The PLD grid need not make epsilon exactly monotone in the multiplier: check with the accountant's own sum,
+    # stepping up from the calibration's tolerance (1e-6) if it is above (never needed in the cases tested).
+    sigma = high
+    for step in range(40):
+        if pld_epsilon(accounted(sigma), releases, privacy.delta) <= privacy.target_epsilon:
+            return sigma
+        sigma = high * (1 + 1e-6 * 2**step)
+    raise ConfigError(f"privacy.target_epsilon = {privacy.target_epsilon}: no noise multiplier found that meets it")
 
 
 def check_privacy(run: RunConfig) -> None:
@@ -146,8 +213,8 @@ def check_privacy(run: RunConfig) -> None:
     privacy = run.privacy
     if not privacy.enabled or privacy.level != "user":
         return
-    dimension = sum(p.numel() for p in build_run_model(run.model, run.train.seed, False, run.lora).parameters())
-    check_user_population(run, dimension, user_noise_multiplier(run))
+    dimension = run_dimension(run)
+    check_user_population(run, dimension, user_noise_multiplier(run, dimension))
 
 
 def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tuple[NoiseShare, PrivacyAccountant]:
@@ -162,14 +229,12 @@ def setup_privacy(run: RunConfig, dimension: int, epsilon_budget: float) -> tupl
         ConfigError: the run's groups are below the population floor (``check_user_population``).
     """
     privacy = run.privacy
-    sigma = user_noise_multiplier(run)
+    sigma = user_noise_multiplier(run, dimension)
     check_user_population(run, dimension, sigma)
     ledger = ReleaseLedger(rings=release_rings(run))
     noise = NoiseShare(sigma, privacy.clip_norm, privacy.max_dropouts, ledger=ledger)
-    bound = ring_bound(run.aggregation, noise, compression_bound(run))
-    scale = FixedPointCodec(MAX_SECURE_GROUP, bound, bits=run.compression.bits).scale
     budget = node_budget(privacy, epsilon_budget)
-    multiplier = effective_multiplier(sigma, privacy.clip_norm, scale, dimension)
+    multiplier = accounted_multiplier(run, dimension, sigma)
     accountant = PrivacyAccountant(multiplier, privacy.delta, budget, ledger=ledger)
     # Now, before the node joins: dp-accounting's first PLD takes about a second (more on a loaded machine).
     # Paid at the first round's permit, it made a node with a budget reach matchmaking after the others had
