@@ -107,6 +107,7 @@ class NodeRuntime:
         self._last_round: dict[str, Any] = {}  # eval_loss, round_bytes and recent_rounds (note_round)
         self._recent: deque[tuple[int, float, int]] = deque(maxlen=MAX_RECENT_ROUNDS)  # (round, loss, bytes)
         self._bytes_at_last_round = 0  # the wire meter's total when the last round was noted
+        self._round_beat_at = -math.inf  # when a noted round last asked for a beat (time.monotonic)
         # components that need the DHT, stopped by close() before it (last adopted first)
         self._adopted: list[tuple[str, Callable[[], None]]] = []
         self._closed = False
@@ -169,7 +170,10 @@ class NodeRuntime:
         """Carry a finished round's held-out loss and the bytes sent during it in the next records, published soon.
 
         The records also carry the last MAX_RECENT_ROUNDS rounds' (round, loss, bytes), so a reader that
-        polls less often than rounds end (the bootstrap's dashboard) still sees every round's point.
+        polls less often than rounds end (the bootstrap's dashboard) still sees every round's point. A round
+        asks for a beat at most once a ``heartbeat_period``: the rounds between ride the next periodic beat
+        (at most a period later), so short rounds (H = 5) do not publish the record (a DHT store whose
+        lookups return every peer's record) once a round each.
 
         Args:
             eval_loss: held-out loss after the round (a non-finite one is left out).
@@ -184,7 +188,10 @@ class NodeRuntime:
                 self._recent.pop()
             self._recent.append((round_no, loss, round_bytes))
         self._last_round = {"eval_loss": loss, "round_bytes": round_bytes, "recent_rounds": tuple(self._recent)}
-        self.beat_soon()
+        now = time.monotonic()
+        if now - self._round_beat_at >= self.config.heartbeat_period:
+            self._round_beat_at = now
+            self.beat_soon()
 
     def beat(self) -> bool:
         """Publish the record now (after a round, a move); False when not announced or no peer stored it."""

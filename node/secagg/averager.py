@@ -316,7 +316,11 @@ class SecureAverager(DecentralizedAverager):
             self._endpoint.unregister(session)
         with self.bytes_sent.get_lock():
             self.bytes_sent.value += session.stats["bytes_sent"]
-        logger.info(f"secure all-reduce: {session.stats['bytes_sent']} bytes sent; phases {session.stats['phases']}")
+        stats = session.stats
+        logger.info(
+            f"secure all-reduce: {stats['bytes_sent']} bytes sent in {stats['messages_sent']} messages "
+            f"(vector {stats['payload_bytes']}; by kind {stats['bytes_by_kind']}); phases {stats['phases']}"
+        )
 
 
 def _common_round(gathered: Iterable[Any]) -> int:

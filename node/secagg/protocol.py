@@ -155,7 +155,8 @@ class MaskedAllReduce:
         self.parts = split_parts(self.ring.values.size + 1, part_sizes)  # [start, stop) of each part
         self.layout = PartLayout(self.parts, self.ring.values.size, self.width, self.workspace)
         # messages and the round
-        self.stats: dict[str, Any] = {"bytes_sent": 0, "messages_sent": 0, "stream_retries": 0, "phases": []}
+        self.stats: dict[str, Any] = {"bytes_sent": 0, "bytes_by_kind": {}, "payload_bytes": 0, "messages_sent": 0}
+        self.stats |= {"stream_retries": 0, "phases": []}
         self.transport = GroupTransport(
             p2p=p2p,
             handler_name=handler_name,

@@ -50,7 +50,8 @@ class GroupTransport:
         index: this peer's position in ``peer_ids``.
         sign: the identity's Ed25519 signer for outgoing headers.
         timeout: seconds one send may take unless the caller gives another.
-        stats: counters this adds to: bytes_sent, messages_sent, stream_retries.
+        stats: counters this adds to: bytes_sent (each delivered message's length, header and payload), the same
+            by kind (bytes_by_kind), payload_bytes (the masked vector's words alone), messages_sent, stream_retries.
         layout: the parts' wire sizes, which a part or sum message's payload must match.
     """
 
@@ -97,7 +98,10 @@ class GroupTransport:
             logger.warning(f"group {self.group_id.hex()[:8]}: peer {to} refused our {kind}: {reason}")
             self._mark_dead(to)
             return False
-        self.stats["bytes_sent"] += 4 + len(header) + len(payload)
+        sent = 4 + len(header) + len(payload)
+        self.stats["bytes_sent"] += sent
+        self.stats["bytes_by_kind"][kind] = self.stats["bytes_by_kind"].get(kind, 0) + sent
+        self.stats["payload_bytes"] += len(payload)
         self.stats["messages_sent"] += 1
         return True
 
