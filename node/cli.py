@@ -375,9 +375,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from node.ledger.listing import format_rows, read_run_ledger  # here, after the config's checks (user_errors)
-
     from pathlib import Path
+
+    from node.ledger.listing import format_rows, read_run_ledger  # here, after the config's checks (user_errors)
 
     receipts = [Path(p).expanduser() for p in args.receipts]
     if missing := [p for p in receipts if not p.exists()]:
