@@ -111,6 +111,7 @@ class Point:
     warm_start_rounds: int  # K rounds of warm_start_h steps before rounds of H
     warm_start_h: int
     swarm_lr_scale: float = 1.0  # the peers' inner lr over the baselines' (central and alone keep the setup's)
+    sync_moments: bool = False  # average the peers' AdamW moments (exp_avg, exp_avg_sq) with every mean
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
@@ -213,6 +214,8 @@ def simulate(setup: Setup, point: Point) -> dict[str, Any]:
         outer.step(mean)
         for model, delta in zip(models, sent, strict=True):
             outer.follow(model, before, delta)
+        if point.sync_moments:
+            average_moments(optimizers)
 
     lengths = round_lengths(point, setup.steps)
     step = 0
@@ -247,6 +250,18 @@ def simulate(setup: Setup, point: Point) -> dict[str, Any]:
         "samples": setup.peers * setup.steps * setup.batch_size,
         "seconds": time.perf_counter() - started,
     }
+
+
+def average_moments(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Every peer's optimizer state tensors (AdamW's moments; Muon's momentum) become the peers' mean."""
+    parts = [getattr(opt, "parts", [opt]) for opt in optimizers]  # an InnerOptimizer keeps state in its parts
+    states = [[part.state[p] for part in own for group in part.param_groups for p in group["params"]] for own in parts]
+    for per_param in zip(*states, strict=True):
+        for key, value in per_param[0].items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                mean = torch.stack([state[key] for state in per_param]).mean(dim=0)
+                for state in per_param:
+                    state[key].copy_(mean)
 
 
 def derive(setup: Setup, point: Point, run: dict[str, Any], central: list[Any], alone: float) -> dict[str, Any]:
@@ -305,6 +320,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr-schedule", type=comma(str), default=["constant"], help="constant,cosine")
     parser.add_argument("--inner-optimizer", type=comma(str), default=["adamw"], help="adamw,muon (all runs)")
     parser.add_argument("--inner-lr", type=comma(float), default=[0.0], help="inner lr of all runs (0: preset's)")
+    parser.add_argument("--sync-moments", type=comma(int), default=[0], help="average AdamW moments too: 0,1")
     parser.add_argument("--swarm-lr-scale", type=comma(float), default=[1.0], help="peers' inner lr x, e.g. 1,1.5,2")
     parser.add_argument("--warmup-steps", type=int, default=50, help="cosine: linear warmup steps, e.g. 50")
     parser.add_argument("--warm-start-rounds", type=comma(int), default=[0], help="K rounds of small H, e.g. 0,100")
@@ -338,14 +354,15 @@ def main() -> int:
         for n, s, o, lr in itertools.product(args.peers, args.lr_schedule, args.inner_optimizer, args.inner_lr)
     ]
     points = [
-        Point(lr, m, h, tau, k, args.warm_start_h, scale)
-        for lr, m, h, tau, k, scale in itertools.product(
+        Point(lr, m, h, tau, k, args.warm_start_h, scale, bool(sync))
+        for lr, m, h, tau, k, scale, sync in itertools.product(
             args.outer_lr,
             args.outer_momentum,
             args.inner_steps,
             args.delay,
             args.warm_start_rounds,
             args.swarm_lr_scale,
+            args.sync_moments,
         )
     ]
     lines: list[dict[str, Any]] = []
