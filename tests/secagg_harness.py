@@ -368,3 +368,21 @@ def assert_same_or_none(outcomes: list[SecAggResult | BaseException], honest: li
         assert result.contributors == results[0].contributors
         assert np.array_equal(result.mean, results[0].mean)
     return results
+
+
+def aggregate_together(
+    aggregators: list[Any], round_no: int, updates: list[list[Any]], weights: list[float]
+) -> list[Any]:
+    """Every node aggregator's ``aggregate`` of ``round_no`` at once, from threads (as the trainer does); None
+    where one raised or had not returned within 90 s."""
+    results: list[Any] = [None] * len(aggregators)
+
+    def step(i: int) -> None:
+        results[i] = aggregators[i].aggregate(round_no, updates[i], weights[i])
+
+    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(aggregators))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    return results

@@ -5,12 +5,12 @@ Real DHT peers and SecureAggregators on 127.0.0.1, real crypto.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from secagg_harness import aggregate_together
 
 from node.aggregation.base import AggregationResult
 from node.aggregation.secure import SecureAggregator
@@ -21,23 +21,6 @@ if TYPE_CHECKING:
     from conftest import SwarmPeer
 
 pytestmark = pytest.mark.slow
-
-
-def _round(
-    aggregators: list[SecureAggregator], round_no: int, updates: list[list[torch.Tensor]], weights: list[float]
-) -> list[AggregationResult | None]:
-    """Every aggregator's ``aggregate`` of ``round_no`` at once, from threads (as the trainer does)."""
-    results: list[AggregationResult | None] = [None] * len(aggregators)
-
-    def step(i: int) -> None:
-        results[i] = aggregators[i].aggregate(round_no, updates[i], weights[i])
-
-    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(aggregators))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=90)
-    return results
 
 
 def _inputs(n: int, seed: int) -> list[list[torch.Tensor]]:
@@ -71,7 +54,7 @@ def test_a_kept_group_runs_rounds_without_matchmaking_and_re_keys_every_round(
         for round_no in range(4):
             updates = _inputs(3, seed=round_no)
             originals = [[t.clone() for t in update] for update in updates]
-            results = _round(aggregators, round_no, updates, weights)
+            results = aggregate_together(aggregators, round_no, updates, weights)
             assert all(r is not None and r.group_size == 3 for r in results), f"round {round_no}: {results}"
             for k in range(2):
                 expected = _mean(originals, weights, k)
@@ -106,12 +89,12 @@ def test_a_member_that_leaves_ends_the_kept_group(swarm_factory: Callable[..., l
         for peer in peers
     ]
     try:
-        first = _round(aggregators, 0, _inputs(4, seed=1), weights)
+        first = aggregate_together(aggregators, 0, _inputs(4, seed=1), weights)
         assert all(r is not None and r.group_size == 4 for r in first), first
         aggregators.pop().shutdown()
         stayed = aggregators
-        second = _round(stayed, 1, _inputs(3, seed=2), weights[:3])
-        third = _round(stayed, 2, _inputs(3, seed=3), weights[:3])
+        second = aggregate_together(stayed, 1, _inputs(3, seed=2), weights[:3])
+        third = aggregate_together(stayed, 2, _inputs(3, seed=3), weights[:3])
     finally:
         for aggregator in aggregators:
             aggregator.shutdown()

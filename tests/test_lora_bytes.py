@@ -16,7 +16,6 @@ about 31 KB at n = 3, 2.2x these adapters; the node's whole wire count adds its 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import torch
-from secagg_harness import TEST_TIMEOUTS, SecAggSwarm
+from secagg_harness import TEST_TIMEOUTS, SecAggSwarm, aggregate_together
 
 from node.aggregation.base import AggregationResult
 from node.aggregation.secure import SecureAggregator
@@ -147,23 +146,6 @@ def test_a_lora_rounds_masked_all_reduce_sends_less_than_twice_the_adapters(p2p_
     assert not all(torch.equal(a, b) for a, b in zip(outers[0].params, lora_model().parameters(), strict=True))
 
 
-def aggregate_round(
-    aggregators: list[SecureAggregator], round_no: int, updates: list[list[torch.Tensor]]
-) -> list[AggregationResult | None]:
-    """Every aggregator's ``aggregate`` of ``round_no`` at once, from threads (as the trainer does)."""
-    results: list[AggregationResult | None] = [None] * len(aggregators)
-
-    def step(i: int) -> None:
-        results[i] = aggregators[i].aggregate(round_no, updates[i], 16.0 * (i + 1))
-
-    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(aggregators))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=90)
-    return results
-
-
 @pytest.mark.slow
 def test_the_nodes_secure_aggregator_averages_lora_rounds_under_twice_the_adapters(
     swarm_factory: Callable[..., list[SwarmPeer]],
@@ -190,7 +172,9 @@ def test_the_nodes_secure_aggregator_averages_lora_rounds_under_twice_the_adapte
             updates = [pseudo_gradients(outer, seed=10 * round_no + i) for i, outer in enumerate(outers)]
             protocol_before = [a.bytes_sent for a in aggregators]
             wire_before = [m.bytes_sent() if m is not None else -1 for m in meters]
-            results.append(aggregate_round(aggregators, round_no, updates))
+            results.append(
+                aggregate_together(aggregators, round_no, updates, [16.0 * (i + 1) for i in range(len(aggregators))])
+            )
             sent.append([a.bytes_sent - b for a, b in zip(aggregators, protocol_before, strict=True)])
             wire.append([m.bytes_sent() - b if m is not None else -1 for m, b in zip(meters, wire_before, strict=True)])
             for outer, update in zip(outers, updates, strict=True):
