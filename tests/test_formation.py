@@ -199,7 +199,9 @@ def test_declared_groups_average_and_a_matchmaking_leader_cannot_gather_a_declar
     declared = AggregationConfig(
         min_group_size=3, matchmaking_time=1.0, timeout=40.0, group_rounds=1, formation="declared"
     )
-    leader = AggregationConfig(min_group_size=3, matchmaking_time=1.0, timeout=15.0, group_rounds=1)
+    leader = AggregationConfig(
+        min_group_size=3, matchmaking_time=1.0, timeout=15.0, group_rounds=1, formation="matchmaking"
+    )
     template = [torch.zeros(50)]
     honest = [SecureAggregator(p.dht, "formed", template, declared, p.identity, weight_bound=16.0) for p in peers[:4]]
     sybils = [SecureAggregator(p.dht, "formed", template, leader, p.identity, weight_bound=16.0) for p in peers[4:]]

@@ -107,6 +107,14 @@ def test_equivocating_claims_never_reveal_for_two_contributor_sets(swarm: SecAgg
     assert len(revealed_for) <= 1, f"honest peers revealed for different contributor sets {revealed_for}"
     assert not colluders_can_unmask(sessions, colluders, honest)
     assert_same_or_none(outcomes, honest)
+    # the targets abort with their evidence, which proves both colluders signed two claims: nobody reveals
+    assert not revealed_anything(sessions, honest), "an honest peer revealed while the targets aborted"
+    assert named_by(sessions, honest) == set(colluders)
+
+
+def named_by(sessions: list[MaskedAllReduce], honest: list[int]) -> set[int]:
+    """The peers the honest sessions proved to have equivocated."""
+    return {j for i in honest for j in sessions[i].agreement.proven}
 
 
 def test_an_equivocated_code_bound_aborts_before_any_reveal(swarm: SecAggSwarm) -> None:
@@ -128,6 +136,9 @@ def test_an_equivocated_code_bound_aborts_before_any_reveal(swarm: SecAggSwarm) 
     assert_same_or_none(outcomes, honest)
     assert not any(isinstance(outcomes[i], SecAggResult) for i in honest)
     assert not revealed_anything(sessions, honest)
+    assert named_by(sessions, honest) == {1}  # the liar alone, proven by its two signed keys messages
+    for i in honest:  # no honest peer's error names another honest peer
+        assert not any(str(swarm.p2ps[j].peer_id) in str(outcomes[i]) for j in honest), outcomes[i]
 
 
 def test_a_contributor_set_below_the_noise_sizing_aborts_before_reveal(swarm: SecAggSwarm) -> None:

@@ -135,7 +135,7 @@ def test_non_finite_updates_are_refused() -> None:
 
 def sealed(kind: str = "agree", data: dict | None = None) -> bytes:
     key = SigningKey.generate()
-    data = {"u": [0, 1, 2], "digest": bytes(32), "sig": bytes(64)} if data is None else data
+    data = {"u": [0, 1, 2], "digest": bytes(32), "sig": bytes(64), "evidence": []} if data is None else data
     return Message(kind, b"g" * 32, 1, 0, 1, data).seal(lambda b: key.sign(b).signature)
 
 
@@ -165,10 +165,21 @@ def test_malformed_headers_are_refused(header: bytes, reason: str) -> None:
     [
         ("gossip", {}, "unknown message kind"),
         ("agree", {"u": [0, 1]}, "needs fields"),
-        ("agree", {"u": [0, 1], "digest": bytes(32), "sig": bytes(64), "extra": 1}, "needs fields"),
-        ("agree", {"u": [0, 0], "digest": bytes(32), "sig": bytes(64)}, "malformed fields"),
-        ("agree", {"u": [0, 99], "digest": bytes(32), "sig": bytes(64)}, "malformed fields"),
-        ("agree", {"u": [0, 1], "digest": bytes(32), "sig": bytes(63)}, "malformed fields"),
+        ("agree", {"u": [0, 1], "digest": bytes(32), "sig": bytes(64), "extra": 1, "evidence": []}, "needs fields"),
+        ("agree", {"u": [0, 0], "digest": bytes(32), "sig": bytes(64), "evidence": []}, "malformed fields"),
+        ("agree", {"u": [0, 99], "digest": bytes(32), "sig": bytes(64), "evidence": []}, "malformed fields"),
+        ("agree", {"u": [0, 1], "digest": bytes(32), "sig": bytes(63), "evidence": []}, "malformed fields"),
+        (
+            "agree",
+            {"u": [0], "digest": bytes(32), "sig": bytes(64), "evidence": [[b"x" * 1025, bytes(64)]]},
+            "malformed",
+        ),
+        ("agree", {"u": [0], "digest": bytes(32), "sig": bytes(64), "evidence": [[b"x", bytes(63)]]}, "malformed"),
+        (
+            "agree",
+            {"u": [0], "digest": bytes(32), "sig": bytes(64), "evidence": [[b"x", bytes(64)]] * 129},
+            "malformed",
+        ),
         ("reveal", {"b": {0: b"x"}, "s": {}, "signers": [], "sigs": []}, "malformed fields"),
         ("reveal", {"b": {}, "s": {}, "signers": [0], "sigs": [b"x"]}, "malformed fields"),
         ("reveal", {"b": {}, "s": {}, "signers": [0], "sigs": [bytes(64)] * 65}, "malformed fields"),

@@ -16,7 +16,10 @@ statement fails the round (naming the revealer). So:
 - every live peer's signed agree is waited for, so an equivocating peer cannot make two honest
   peers that hear each other reveal for two statements: each sees the other's;
 - a signature is evidence: a forwarded certificate names its signers, so a peer that signed two
-  statements for one round can be shown to have done so.
+  statements for one round can be shown to have done so;
+- each agree also forwards the signed keys and final claim messages its sender received, so a peer
+  that told two members different things is proven to have done so and is the only one named
+  (evidence.py); without such a proof, every peer whose statement differs from ours is named.
 
 A separate certificate round (Bonawitz's) would add a round trip and nothing here: unlike a
 server-routed protocol every peer already hears every live peer's signed statement directly.
@@ -41,7 +44,8 @@ from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
 from node.ledger.certificate import GroupCertificate, decode_digest, statement
-from node.secagg.messages import Message
+from node.secagg.evidence import EquivocationCheck, forwardable
+from node.secagg.messages import CLAIM_ATTEMPTS, Message
 from node.secagg.state import SecAggError
 from node.secagg.transport import GroupTransport
 
@@ -101,10 +105,12 @@ class ContributorAgreement:
         self.index, self.peer_ids = transport.index, transport.peer_ids
         self.group_id, self.round_no = transport.group_id, transport.round_no
         self.collect, self.timeout = transport.collect, transport.timeout  # the message timeout
+        self.received = transport.received
         self.threshold, self.sign, self.keys, self.post = threshold, sign, keys, post
         self.certificate: dict[str, list[Any]] = {"signers": [], "sigs": []}  # the t+ signatures we forward
         self.inputs: dict[str, Any] = {}  # what ``digest`` hashed (U, designation, dropouts, bound, width)
         self.digested = b""  # the digest ``confirm`` had certified
+        self.proven: list[int] = []  # peers the evidence proves signed two different keys or claims (evidence.py)
 
     def digest(
         self, contributors: list[int], designation: list[list[int]], dropped: list[int], bound: float, bits: int
@@ -130,19 +136,52 @@ class ContributorAgreement:
     async def confirm(self, contributors: list[int], digest: bytes, live: set[int]) -> list[int]:
         """Return the peers whose signatures certify (U, digest), kept in ``certificate`` to forward with our reveal.
 
+        Our agree forwards the keys and final claim messages we received (``evidence``), and each agree we
+        collect, or abort a peer sent instead, is searched for a peer that signed two different ones
+        (evidence.py): such a peer is the only one named. Our agree is delivered before we give up.
+
         Raises:
-            SecAggError: a live peer's agree names another statement or carries a bad signature, or fewer
-                than t peers signed ours.
+            SecAggError: a peer equivocated, a live peer's agree names another statement or carries a bad
+                signature, or fewer than t peers signed ours.
         """
         signed = statement(self.group_id, self.round_no, contributors, digest)
         own = self.sign(signed)
-        self.post(live, "agree", {"u": contributors, "digest": digest, "sig": own})
+        agree = {"u": contributors, "digest": digest, "sig": own, "evidence": self.evidence()}
+        sending = self.post(live, "agree", agree)
         agreed = await self.collect("agree", live, self.timeout)
+        try:
+            return self._certify(signed, own, contributors, digest, agreed)
+        except SecAggError:
+            if sending:
+                await asyncio.wait(sending, timeout=self.timeout)
+            raise
+
+    def evidence(self) -> list[list[bytes]]:
+        """The signed keys and final claim messages we received, forwarded with our agree or abort."""
+        return forwardable(self.received, range(len(self.peer_ids)), CLAIM_ATTEMPTS - 1)
+
+    def _certify(
+        self, signed: bytes, own: bytes, contributors: list[int], digest: bytes, agreed: dict[int, Message]
+    ) -> list[int]:
+        """``confirm``'s checks of the agrees collected; the certificate is kept once they pass."""
+        check = EquivocationCheck(
+            group_id=self.group_id,
+            round_no=self.round_no,
+            peer_ids=self.peer_ids,
+            index=self.index,
+            claim_slot=CLAIM_ATTEMPTS - 1,
+            signing_keys=lambda: self.signing_keys,
+        )
+        peers = range(len(self.peer_ids))
+        told = [self.received(kind, j, s) for kind, s in (("keys", 0), ("claim", CLAIM_ATTEMPTS - 1)) for j in peers]
+        aborts = [m for j in peers if (m := self.received("abort", j, 0)) is not None]
+        forwarded = [e for m in [*agreed.values(), *aborts] for e in m.data["evidence"]]
+        self.proven = liars = check.equivocators([m for m in told if m is not None], forwarded)
+        self._require(not liars, "signed two different keys or claim messages in this round (proof forwarded)", liars)
         other = [j for j, m in agreed.items() if m.data["u"] != contributors or m.data["digest"] != digest]
         self._require(not other, "derived another contributor set or decode digest", other)
         signatures = {j: m.data["sig"] for j, m in agreed.items()} | {self.index: own}
-        signing_keys = self.signing_keys
-        signers = valid_signers(signed, signatures, signing_keys)
+        signers = valid_signers(signed, signatures, self.signing_keys)
         forged = sorted(set(signatures) - set(signers))
         self._require(not forged, "signed the agreed statement with a bad signature", forged)
         self._require(len(signers) >= self.threshold, f"only {len(signers)} peers signed U (need {self.threshold})")

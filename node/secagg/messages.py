@@ -65,6 +65,7 @@ def _is_holders(v: Any) -> bool:  # part -> holder index, -1 where no reducer to
 
 
 NO_BOUND = -128  # a keys message's "bound_exp" when its sender proposes no code bound
+CLAIM_ATTEMPTS = 2  # claim rounds of protocol.py's claims phase; a claim's "attempt" is below it, the last decides U
 
 
 def _is_bound_exp(v: Any) -> bool:
@@ -87,6 +88,25 @@ def _is_signatures(v: Any) -> bool:  # Ed25519 signatures, one per signer of a c
     return isinstance(v, list) and len(v) <= MAX_GROUP and all(isinstance(s, bytes) and len(s) == 64 for s in v)
 
 
+MAX_EVIDENCE_BODY = 1024  # bytes of one forwarded keys or claim body (a claim of MAX_GROUP peers is ~400)
+
+
+def _is_evidence(v: Any) -> bool:  # [body, signature] of signed messages received from others, forwarded
+    return (
+        isinstance(v, list)
+        and len(v) <= 2 * MAX_GROUP
+        and all(
+            isinstance(e, list)
+            and len(e) == 2
+            and isinstance(e[0], bytes)
+            and len(e[0]) <= MAX_EVIDENCE_BODY
+            and isinstance(e[1], bytes)
+            and len(e[1]) == 64
+            for e in v
+        )
+    )
+
+
 # kind -> field -> check; every field is required and no other field is allowed
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # ephemeral X25519 keys for this round, a commitment to the self-mask seed, and the proof
@@ -105,10 +125,15 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # one masked part (payload: uint32 words); "maskset" = the peers the sender masked with
     "part": {"part": _is_index, "maskset": _is_index_list},
     # where the sender's parts landed (holders[k] holds part k; acknowledged), and its maskset
-    "claim": {"attempt": _is_index, "holders": _is_holders, "maskset": _is_index_list},
+    "claim": {
+        "attempt": lambda v: _is_index(v) and v < CLAIM_ATTEMPTS,
+        "holders": _is_holders,
+        "maskset": _is_index_list,
+    },
     # the contributor set U, a digest of everything the decode depends on, and the sender's
-    # signature over both (consistency.py), which others forward with their reveals
-    "agree": {"u": _is_index_list, "digest": _is_bytes(32), "sig": _is_bytes(64)},
+    # signature over both (consistency.py), which others forward with their reveals; "evidence":
+    # the signed keys and final claim messages the sender received, so an equivocator is proven
+    "agree": {"u": _is_index_list, "digest": _is_bytes(32), "sig": _is_bytes(64), "evidence": _is_evidence},
     # a partial masked sum of one part over the listed contributors (payload: uint32 words)
     "sum": {"part": _is_index, "senders": _is_index_list},
     # shares of self-mask seeds of contributors and of mask keys of dropouts, never both for a peer
@@ -117,8 +142,9 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # a digest of each part of the unmasked total the sender summed, before anyone decodes it
     # (consistency.py): a holder that sent its recipients different partial sums is caught
     "total": {"parts": _is_part_digests},
-    # the sender has left this round (its own failure; transport.py): no phase waits for it any longer
-    "abort": {"reason": lambda v: isinstance(v, str) and len(v) <= MAX_REASON},
+    # the sender has left this round (its own failure; transport.py): no phase waits for it any longer;
+    # "evidence" as in agree, so a peer that fails before agreeing still shows what it was told
+    "abort": {"reason": lambda v: isinstance(v, str) and len(v) <= MAX_REASON, "evidence": _is_evidence},
 }
 
 _BODY_FIELDS = {"kind", "group", "round", "sender", "recipient", "data", "size", "digest"}
@@ -200,6 +226,19 @@ def parse_header(header: bytes) -> tuple[Message, int, bytes]:
     if not (isinstance(outer, list) and len(outer) == 3 and outer[0] == TAG):
         raise MessageError("not a secure-aggregation message (bad tag or shape)")
     _, body_bytes, signature = outer
+    return parse_body(body_bytes, signature)
+
+
+def parse_forwarded(body: bytes, signature: bytes) -> Message:
+    """A message another peer forwarded as evidence (its signed body): schema-checked, signature unchecked."""
+    message, size, _ = parse_body(body, signature)
+    if size:
+        raise MessageError(f"a forwarded {message.kind!r} message carries a payload")
+    return message
+
+
+def parse_body(body_bytes: Any, signature: Any) -> tuple[Message, int, bytes]:
+    """Decode and schema-check a signed body; returns (message without payload, payload size, digest)."""
     if not (isinstance(body_bytes, bytes) and isinstance(signature, bytes) and len(signature) == 64):
         raise MessageError("malformed envelope")
     body = _unpack_header(body_bytes)

@@ -53,7 +53,7 @@ from node.secagg.compression import select_coordinates
 from node.secagg.consistency import ContributorAgreement, part_digests
 from node.secagg.fixed_point import FixedPointCodec
 from node.secagg.masking import add_masks, pair_secret, remove_masks
-from node.secagg.messages import NO_BOUND, Message
+from node.secagg.messages import CLAIM_ATTEMPTS, NO_BOUND, Message
 from node.secagg.parts import PartLayout, Workspace, split_parts
 from node.secagg.ring import RingVector
 from node.secagg.shamir import split_secret
@@ -74,7 +74,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CLAIM_ATTEMPTS = 2
 ABORT_WAIT = 1.0  # seconds a failed peer spends telling the others it left
 
 
@@ -227,7 +226,7 @@ class MaskedAllReduce:
         try:
             return await self._run()
         except SecAggError as e:  # the others stop waiting for us now, not at their deadlines
-            await self.transport.abort(str(e), min(ABORT_WAIT, self.timeouts.message))
+            await self.transport.abort(str(e), min(ABORT_WAIT, self.timeouts.message), self.agreement.evidence())
             raise
         finally:
             self.close()  # a failed or cancelled peer stops sending

@@ -105,13 +105,14 @@ class GroupTransport:
         self.stats["messages_sent"] += 1
         return True
 
-    async def abort(self, reason: str, wait: float) -> None:
+    async def abort(self, reason: str, wait: float, evidence: list[list[bytes]]) -> None:
         """Tell the other peers that we left the round, so that none waits for us until its deadline.
 
         Best effort, at most ``wait`` s: a peer that misses it waits for us as for any silent peer.
-        A signed abort only removes its sender, which silence would do anyway.
+        A signed abort only removes its sender, which silence would do anyway. ``evidence``: the signed
+        messages we were told (consistency.py), so that a peer who lied to us can still be proven to have.
         """
-        data = {"reason": reason[:MAX_REASON]}
+        data = {"reason": reason[:MAX_REASON], "evidence": evidence}
 
         async def tell(to: int) -> None:
             header = Message("abort", self.group_id, self.round_no, self.index, to, data).seal(self.sign)
