@@ -4,9 +4,10 @@
 real ``StageServer`` per class (real libp2p, real signatures) and returns once each sees all of them
 listed. The deviants are stage servers that attack their replicas or trainers: ``ProofKeeper``
 keeps the step proofs it is sent (what a malicious replica replays), ``TamperedServer`` serves
-shifted weights consistently, ``LyingDonor`` answers ``state`` with a poisoned state. ``signed_ban``
-is a well-formed ban. Tests import it as ``from sharding_harness import ...``, and so does
-``benchmarks/integrity.py`` (it puts ``tests/`` on ``sys.path``); nothing here is a test.
+shifted weights consistently, ``LyingDonor`` answers ``state`` with a poisoned state (``shifted_params``,
+``runaway_moments``). ``signed_ban`` is a well-formed ban. Tests import it as ``from sharding_harness
+import ...``, and so does ``benchmarks/integrity.py`` (it puts ``tests/`` on ``sys.path``); nothing
+here is a test.
 """
 
 from __future__ import annotations
@@ -94,17 +95,33 @@ class LyingDonor(StageServer):
     """Answers ``state`` with a poisoned state at a version of its choice, for replicas that mend from it.
 
     Set ``lie`` before a replica asks: ``(version, poison)``, where ``poison(hosted)`` returns the four
-    blocks to serve (params, two Adam moments, anchor); None answers honestly.
+    blocks to serve (params, two Adam moments, anchor); None answers honestly. ``history`` is the
+    history its state claims (None: its own).
     """
 
     lie: tuple[int, Poison] | None = None
+    history: bytes | None = None
 
     async def _state(self, request: StageRequest, hosted: HostedStage) -> StageReply:
         if self.lie is None:
             return await super()._state(request, hosted)
         version, poison = self.lie
         tensors = tuple(t.detach().cpu().clone() for t in await self.in_compute(poison, hosted))
-        return StageReply(ok=True, version=version, applied=(), tensors=tensors, history=hosted.history)
+        history = hosted.history if self.history is None else self.history
+        return StageReply(ok=True, version=version, applied=(), tensors=tensors, history=history)
+
+
+def shifted_params(hosted: HostedStage) -> list[torch.Tensor]:
+    """The stage's state with every parameter moved by 5 (finite, and ruinous to the model)."""
+    count = len(hosted.params)
+    return [t + 5.0 if i < count else t for i, t in enumerate(hosted.state())]
+
+
+def runaway_moments(hosted: HostedStage) -> list[torch.Tensor]:
+    """The stage's own params and anchor, with first moments of 1 over second moments of 0 (a huge next step)."""
+    state, count = hosted.state(), len(hosted.params)
+    moments = [torch.ones_like(p) for p in hosted.params] + [torch.zeros_like(p) for p in hosted.params]
+    return [*state[:count], *moments, *state[3 * count :]]
 
 
 def start_servers(tmp_path: Path, classes: list[type[StageServer]], spot_check: float = 0.0) -> list[StageServer]:

@@ -25,7 +25,16 @@ import torch
 from conftest import SwarmPeer
 from helpers import wait_until
 from hivemind.utils import get_dht_time
-from sharding_harness import LyingDonor, ProofKeeper, TamperedServer, node_config, signed_ban, start_servers
+from sharding_harness import (
+    LyingDonor,
+    ProofKeeper,
+    TamperedServer,
+    node_config,
+    runaway_moments,
+    shifted_params,
+    signed_ban,
+    start_servers,
+)
 
 from dht import NodeIdentity, PeerRecord, publish_record
 from dht.bans import MAX_BAN_TTL, BanError, BanRecord, ban_subkey, bans_key, list_bans, publish_ban
@@ -97,19 +106,6 @@ def test_a_listed_server_cannot_preempt_a_trainers_steps_by_replicating_them(tmp
         victim.close()
         for server in servers:
             server.shutdown()
-
-
-def shifted_params(hosted: HostedStage) -> list[torch.Tensor]:
-    """The stage's state with every parameter moved by 5 (finite, and ruinous to the model)."""
-    count = len(hosted.params)
-    return [t + 5.0 if i < count else t for i, t in enumerate(hosted.state())]
-
-
-def runaway_moments(hosted: HostedStage) -> list[torch.Tensor]:
-    """The stage's own params and anchor, with first moments of 1 over second moments of 0 (a huge next step)."""
-    state, count = hosted.state(), len(hosted.params)
-    moments = [torch.ones_like(p) for p in hosted.params] + [torch.zeros_like(p) for p in hosted.params]
-    return [*state[:count], *moments, *state[3 * count :]]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ class HostedStage (hosted.py): a served stage's weights, optimizer, exactly-once
     and the averaging gate (refuse trainer calls, drain commits, hold replicated steps)
 class ForwardBatcher (batching.py): one stage's forward calls that arrive together, run as one pass
 class StageServer (server.py): ``zen-node serve``, hosting stages with forward/backward RPCs
+join_stage, StageJoin (joining.py): a server taking a stage downloads its state from a listed replica
+    whose offer passes the join checks (version, shapes, Adam moments, reach, the replicas' vote)
 class StageAverager, StageHost (averaging.py): periodic rounds that leave a stage's replicas
     bit-identical; StageHost is what they need from their server (StageServer implements it)
 class RemoteStages (client.py): a trainer's stage calls: server choice, failover, spot-checks, bans

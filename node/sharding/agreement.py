@@ -38,9 +38,13 @@ import collections
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgpack
 import torch
+
+if TYPE_CHECKING:
+    from node.sharding.messages import StageReply
 
 DIGEST_BYTES = 32
 HISTORY_CONTEXT = b"zen-federation/stage-history/v1"
@@ -70,6 +74,13 @@ class WeightsReport:
     version: int
     history: bytes
     digest: bytes
+
+
+def reported_weights(reply: StageReply) -> WeightsReport | None:
+    """The report a ``weights`` reply carries; None if it is not ok or its digests are not 32 bytes."""
+    if not reply.ok or len(reply.digest) != DIGEST_BYTES or len(reply.history) != DIGEST_BYTES:
+        return None
+    return WeightsReport(reply.version, reply.history, reply.digest)
 
 
 @dataclass

@@ -157,6 +157,28 @@ def max_magnitude(tensors: Sequence[torch.Tensor]) -> float:
     return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
 
 
+def state_refusal(tensors: Sequence[torch.Tensor], template: Sequence[torch.Tensor]) -> str | None:
+    """Why ``tensors`` are no state of the stage AdamW could make (module docstring: Mending); None if they are.
+
+    Args:
+        tensors: an offered state: params, two Adam moments, anchor.
+        template: any state of the stage (``HostedStage.state()``), for the count and shapes.
+
+    Returns:
+        None, or a one-line reason: wrong count or shapes, a value that is not finite, or Adam moments
+        AdamW cannot produce.
+    """
+    count = len(template) // STATE_BLOCKS
+    if len(tensors) != len(template) or any(
+        t.shape != m.shape or not torch.isfinite(t).all() for t, m in zip(tensors, template, strict=True)
+    ):
+        return "its state is not finite params, two Adam moments and an anchor of the stage's shapes"
+    for avg, avg_sq in zip(tensors[count : 2 * count], tensors[2 * count : 3 * count], strict=True):
+        if (avg_sq < 0).any() or (avg.abs() > ADAM_STEP_BOUND * avg_sq.sqrt()).any():
+            return f"its Adam moments are none AdamW makes (|exp_avg| > {ADAM_STEP_BOUND:g} * sqrt(exp_avg_sq))"
+    return None
+
+
 def donor_refusal(
     mine: Sequence[torch.Tensor], version: int, synced_version: int, offer: StageReply, step_bound: float
 ) -> str | None:
@@ -175,15 +197,11 @@ def donor_refusal(
     lead = offer.version - version
     if lead > RESYNC_MAX_LEAD:
         return f"its version is {lead} ahead of ours, more than the {RESYNC_MAX_LEAD} a resync may catch up"
+    reason = state_refusal(offer.tensors, mine)
+    if reason is not None:
+        return reason
     tensors = offer.tensors
     count = len(mine) // STATE_BLOCKS
-    if len(tensors) != len(mine) or any(
-        t.shape != m.shape or not torch.isfinite(t).all() for t, m in zip(tensors, mine, strict=True)
-    ):
-        return "its state is not finite params, two Adam moments and an anchor of the stage's shapes"
-    for avg, avg_sq in zip(tensors[count : 2 * count], tensors[2 * count : 3 * count], strict=True):
-        if (avg_sq < 0).any() or (avg.abs() > ADAM_STEP_BOUND * avg_sq.sqrt()).any():
-            return f"its Adam moments are none AdamW makes (|exp_avg| > {ADAM_STEP_BOUND:g} * sqrt(exp_avg_sq))"
     updates = (offer.version - synced_version) + (version - synced_version)
     allowance = updates * step_bound + RESYNC_TOLERANCE
     params = mine[:count]

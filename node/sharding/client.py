@@ -53,7 +53,7 @@ from hivemind.utils import get_dht_time
 from dht import NodeIdentity, list_peers
 from dht.bans import BanRecord, evidence_digest, honoured_bans, list_bans, publish_ban
 from node.config import RunConfig
-from node.sharding.agreement import DIGEST_BYTES, WeightsReport, compare_weights, weights_digest
+from node.sharding.agreement import WeightsReport, compare_weights, reported_weights, weights_digest
 from node.sharding.messages import STATE_BLOCKS, StageReply, StageRequest
 from node.sharding.proofs import gradients_digest, sign_step
 from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
@@ -332,10 +332,11 @@ class RemoteStages:
         for peer, reply in zip(peers, replies, strict=True):
             if isinstance(reply, BaseException) or not reply.ok:
                 continue
-            if len(reply.digest) != DIGEST_BYTES or len(reply.history) != DIGEST_BYTES:
+            report = reported_weights(reply)
+            if report is None:
                 logger.warning(f"stage {stage}: {peer[:16]} answered a malformed weights report; skipping it")
                 continue
-            reports[peer] = WeightsReport(reply.version, reply.history, reply.digest)
+            reports[peer] = report
         verdict = compare_weights(reports)
         self.unconfirmed = (self.unconfirmed - set(reports)) | verdict.unconfirmed
         if verdict.version is None or not verdict.agreed:

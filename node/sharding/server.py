@@ -1,8 +1,9 @@
 """``zen-node serve``: host pipeline stages of the run's model for trainers (forward and backward RPCs).
 
 A server holds no data. It picks the stage(s) that raise the swarm's weakest stage throughput
-(node/sharding/stages.py), downloads their current state from a live replica if there is one, announces
-them in its signed record (role ``server``), and answers stage calls (node/sharding/messages.py):
+(node/sharding/stages.py), downloads their current state from a live replica whose state passes the
+join checks (node/sharding/joining.py), announces them in its signed record (role ``server``), and
+answers stage calls (node/sharding/messages.py):
 
 - forward: requests of one stage that arrive together are batched into one pass
   (node/sharding/batching.py, after hivemind.moe's TaskPool); the output goes back, nothing is kept.
@@ -56,6 +57,7 @@ from node.runtime import NodeRuntime
 from node.sharding.averaging import StageAverager
 from node.sharding.batching import ForwardBatcher
 from node.sharding.hosted import HostedStage
+from node.sharding.joining import StageJoin, join_stage, listed_servers
 from node.sharding.messages import (
     TRAINER_CALLS,
     StageMessageError,
@@ -133,6 +135,7 @@ class StageServer:
         self.rpc: P2PLoop  # the event loop every request, batch and averaging round runs on
         # the hosted stages and the throughput the record announces for them
         self.hosted: dict[int, HostedStage] = {}
+        self.joins: dict[int, StageJoin] = {}  # each stage's download as it was hosted: donor, refusals
         self.capacity = Capacity()
         # request handling: load, the GPU's state, refusals, the one compute thread, forward batches
         self._gpu_probe = gpu_probe
@@ -199,16 +202,8 @@ class StageServer:
             raise ValueError(f"stage {stage} does not exist: the run has stages 0..{self.num_stages - 1}")
         module = build_stage(self.run.model, self.run.sharding, self.run.train.seed, stage).to(self.device)
         hosted = HostedStage(module, self.run.train.inner_lr, self.run.train.weight_decay)
-        donors = [r.peer_id for r in records if stage in r.stages and r.peer_id != self.identity.peer_id]
-        for donor in donors:
-            try:
-                reply = self.rpc.run(self.call(donor, StageRequest("state", stage)))
-                if reply.ok:
-                    hosted.load_state(reply.tensors, reply.version, reply.applied, reply.history)
-                    logger.info(f"stage {stage}: loaded version {reply.version} from {donor[:16]}")
-                    break
-            except Exception as e:
-                logger.warning(f"stage {stage}: could not load its state from {donor[:16]}: {e!r}")
+        servers = listed_servers(records, stage, self.run.digest(), self.identity.peer_id)
+        self.joins[stage] = self.rpc.run(join_stage(self, self.run.train, stage, hosted, servers))
         if self.run.sharding.average_period:
             self.averager.prepare(stage, hosted.params)
         self.hosted[stage] = hosted
