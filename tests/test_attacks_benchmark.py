@@ -44,7 +44,9 @@ def test_one_attack_gives_a_row_with_every_field_and_no_leak() -> None:
 def test_a_holder_that_sends_recipients_different_sums_fails_the_round_for_all() -> None:
     """A holder adds a different offset to each recipient's partial sum (benchmarks/attacks.py's
     ``forged_sum``): before the digests of the total were swapped, the honest members decoded means
-    6e-8 apart and applied them; now every honest member fails the round, and the forger is named."""
+    6e-8 apart and applied them; now every honest member fails the round, and the forger is named, alone:
+    its two signed sums of one part, forwarded with the totals, prove it (before, the honest reporter was
+    named with it)."""
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "attacks.py"), "--only", "forged_sum", "--timeout", "60"]
     done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -52,3 +54,4 @@ def test_a_holder_that_sends_recipients_different_sums_fails_the_round_for_all()
     assert row["error"] is None and row["leaked"] is False
     assert row["result_consistent"] is True and row["honest_outcome"] == "all failed", row
     assert row["detected"] is True, row
+    assert row["details"]["honest_named"] == [], row

@@ -42,10 +42,22 @@ def claim_data(maskset: list[int], attempt: int = LAST) -> dict[str, Any]:
 
 
 def sent(identity: NodeIdentity, kind: str, data: dict, sender: int, to: int, **changes: Any) -> Message:
-    """A message as its recipient holds it (sealed, then parsed: body and signature kept)."""
+    """A message as its recipient holds it (sealed, then parsed: body and signature kept; the payload not)."""
     fields: dict[str, Any] = dict(kind=kind, group=GROUP, round=ROUND, sender=sender, recipient=to, data=data)
     fields |= changes
     return parse_header(Message(**fields).seal(identity.sign))[0]
+
+
+def test_two_partial_sums_of_one_part_name_their_holder(identities: list[NodeIdentity]) -> None:
+    """Holder 2 sent us and peer 3 different words for part 1: the bodies sign different payload digests."""
+    data = {"part": 1, "senders": [0, 1, 3]}
+    to_us = sent(identities[2], "sum", data, sender=2, to=0, payload=b"\x01" * 16)
+    to_three = sent(identities[2], "sum", data, sender=2, to=3, payload=b"\x02" * 16)
+    same = sent(identities[2], "sum", data, sender=2, to=1, payload=b"\x01" * 16)
+    other_part = sent(identities[2], "sum", dict(data, part=2), sender=2, to=3, payload=b"\x03" * 16)
+
+    assert check(identities).equivocators([to_us], forward(to_three)) == [2]
+    assert check(identities).equivocators([to_us], forward(same, other_part)) == []
 
 
 def check(identities: list[NodeIdentity], index: int = 0) -> EquivocationCheck:
@@ -55,7 +67,6 @@ def check(identities: list[NodeIdentity], index: int = 0) -> EquivocationCheck:
         round_no=ROUND,
         peer_ids=[PeerID.from_base58(identity.peer_id) for identity in identities],
         index=index,
-        claim_slot=LAST,
         signing_keys=lambda: keys,
     )
 

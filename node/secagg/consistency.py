@@ -34,12 +34,10 @@ digest's inputs) is checked by anyone.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
@@ -50,6 +48,8 @@ from node.secagg.state import SecAggError
 from node.secagg.transport import GroupTransport
 
 logger = logging.getLogger(__name__)
+
+AGREE_SLOTS = [("keys", 0), ("claim", CLAIM_ATTEMPTS - 1)]  # the messages an agree's evidence carries
 
 
 def valid_signers(signed: bytes, signatures: dict[int, bytes], signing_keys: dict[int, bytes]) -> list[int]:
@@ -65,21 +65,6 @@ def valid_signers(signed: bytes, signatures: dict[int, bytes], signing_keys: dic
             continue
         valid.append(signer)
     return sorted(valid)
-
-
-def part_digests(total: np.ndarray, parts: list[tuple[int, int]], values: int, width: int) -> list[bytes]:
-    """A 16-byte digest of each ``[start, stop)`` part of the unmasked total (``confirm_total``).
-
-    The first ``values`` words count modulo 2**``width`` (a low-bit code sends only those bits, so
-    a holder's own copy of its partial sum may differ above them); the weight word after them, all 32.
-    """
-    digests = []
-    for start, stop in parts:
-        words = total[start:stop].copy()
-        if width < 32:
-            words[: max(0, min(stop, values) - start)] &= np.uint32((1 << width) - 1)
-        digests.append(hashlib.sha256(words.tobytes()).digest()[:16])
-    return digests
 
 
 class ContributorAgreement:
@@ -158,25 +143,27 @@ class ContributorAgreement:
 
     def evidence(self) -> list[list[bytes]]:
         """The signed keys and final claim messages we received, forwarded with our agree or abort."""
-        return forwardable(self.received, range(len(self.peer_ids)), CLAIM_ATTEMPTS - 1)
+        return forwardable(self.received, range(len(self.peer_ids)), AGREE_SLOTS)
 
-    def _certify(
-        self, signed: bytes, own: bytes, contributors: list[int], digest: bytes, agreed: dict[int, Message]
-    ) -> list[int]:
-        """``confirm``'s checks of the agrees collected; the certificate is kept once they pass."""
+    def _proven(self, slots: list[tuple[str, int]], carriers: list[Message]) -> list[int]:
+        """The peers that signed two different messages of the (kind, slot)s, by what we received and what the
+        ``carriers`` (agree, abort or total messages) forwarded as evidence (evidence.py)."""
         check = EquivocationCheck(
             group_id=self.group_id,
             round_no=self.round_no,
             peer_ids=self.peer_ids,
             index=self.index,
-            claim_slot=CLAIM_ATTEMPTS - 1,
             signing_keys=lambda: self.signing_keys,
         )
-        peers = range(len(self.peer_ids))
-        told = [self.received(kind, j, s) for kind, s in (("keys", 0), ("claim", CLAIM_ATTEMPTS - 1)) for j in peers]
-        aborts = [m for j in peers if (m := self.received("abort", j, 0)) is not None]
-        forwarded = [e for m in [*agreed.values(), *aborts] for e in m.data["evidence"]]
-        self.proven = liars = check.equivocators([m for m in told if m is not None], forwarded)
+        told = [m for j in range(len(self.peer_ids)) for kind, s in slots if (m := self.received(kind, j, s))]
+        return check.equivocators(told, [e for m in carriers for e in m.data["evidence"]])
+
+    def _certify(
+        self, signed: bytes, own: bytes, contributors: list[int], digest: bytes, agreed: dict[int, Message]
+    ) -> list[int]:
+        """``confirm``'s checks of the agrees collected; the certificate is kept once they pass."""
+        aborts = [m for j in range(len(self.peer_ids)) if (m := self.received("abort", j, 0)) is not None]
+        self.proven = liars = self._proven(AGREE_SLOTS, [*agreed.values(), *aborts])
         self._require(not liars, "signed two different keys or claim messages in this round (proof forwarded)", liars)
         other = [j for j, m in agreed.items() if m.data["u"] != contributors or m.data["digest"] != digest]
         self._require(not other, "derived another contributor set or decode digest", other)
@@ -203,39 +190,29 @@ class ContributorAgreement:
             **self.inputs,
         )
 
-    async def confirm_total(self, parts: list[bytes], holders: dict[int, int], live: set[int]) -> None:
-        """Check that every live peer summed the same partial sums as we did, before anyone decodes.
+    async def confirm_total(self, live: set[int]) -> None:
+        """Check that every live peer received the same partial sums as we did, before anyone decodes.
 
-        ``parts``: a digest of each part of our total; ``holders``: part -> the peer that summed it. A
-        holder that sends its recipients different partial sums would have honest members apply
-        different means; each honest member sees the other's digests and aborts. A peer that left
-        after the sums is waited for once (the message timeout) and then not counted.
+        A holder that sends its recipients different partial sums would have honest members apply
+        different means. Each peer forwards the signed bodies of the sum messages it received (each
+        signs its payload's SHA-256, computed as it arrived); two different bodies one holder signed for
+        one part prove it (evidence.py): every honest peer that hears the other aborts and names it, and
+        nobody else. Nothing of the total is hashed again. A peer that left after the sums is waited for
+        once (the message timeout) and then not counted.
 
         Raises:
-            SecAggError: a peer reports other digests (naming the parts' holders and the reporter).
+            SecAggError: a holder signed two different partial sums of one part.
         """
-        sending = self.post(live, "total", {"parts": parts})
+        sums = [("sum", part) for part in range(len(self.peer_ids))]
+        evidence = forwardable(self.received, range(len(self.peer_ids)), sums)
+        sending = self.post(live, "total", {"evidence": evidence})
         reported = await self.collect("total", live, self.timeout)
         if sending:  # the last message: ending the round now would cancel it, and the others would wait for it
             await asyncio.wait(sending, timeout=self.timeout)
-        for j, message in sorted(reported.items()):
-            theirs = message.data["parts"]
-            differ = (
-                list(range(len(parts)))
-                if len(theirs) != len(parts)
-                else [k for k, (a, b) in enumerate(zip(theirs, parts, strict=True)) if a != b]
-            )
-            if differ:
-                suspects = sorted({holders[k] for k in differ if k in holders} - {self.index})
-                logger.warning(
-                    f"blamed: group {self.group_id.hex()[:8]} round {self.round_no}: peers "
-                    f"{[str(self.peer_ids[h]) for h in suspects]} sent peer {self.peer_ids[j]} and us different "
-                    f"partial sums of parts {differ} (or that peer misreports them)"
-                )
-                raise SecAggError(
-                    f"group {self.group_id.hex()[:8]} round {self.round_no}: peer {j} summed other partial sums "
-                    f"of parts {differ} (held by {suspects}); nothing applied"
-                )
+        self.proven = liars = self._proven(sums, list(reported.values()))
+        self._require(
+            not liars, "signed two different partial sums of one part (proof forwarded); nothing applied", liars
+        )
 
     def check_certificates(self, reveals: dict[int, Message], statement_of: tuple[list[int], bytes]) -> None:
         """Each reveal must carry t valid signatures on our statement; SecAggError naming the peer otherwise."""

@@ -80,21 +80,18 @@ def _is_share_map(v: Any) -> bool:
     )
 
 
-def _is_part_digests(v: Any) -> bool:  # one 16-byte digest per part of the ring vector
-    return isinstance(v, list) and 0 < len(v) <= MAX_GROUP and all(isinstance(d, bytes) and len(d) == 16 for d in v)
-
-
 def _is_signatures(v: Any) -> bool:  # Ed25519 signatures, one per signer of a certificate
     return isinstance(v, list) and len(v) <= MAX_GROUP and all(isinstance(s, bytes) and len(s) == 64 for s in v)
 
 
-MAX_EVIDENCE_BODY = 1024  # bytes of one forwarded keys or claim body (a claim of MAX_GROUP peers is ~400)
+MAX_EVIDENCE_BODY = 1024  # bytes of one forwarded keys, claim or sum body (a claim of MAX_GROUP peers is ~400)
+MAX_EVIDENCE = 2 * MAX_GROUP  # bodies one message forwards (a keys and a claim, or up to two sums, per peer)
 
 
 def _is_evidence(v: Any) -> bool:  # [body, signature] of signed messages received from others, forwarded
     return (
         isinstance(v, list)
-        and len(v) <= 2 * MAX_GROUP
+        and len(v) <= MAX_EVIDENCE
         and all(
             isinstance(e, list)
             and len(e) == 2
@@ -139,9 +136,9 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # shares of self-mask seeds of contributors and of mask keys of dropouts, never both for a peer
     # with the t or more signatures the sender holds on (U, digest) (consistency.py)
     "reveal": {"b": _is_share_map, "s": _is_share_map, "signers": _is_index_list, "sigs": _is_signatures},
-    # a digest of each part of the unmasked total the sender summed, before anyone decodes it
-    # (consistency.py): a holder that sent its recipients different partial sums is caught
-    "total": {"parts": _is_part_digests},
+    # the signed bodies of the sum messages the sender received, before anyone decodes (consistency.py):
+    # a holder that sent its recipients different partial sums is proven to have (evidence.py)
+    "total": {"evidence": _is_evidence},
     # the sender has left this round (its own failure; transport.py): no phase waits for it any longer;
     # "evidence" as in agree, so a peer that fails before agreeing still shows what it was told
     "abort": {"reason": lambda v: isinstance(v, str) and len(v) <= MAX_REASON, "evidence": _is_evidence},
@@ -230,11 +227,15 @@ def parse_header(header: bytes) -> tuple[Message, int, bytes]:
 
 
 def parse_forwarded(body: bytes, signature: bytes) -> Message:
-    """A message another peer forwarded as evidence (its signed body): schema-checked, signature unchecked."""
-    message, size, _ = parse_body(body, signature)
-    if size:
-        raise MessageError(f"a forwarded {message.kind!r} message carries a payload")
-    return message
+    """A message another peer forwarded as evidence (its signed body, no payload): schema-checked only."""
+    return parse_body(body, signature)[0]
+
+
+def signed_content(message: Message) -> bytes:
+    """What a message's signature commits its sender to, less the recipient: equal for the copies an honest
+    sender sends everyone (data, payload size and SHA-256 included)."""
+    body = _unpack_header(message.body)
+    return msgpack.packb({key: value for key, value in body.items() if key != "recipient"}, use_bin_type=True)
 
 
 def parse_body(body_bytes: Any, signature: Any) -> tuple[Message, int, bytes]:

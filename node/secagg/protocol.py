@@ -50,7 +50,7 @@ from hivemind.p2p import P2P, PeerID
 from node.config import CompressionConfig
 from node.secagg.bounds import check_group_sum
 from node.secagg.compression import select_coordinates
-from node.secagg.consistency import ContributorAgreement, part_digests
+from node.secagg.consistency import ContributorAgreement
 from node.secagg.fixed_point import FixedPointCodec
 from node.secagg.masking import add_masks, pair_secret, remove_masks
 from node.secagg.messages import CLAIM_ATTEMPTS, NO_BOUND, Message
@@ -403,8 +403,7 @@ class MaskedAllReduce:
         await sending
         assert state.revealing is not None, "the reveal phase comes first"
         await state.revealing
-        digests = part_digests(state.total, self.parts, self.layout.values, self.width)
-        await self.agreement.confirm_total(digests, {p: h for p, _, h in state.designation}, state.live)
+        await self.agreement.confirm_total(state.live)
 
     async def _sum_held_part(self, state: RoundState, part: int, senders: list[int]) -> list[Coroutine[Any, Any, bool]]:
         """Sum the copies of ``part`` we hold, unmask it into ``total``; returns its sends to every live peer."""
