@@ -40,8 +40,11 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecAggSwarm]:
         peers.close()
 
 
-def aggregate_noise(swarm: SecAggSwarm, share: NoiseShare, rounds: int, dropped: list[int]) -> np.ndarray:
-    """The noise in the group's sum (value units) over ``rounds`` rounds of zero inputs."""
+def aggregate_noise(
+    swarm: SecAggSwarm, share: NoiseShare, rounds: int, dropped: list[int], skipping: tuple[int, ...] = ()
+) -> np.ndarray:
+    """The noise in the group's sum (value units) over ``rounds`` rounds of zero inputs; the ``skipping`` peers
+    deviate: they add no noise share of their own."""
     samples = []
     classes: dict[int, type[MaskedAllReduce]] = {
         j: type(f"Drop{j}", (DroppingAllReduce,), {"drop_at": "parts"}) for j in dropped
@@ -50,22 +53,26 @@ def aggregate_noise(swarm: SecAggSwarm, share: NoiseShare, rounds: int, dropped:
     for _ in range(rounds):
         sessions = swarm.sessions([np.zeros(NUMEL, np.float32)] * 4, bound=bound, classes=classes)
         for session in sessions:
-            session.noise = share
+            session.noise = None if session.index in skipping else share
         survivors = [i for i in range(4) if i not in dropped]
         result = results_of(swarm.run(sessions), survivors)[0]
         samples.append(result.mean.astype(np.float64) * result.weight_sum)  # mean * sum(omega) = the sum
     return np.concatenate(samples)
 
 
-@pytest.mark.parametrize("dropped", [[], [2]])
-def test_aggregate_noise_has_the_configured_std(swarm: SecAggSwarm, dropped: list[int]) -> None:
-    """Zero inputs: the sum's noise has std sigma*C with t peers missing, sqrt(n/(n-t)) times that with none."""
+@pytest.mark.parametrize(("dropped", "skipping"), [([], ()), ([2], ()), ([], (3,))])
+def test_aggregate_noise_has_the_configured_std(swarm: SecAggSwarm, dropped: list[int], skipping: tuple) -> None:
+    """Zero inputs: the sum's noise has std sigma*C with t peers missing, sqrt(n/(n-t)) times that with none.
+
+    A colluder that skips its own noise share (issue 14's "skipped noise") counts like a dropout: the
+    honest shares alone still carry sigma*C, so what the colluder sees of the others stays as noisy as the
+    accountant records (it would be sqrt(3/4) of that were the shares sized for n)."""
     share = NoiseShare(noise_multiplier=0.8, clip_norm=0.5, max_dropouts=1)
     configured = share.noise_multiplier * share.clip_norm
 
-    noise = aggregate_noise(swarm, share, rounds=4, dropped=dropped)
+    noise = aggregate_noise(swarm, share, rounds=4, dropped=dropped, skipping=skipping)
 
-    contributing = 4 - len(dropped)
+    contributing = 4 - len(dropped) - len(skipping)
     expected = configured * math.sqrt(contributing / (4 - share.max_dropouts))
     assert abs(noise.mean()) < 4 * expected / math.sqrt(noise.size)
     assert noise.std() == pytest.approx(expected, rel=0.04)  # 16000 samples: std error about 0.6%
