@@ -116,11 +116,11 @@ class AggregationConfig:
     # Sybils: a leader refuses other followers, a follower asks no other leader, a group with another
     # member aborts before any message (docs/architecture.md, "Who forms groups")
     allowlist: list[str] = field(default_factory=list)
-    # secure: who forms groups. "matchmaking": hivemind's (a leader gathers followers, so a leader with Sybils
-    # can choose a victim's group); "declared": every ready peer declares itself and all compute the same
+    # secure: who forms groups. "declared": every ready peer declares itself and all compute the same
     # partition from a seed nobody chose (node/secagg/formation.py; the peers' clocks must agree to well within
-    # matchmaking_time / 4)
-    formation: GroupFormation = "matchmaking"
+    # matchmaking_time / 4); "matchmaking": hivemind's (a leader gathers followers, so a leader with Sybils
+    # can choose a victim's group). Plain mode always uses hivemind's matchmaking
+    formation: GroupFormation = "declared"
     # the held-out loss gate (node/training/gate.py): a group's mean whose outer step would raise this node's
     # held-out loss by more than this fraction of it is not applied (the round is "rejected"); 0 = no gate.
     # 0.5: honest steps measured up to +21% (the overlapped loop), a mean poisoned within the bounds +30% in its
@@ -130,10 +130,6 @@ class AggregationConfig:
     def __post_init__(self) -> None:
         _require_choice(self.mode, AggregationMode, "aggregation.mode")
         _require_choice(self.formation, GroupFormation, "aggregation.formation")
-        _require(
-            self.formation == "matchmaking" or self.mode == "secure",
-            "aggregation.formation = 'declared' needs aggregation.mode = 'secure'",
-        )
         _require(
             math.isfinite(self.gate_tolerance) and 0 <= self.gate_tolerance <= 10,
             f"aggregation.gate_tolerance must be in [0, 10] (a fraction of the held-out loss; 0 = no gate), "

@@ -64,6 +64,7 @@ from node.config import NodeConfig, RunConfig
 logger = logging.getLogger(__name__)
 
 MAX_MADDRS = 16  # multiaddrs a record carries at most
+PEER_WAIT_POLL = 0.25  # seconds between looks at the trainer list while waiting for --min-peers
 
 RecordFields = Callable[[], Mapping[str, Any]]  # a role's own PeerRecord fields, read at each beat
 
@@ -212,16 +213,21 @@ class NodeRuntime:
         return any(p.peer_id != self.identity.peer_id and "trainer" in p.roles for p in self.peers())
 
     def wait_for_trainers(self, count: int, stop_event: threading.Event, timeout: float = 300.0) -> None:
-        """Wait until ``count`` trainers are listed (or ``timeout`` s pass, or ``stop_event`` is set)."""
+        """Wait until ``count`` trainers are listed (or ``timeout`` s pass, or ``stop_event`` is set).
+
+        Polled every PEER_WAIT_POLL s: nodes started together then begin within about that of each other.
+        """
         deadline = time.monotonic() + timeout
         with self.phases.phase("peer_wait", f"waiting for {count} trainers") as activity:
             while not stop_event.is_set():
                 trainers = [p for p in self.peers() if "trainer" in p.roles]
                 if len(trainers) >= count or time.monotonic() > deadline:
                     return
-                activity.detail = f"waiting for peers: {len(trainers)}/{count} trainers listed"
-                logger.info(activity.detail)
-                stop_event.wait(1.0)
+                detail = f"waiting for peers: {len(trainers)}/{count} trainers listed"
+                if detail != activity.detail:  # logged when the count changes, not at every poll
+                    logger.info(detail)
+                activity.detail = detail
+                stop_event.wait(PEER_WAIT_POLL)
 
     def adopt(self, name: str, stop: Callable[[], None]) -> None:
         """Have ``close()`` call ``stop`` after the heartbeat stops and before the DHT shuts down."""

@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import torch
 from hivemind.p2p import PeerID
-from hivemind.utils import MSGPackSerializer
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from dht import NodeIdentity
 from node.aggregation.base import AggregationResult
@@ -128,26 +128,27 @@ class Withholder(DeclaredFormation):
             await super()._store(key, value, boundary)
 
 
+def formation(peer: Any, cls: type[DeclaredFormation] = DeclaredFormation, window: float = 1.0) -> DeclaredFormation:
+    identity = peer.identity
+    return cls(
+        dht=peer.dht,
+        prefix="test_formation",
+        peer_id=PeerID.from_base58(identity.peer_id),
+        identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
+        window=window,
+        min_size=3,
+        target=8,
+        allowed=frozenset(),
+        serializer=MSGPackSerializer,
+    )
+
+
 def test_peers_on_a_real_dht_form_the_same_group_and_leave_out_a_peer_that_withholds(
     swarm_factory: Callable[..., list[Any]],
 ) -> None:
     peers = swarm_factory(5)
     serializer = MSGPackSerializer
     gathered = serializer.dumps([1e6, 0, serializer.dumps({"round": 5})])
-
-    def formation(peer: Any, cls: type[DeclaredFormation] = DeclaredFormation) -> DeclaredFormation:
-        identity = peer.identity
-        return cls(
-            dht=peer.dht,
-            prefix="test_formation",
-            peer_id=PeerID.from_base58(identity.peer_id),
-            identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
-            window=1.0,
-            min_size=3,
-            target=8,
-            allowed=frozenset(),
-            serializer=serializer,
-        )
 
     honest = [formation(peer) for peer in peers[:4]]
     sybil = formation(peers[4], Withholder)
@@ -170,6 +171,35 @@ def test_peers_on_a_real_dht_form_the_same_group_and_leave_out_a_peer_that_withh
     assert len({(g.group_id, g.peer_ids) for g in groups}) == 1  # every honest peer derived the same group
     assert sorted(str(p) for p in groups[0].peer_ids) == sorted(p.identity.peer_id for p in peers[:4])
     assert groups[0].gathered == (gathered,) * 4
+
+
+def test_peers_ready_a_little_after_another_join_its_slot(swarm_factory: Callable[..., list[Any]]) -> None:
+    """Peer 0 is ready 0.2 W into a slot, peers 1 and 2 at 0.65 W, when the next boundary is 0.35 W away: under
+    the fixed grid they would declare in the slot after (each slot then below the minimum of 3, no group);
+    they see peer 0's commitment and join its slot, and all three form one group."""
+    peers = swarm_factory(3)
+    window = 2.0
+    gathered = MSGPackSerializer.dumps([1e6, 0, MSGPackSerializer.dumps({"round": 9})])
+    formations = [formation(peer, window=window) for peer in peers]
+
+    async def ready_at(f: DeclaredFormation, phase: float) -> Any:
+        now = get_dht_time()
+        start = (now // window + 1) * window + phase * window  # the next slot's start, plus the phase
+        await asyncio.sleep(start - now)
+        return await f.form(gathered)
+
+    async def attempt() -> list[Any]:
+        return await asyncio.gather(
+            ready_at(formations[0], 0.2), ready_at(formations[1], 0.65), ready_at(formations[2], 0.65)
+        )
+
+    loop = asyncio.new_event_loop()  # not asyncio.run (see above)
+    try:
+        groups = loop.run_until_complete(attempt())
+    finally:
+        loop.close()
+    assert all(g is not None for g in groups), groups
+    assert len({(g.group_id, g.peer_ids) for g in groups}) == 1
 
 
 def _aggregate_all(

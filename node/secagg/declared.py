@@ -35,6 +35,7 @@ from node.secagg.state import SecAggIdentity
 logger = logging.getLogger(__name__)
 
 _ROUNDS_REMEMBERED = 4  # rounds whose withheld reveals are remembered
+JOIN_MARGIN = 0.25  # in W: a slot another peer opened is joined while its boundary is at least this far
 _SUBKEY = "by:"  # + the declarer's PeerID (a bare PeerID string would be checked as a peer record: dht/validator.py)
 
 
@@ -75,7 +76,7 @@ class DeclaredFormation:
         round_no = gathered_round(data_for_gather, self.serializer)
         if round_no is None:
             return None
-        slot = slot_of(get_dht_time(), self.window)
+        slot = await self._slot(round_no)
         boundary, key = slot * self.window, f"{self.prefix}_form_{round_no}_{slot}"
         secret = os.urandom(SECRET_BYTES)
         signer = (self.identity.sign, self.identity.signing_public_key, self.identity.binding)
@@ -104,6 +105,25 @@ class DeclaredFormation:
                 logger.info(f"round {round_no} slot {slot}: group {index}, {len(members)} of {len(secrets)} declared")
                 return GroupInfo(group_id_of(seed, index), peers, gathered)
         return None
+
+    async def _slot(self, round_no: int) -> int:
+        """The slot to declare in: the first whose boundary is at least W/2 away (``slot_of``), or the one before
+        it when that is still at least W/4 away and another peer already declared there for this round.
+
+        A fixed grid alone puts two peers ready g apart in different slots with probability about g/W (one of
+        them then misses the round); joining a slot someone opened keeps peers ready within W/4 of each other
+        together. The W/4 left is the margin clocks and the DHT store have (formation.py). Another peer's
+        commitment only moves us to an earlier slot; the groups still come from the seed nobody chose.
+        """
+        now = get_dht_time()
+        later = slot_of(now, self.window)
+        nearest = int((now + self.window * JOIN_MARGIN) // self.window) + 1
+        if nearest == later:
+            return later
+        key = f"{self.prefix}_form_{round_no}_{nearest}_commit"
+        opened = read_commitments(await self._read(key), round_no, nearest, self.allowed)
+        still_open = nearest * self.window - get_dht_time() >= self.window * JOIN_MARGIN  # after the read too
+        return nearest if still_open and any(peer != self.me for peer in opened) else later
 
     def _gathers(self, commitment: Commitment, round_no: int) -> bool:
         """Whether a commitment's gathered data is what a node gathers, for this round (else it is ignored)."""

@@ -10,7 +10,10 @@ which must agree to well within ``W / 4``. For round ``r``, a peer ready at time
 
 1. **commits**: stores, under the key of (r, slot s) with its PeerID as subkey, a signed commitment
    ``H(secret)`` to 32 random bytes, with what it gathers for the group (bandwidth, mode, round); s is
-   the first slot boundary at least ``W / 2`` away;
+   the first slot boundary at least ``W / 2`` away, or the one before it if that is still at least
+   ``W / 4`` away and another peer has already committed there for round r (so that peers ready a
+   little apart share a slot: a fixed grid alone splits two peers ready g apart with probability
+   about g / W);
 2. at the boundary ``s W``, **reads the commitments once**: that set ``V`` is fixed from then on, so a
    commitment stored later (by a peer that has seen others' secrets) is never counted;
 3. **reveals**: stores its signed secret under the reveal key of (r, s);
