@@ -95,7 +95,7 @@ class ContributorAgreement:
         self.certificate: dict[str, list[Any]] = {"signers": [], "sigs": []}  # the t+ signatures we forward
         self.inputs: dict[str, Any] = {}  # what ``digest`` hashed (U, designation, dropouts, bound, width)
         self.digested = b""  # the digest ``confirm`` had certified
-        self.proven: list[int] = []  # peers the evidence proves signed two different keys or claims (evidence.py)
+        self.proven: list[int] = []  # peers the evidence proves signed two different messages for a slot (evidence.py)
 
     def digest(
         self, contributors: list[int], designation: list[list[int]], dropped: list[int], bound: float, bits: int
