@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 AggregationMode = Literal["secure", "plain"]  # masked all-reduce, or hivemind's float averager
 GroupFormation = Literal["matchmaking", "declared"]  # who forms secure groups (node/secagg/formation.py)
+CombineRule = Literal["median", "trimmed_mean", "mean"]  # how a group merges its members' lineages
 CompressionBits = Literal[4, 8, 16, 32]  # bits per value in the secure ring; 32 = no quantization
 LrSchedule = Literal["constant", "cosine"]  # the inner learning rate over the run's inner steps (after warmup)
 InnerOptimizerKind = Literal["adamw", "muon"]  # the inner optimizer (node/training/optimizers.py)
@@ -126,10 +127,16 @@ class AggregationConfig:
     # 0.5: honest steps measured up to +21% (the overlapped loop), a mean poisoned within the bounds +30% in its
     # first round and +78-140% after (docs/architecture.md, "The held-out loss gate")
     gate_tolerance: float = 0.5
+    # members of a group that arrive with different global parameters (after a solo or rejected round, or from
+    # different groups) leave it with this coordinate-wise combination of their states (node/training/lineage.py):
+    # "median" (stays within the honest values while fewer than half the members lie), "trimmed_mean" (drops
+    # n // 4 values at each end), "mean" (one liar moves it without limit)
+    combine: CombineRule = "median"
 
     def __post_init__(self) -> None:
         _require_choice(self.mode, AggregationMode, "aggregation.mode")
         _require_choice(self.formation, GroupFormation, "aggregation.formation")
+        _require_choice(self.combine, CombineRule, "aggregation.combine")
         _require(
             math.isfinite(self.gate_tolerance) and 0 <= self.gate_tolerance <= 10,
             f"aggregation.gate_tolerance must be in [0, 10] (a fraction of the held-out loss; 0 = no gate), "
@@ -419,6 +426,8 @@ class RunConfig:
             del shared["lora"]  # a run without adapters keeps the hash it had before LoRA existed
         if self.train.inner_optimizer == "adamw":
             del shared["train"]["inner_optimizer"]  # likewise a run on the default inner optimizer
+        if self.aggregation.combine == "median":
+            del shared["aggregation"]["combine"]  # and on the default lineage merge
         return shared
 
     def to_bytes(self) -> bytes:

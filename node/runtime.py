@@ -43,17 +43,19 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import hivemind
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from dht import Heartbeat, NodeIdentity, PeerRecord, list_peers, start_dht
@@ -372,3 +374,37 @@ class PhaseClock:
     @staticmethod
     def _pause(activity: Activity, now: float) -> None:
         activity.seconds, activity.resumed = activity.elapsed(now), None
+
+
+T = TypeVar("T")
+
+
+class P2PLoop:
+    """An asyncio loop in a daemon thread, with a P2P replica of ``dht``'s daemon living on it."""
+
+    def __init__(self, dht: hivemind.DHT, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self.p2p: P2P = self.run(dht.replicate_p2p(), timeout=30)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop from another thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def shutdown(self) -> None:
+        if not self.loop.is_running():
+            return
+        try:
+            self.run(self._close(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.loop.close()
+
+    async def _close(self) -> None:
+        await self.p2p.shutdown()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

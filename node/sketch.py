@@ -22,12 +22,20 @@ guarantee, only a blur), or not rely on the sketch hiding anything.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dht import SKETCH_DIM
+from node.data import DataError, load_corpus
+
+if TYPE_CHECKING:
+    from node.run_config import CohortConfig
+
+logger = logging.getLogger(__name__)
 
 NGRAM_ORDERS = (1, 2, 3)  # byte n-gram lengths in the sketch
 SAMPLE_BYTES = 1 << 20  # a larger corpus is sketched from this many bytes
@@ -84,3 +92,16 @@ def data_sketch(corpus: bytes, noise: float = 0.0, dim: int = SKETCH_DIM) -> lis
         vector = vector / np.linalg.norm(vector) + rng.normal(0.0, noise, dim)
     norm = np.linalg.norm(vector)
     return (vector / norm).tolist() if norm > 0 else vector.tolist()
+
+
+def refreshed_sketch(sketch: list[float], data: str | None, cohorts: CohortConfig, round_no: int) -> list[float]:
+    """Every ``cohorts.sketch_every`` rounds (the data folder may change), the data's sketch again; else ``sketch``
+    (also when the data cannot be read now: it may be mid-update)."""
+    every = cohorts.sketch_every
+    if not (every and round_no and round_no % every == 0 and data):
+        return sketch
+    try:
+        return data_sketch(load_corpus(data), noise=cohorts.sketch_noise)
+    except (DataError, ValueError) as e:
+        logger.warning(f"could not refresh the data sketch: {e}")
+        return sketch

@@ -13,6 +13,9 @@ Deviations:
   and the softmax are blind to it).
 - ``poison-donor``: trains honestly, but serves late joiners tampered global parameters at a huge round,
   and offers its state with the top priority so that a joiner asks it first.
+- ``fork-lineage``: after round 1 lands, adds ``TAMPER`` to every global parameter (and its local model),
+  then trains honestly: its next group holds two lineages, and the merge (node/training/lineage.py) must
+  bring it back without letting its tampered state pull the others.
 """
 
 from __future__ import annotations
@@ -66,7 +69,25 @@ class PoisonedDonor(TrainingNode):
         self.sharer.announce(0)
 
 
-DEVIATIONS: dict[str, type[TrainingNode]] = {"poison-mean": MeanPoisoner, "poison-donor": PoisonedDonor}
+class LineageForker(TrainingNode):
+    """Leaves the run's lineage after round 1 by a shift of every global parameter."""
+
+    def _finish_round(self, *args: Any, **kwargs: Any) -> None:
+        if self.round == 1 and not getattr(self, "_forked", False):
+            self._forked = True
+            with torch.no_grad():
+                for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                    param.add_(TAMPER)
+                    local.add_(TAMPER)
+            logger.warning(f"deviant: shifted every global parameter by {TAMPER} after round 1")
+        super()._finish_round(*args, **kwargs)
+
+
+DEVIATIONS: dict[str, type[TrainingNode]] = {
+    "poison-mean": MeanPoisoner,
+    "poison-donor": PoisonedDonor,
+    "fork-lineage": LineageForker,
+}
 
 
 def main() -> int:

@@ -46,6 +46,9 @@ class AggregationResult:
     # secure: the group's consistency certificate, encoded (node/ledger/certificate.py: t+ signatures on U, checkable
     # by anyone); b"" for plain aggregation and for a round that combined several groups (cohorts)
     certificate: bytes = b""
+    # each contributor's declared lineage (the digest of the global state it averaged from, node/training/lineage.py),
+    # in ``peers`` order; "" where a member declared none (a kept group's later rounds, cohorts)
+    states: tuple[str, ...] = ()
 
 
 class Aggregator(ABC):
@@ -54,6 +57,9 @@ class Aggregator(ABC):
     def prepare_round(self, round_no: int) -> None:  # noqa: B027 (a hook: most aggregators need nothing)
         """Ready ``round_no`` before its ``aggregate``: called from the main thread, with no aggregation
         in flight. The default does nothing."""
+
+    def declare_state(self, digest: str) -> None:  # noqa: B027 (a hook: aggregators without lineages ignore it)
+        """The lineage digest of the global state the next ``aggregate`` averages from (gathered with it)."""
 
     @property
     def cohort_id(self) -> str | None:

@@ -41,6 +41,10 @@ class AveragerAggregator(Aggregator):
         self.config = config
         self._stop = stop_event or threading.Event()
         self._averager = averager
+        self._state = ""  # the lineage we declare (``declare_state``)
+
+    def declare_state(self, digest: str) -> None:
+        self._state = digest
 
     def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
         if weight <= 0:
@@ -50,7 +54,7 @@ class AveragerAggregator(Aggregator):
                 buffer.copy_(tensor.detach().float().cpu())
         self._averager.set_group_bits(round_group_bits(round_no))
         control = self._averager.step(
-            gather={"round": round_no},
+            gather={"round": round_no, "state": self._state} if self._state else {"round": round_no},
             weight=float(weight),
             timeout=self.config.timeout,
             allow_retries=True,
@@ -93,7 +97,14 @@ def _result(round_no: int, gathered: dict[Any, Any]) -> AggregationResult:
         group_round=int(about.get("group_round", 0)),
         key_fingerprints=tuple(str(gathered[peer]["keys"]) for peer in peers if "keys" in gathered[peer]),
         certificate=about.get("certificate", b"") if isinstance(about.get("certificate"), bytes) else b"",
+        states=tuple(_declared_state(gathered[peer]) for peer in peers),
     )
+
+
+def _declared_state(data: Any) -> str:
+    """A member's declared lineage digest (32 hex digits), or "" if it declared none or something else."""
+    state = data.get("state") if isinstance(data, dict) else None
+    return state if isinstance(state, str) and len(state) == 32 and all(c in "0123456789abcdef" for c in state) else ""
 
 
 class PlainAggregator(AveragerAggregator):

@@ -3,7 +3,7 @@
 class Stage, LocalParts (stages.py): the cut of the GPT into stages; choose_stages: block selection
 class StageRequest, StageReply (messages.py): the msgpack wire format of stage calls; check_hidden_states,
     check_gradients: a request's tensors against the stage
-P2PLoop, call_stage (rpc.py): the unary P2P calls both sides use
+P2PLoop (node/runtime.py), call_stage (rpc.py): the unary P2P calls both sides use
 sign_step, check_step_proof (proofs.py): a trainer's signature over a step's gradients, which
     replicas check before they apply a replicated step
 compare_weights, weights_digest (agreement.py): trainers compare the weights digests of a stage's

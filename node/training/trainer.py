@@ -33,16 +33,17 @@ from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import HierarchicalAggregator, ParameterPartition, partition_parameters
 from node.capacity import fit_batch_size, pick_device, probe_capacity
 from node.config import NodeConfig
-from node.data import DataError, TokenBatches, batch_seed, load_corpus, split_corpus
+from node.data import TokenBatches, batch_seed, load_corpus, split_corpus
 from node.model import build_run_model
 from node.runtime import NodeRuntime, PhaseClock
-from node.sketch import data_sketch
+from node.sketch import data_sketch, refreshed_sketch
 from node.tokens import RunTokenizer
 from node.training.admission import ConfigMismatchError, refuse_mismatched
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, save_round_params
 from node.training.gate import LossGate
 from node.training.inner import evaluate, inner_phase
 from node.training.ledger import ContributionLedger
+from node.training.lineage import LineageMerger, lineage_digest
 from node.training.optimizers import build_inner_optimizer
 from node.training.outer import AggregationOutcome, InFlight, OuterState
 from node.training.privacy import TrainerPrivacy, compression_bound
@@ -106,6 +107,7 @@ class TrainingNode:
         self.sharer: StateSharer | None = None
         self.aggregator: Aggregator | None = None
         self.ledger = ContributionLedger(config)  # a signed receipt per round given to a group; summary in the DHT
+        self.lineage: LineageMerger | None = None  # merges a group's lineages (not with cohorts: lineage.py)
 
         # round progress
         self.round = 0
@@ -187,6 +189,8 @@ class TrainingNode:
         runtime.adopt("state sharer", self.sharer.shutdown)
         self.aggregator = self._make_aggregator()
         runtime.adopt("aggregator", self.aggregator.shutdown)
+        if self.partition is None:  # with cohorts, lineages are not merged (lineage.py)
+            self.lineage = LineageMerger.start(dht, self.run, runtime.adopt)
         self.aggregator.prepare_round(self.round + 1)  # with cohorts: place us first, to download from our own
         if any(p.round > self.round for p in peers):
             self._catch_up(RoundOutcome.LOADED)
@@ -324,9 +328,11 @@ class TrainingNode:
         self.aggregator.prepare_round(round_no)
         if self.aggregator.moved():
             self._adopt_cohort()
+        declared = lineage_digest(self.outer.shared_tensors()) if self.lineage is not None else ""
+        self.aggregator.declare_state(declared)
         if not future.done():
             future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1), undelivered)
-        self._inflight = InFlight(round_no, sent, mean, samples, undelivered, future, inner)
+        self._inflight = InFlight(round_no, sent, mean, samples, undelivered, future, inner, declared)
 
     def _aggregate(
         self, round_no: int, mean: list[torch.Tensor], samples: int, undelivered: list[torch.Tensor]
@@ -400,6 +406,8 @@ class TrainingNode:
             delivered = None
             self._unsent_samples += flight.samples
         self.outer.follow(self.model, before, delivered)
+        if isinstance(outcome, AggregationResult) and self.lineage is not None:  # several lineages: merged
+            self.lineage.merge(outcome, flight.declared, self.outer, self.model, mode is RoundOutcome.GROUP)
         if mode is not RoundOutcome.RESYNC:
             self.round = max(self.round, flight.round)
         self._finish_round(mode, group_size, flight)
@@ -414,7 +422,8 @@ class TrainingNode:
         self.ledger.credit(self._swarm(), report, flight)
         assert self.sharer is not None
         self.sharer.announce(self.round)
-        self._refresh_sketch()
+        if self.partition is not None:  # every ``cohorts.sketch_every`` rounds (the folder may have changed)
+            self.sketch = refreshed_sketch(self.sketch, self.config.data, self.run.cohorts, self.round)
         self._swarm().note_round(report.eval_loss, report.bytes_sent, report.round)  # published soon
         self.on_round(report)
 
@@ -440,16 +449,6 @@ class TrainingNode:
             inner_steps=steps,
             cohort=self.aggregator.cohort_id if self.aggregator is not None else None,
         )
-
-    def _refresh_sketch(self) -> None:
-        """Every ``cohorts.sketch_every`` rounds, sketch the data again (the folder may have changed)."""
-        every = self.run.cohorts.sketch_every
-        if not (self.partition is not None and every and self.round % every == 0 and self.round and self.config.data):
-            return
-        try:
-            self.sketch = data_sketch(load_corpus(self.config.data), noise=self.run.cohorts.sketch_noise)
-        except (DataError, ValueError) as e:  # keep the old sketch: the data may be mid-update
-            logger.warning(f"could not refresh the data sketch: {e}")
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:

@@ -1,0 +1,157 @@
+"""Lineage merges (node/training/lineage.py): members of a group that arrive with different global parameters
+leave it with one robust combination of their states, so the run trains one model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hivemind
+import msgpack
+import pytest
+import torch
+from helpers import LOCALHOST_MADDR, REPO_ROOT, NodeProcess, write_run_config
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from safetensors.torch import load_file
+
+from node.aggregation.base import AggregationResult
+from node.config import ConfigError, ModelConfig, TrainConfig, load_node_config
+from node.data import generate_corpus
+from node.model import build_model
+from node.training.lineage import CHUNK_BYTES, LineageMerger, LineageServer, combine, decode_state, lineage_digest
+from node.training.outer import OuterState
+
+FORK_LINEAGE = [sys.executable, str(REPO_ROOT / "tests" / "deviant_node.py"), "fork-lineage"]
+
+
+def _entries(*values: float) -> list[list[torch.Tensor]]:
+    return [[torch.full((3,), v), torch.full((2, 2), -v)] for v in values]
+
+
+@pytest.mark.parametrize(
+    ("values", "rule", "expected"),
+    [
+        ((1.0, 2.0, 9.0), "median", 2.0),
+        ((1.0, 2.0, 3.0, 100.0), "median", 2.5),  # the mean of the two middle values
+        ((1.0, 2.0, 3.0, 100.0), "trimmed_mean", 2.5),  # 4 // 4 = 1 dropped at each end
+        ((1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 1000.0), "trimmed_mean", 4.5),  # 2 dropped at each end
+        ((1.0, 2.0, 9.0), "mean", 4.0),
+        ((5.0,), "median", 5.0),
+    ],
+)
+def test_combine_rules(values: tuple[float, ...], rule: str, expected: float) -> None:
+    out = combine(_entries(*values), rule)  # type: ignore[arg-type]
+    assert torch.allclose(out[0], torch.full((3,), expected))
+    assert torch.allclose(out[1], torch.full((2, 2), -expected))
+
+
+def test_one_liar_cannot_pull_the_median_but_pulls_the_mean() -> None:
+    """Breakdown: with 2 honest members of one lineage and 1 liar, the median is the honest state exactly,
+    whatever the liar serves; the mean moves by a third of the lie."""
+    honest = [torch.randn(50), torch.randn(4, 4)]
+    liar = [t + 1e6 for t in honest]
+    assert all(torch.equal(a, b) for a, b in zip(combine([honest, liar, honest], "median"), honest, strict=True))
+    assert (combine([honest, honest, liar], "mean")[0] - honest[0]).abs().min() > 1e5
+
+
+def test_decode_state_refuses_a_wrong_size_and_non_finite_values() -> None:
+    templates = [torch.zeros(3), torch.zeros(2, dtype=torch.float64)]
+    blob = torch.ones(3).numpy().tobytes() + torch.ones(2, dtype=torch.float64).numpy().tobytes()
+    assert [t.tolist() for t in decode_state(blob, templates)] == [[1.0, 1.0, 1.0], [1.0, 1.0]]
+    with pytest.raises(ValueError, match="a state of 27 bytes, expected 28"):
+        decode_state(blob[:-1], templates)
+    with pytest.raises(ValueError, match="non-finite"):
+        decode_state(torch.tensor([1.0, float("nan"), 1.0]).numpy().tobytes() + blob[12:], templates)
+
+
+def test_combine_rule_is_checked_in_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"aggregation\.combine"):
+        load_node_config(None, {"run.aggregation.combine": "max"})
+    run = load_node_config(None, {}).run
+    assert "combine" not in run.shared_dict()["aggregation"]  # the default keeps runs' hashes
+
+
+def test_a_state_is_served_in_chunks_over_real_peers_and_checked() -> None:
+    """Two real libp2p peers: a state over one chunk arrives whole; a round not kept yet times out with the
+    peer named; a malformed request gets a refusal, not a crash."""
+    first = hivemind.DHT(host_maddrs=[LOCALHOST_MADDR], start=True)
+    second = hivemind.DHT(host_maddrs=[LOCALHOST_MADDR], initial_peers=first.get_visible_maddrs(), start=True)
+    serving, asking = LineageServer(first, "lin"), LineageServer(second, "lin")
+    try:
+        state = [torch.randn(CHUNK_BYTES // 4 + 1000), torch.randn(7)]  # over one chunk
+        serving.keep(3, state)
+        peer = str(first.peer_id)
+        got = asking.fetch(peer, 3, [torch.zeros_like(t) for t in state], timeout=20)
+        assert all(torch.equal(a, b) for a, b in zip(got, state, strict=True))
+        with pytest.raises(ValueError, match=f"{peer[:16]} did not serve its state after round 4"):
+            asking.fetch(peer, 4, state, timeout=1.0)
+        with pytest.raises(ValueError, match="expected"):
+            asking.fetch(peer, 3, [torch.zeros(5)], timeout=5)
+        request = runtime_pb2.ExpertRequest(uid="", metadata=msgpack.packb({"round": "x"}))
+        call = asking._rpc.p2p.call_protobuf_handler(
+            PeerID.from_base58(peer), asking.name, request, runtime_pb2.ExpertResponse
+        )
+        reply = asking._rpc.run(call, timeout=20)
+        assert msgpack.unpackb(reply.metadata) == {"ok": False}
+        for old in (4, 5):  # only the last two rounds are kept
+            serving.keep(old, state)
+        with pytest.raises(ValueError, match="did not serve"):
+            asking.fetch(peer, 3, state, timeout=0.5)
+    finally:
+        for node in (serving, asking):
+            node.shutdown()
+        second.shutdown()
+        first.shutdown()
+
+
+def test_the_merger_leaves_members_of_one_lineage_alone() -> None:
+    """One lineage in the group (the usual round): nothing is fetched, served or changed."""
+    model = build_model(ModelConfig(d_model=16, context=8), seed=0)
+    outer = OuterState(model, TrainConfig())
+    digest = lineage_digest(outer.shared_tensors())
+    merger = LineageMerger(server=None, rule="median", timeout=1.0)  # type: ignore[arg-type]  # never touched
+    result = AggregationResult(round=2, group_size=3, peers=("a", "b", "c"), states=(digest,) * 3)
+    assert merger.merge(result, digest, outer, model, applied=True) == 1
+    older = AggregationResult(round=2, group_size=3, peers=("a", "b", "c"), states=(digest, "", digest))
+    assert merger.merge(older, digest, outer, model, applied=True) == 1  # a member that declared nothing
+    assert lineage_digest(outer.shared_tensors()) == digest
+
+
+@pytest.mark.slow
+def test_a_forked_member_rejoins_the_run_and_cannot_pull_it(tmp_path: Path, bootstrap_maddr: str) -> None:
+    """A member that shifts its global parameters by 0.5 after round 1 (as a solo or rejected round would
+    part it, exaggerated) is merged back at its next group: from round 2 on, all four members hold one
+    digest, and the honest members' parameters moved by an honest step, not by the shift (the median)."""
+    # Prepare: groups of all four only (min_group_size), so a slot that splits them is retried, not run without one
+    rounds = 4
+    aggregation = {"matchmaking_time": 1.0, "group_rounds": 1, "min_group_size": 4}
+    config = write_run_config(tmp_path / "run.toml", run_id="lineage", aggregation=aggregation)
+    corpus = generate_corpus(4 * 20_000, seed=7)
+    args = ("--rounds", str(rounds), "--min-peers", "4")
+    honest = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 3, *args)
+    forker = NodeProcess(tmp_path, "forker", config, bootstrap_maddr, corpus[60_000:], *args, program=FORK_LINEAGE)
+
+    # Execute
+    try:
+        codes = [node.wait(timeout=240) for node in [*honest, forker]]
+    finally:
+        for node in [*honest, forker]:
+            node.stop()
+
+    # Assert
+    assert codes == [0, 0, 0, 0], [node.tail() for node in [*honest, forker]]
+    assert "deviant: shifted every global parameter" in forker.output(), forker.tail()
+    digests = {
+        name: {r["round"]: r["state_digest"] for r in node.reports()}
+        for name, node in [("n0", honest[0]), ("n1", honest[1]), ("n2", honest[2]), ("forker", forker)]
+    }
+    assert digests["forker"][1] != digests["n0"][1]  # the fork happened
+    for round_no in range(2, rounds + 1):
+        assert len({d[round_no] for d in digests.values()}) == 1, (round_no, digests)
+    assert "merged 2 lineages" in honest[0].output(), honest[0].tail()
+    for node in honest:
+        one, two = load_file(node.params(1)), load_file(node.params(2))
+        shift = torch.cat([(two[k] - one[k]).abs().flatten() for k in one]).mean().item()
+        assert shift < 0.05, shift  # an honest step; the mean of four would move every coordinate by 0.125
+        assert "Traceback" not in node.output()
