@@ -417,7 +417,8 @@ def test_the_model_card_lists_the_contributors_with_the_ledgers_figures(
     workdir.mkdir()
     bob, carol = identity_factory(None), identity_factory(None)
     swarm = SwarmConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers[0].maddrs)
-    config = NodeConfig(run=run, swarm=swarm, workdir=str(workdir), identity=str(tmp_path / "identities" / "me"))
+    identity_path = str(tmp_path / "identities" / "me")
+    config = NodeConfig(run=run, swarm=swarm, workdir=str(workdir), identity=identity_path, rounds=3)  # 3: the last
     runtime = NodeRuntime(config, me)
     runtime.start()
     ledger = ContributionLedger(config)

@@ -1,8 +1,10 @@
 """Ledger receipts carry the secure round's consistency certificate, and anyone can check it.
 
-Real masked all-reduce groups on 127.0.0.1 (secagg_harness) produce the certificates; the checks
-are node/ledger/certificate.py's, through receipts (node/ledger/receipts.py) and the audit of
-presented receipts that ``zen-node ledger`` runs (node/ledger/audit.py).
+Real masked all-reduce groups on 127.0.0.1 (secagg_harness) produce the certificates, their statements
+bound to run ``RUN``'s scope as a node's averager binds them (its endpoint's protocol name; the
+harness serves another, so the sessions here are told the run's); the checks are
+node/ledger/certificate.py's, through receipts (node/ledger/receipts.py) and the audit of presented
+receipts that ``zen-node ledger`` runs (node/ledger/audit.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
@@ -26,7 +28,14 @@ from node.aggregation.base import AggregationResult
 from node.aggregation.secure import SecureAggregator
 from node.config import AggregationConfig
 from node.ledger.audit import apply_audit, audit_receipts
-from node.ledger.certificate import MAX_CERTIFICATE_BYTES, CertificateError, GroupCertificate
+from node.ledger.certificate import (
+    MAX_CERTIFICATE_BYTES,
+    CertificateError,
+    GroupCertificate,
+    UnboundCertificateError,
+    scope_of_run,
+    secagg_scope,
+)
 from node.ledger.contributors import claims_from_entries, contributor_rows, rows_as_csv
 from node.ledger.receipts import (
     RECEIPTS_FILE,
@@ -39,21 +48,34 @@ from node.ledger.receipts import (
     totals,
     verify_receipt,
 )
+from node.secagg.protocol import MaskedAllReduce
 
 if TYPE_CHECKING:
     from conftest import SwarmPeer
 
 swarm = module_swarm("certificates", 4)
+RUN = "test-run"
 RUN_HASH = "ab" * 16
 ROUND = 7
 Identities = Callable[[str | None], NodeIdentity]
 
 
+def _of_run(base: type[MaskedAllReduce], run_id: str = RUN) -> type[MaskedAllReduce]:
+    """``base`` with its statements bound to ``run_id``'s scope, as the node's averager binds them."""
+
+    def __init__(self: MaskedAllReduce, **kwargs: Any) -> None:
+        base.__init__(self, **kwargs)
+        self.agreement.scope = secagg_scope(run_id)
+
+    return type(f"{base.__name__}OfRun", (base,), {"__init__": __init__})
+
+
 def _secure_round(swarm: SecAggSwarm, n: int = 3, drop: int | None = None) -> tuple[bytes, list[GroupCertificate]]:
-    """One masked all-reduce of peers 0..n-1 at ``ROUND`` (peer ``drop`` leaves before its parts): the group id
-    and each surviving peer's certificate."""
+    """One masked all-reduce of peers 0..n-1 of run ``RUN`` at ``ROUND`` (peer ``drop`` leaves before its parts):
+    the group id and each surviving peer's certificate."""
     vectors, weights = random_inputs(n, seed=3, numel=40)
-    classes = {} if drop is None else {drop: type("Dropping", (DroppingAllReduce,), {"drop_at": "parts"})}
+    dropping = type("Dropping", (DroppingAllReduce,), {"drop_at": "parts"})
+    classes = {i: _of_run(dropping if i == drop else MaskedAllReduce) for i in range(n)}
     sessions = swarm.sessions(vectors, weights, round_no=ROUND, classes=classes)
     outcomes = swarm.run(sessions)
     survivors = [i for i in range(n) if i != drop]
@@ -68,7 +90,7 @@ def _receipt_line(identity: NodeIdentity, group_id: bytes, peers: list[str], cer
         peer_id=identity.peer_id,
         signing_key=identity.signing_public_key,
         binding=identity.binding,
-        run_id="test-run",
+        run_id=RUN,
         run_hash=RUN_HASH,
         round=ROUND,
         group_id=group_id.hex(),
@@ -93,7 +115,7 @@ def test_a_secure_rounds_certificate_verifies_for_anyone(swarm: SecAggSwarm) -> 
     # Execute
     group_id, certificates = _secure_round(swarm)
     encoded = {c.encode() for c in certificates}
-    certified = GroupCertificate.decode(encoded.pop()).verify(group_id, ROUND)
+    certified = GroupCertificate.decode(encoded.pop()).verify(group_id, ROUND, RUN)
 
     # Assert
     assert not encoded, "the survivors hold different certificates"
@@ -106,7 +128,7 @@ def test_a_dropout_is_outside_the_certified_contributors(swarm: SecAggSwarm) -> 
     """A peer that left before its parts is not in the certified U; its round keys are in the digest's inputs."""
     # Execute
     group_id, certificates = _secure_round(swarm, n=4, drop=3)
-    certified = GroupCertificate.decode(certificates[0].encode()).verify(group_id, ROUND)
+    certified = GroupCertificate.decode(certificates[0].encode()).verify(group_id, ROUND, RUN)
 
     # Assert
     assert set(certified.contributors) == set(_peer_ids(swarm, [0, 1, 2]))
@@ -156,9 +178,9 @@ def test_a_tampered_certificate_does_not_verify(swarm: SecAggSwarm, tampering: s
 
     # Execute / Assert
     with pytest.raises(CertificateError, match=reason):
-        tampered.verify(group_id, ROUND)
+        tampered.verify(group_id, ROUND, RUN)
     with pytest.raises(CertificateError, match="digest"):
-        certificates[0].verify(group_id, ROUND + 1)  # another round's statement
+        certificates[0].verify(group_id, ROUND + 1, RUN)  # another round's statement
 
 
 @pytest.mark.parametrize(
@@ -214,12 +236,77 @@ def test_receipts_without_a_certificate_still_read(identity_factory: Identities,
     assert certificate_verdict(signed_plain.receipt).note.startswith("no certificate (plain aggregation")
 
 
+def test_a_certificate_of_another_run_is_refused_naming_the_run(swarm: SecAggSwarm, tmp_path: Path) -> None:
+    """A run's certificate in a receipt of another run is refused with a one-line reason, in the receipt's verdict
+    and in the audit ``zen-node ledger --receipts`` prints; re-labelled to that run, its signatures fail."""
+    # Prepare: peer 0 presents its certificate of a round of RUN as a receipt of "other-run"
+    group_id, certificates = _secure_round(swarm)
+    me, peers = swarm.identities[0], _peer_ids(swarm, [0, 1, 2])
+    append_receipt(tmp_path, _receipt_line(me, group_id, peers, certificates[0].encode(), run_id="other-run"))
+    relabelled = GroupCertificate.decode(replace(certificates[0], scope=secagg_scope("other-run")).encode())
+
+    # Execute
+    receipts, failed = read_receipts(tmp_path)
+    verdict = certificate_verdict(receipts[0].receipt)
+    audit = audit_receipts([tmp_path], RUN_HASH)
+
+    # Assert
+    assert failed == 0 and verdict.certified is None and "\n" not in verdict.note
+    assert verdict.note == (
+        "certificate does not verify: it was signed for another run ('zen_test-run_secagg.secagg'; "
+        "run 'other-run' signs 'zen_other-run_secagg.secagg')"
+    )
+    assert audit.attested == {} and audit.findings[me.peer_id] == [f"1 receipt(s): {verdict.note}"]
+    with pytest.raises(CertificateError, match="signature does not verify"):
+        relabelled.verify(group_id, ROUND, "other-run")
+    assert set(certificates[0].verify(group_id, ROUND, RUN).contributors) == set(peers)
+
+
+def test_a_certificate_signed_before_the_run_binding_reads_unverified(swarm: SecAggSwarm, tmp_path: Path) -> None:
+    """A version-1 certificate (its statement named no run) still reads in its receipt, marked unverified, and
+    attests nothing; malformed version-1 bytes are still refused as malformed."""
+    # Prepare: the version-1 form is today's without its run
+    group_id, certificates = _secure_round(swarm)
+    wire = msgpack.unpackb(certificates[0].encode(), raw=False)
+    del wire["run"]
+    legacy = msgpack.packb({**wire, "v": 1}, use_bin_type=True)
+    broken = msgpack.packb({**wire, "v": 1, "bits": 99}, use_bin_type=True)
+    me, peers = swarm.identities[0], _peer_ids(swarm, [0, 1, 2])
+    append_receipt(tmp_path, _receipt_line(me, group_id, peers, legacy))
+
+    # Execute
+    receipts, failed = read_receipts(tmp_path)
+    verdict = certificate_verdict(receipts[0].receipt)
+    audit = audit_receipts([tmp_path], RUN_HASH)
+
+    # Assert
+    assert failed == 0 and verdict.certified is None
+    assert verdict.note == "unverified certificate (signed before certificates named the run)"
+    assert audit.attested == {} and audit.findings[me.peer_id] == [f"1 receipt(s): {verdict.note}"]
+    with pytest.raises(UnboundCertificateError):
+        GroupCertificate.decode(legacy)
+    with pytest.raises(CertificateError, match="bits") as caught:
+        GroupCertificate.decode(broken)
+    assert not isinstance(caught.value, UnboundCertificateError)
+
+
+def test_a_runs_scope_covers_its_cohorts_and_no_other_run() -> None:
+    """The scope a receipt's run accepts: its own averager's, or one of its cohorts' rings; never another run's."""
+    # Execute / Assert
+    assert secagg_scope(RUN) == "zen_test-run_secagg.secagg"
+    assert scope_of_run(secagg_scope(RUN), RUN)
+    assert scope_of_run(secagg_scope(f"{RUN}-cohort-0123456789abcdef"), RUN)
+    assert not scope_of_run(secagg_scope("test-run2"), RUN)
+    assert not scope_of_run(secagg_scope(f"{RUN}-cohort-xyz"), RUN)
+    assert not scope_of_run("test.secagg", RUN)
+
+
 def _summary_entry(identity: NodeIdentity, rounds: int, receipts_digest: bytes) -> SummaryEntry:
     summary = LedgerSummary(
         peer_id=identity.peer_id,
         signing_key=identity.signing_public_key,
         binding=identity.binding,
-        run_id="test-run",
+        run_id=RUN,
         run_hash=RUN_HASH,
         rounds=rounds,
         samples=64 * rounds,
@@ -288,5 +375,7 @@ def test_secure_aggregators_pass_the_certificate_out(swarm_factory: Callable[...
     assert all(r is not None for r in results), results
     for result in results:
         assert result is not None and result.certificate
-        certified = GroupCertificate.decode(result.certificate).verify(bytes.fromhex(result.group_id), ROUND)
+        certificate = GroupCertificate.decode(result.certificate)
+        certified = certificate.verify(bytes.fromhex(result.group_id), ROUND, "certs")
         assert set(certified.contributors) == set(result.peers) == {p.identity.peer_id for p in peers}
+        assert certificate.scope == secagg_scope("certs")  # the node's averager binds its run's scope

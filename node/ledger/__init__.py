@@ -1,9 +1,11 @@
 """The contribution ledger: signed receipts of the rounds a node gave, and the run's contributors from them.
 
-class Receipt, SignedReceipt, Totals (receipts.py): one signed line of ledger.jsonl per group round; sign_receipt,
-    verify_receipt, read_receipts, totals (the running summary a node publishes), certificate_verdict
-class GroupCertificate, Certified (certificate.py): a secure round's t+ signatures on U with the digest's inputs,
-    checkable by anyone; statement and decode_digest, the bytes the protocol signs
+class Receipt, SignedReceipt, Totals (receipts.py): one signed line of ledger.jsonl per round given (a group's,
+    or a sharded trainer's steps); sign_receipt, verify_receipt, read_receipts, totals (the running summary a
+    node publishes), certificate_verdict
+class GroupCertificate, Certified (certificate.py): a secure round's t+ signatures on (run scope, U) with the
+    digest's inputs, checkable by anyone; statement and decode_digest, the bytes the protocol signs; secagg_scope,
+    scope_of_run: the run a certificate names
 class ReceiptAudit (audit.py): presented receipts checked; audit_receipts, apply_audit (rounds each PeerID is
     attested in by verified certificates, and whether a node's receipts are those its summary commits to)
 class Claim, ContributorRow (contributors.py): each node's claimed figures, verified or marked; contributor_rows

@@ -1,14 +1,14 @@
 """A secure-aggregation round's consistency certificate, in the form a ledger receipt carries and anyone checks.
 
 Before any secret is revealed, the survivors of a masked all-reduce sign one statement
-(node/secagg/consistency.py): ``STATEMENT_CONTEXT || msgpack([group id, round, U, digest])``,
-where U lists the contributors as indices in the group's agreed peer order and ``digest`` is the
-BLAKE2b of everything the decode depends on (:func:`decode_digest`). A round goes ahead only with
-at least t = n // 2 + 1 such signatures, each by a member's record-signing key, the long-lived
-Ed25519 key its PeerID's key signed (the keys advert carries the key and that binding; the
-endpoint checks it against the stream's PeerID). Those keys are not per-round: the per-round keys
-are the X25519 ones (c_pk, s_pk), which only enter the digest. So a third party can tie each
-signature to a PeerID with :func:`dht.identity.verify_binding`.
+(node/secagg/consistency.py): ``STATEMENT_CONTEXT || msgpack([scope, group id, round, U, digest])``,
+where ``scope`` names the run (below), U lists the contributors as indices in the group's agreed
+peer order and ``digest`` is the BLAKE2b of everything the decode depends on (:func:`decode_digest`).
+A round goes ahead only with at least t = n // 2 + 1 such signatures, each by a member's
+record-signing key, the long-lived Ed25519 key its PeerID's key signed (the keys advert carries the
+key and that binding; the endpoint checks it against the stream's PeerID). Those keys are not
+per-round: the per-round keys are the X25519 ones (c_pk, s_pk), which only enter the digest. So a
+third party can tie each signature to a PeerID with :func:`dht.identity.verify_binding`.
 
 The statement names U by index, and a signature does not say at which index its signer sits, so
 the signatures alone would let whoever holds a certificate re-label the order. The order is in the
@@ -21,6 +21,16 @@ round's sum holds exactly the updates of these PeerIDs. It does not prove the si
 updates (samples, compute seconds are each node's own signed claim), and t colluding members could
 sign a U of their choosing, as they could abort the round.
 
+The run. A group id is random per group, so without more a certificate of one run's round could be
+presented as a receipt of another run's. The statement therefore names the run's secure-aggregation
+scope: the protocol name every member's endpoint serves, ``zen_<run_id>_secagg.secagg`` for a
+node's run (:func:`secagg_scope`; ``zen_<run_id>-cohort-<16 hex>_secagg.secagg`` for a cohort's
+ring under ``[run.cohorts]``), which every member already holds: a message under another name never
+reaches the group. The certificate carries the scope, and :meth:`GroupCertificate.verify` refuses
+one whose scope is not of the run it is checked for, before any signature. Certificates of version 1
+(signed before the scope was in the statement) decode to :class:`UnboundCertificateError`: a receipt
+holding one still reads, its certificate marked unverified (node/ledger/receipts.py).
+
 ``statement`` and ``decode_digest`` are defined here, below the protocol in the layer order, so the
 protocol and the ledger's checker sign and check the same bytes. Decoding is bounded msgpack
 (dht/wire.py); nothing is unpickled.
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +52,35 @@ import nacl.signing
 from dht.identity import verify_binding
 from dht.wire import WireError, unpack_bounded
 
-STATEMENT_CONTEXT = b"zen-federation/secagg-consistency/v1"
+STATEMENT_CONTEXT = b"zen-federation/secagg-consistency/v2"  # v1 named no run (module docstring)
 KEY_FIELDS = ("c_pk", "s_pk", "b_commit", "signing_pk", "bound_exp")  # what of a keys advert the digest covers
 MAX_GROUP = 64  # node/secagg/messages.py MAX_GROUP: the largest group the protocol accepts
 MAX_CERTIFICATE_BYTES = 48 * 1024  # a group of 64 encodes to about 30 KiB; a group of 4 to about 1.3 KiB
 MAX_PEER_ID_BYTES = 64  # a libp2p PeerID's multihash (an Ed25519 identity PeerID is 38 bytes)
-CERTIFICATE_VERSION = 1
+CERTIFICATE_VERSION = 2
+UNBOUND_VERSION = 1  # a certificate whose statement names no run: read, never verified
+MAX_SCOPE_CHARS = 128  # a scope's length: "zen_" + a run id of at most 64 characters + a cohort's 24 + 14
 
 
 class CertificateError(ValueError):
     """A certificate failed a schema, digest or signature check; the message says which."""
+
+
+class UnboundCertificateError(CertificateError):
+    """A version-1 certificate: its signatures name no run, so no receipt's run can be checked against it."""
+
+
+def secagg_scope(run_id: str) -> str:
+    """The scope a run's secure rounds sign: the protocol name of its averager's endpoint (node/aggregation/secure.py
+    prefix ``zen_<run_id>_secagg``, node/secagg/averager.py ``<prefix>.secagg``)."""
+    return f"zen_{run_id}_secagg.secagg"
+
+
+def scope_of_run(scope: str, run_id: str) -> bool:
+    """Whether ``scope`` is the run's own or one of its cohorts' (node/aggregation/hierarchy.py:
+    ``<run_id>-cohort-<id>``)."""
+    cohort = re.fullmatch(r"zen_(.+)-cohort-[0-9a-f]{16}_secagg\.secagg", scope)
+    return scope == secagg_scope(run_id) or (cohort is not None and cohort.group(1) == run_id)
 
 
 def decode_digest(
@@ -71,9 +101,9 @@ def decode_digest(
     return hashlib.blake2b(msgpack.packb(body, use_bin_type=True), digest_size=32, person=b"zen-decode").digest()
 
 
-def statement(group_id: bytes, round_no: int, contributors: list[int], digest: bytes) -> bytes:
-    """The bytes each survivor signs: this round's U and the digest of its decode."""
-    return STATEMENT_CONTEXT + msgpack.packb([group_id, round_no, contributors, digest], use_bin_type=True)
+def statement(scope: str, group_id: bytes, round_no: int, contributors: list[int], digest: bytes) -> bytes:
+    """The bytes each survivor signs: the run's scope, this round's U and the digest of its decode."""
+    return STATEMENT_CONTEXT + msgpack.packb([scope, group_id, round_no, contributors, digest], use_bin_type=True)
 
 
 @dataclass(frozen=True)
@@ -88,8 +118,9 @@ class Certified:
 
 @dataclass(frozen=True)
 class GroupCertificate:
-    """The t+ signatures on (U, digest) of one round, with the digest's inputs (module docstring)."""
+    """The t+ signatures on (scope, U, digest) of one round, with the digest's inputs (module docstring)."""
 
+    scope: str  # the run's scope the statement names (secagg_scope)
     peer_ids: tuple[bytes, ...]  # the group in its agreed order (libp2p PeerID bytes)
     contributors: tuple[int, ...]  # U: indices into peer_ids, sorted
     digest: bytes  # the decode digest the statement names (32 bytes)
@@ -115,6 +146,7 @@ class GroupCertificate:
     def from_round(
         cls,
         *,
+        scope: str,
         peer_ids: list[bytes],
         contributors: list[int],
         digest: bytes,
@@ -130,6 +162,7 @@ class GroupCertificate:
         reducers = list(dict.fromkeys(k for k, _, _ in designation))
         holder = {(k, j): h for k, j, h in designation}
         certificate = cls(
+            scope=scope,
             peer_ids=tuple(peer_ids),
             contributors=tuple(contributors),
             digest=digest,
@@ -152,6 +185,7 @@ class GroupCertificate:
         """The certificate as bounded msgpack (what a receipt carries)."""
         wire = {
             "v": CERTIFICATE_VERSION,
+            "run": self.scope,
             "peers": list(self.peer_ids),
             "u": list(self.contributors),
             "digest": self.digest,
@@ -176,18 +210,30 @@ class GroupCertificate:
         """Decode and schema-check a certificate (not its signatures: :meth:`verify`).
 
         Raises:
+            UnboundCertificateError: a well-formed version-1 certificate (its statement names no run).
             CertificateError: with the first rule the bytes break.
         """
         try:
             wire = unpack_bounded(
-                data, max_bytes=MAX_CERTIFICATE_BYTES, max_str=16, max_bin=64, max_array=MAX_GROUP, max_map=16
+                data,
+                max_bytes=MAX_CERTIFICATE_BYTES,
+                max_str=MAX_SCOPE_CHARS,
+                max_bin=64,
+                max_array=MAX_GROUP,
+                max_map=16,
             )
         except WireError as e:
             raise CertificateError(f"certificate: {e}") from None
+        if isinstance(wire, dict) and set(wire) == _WIRE_FIELDS - {"run"} and wire["v"] == UNBOUND_VERSION:
+            _check_wire({**wire, "run": "unbound"})
+            raise UnboundCertificateError("a version-1 certificate: signed before certificates named the run")
         if not isinstance(wire, dict) or set(wire) != _WIRE_FIELDS or wire["v"] != CERTIFICATE_VERSION:
-            raise CertificateError(f"certificate fields must be exactly {sorted(_WIRE_FIELDS)} (version 1)")
+            raise CertificateError(
+                f"certificate fields must be exactly {sorted(_WIRE_FIELDS)} (version {CERTIFICATE_VERSION})"
+            )
         _check_wire(wire)
         return cls(
+            scope=wire["run"],
             peer_ids=tuple(wire["peers"]),
             contributors=tuple(wire["u"]),
             digest=wire["digest"],
@@ -203,13 +249,18 @@ class GroupCertificate:
             bindings=tuple(wire["bindings"]),
         )
 
-    def verify(self, group_id: bytes, round_no: int) -> Certified:
-        """Check the digest against its inputs and every signature against the statement and its signer's PeerID.
+    def verify(self, group_id: bytes, round_no: int, run_id: str) -> Certified:
+        """Check the scope against ``run_id``, the digest against its inputs, and every signature against the
+        statement and its signer's PeerID.
 
         Raises:
-            CertificateError: the digest's inputs do not hash to it, a signature or key binding fails, or fewer
-                than t = n // 2 + 1 members signed.
+            CertificateError: the certificate is of another run's rounds, the digest's inputs do not hash to it,
+                a signature or key binding fails, or fewer than t = n // 2 + 1 members signed.
         """
+        if not scope_of_run(self.scope, run_id):
+            raise CertificateError(
+                f"it was signed for another run ({self.scope!r}; run {run_id!r} signs {secagg_scope(run_id)!r})"
+            )
         keys = {a[0]: dict(zip(KEY_FIELDS, a[1:], strict=True)) for a in self.adverts}
         digest = decode_digest(
             group_id=group_id,
@@ -225,7 +276,7 @@ class GroupCertificate:
         if digest != self.digest:
             raise CertificateError("its decode inputs do not hash to its digest (another group, round or order)")
         peers = [base58.b58encode(p).decode() for p in self.peer_ids]
-        signed = statement(group_id, round_no, list(self.contributors), self.digest)
+        signed = statement(self.scope, group_id, round_no, list(self.contributors), self.digest)
         for j, signature, key, binding in zip(
             self.signers, self.signatures, self.signing_keys, self.bindings, strict=True
         ):
@@ -250,6 +301,7 @@ class GroupCertificate:
 
 _WIRE_FIELDS = {
     "v",
+    "run",
     "peers",
     "u",
     "digest",
@@ -268,6 +320,8 @@ _WIRE_FIELDS = {
 
 def _check_wire(wire: dict[str, Any]) -> None:
     """Shapes, sizes and index ranges of a decoded certificate (CertificateError naming the first that fails)."""
+    scope = wire["run"]
+    _require(isinstance(scope, str) and 0 < len(scope) <= MAX_SCOPE_CHARS, "certificate.run must name a scope")
     peers = wire["peers"]
     _require(
         isinstance(peers, list)

@@ -7,9 +7,15 @@ round, U and the contributors' round-key fingerprints as the aggregation agreed 
 (:func:`contributors_digest`). Under secure aggregation the receipt also carries the group's
 consistency certificate (node/ledger/certificate.py: at least t members' signatures on U, with what
 a third party needs to check them against the members' PeerIDs); :func:`certificate_verdict` checks
-it against the receipt's group, round and contributors. Plain aggregation has no certificate (the
-digest stands alone), nor has a cohort round that combined two groups; receipts written before
-certificates have none either and still verify, their certificate marked unverified.
+it against the receipt's run (the certificate names the run's scope), group, round and contributors.
+Plain aggregation has no certificate (the digest stands alone), nor has a cohort round that combined
+two groups; receipts written before certificates have none either and still verify, their
+certificate marked unverified, as do those whose certificate predates the run's scope in it.
+
+A sharded trainer (node/sharding/trainer.py) averages in no group: its steps are committed to the
+stage servers one by one. Its receipt (outcome ``sharded``) covers ``train.inner_steps`` steps: no
+group id, U = the trainer alone, its samples and the seconds of those steps, numbered on from the
+last round of its ledger (a restarted trainer keeps counting, its rounds are its own).
 
 Form at rest: a JSON line ``{"receipt": {...}, "body": <base64>, "signature": <hex>}``. ``body`` is
 the msgpack map of the receipt's fields (``certificate`` only when there is one), and ``signature``
@@ -44,7 +50,13 @@ import nacl.signing
 from dht.identity import NodeIdentity, verify_binding
 from dht.ledger import receipts_chain
 from dht.wire import WireError, unpack_bounded
-from node.ledger.certificate import MAX_CERTIFICATE_BYTES, CertificateError, Certified, GroupCertificate
+from node.ledger.certificate import (
+    MAX_CERTIFICATE_BYTES,
+    CertificateError,
+    Certified,
+    GroupCertificate,
+    UnboundCertificateError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ RECEIPT_TAG = "zen/ledger-receipt/v1"
 MAX_RECEIPT_BYTES = MAX_CERTIFICATE_BYTES + 16 * 1024
 MAX_CONTRIBUTORS = 1024
 CHAIN_START = bytes(32)  # the receipts digest of an empty ledger
+SHARDED = "sharded"  # the outcome of a sharded trainer's receipt (module docstring)
 
 
 class ReceiptError(ValueError):
@@ -74,7 +87,7 @@ class Receipt:
     contributors_digest: bytes  # contributors_digest(): what the group agreed on
     samples: int  # this node's samples behind its update of the round
     compute_seconds: float  # seconds of inner steps behind it
-    outcome: str  # how the round landed here ("group", or "rejected" by the loss gate: still contributed)
+    outcome: str  # how the round landed ("group"; "rejected" by the loss gate: still contributed; "sharded")
     timestamp: float  # wall-clock time at signing
     certificate: bytes = b""  # the group's consistency certificate, encoded (b"": none; see the module docstring)
 
@@ -207,13 +220,21 @@ class CertificateVerdict:
 
 
 def certificate_verdict(receipt: Receipt) -> CertificateVerdict:
-    """Check a receipt's certificate against its group, round and contributors (never raises)."""
+    """Check a receipt's certificate against its run, group, round and contributors (never raises)."""
     if not receipt.certificate:
+        if receipt.outcome == SHARDED:
+            return CertificateVerdict(None, "no certificate (a sharded trainer's steps, averaged in no group)")
         if not receipt.group_id:
             return CertificateVerdict(None, "no certificate (plain aggregation, or a round over several groups)")
         return CertificateVerdict(None, "unverified certificate (the receipt carries none)")
     try:
-        certified = GroupCertificate.decode(receipt.certificate).verify(bytes.fromhex(receipt.group_id), receipt.round)
+        certificate = GroupCertificate.decode(receipt.certificate)
+    except UnboundCertificateError:
+        return CertificateVerdict(None, "unverified certificate (signed before certificates named the run)")
+    except CertificateError as e:
+        return CertificateVerdict(None, f"certificate does not verify: {e}")
+    try:
+        certified = certificate.verify(bytes.fromhex(receipt.group_id), receipt.round, receipt.run_id)
     except (CertificateError, ValueError) as e:
         return CertificateVerdict(None, f"certificate does not verify: {e}")
     if set(certified.contributors) != set(receipt.contributors):

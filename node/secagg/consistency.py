@@ -4,7 +4,7 @@ Before any secret is revealed, the survivors must hold one signed statement of w
 depends on. Each peer derives U from the claims and computes a digest over everything its decode
 uses: the group and round, the peer order, U, the designation of parts to holders, the dropouts,
 every key advert of U and the dropouts (as this peer received it), the agreed code bound and the
-word width. It signs (group, round, U, digest) with its identity key and sends it to every live
+word width. It signs (scope, group, round, U, digest) with its identity key and sends it to every live
 peer ("agree"). A peer reveals only if the agree of every live peer names the same U and digest
 with a valid signature and at least t signatures (its own included) verify; it forwards those
 signatures with its reveal, and a reveal whose signatures do not certify the receiver's own
@@ -25,6 +25,10 @@ A separate certificate round (Bonawitz's) would add a round trip and nothing her
 server-routed protocol every peer already hears every live peer's signed statement directly.
 What this cannot do: honest peers that cannot hear each other at all (a partition mid-round) may
 each collect t signatures from colluders and reveal for different sets.
+
+The scope names the run: the protocol name every member's endpoint serves (``transport.handler_name``,
+``zen_<run_id>_secagg.secagg`` for a node's averager: node/ledger/certificate.py ``secagg_scope``),
+so a certificate of this round cannot stand for a round of another run in a ledger receipt.
 
 The signed bytes (``statement``, ``decode_digest``) are defined in node/ledger/certificate.py, below this
 layer, where a ledger receipt's copy of the certificate (``group_certificate``: the signatures with the
@@ -89,6 +93,7 @@ class ContributorAgreement:
     ):
         self.index, self.peer_ids = transport.index, transport.peer_ids
         self.group_id, self.round_no = transport.group_id, transport.round_no
+        self.scope = transport.handler_name  # the run the statement names (module docstring)
         self.collect, self.timeout = transport.collect, transport.timeout  # the message timeout
         self.received = transport.received
         self.threshold, self.sign, self.keys, self.post = threshold, sign, keys, post
@@ -129,7 +134,7 @@ class ContributorAgreement:
             SecAggError: a peer equivocated, a live peer's agree names another statement or carries a bad
                 signature, or fewer than t peers signed ours.
         """
-        signed = statement(self.group_id, self.round_no, contributors, digest)
+        signed = statement(self.scope, self.group_id, self.round_no, contributors, digest)
         own = self.sign(signed)
         agree = {"u": contributors, "digest": digest, "sig": own, "evidence": self.evidence()}
         sending = self.post(live, "agree", agree)
@@ -182,6 +187,7 @@ class ContributorAgreement:
         if not self.digested or self.inputs.get("contributors") is None:
             return None
         return GroupCertificate.from_round(
+            scope=self.scope,
             peer_ids=[peer.to_bytes() for peer in self.peer_ids],
             digest=self.digested,
             keys=self.keys,
@@ -216,7 +222,7 @@ class ContributorAgreement:
 
     def check_certificates(self, reveals: dict[int, Message], statement_of: tuple[list[int], bytes]) -> None:
         """Each reveal must carry t valid signatures on our statement; SecAggError naming the peer otherwise."""
-        signed = statement(self.group_id, self.round_no, *statement_of)
+        signed = statement(self.scope, self.group_id, self.round_no, *statement_of)
         signing_keys = self.signing_keys
         for j, message in reveals.items():
             data = message.data

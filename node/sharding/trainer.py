@@ -21,6 +21,15 @@ the swarm (identity, DHT, record, heartbeat, shutdown) is a ``NodeRuntime`` (nod
 Several trainers may train against the same servers at once (each step is applied once, in
 arrival order); their local parts are not averaged with each other: each trainer's embedding and
 head are its own.
+
+Contribution ledger. A sharded trainer averages in no group (its steps reach the stages one by one;
+the stages' own averaging is among their servers), so there is no group, contributor set or
+certificate for a receipt to name. What it gives is its samples and its time: every
+``train.inner_steps`` steps (a round, as ``--rounds`` counts them) it signs a receipt of outcome
+``sharded`` (node/ledger/receipts.py) with U = itself, the round's samples (sequences) and the
+wall seconds of its steps (remote stage calls included), through the same ``ContributionLedger`` as
+the data-parallel trainer (node/training/ledger.py), which publishes its summary in the DHT. Steps
+of an unfinished round are credited when ``run_forever`` ends.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from node.model import build_model
 from node.runtime import NodeRuntime, PhaseClock
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.stages import LocalParts
+from node.training.ledger import ContributionLedger
 from node.training.report import append_report
 
 logger = logging.getLogger(__name__)
@@ -120,6 +130,9 @@ class ShardedTrainer:
         self.step = 0
         self.session = secrets.randbits(30)  # the high bits of our step ids
         self.phases = PhaseClock()  # seconds per phase and what we wait for (metrics, progress line)
+        # the contribution ledger: a receipt per round of steps (module docstring)
+        self.ledger = ContributionLedger(config)
+        self._uncredited = (0, 0.0)  # samples and seconds of the steps since the last receipt
 
     @property
     def round(self) -> int:
@@ -212,20 +225,36 @@ class ShardedTrainer:
             bans=len(remote.bans_published),
         )
         append_report(self.workdir, report)
+        samples, spent = self._uncredited
+        self._uncredited = (samples + tokens.shape[0], spent + seconds)
+        if self.step % self.run.train.inner_steps == 0:
+            self._credit()
         self.on_step(report)
         return report
+
+    def _credit(self) -> None:
+        """Sign the receipt of the steps since the last one (module docstring), if there were any."""
+        samples, seconds = self._uncredited
+        if self.runtime is None or not samples:
+            return
+        self._uncredited = (0, 0.0)
+        final = bool(self.config.rounds) and self.round >= self.config.rounds
+        self.ledger.credit_steps(self.runtime, samples, seconds, final=final)
 
     def run_forever(self) -> None:
         """Train ``node.rounds * train.inner_steps`` steps (0 rounds: until stopped)."""
         total = self.config.rounds * self.run.train.inner_steps
-        while not self.stop_event.is_set() and not (total and self.step >= total):
-            try:
-                with self.phases.phase("inner", f"step {self.step + 1}"):  # remote stages included
-                    self.train_step()
-            except StageUnavailableError:
-                if self.stop_event.is_set():
-                    break  # stopped while waiting for a server: the step was not applied here
-                raise
+        try:
+            while not self.stop_event.is_set() and not (total and self.step >= total):
+                try:
+                    with self.phases.phase("inner", f"step {self.step + 1}"):  # remote stages included
+                        self.train_step()
+                except StageUnavailableError:
+                    if self.stop_event.is_set():
+                        break  # stopped while waiting for a server: the step was not applied here
+                    raise
+        finally:
+            self._credit()  # an unfinished round's steps were committed: they count
         if self.runtime is not None:
             self.runtime.beat()
 

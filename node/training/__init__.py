@@ -10,5 +10,7 @@ class TrainerPrivacy, compression_bound (privacy.py): DP at the run's level (rec
 class DPSGDStep, RecordSampler, RecordAccountant (dpsgd.py): record-level DP-SGD on Poisson samples of text windows
 class ConfigMismatchError, refuse_mismatched (admission.py): a peer of the run with another config is refused
 class StateSharer, wait_for_peer_ahead (state_sharing.py): late joiners (and resyncs) download the state from peers
-class ContributionLedger (ledger.py): each group round's signed receipt (node/ledger/), the summary in the DHT
+class ContributionLedger (ledger.py): each round's signed receipt (a group's, or a sharded trainer's steps), the summary
+    in the DHT at most every 10 receipts / 60 s
+class LineageMerger, LineageServer (lineage.py): a group's members that arrive with different global params merge them
 """
