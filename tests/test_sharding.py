@@ -20,12 +20,13 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from sharding_harness import node_config
 
-from dht import SwarmConfig, start_dht
+from dht import NodeIdentity, SwarmConfig, start_dht
 from dht.bans import BanError, BanRecord, evidence_digest, list_bans
 from node.config import RunConfig, ServeConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
 from node.sharding.messages import StageReply, StageRequest
+from node.sharding.proofs import gradients_digest, sign_step
 from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
 from node.sharding.server import StageServer
 from node.sharding.stages import LocalParts, build_stage
@@ -335,13 +336,17 @@ def test_drifted_replicas_of_a_stage_are_bit_identical_after_one_secure_averagin
 
 @pytest.mark.parametrize("count", [2, 3])
 def test_replicas_that_cannot_average_copy_the_newest_state(tmp_path: Path, count: int) -> None:
-    """One replica applied a step the others missed (2 servers: never secure): all end with its bits and version."""
+    """One replica applied a step the others missed (2 servers: never secure): all end with its bits and version,
+    and the step marked done (its trainer's proof travels with the state)."""
     # Prepare
     servers = start_replicas(tmp_path, count)
+    trainer = NodeIdentity.load_or_create(tmp_path / "trainer")
     try:
         ahead = servers[-1]
         grads = [torch.full_like(p, 0.1) for p in ahead.hosted[0].params]
-        in_compute(ahead, lambda: ahead.hosted[0].apply(("trainer", 7), grads))
+        digest = gradients_digest(grads)
+        evidence = (digest, sign_step(trainer, ahead.run.digest(), 0, 7, digest))
+        in_compute(ahead, lambda: ahead.hosted[0].apply((trainer.peer_id, 7), grads, evidence))
         expected = [p.detach().clone() for p in ahead.hosted[0].params]
 
         # Execute
@@ -351,7 +356,7 @@ def test_replicas_that_cannot_average_copy_the_newest_state(tmp_path: Path, coun
         assert outcomes == ["resynced"] * (count - 1) + ["kept"]
         assert [s.hosted[0].version for s in servers] == [1] * count
         for server in servers:
-            assert ("trainer", 7) in server.hosted[0].applied
+            assert (trainer.peer_id, 7) in server.hosted[0].applied
             assert all(torch.equal(a, b) for a, b in zip(server.hosted[0].params, expected, strict=True))
             assert server.hosted[0].anchor_digest == ahead.hosted[0].anchor_digest
     finally:

@@ -13,6 +13,7 @@ first donor sent (only a state of wrong shapes or non-finite values failed to lo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +23,11 @@ import torch
 from helpers import wait_until
 from sharding_harness import LyingDonor, node_config, runaway_moments, shifted_params, start_servers
 
-from dht import PeerRecord
+from dht import NodeIdentity, PeerRecord
 from node.config import ServeConfig
 from node.sharding.hosted import HostedStage
+from node.sharding.messages import PROOF_BYTES, StageReply, StageRequest
+from node.sharding.proofs import gradients_digest, sign_step
 from node.sharding.server import StageServer
 from node.sharding.stages import build_stage
 
@@ -161,4 +164,50 @@ def test_a_server_joining_a_stage_whose_only_replica_lies_serves_the_seeded_weig
         assert "is not in [0, 25" in join.refused[liar.identity.peer_id]
     finally:
         for server in [liar, *([joiner] if joiner else [])]:
+            server.shutdown()
+
+
+class ForgingDonor(StageServer):
+    """Serves its honest state, with ``victim``'s next steps 8..19 listed as applied (no proof of them)."""
+
+    victim = ""
+
+    async def _state(self, request: StageRequest, hosted: HostedStage) -> StageReply:
+        reply = await super()._state(request, hosted)
+        forged = tuple((self.victim, step, bytes(32), bytes(PROOF_BYTES)) for step in range(8, 20))
+        return dataclasses.replace(reply, applied=reply.applied + forged)
+
+
+def test_a_joining_server_marks_done_only_the_steps_their_trainers_signed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A donor's state is honest but lists a trainer's next 12 steps as applied: the joiner loads the state,
+    keeps the step the trainer signed (so a retried commit of it is still recognized) and marks none of the
+    forged ones done (before, it copied them all, and answered the trainer's real steps ``ok`` unapplied)."""
+    # Prepare
+    servers = start_servers(tmp_path, [StageServer, StageServer, ForgingDonor])
+    forger = servers[2]
+    trainer = NodeIdentity.load_or_create(tmp_path / "trainer")
+    joiner: StageServer | None = None
+    try:
+        grads = [torch.full_like(p, 0.1) for p in servers[0].hosted[0].params]
+        digest = gradients_digest(grads)
+        evidence = (digest, sign_step(trainer, servers[0].run.digest(), 0, 7, digest))
+        for server in servers:
+            apply = server.hosted[0].apply
+            server.rpc.run(server.in_compute(apply, (trainer.peer_id, 7), grads, evidence), timeout=30)
+        forger.victim = trainer.peer_id  # type: ignore[attr-defined]
+
+        # Execute
+        with caplog.at_level(logging.INFO, logger="node.sharding.joining"):
+            joiner = start_joiner(tmp_path, servers[0], forger, listed=3)
+
+        # Assert
+        applied = joiner.hosted[0].applied
+        assert joiner.joins[0].donor == forger.identity.peer_id and joiner.hosted[0].version == 1
+        assert (trainer.peer_id, 7) in applied
+        assert [step for peer, step in applied if peer == trainer.peer_id] == [7]
+        assert any(f"12 of {forger.identity.peer_id}'s applied steps" in r.getMessage() for r in caplog.records)
+    finally:
+        for server in [*servers, *([joiner] if joiner else [])]:
             server.shutdown()

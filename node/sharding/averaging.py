@@ -374,9 +374,11 @@ class StageAverager:
         )
         if reason is None:
             try:
-                await self.host.in_compute(
+                forged = await self.host.in_compute(
                     hosted.load_state, offer.tensors, offer.version, offer.applied, offer.history
                 )
+                if forged:
+                    logger.warning(f"stage {stage}: {forged} of {donor}'s applied steps carry no valid proof; not kept")
             except StageMessageError as e:
                 reason = str(e)
         if reason is not None:

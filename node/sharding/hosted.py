@@ -26,6 +26,11 @@ History and weights digest (node/sharding/agreement.py). ``history`` chains ever
 order it was made (a step's (trainer, step), an averaging round's new anchor); a joining replica
 copies it with the state. ``weights_report()`` answers (version, history, digest of the params),
 the digest computed once per (version, history), so trainers can compare replicas.
+
+Applied steps. ``applied`` remembers each recent step's (trainer, step), so a retried commit or a
+replicated copy is not applied twice, and ``evidence`` the trainer's proof of it (node/sharding/proofs.py),
+so a replica that copies this state can check each pair: it marks done only the steps their trainers
+signed (``vouched_pairs``), and a donor cannot pre-empt a trainer's future steps there.
 """
 
 from __future__ import annotations
@@ -39,11 +44,14 @@ from collections.abc import Iterator
 import torch
 
 from node.sharding.agreement import INITIAL_HISTORY, WeightsReport, chain_history, weights_digest
-from node.sharding.messages import STATE_BLOCKS, StageMessageError
+from node.sharding.messages import MAX_APPLIED, STATE_BLOCKS, StageMessageError
+from node.sharding.proofs import AppliedPair, vouched_pairs
 from node.sharding.stages import Stage
 
 MAX_PENDING_STEPS = 64  # (trainer, step) pairs whose gradients may wait for a commit
 MAX_APPLIED_REMEMBERED = 4096  # applied pairs remembered, so a retried commit is recognized
+Evidence = tuple[bytes, bytes]  # an applied step's gradients digest and its trainer's proof (proofs.py)
+NO_EVIDENCE: Evidence = (b"", b"")  # an applied step without its digest and proof (a test's direct apply)
 
 
 def tensors_digest(tensors: list[torch.Tensor]) -> bytes:
@@ -59,8 +67,9 @@ def tensors_digest(tensors: list[torch.Tensor]) -> bytes:
 class HostedStage:
     """One stage's module, optimizer, exactly-once bookkeeping and averaging anchor (compute thread only)."""
 
-    def __init__(self, module: Stage, lr: float, weight_decay: float):
+    def __init__(self, module: Stage, lr: float, weight_decay: float, scope: tuple[str, int] = ("", -1)):
         self.module = module
+        self.scope = scope  # (run hash, stage): what the trainers' step proofs of this stage sign
         self.params = list(module.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.version = 0
@@ -69,6 +78,7 @@ class HostedStage:
             collections.OrderedDict()
         )
         self.applied: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
+        self.evidence: dict[tuple[str, int], Evidence] = {}  # applied pair -> (digest, proof)
         self.anchor: list[torch.Tensor] = []
         self.anchor_digest = b""
         self.reanchor()
@@ -107,8 +117,9 @@ class HostedStage:
             return missing
         return [torch.stack(grads).sum(0) for grads in zip(*(parts[m] for m in range(micro_batches)), strict=True)]
 
-    def apply(self, key: tuple[str, int], grads: list[torch.Tensor]) -> None:
-        """One AdamW step with ``grads`` as step ``key``; a pair already applied is not applied again."""
+    def apply(self, key: tuple[str, int], grads: list[torch.Tensor], evidence: Evidence = NO_EVIDENCE) -> None:
+        """One AdamW step with ``grads`` as step ``key``; a pair already applied is not applied again.
+        ``evidence``: the gradients' digest and the trainer's proof (served with the state)."""
         if key in self.applied:
             return
         for param, grad in zip(self.params, grads, strict=True):
@@ -118,9 +129,21 @@ class HostedStage:
         self.version += 1
         self.history = chain_history(self.history, "step", *key)
         self.applied[key] = self.version
+        if evidence[1]:
+            self.evidence[key] = evidence
         self.pending.pop(key, None)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Forget the oldest applied pairs beyond ``MAX_APPLIED_REMEMBERED`` (and their evidence)."""
         while len(self.applied) > MAX_APPLIED_REMEMBERED:
-            self.applied.popitem(last=False)
+            old, _ = self.applied.popitem(last=False)
+            self.evidence.pop(old, None)
+
+    def applied_pairs(self) -> tuple[AppliedPair, ...]:
+        """The latest ``MAX_APPLIED`` applied steps with their evidence, for a state reply."""
+        recent = list(self.applied)[-MAX_APPLIED:]
+        return tuple((trainer, step, *self.evidence.get((trainer, step), NO_EVIDENCE)) for trainer, step in recent)
 
     # ---- the averaging gate (the server's event loop) ------------------------------------------
     @property
@@ -206,10 +229,13 @@ class HostedStage:
         self,
         tensors: tuple[torch.Tensor, ...],
         version: int,
-        applied: tuple[tuple[str, int], ...],
+        applied: tuple[AppliedPair, ...],
         history: bytes = INITIAL_HISTORY,
-    ) -> None:
-        """Take a donor's state: params, Adam moments, anchor, version, applied pairs and history."""
+    ) -> int:
+        """Take a donor's state: params, Adam moments, anchor, version, applied pairs and history.
+
+        Only the applied pairs whose trainer's proof checks are marked done (``vouched_pairs``); returns how
+        many were not."""
         count = len(self.params)
         if len(tensors) != STATE_BLOCKS * count or any(
             t.shape != p.shape or not torch.isfinite(t).all()
@@ -231,4 +257,9 @@ class HostedStage:
         self.anchor_digest = tensors_digest(self.anchor)
         self.version = self.synced_version = version
         self.history = history if len(history) == len(INITIAL_HISTORY) else INITIAL_HISTORY
-        self.applied.update({pair: version for pair in applied})
+        vouched, refused = vouched_pairs(applied, *self.scope)
+        for trainer, step, digest, proof in vouched:
+            self.applied[(trainer, step)] = version
+            self.evidence[(trainer, step)] = (digest, proof)
+        self._forget()
+        return refused

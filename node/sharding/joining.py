@@ -47,8 +47,9 @@ version or history, or diverged histories), a liar's state is taken if it is wit
 seeded weights at the version it claims, at most 256 past what the other listed servers announce;
 for an old stage that reach is large. With 2 replicas that report the same version and history and
 different weights, both are refused (nothing tells them apart) and the joiner starts from the
-seeded weights. A donor's ``applied`` pairs (the recent steps it says it applied) are copied
-unchecked: the weights digest does not cover them.
+seeded weights. A donor's ``applied`` pairs (the recent steps it says it applied) are kept only with
+their trainer's valid step proof (hosted.py, ``vouched_pairs``): a donor cannot mark a trainer's
+future step done on the joiner, so pre-empt it there.
 """
 
 from __future__ import annotations
@@ -251,9 +252,11 @@ async def _try_donor(
     if vote.refusal is not None:
         return vote.refusal, vote.settled
     try:
-        await host.in_compute(hosted.load_state, offer.tensors, offer.version, offer.applied, offer.history)
+        forged = await host.in_compute(hosted.load_state, offer.tensors, offer.version, offer.applied, offer.history)
     except StageMessageError as e:
         return str(e), True
+    if forged:
+        logger.warning(f"stage {stage}: {forged} of {donor}'s applied steps carry no valid trainer's proof; not kept")
     join.donor, join.version, join.confirmed = donor, offer.version, vote.confirmed
     how = (
         "confirmed by a majority of its replicas' weights" if vote.confirmed else "unconfirmed (no majority to compare)"

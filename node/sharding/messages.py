@@ -171,7 +171,8 @@ class StageReply:
     version: int = 0  # optimizer steps this server has applied to the stage
     load: int = 0  # requests waiting at the server when it answered
     missing: tuple[int, ...] = ()  # commit: micro-batches whose backward this server lacks
-    applied: tuple[tuple[str, int], ...] = ()  # state: the latest (trainer, step) pairs applied
+    # state: the latest steps applied, each (trainer, step, gradients digest, the trainer's step proof: proofs.py)
+    applied: tuple[tuple[str, int, bytes, bytes], ...] = ()
     tensors: tuple[torch.Tensor, ...] = field(default=())
     digest: bytes = b""  # commit: the step's summed gradients' digest, for the trainer to sign (proofs.py);
     # weights: the digest of the stage's parameters (agreement.py)
@@ -191,10 +192,10 @@ class StageReply:
         missing, applied = wire["missing"], wire["applied"]
         if len(missing) > 64 or not all(isinstance(m, int) and 0 <= m < 64 for m in missing):
             raise StageMessageError("reply.missing must list micro-batch numbers in [0, 64)")
-        if len(applied) > MAX_APPLIED or not all(
-            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) for p in applied
-        ):
-            raise StageMessageError(f"reply.applied must hold at most {MAX_APPLIED} [trainer, step] pairs")
+        if len(applied) > MAX_APPLIED or not all(_applied_entry(p) for p in applied):
+            raise StageMessageError(
+                f"reply.applied must hold at most {MAX_APPLIED} [trainer, step, digest, proof] entries"
+            )
         if len(wire["digest"]) not in (0, 32) or len(wire["history"]) not in (0, 32):
             raise StageMessageError("reply.digest and reply.history must be empty or 32 bytes")
         return cls(
@@ -203,11 +204,26 @@ class StageReply:
             version=wire["version"],
             load=wire["load"],
             missing=tuple(missing),
-            applied=tuple((p[0], p[1]) for p in applied),
+            applied=tuple((p[0], p[1], p[2], p[3]) for p in applied),
             tensors=tuple(decode_tensor(t) for t in wire["tensors"]),
             digest=wire["digest"],
             history=wire["history"],
         )
+
+
+def _applied_entry(entry: object) -> bool:
+    """Whether ``entry`` is a wire [trainer, step, digest, proof] of a state reply (sizes bounded)."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == 4
+        and isinstance(entry[0], str)
+        and len(entry[0]) <= 128
+        and isinstance(entry[1], int)
+        and isinstance(entry[2], bytes)
+        and len(entry[2]) <= 32
+        and isinstance(entry[3], bytes)
+        and len(entry[3]) <= PROOF_BYTES
+    )
 
 
 def check_hidden_states(

@@ -75,9 +75,16 @@ def sign_step(
 
 
 def check_step_proof(
-    proof: bytes, trainer: str, run_hash: str, stage: int, step: int, digest: bytes, now: float | None = None
+    proof: bytes,
+    trainer: str,
+    run_hash: str,
+    stage: int,
+    step: int,
+    digest: bytes,
+    now: float | None = None,
+    max_age: float = MAX_PROOF_AGE,
 ) -> None:
-    """Check that ``trainer`` signed (run, stage, step, digest) recently.
+    """Check that ``trainer`` signed (run, stage, step, digest) within ``max_age`` seconds.
 
     Raises:
         StageMessageError: the proof is missing, malformed, stale, from the future, not bound to
@@ -88,7 +95,7 @@ def check_step_proof(
     signing_key, binding = proof[:32], proof[32:96]
     (timestamp,) = struct.unpack(">d", proof[96:104])
     now = get_dht_time() if now is None else now
-    if not math.isfinite(timestamp) or not now - MAX_PROOF_AGE <= timestamp <= now + MAX_PROOF_SKEW:
+    if not math.isfinite(timestamp) or not now - max_age <= timestamp <= now + MAX_PROOF_SKEW:
         raise StageMessageError(f"step proof signed at {timestamp!r} is stale or from the future (now {now:.0f})")
     if not verify_binding(trainer, signing_key, binding):
         raise StageMessageError(f"step proof's key is not bound to trainer {trainer[:16]}")
@@ -100,3 +107,25 @@ def check_step_proof(
         raise StageMessageError(
             f"step proof does not verify: {trainer[:16]} did not sign these gradients as step {step}"
         ) from e
+
+
+AppliedPair = tuple[str, int, bytes, bytes]  # a step a replica applied: trainer, step, gradients digest, its proof
+
+
+def vouched_pairs(pairs: Sequence[AppliedPair], run_hash: str, stage: int) -> tuple[list[AppliedPair], int]:
+    """The pairs of a donor's state whose trainer's proof checks (of any age), and how many do not.
+
+    A donor's applied pairs are marked done on the replica that copies its state, so a commit of one
+    is answered ``ok`` and not applied. A pair its trainer never signed (a step it has not taken yet)
+    would pre-empt it there; a pair it signed is a step it committed, which a lying donor could drop
+    anyway. Age is no matter here: marking an old step done can only stop it being applied twice.
+    """
+    kept = []
+    for pair in pairs:
+        trainer, step, digest, proof = pair
+        try:
+            check_step_proof(proof, trainer, run_hash, stage, step, digest, max_age=math.inf)
+        except (StageMessageError, ValueError):
+            continue
+        kept.append(pair)
+    return kept, len(pairs) - len(kept)

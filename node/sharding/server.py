@@ -201,7 +201,7 @@ class StageServer:
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage {stage} does not exist: the run has stages 0..{self.num_stages - 1}")
         module = build_stage(self.run.model, self.run.sharding, self.run.train.seed, stage).to(self.device)
-        hosted = HostedStage(module, self.run.train.inner_lr, self.run.train.weight_decay)
+        hosted = HostedStage(module, self.run.train.inner_lr, self.run.train.weight_decay, (self.run.digest(), stage))
         servers = listed_servers(records, stage, self.run.digest(), self.identity.peer_id)
         self.joins[stage] = self.rpc.run(join_stage(self, self.run.train, stage, hosted, servers))
         if self.run.sharding.average_period:
@@ -318,7 +318,7 @@ class StageServer:
                 check_step_proof(request.proof, request.trainer, self.run.digest(), request.stage, request.step, digest)
             except StageMessageError as e:
                 return StageReply(ok=False, reason=f"sign the step: {e}", version=hosted.version, digest=digest)
-            await self.in_compute(hosted.apply, key, grads)
+            await self.in_compute(hosted.apply, key, grads, (digest, request.proof))
             version = hosted.applied.get(key, hosted.version)
             # Replicas apply the same step before the trainer hears ok: if this server dies next, the
             # trainer's next step finds the update on any replica (a dead replica simply fails here).
@@ -361,13 +361,13 @@ class StageServer:
         await hosted.until_thawed()  # a step that lands between a round's snapshot and result would be lost
         key = (request.trainer, request.step)
         if key not in hosted.applied:
-            await self.in_compute(hosted.apply, key, list(request.tensors))
+            await self.in_compute(hosted.apply, key, list(request.tensors), (digest, request.proof))
         return StageReply(ok=True, version=hosted.version)
 
     async def _state(self, request: StageRequest, hosted: HostedStage) -> StageReply:
         def snapshot() -> StageReply:  # on the compute thread: the tensors, version and history of one moment
             state = tuple(t.detach().cpu().clone() for t in hosted.state())
-            applied = tuple(hosted.applied)
+            applied = hosted.applied_pairs()
             return StageReply(ok=True, version=hosted.version, applied=applied, tensors=state, history=hosted.history)
 
         reply: StageReply = await self.in_compute(snapshot)
