@@ -21,8 +21,9 @@ JSON fields: ``ari`` (cohorts found against the domains), ``cohorts``, ``loss_pe
 ``alone_loss_per_cohort`` (mean final held-out loss of the members, keyed by cohort id),
 ``epsilon`` (largest reported), ``groups_within_cohorts`` (every group round's peers in one cohort),
 ``cohort_params_identical`` / ``cohort_params_differ`` (cohort-tagged parameters equal inside each
-cohort after the last round / different across cohorts), ``stage_steps_exactly_once`` (null),
-``bytes_per_peer``, ``seconds``, and the setup.
+cohort after the last round / different across cohorts), ``global_params_identical`` (global-tagged
+parameters equal on every trainer after the last round: the cross-cohort ring's lineage merge),
+``stage_steps_exactly_once`` (null), ``bytes_per_peer``, ``seconds``, and the setup.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def summarize(args: argparse.Namespace, data: list[tuple[int, bytes]], folders: 
     alone = [alone_loss(text, folders[0].parent / "run.toml", steps) for _, text in data]
     run = load_node_config(str(folders[0].parent / "run.toml")).run
     names = [name for name, _ in build_model(run.model, run.train.seed).named_parameters()]
-    cohort_index = partition_parameters(names, run.cohorts).cohort
+    partition = partition_parameters(names, run.cohorts)
+    cohort_index = partition.cohort
     final = [load_round_params(sorted((f / "work" / "rounds").glob("*"))[-1]) for f in folders]
 
     def same(i: int, j: int) -> bool:
@@ -180,6 +182,9 @@ def summarize(args: argparse.Namespace, data: list[tuple[int, bytes]], folders: 
         ),
         "cohort_params_identical": all(same(m[0], i) for m in members.values() for i in m[1:]),
         "cohort_params_differ": all(not same(members[a][0], members[b][0]) for a in ids for b in ids if a < b),
+        "global_params_identical": all(
+            torch.equal(final[0][k], final[i][k]) for i in range(1, len(final)) for k in partition.global_
+        ),
         "stage_steps_exactly_once": None,
         "bytes_per_peer": round(sum(r["bytes_sent"] for r in last) / len(last)),
         "rounds_in_group": min(sum(r["mode"] == "group" for r in peer) for peer in reports),

@@ -15,7 +15,8 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from safetensors.torch import load_file
 
-from node.aggregation.base import AggregationResult
+from node.aggregation.base import AggregationResult, Lineage
+from node.aggregation.hierarchy import partition_parameters
 from node.config import ConfigError, ModelConfig, TrainConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
@@ -109,13 +110,57 @@ def test_the_merger_leaves_members_of_one_lineage_alone() -> None:
     """One lineage in the group (the usual round): nothing is fetched, served or changed."""
     model = build_model(ModelConfig(d_model=16, context=8), seed=0)
     outer = OuterState(model, TrainConfig())
-    digest = lineage_digest(outer.shared_tensors())
-    merger = LineageMerger(server=None, rule="median", timeout=1.0)  # type: ignore[arg-type]  # never touched
-    result = AggregationResult(round=2, group_size=3, peers=("a", "b", "c"), states=(digest,) * 3)
-    assert merger.merge(result, digest, outer, model, applied=True) == 1
-    older = AggregationResult(round=2, group_size=3, peers=("a", "b", "c"), states=(digest, "", digest))
-    assert merger.merge(older, digest, outer, model, applied=True) == 1  # a member that declared nothing
+    merger = LineageMerger(server=None, rule="median", timeout=1.0, peer_id="a")  # type: ignore[arg-type]
+    digest = merger.digest_of(outer)(None)
+    assert digest == lineage_digest(outer.shared_tensors())
+    one = Lineage(None, ("a", "b", "c"), (digest,) * 3)
+    assert merger.merge(AggregationResult(2, 3, one.peers, lineages=(one,)), outer, model, applied=True) == 1
+    older = Lineage(None, ("a", "b", "c"), (digest, "", digest))  # a member that declared nothing
+    assert merger.merge(AggregationResult(2, 3, one.peers, lineages=(older,)), outer, model, applied=True) == 1
     assert lineage_digest(outer.shared_tensors()) == digest
+
+
+class Three(torch.nn.Module):
+    """Three parameters of 4 values: with cohorts, 0 a cohort one, 1 a global one, 2 a local one."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.p = torch.nn.ParameterList([torch.nn.Parameter(torch.full((4,), value)) for _ in range(3)])
+
+
+def test_each_ring_merges_only_what_it_carries_and_local_parameters_never_leave() -> None:
+    """Cohorts over real peers: the cohort ring (parameters 0 and 1, three members) and the cross-cohort ring
+    (parameter 1, two members) each take the median of their members' states; the local parameter 2 is
+    neither served (zeros in our kept state) nor changed, and the local model moves with the global one."""
+    dhts = [hivemind.DHT(host_maddrs=[LOCALHOST_MADDR], start=True)]
+    dhts += [hivemind.DHT(host_maddrs=[LOCALHOST_MADDR], initial_peers=dhts[0].get_visible_maddrs(), start=True)]
+    dhts += [hivemind.DHT(host_maddrs=[LOCALHOST_MADDR], initial_peers=dhts[0].get_visible_maddrs(), start=True)]
+    servers = [LineageServer(dht, "rings") for dht in dhts]
+    me, a, b = (str(dht.peer_id) for dht in dhts)
+    try:
+        model = Three(1.0)
+        outer = OuterState(model, TrainConfig())
+        for server, value in zip(servers[1:], (3.0, 10.0), strict=True):  # a's and b's states after the round
+            server.keep(5, [torch.full((4,), value) for _ in range(6)])
+        merger = LineageMerger(servers[0], "median", 20.0, me, local={2})
+        cohort_ring = Lineage((0, 1), (me, a, b), ("x", "y", "z"))
+        cross_ring = Lineage((1,), (me, a), ("x", "y"))
+        result = AggregationResult(5, 3, (me, a, b), lineages=(cohort_ring, cross_ring))
+
+        held = merger.merge(result, outer, model, applied=True)
+
+        assert held == 3
+        assert outer.params[0].tolist() == [3.0] * 4  # median of 1, 3, 10
+        assert outer.params[1].tolist() == [2.0] * 4  # the cross ring's: median of 1 and 3 (their mean)
+        assert outer.params[2].tolist() == [1.0] * 4  # local: untouched
+        assert [p.tolist() for p in model.p] == [[3.0] * 4, [2.0] * 4, [1.0] * 4]  # local += global change
+        kept = servers[1].fetch(me, 5, [torch.zeros(4)] * 6, timeout=20)
+        assert kept[2].tolist() == [0.0] * 4 and kept[0].tolist() == [1.0] * 4  # served: no local values
+    finally:
+        for server in servers:
+            server.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
 
 
 @pytest.mark.slow
@@ -155,3 +200,52 @@ def test_a_forked_member_rejoins_the_run_and_cannot_pull_it(tmp_path: Path, boot
         shift = torch.cat([(two[k] - one[k]).abs().flatten() for k in one]).mean().item()
         assert shift < 0.05, shift  # an honest step; the mean of four would move every coordinate by 0.125
         assert "Traceback" not in node.output()
+
+
+@pytest.mark.slow
+def test_two_cohorts_end_a_cross_cohort_round_with_one_global_model(tmp_path: Path, bootstrap_maddr: str) -> None:
+    """Six trainers on two kinds of text form two cohorts of three. Each cohort's ring moves the global
+    parameters its own way, so before lineage merges the cohorts never held the same global parameters
+    again (issue 16); now a cross-cohort round (every 2nd) leaves all six with one global model, while
+    each cohort keeps its own cohort parameters. (A cross-cohort round whose slot splits the cohorts, one
+    cohort ready a slot before the other, mixes nothing: docs/architecture.md, "Lineages"; with 3 s slots
+    and three cross-cohort rounds at least one mixes.)"""
+    # Prepare
+    rounds = 6
+    config = write_run_config(
+        tmp_path / "run.toml",
+        run_id="cohort-lineage",
+        aggregation={"matchmaking_time": 3.0},
+        cohorts={"enabled": True, "global_every": 2},
+    )
+    texts = [generate_corpus(20_000, seed=i, style=("prose", "cyrillic")[i % 2]) for i in range(6)]
+    args = ("--rounds", str(rounds), "--min-peers", "6")
+    nodes = [NodeProcess(tmp_path, f"n{i}", config, bootstrap_maddr, texts[i], *args) for i in range(6)]
+
+    # Execute
+    try:
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.stop()
+
+    # Assert
+    assert codes == [0] * 6, [node.tail() for node in nodes]
+    cohorts = [node.reports()[-1]["cohort"] for node in nodes]
+    assert len(set(cohorts)) == 2 and cohorts[0::2] == [cohorts[0]] * 3, cohorts  # one cohort per kind of text
+    run = load_node_config(str(config)).run
+    names = [name for name, _ in build_model(run.model, run.train.seed).named_parameters()]
+    partition = partition_parameters(names, run.cohorts)
+    keys = sorted(load_file(nodes[0].params(rounds)))  # param.00000, ... in model order
+
+    def identical(round_no: int, members: list[NodeProcess], indices: tuple[int, ...]) -> bool:
+        params = [load_file(node.params(round_no)) for node in members]
+        return all(torch.equal(params[0][keys[k]], other[keys[k]]) for other in params[1:] for k in indices)
+
+    merged = [r for r in range(2, rounds + 1, 2) if identical(r, nodes, partition.global_)]
+    assert merged, "no cross-cohort round left the six trainers with one global model"
+    assert not identical(1, nodes, partition.global_)  # before the first cross-cohort round: two lineages
+    for cohort in set(cohorts):
+        members = [node for node, c in zip(nodes, cohorts, strict=True) if c == cohort]
+        assert identical(rounds, members, partition.cohort)
+    assert all("Traceback" not in node.output() for node in nodes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 ROUND_BITS = 16  # the round number modulo 2**16 picks the matchmaking key
+
+
+StateDigest = Callable[[Sequence[int] | None], str]  # the lineage digest of some parameters' global state
 
 
 class AggregationError(Exception):
@@ -46,9 +49,22 @@ class AggregationResult:
     # secure: the group's consistency certificate, encoded (node/ledger/certificate.py: t+ signatures on U, checkable
     # by anyone); b"" for plain aggregation and for a round that combined several groups (cohorts)
     certificate: bytes = b""
-    # each contributor's declared lineage (the digest of the global state it averaged from, node/training/lineage.py),
-    # in ``peers`` order; "" where a member declared none (a kept group's later rounds, cohorts)
-    states: tuple[str, ...] = ()
+    # what each ring of the round says about its members' lineages (node/training/lineage.py): one for a flat
+    # aggregator, the cohort ring's and the cross-cohort ring's with cohorts
+    lineages: tuple[Lineage, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The lineages one ring's members declared: the digest of the global state each averaged from."""
+
+    indices: tuple[int, ...] | None  # the parameters the ring carried (model order); None: all of them
+    peers: tuple[str, ...]  # the ring's contributors
+    states: tuple[str, ...]  # each one's declared digest, in ``peers`` order ("" where it declared none)
+
+    def distinct(self) -> int:
+        """How many lineages the ring held; 0 when a member declared none (a kept group's later rounds)."""
+        return 0 if "" in self.states or len(self.states) != len(self.peers) else len(set(self.states))
 
 
 class Aggregator(ABC):
@@ -58,8 +74,9 @@ class Aggregator(ABC):
         """Ready ``round_no`` before its ``aggregate``: called from the main thread, with no aggregation
         in flight. The default does nothing."""
 
-    def declare_state(self, digest: str) -> None:  # noqa: B027 (a hook: aggregators without lineages ignore it)
-        """The lineage digest of the global state the next ``aggregate`` averages from (gathered with it)."""
+    def declare_state(self, digest_of: StateDigest) -> None:  # noqa: B027 (a hook: most aggregators ignore it)
+        """How to name the lineage of the global state the next ``aggregate`` averages from: ``digest_of(indices)``
+        (None: every parameter) is gathered with it (node/training/lineage.py)."""
 
     @property
     def cohort_id(self) -> str | None:

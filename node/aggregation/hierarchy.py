@@ -56,7 +56,7 @@ import hivemind
 import torch
 
 from dht import Cohort, CohortMatcher, list_peers
-from node.aggregation.base import AggregationError, AggregationResult, Aggregator
+from node.aggregation.base import AggregationError, AggregationResult, Aggregator, Lineage, StateDigest
 from node.aggregation.factory import make_aggregator
 from node.config import CohortConfig, ConfigError
 from node.secagg.privacy import NoiseShare
@@ -240,6 +240,17 @@ class HierarchicalAggregator(Aggregator):
         moved, self._moved = self._moved, False
         return moved
 
+    def declare_state(self, digest_of: StateDigest) -> None:
+        """Each ring declares the lineage of the parameters it carries: the cohort ring the cohort and global
+        ones, the cross-cohort ring the global ones (merged by node/training/lineage.py)."""
+        with self._lock:
+            step = self._cohort_aggregator
+        rings = ((step[1] if step else None, self.partition.shared), (self._global, self.partition.global_))
+        for ring, indices in rings:
+            if ring is not None:
+                digest = digest_of(indices)
+                ring.declare_state(lambda _, digest=digest: digest)  # type: ignore[misc]
+
     def _can_average(self, cohort: Cohort) -> bool:
         return len(cohort) >= self.min_group_size and bool(self.partition.shared)
 
@@ -279,10 +290,15 @@ class HierarchicalAggregator(Aggregator):
         self._residual = self._combined_residual(tensors, rings, withheld)
         for i in withheld:  # DP: our un-noised delta must not reach the served cohort params (module docstring)
             tensors[i].zero_()
+        lineages = tuple(
+            Lineage(tuple(indices), r.lineages[0].peers, r.lineages[0].states)
+            for r, (_, indices) in zip(results, rings, strict=True)
+            if r.lineages
+        )
         if len(results) == 1:  # one ring's group: its id, keys and certificate stand for the round (ledger receipts)
-            return results[0]
+            return replace(results[0], lineages=lineages)
         peers = tuple(sorted({p for r in results for p in r.peers}))
-        return AggregationResult(round=round_no, group_size=results[0].group_size, peers=peers)
+        return AggregationResult(round=round_no, group_size=results[0].group_size, peers=peers, lineages=lineages)
 
     @property
     def residual(self) -> torch.Tensor | None:

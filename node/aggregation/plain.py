@@ -11,7 +11,14 @@ import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 
-from node.aggregation.base import AggregationError, AggregationResult, Aggregator, round_group_bits
+from node.aggregation.base import (
+    AggregationError,
+    AggregationResult,
+    Aggregator,
+    Lineage,
+    StateDigest,
+    round_group_bits,
+)
 from node.config import AggregationConfig
 
 logger = logging.getLogger(__name__)
@@ -43,8 +50,8 @@ class AveragerAggregator(Aggregator):
         self._averager = averager
         self._state = ""  # the lineage we declare (``declare_state``)
 
-    def declare_state(self, digest: str) -> None:
-        self._state = digest
+    def declare_state(self, digest_of: StateDigest) -> None:
+        self._state = digest_of(None)
 
     def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
         if weight <= 0:
@@ -97,7 +104,7 @@ def _result(round_no: int, gathered: dict[Any, Any]) -> AggregationResult:
         group_round=int(about.get("group_round", 0)),
         key_fingerprints=tuple(str(gathered[peer]["keys"]) for peer in peers if "keys" in gathered[peer]),
         certificate=about.get("certificate", b"") if isinstance(about.get("certificate"), bytes) else b"",
-        states=tuple(_declared_state(gathered[peer]) for peer in peers),
+        lineages=(Lineage(None, tuple(map(str, peers)), tuple(_declared_state(gathered[peer]) for peer in peers)),),
     )
 
 

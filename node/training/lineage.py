@@ -31,7 +31,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import hivemind
@@ -41,7 +41,7 @@ import torch
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from node.aggregation.base import AggregationResult
+from node.aggregation.base import AggregationResult, StateDigest
 from node.run_config import CombineRule, RunConfig
 from node.runtime import P2PLoop
 
@@ -196,52 +196,80 @@ class LineageServer:
 
 
 class LineageMerger:
-    """After a group's round: merge the members' lineages if they declared several (the module docstring).
+    """After a group's round: merge the members' lineages where a ring declared several (the module docstring).
 
     Args:
         server: serves our states and fetches the others'.
         rule: the combination (``aggregation.combine``).
         timeout: seconds to wait for one member's state.
+        peer_id: this node's PeerID (its own entry in a ring).
+        local: with cohorts, the local parameters' indices: never served (zeros) nor merged.
     """
 
-    def __init__(self, server: LineageServer, rule: CombineRule, timeout: float):
-        self.server = server
-        self.rule = rule
-        self.timeout = timeout
+    def __init__(
+        self, server: LineageServer, rule: CombineRule, timeout: float, peer_id: str, local: Collection[int] = ()
+    ):
+        self.server, self.rule, self.timeout = server, rule, timeout
+        self.peer_id, self.local = peer_id, set(local)
 
     @classmethod
-    def start(cls, dht: hivemind.DHT, run: RunConfig, adopt: Adopt) -> LineageMerger:
+    def start(
+        cls, dht: hivemind.DHT, run: RunConfig, peer_id: str, local: Collection[int], adopt: Adopt
+    ) -> LineageMerger:
         """The run's merger, its server answering on ``dht``'s daemon; ``adopt`` is handed the server's shutdown."""
         server = LineageServer(dht, run.run_id)
         adopt("lineage server", server.shutdown)
-        return cls(server, run.aggregation.combine, max(run.aggregation.message_timeout, 10.0))
+        return cls(server, run.aggregation.combine, max(run.aggregation.message_timeout, 10.0), peer_id, local)
 
-    def merge(
-        self, result: AggregationResult, declared: str, outer: OuterState, model: torch.nn.Module, applied: bool
-    ) -> int:
-        """Merge after ``result`` landed (``applied``: the mean was applied, not rejected); ``declared``: the
-        lineage we declared for it. Returns the lineages the group held (1: nothing to merge)."""
-        states = dict(zip(result.peers, result.states, strict=True)) if len(result.states) == len(result.peers) else {}
-        lineages = set(states.values())
-        if len(lineages) <= 1 or "" in lineages:
+    def digest_of(self, outer: OuterState) -> StateDigest:
+        """The lineage digest of some parameters' global state (params and momentum), for ``declare_state``."""
+        state, count = outer.shared_tensors(self.local), len(outer.params)
+        return lambda indices: lineage_digest([state[k] for k in _slots(indices, count)])
+
+    def merge(self, result: AggregationResult, outer: OuterState, model: torch.nn.Module, applied: bool) -> int:
+        """Merge after ``result`` landed (``applied``: its mean was applied, not rejected by the gate).
+
+        Returns the most lineages a ring held (1: nothing to merge)."""
+        rings = [ring for ring in result.lineages if ring.distinct() > 1 and self.peer_id in ring.peers]
+        if not rings:
             return 1
-        own = [t.detach().cpu().clone() for t in outer.shared_tensors()]
+        own = [t.detach().cpu().clone() for t in outer.shared_tensors(self.local)]
         self.server.keep(result.round, own)  # what the other lineages' members fetch from us
         if not applied:
             return 1
+        count, merged, fetched = len(outer.params), list(own), dict[str, list[torch.Tensor]]()
         try:
-            entries = [
-                own if states[peer] == declared else self.server.fetch(peer, result.round, own, self.timeout)
-                for peer in result.peers
-            ]
+            for ring in rings:  # the cohort ring first, then the cross-cohort ring: its global parameters stand
+                mine = ring.states[ring.peers.index(self.peer_id)]
+                entries = [
+                    own if state == mine else self._fetch(peer, result.round, own, fetched)
+                    for peer, state in zip(ring.peers, ring.states, strict=True)
+                ]
+                slots = _slots(ring.indices, count)
+                for k, value in zip(slots, combine([[e[k] for k in slots] for e in entries], self.rule), strict=True):
+                    merged[k] = value
         except ValueError as e:
             logger.warning(f"round {result.round}: kept our own lineage: {e}")
             return 1
         before = outer.snapshot()
-        outer.load_shared(combine(entries, self.rule))
+        outer.load_shared(merged, self.local)
         outer.follow(model, before, None)  # our unsent progress stays on top of the merged state
+        held = max(ring.distinct() for ring in rings)
         logger.info(
-            f"round {result.round}: merged {len(lineages)} lineages of the group ({self.rule} of "
-            f"{len(entries)} members' states)"
+            f"round {result.round}: merged {held} lineages of the group ({self.rule} of "
+            f"{', '.join(str(len(r.peers)) for r in rings)} members' states)"
         )
-        return len(lineages)
+        return held
+
+    def _fetch(
+        self, peer: str, round_no: int, templates: list[torch.Tensor], fetched: dict[str, list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        if peer not in fetched:
+            fetched[peer] = self.server.fetch(peer, round_no, templates, self.timeout)
+        return fetched[peer]
+
+
+def _slots(indices: Sequence[int] | None, count: int) -> list[int]:
+    """Where parameters ``indices`` (None: all) sit in a shared state: their params, then their momentum."""
+    chosen = range(count) if indices is None else indices
+    return [*chosen, *(count + i for i in chosen)]

@@ -65,7 +65,6 @@ class InFlight:
     undelivered: list[torch.Tensor]  # filled on success with compression: what of ``sent`` the group's sum left out
     future: Future[AggregationOutcome] = field(repr=False)
     inner: tuple[float, int] = (float("nan"), 0)  # mean train loss and steps of the inner phase behind ``sent``
-    declared: str = ""  # the lineage digest of the global state ``sent`` was taken from (node/training/lineage.py)
 
     def ready(self) -> bool:
         """Whether the aggregation has finished (landing it now would not wait)."""

@@ -43,7 +43,7 @@ from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, save_round_par
 from node.training.gate import LossGate
 from node.training.inner import evaluate, inner_phase
 from node.training.ledger import ContributionLedger
-from node.training.lineage import LineageMerger, lineage_digest
+from node.training.lineage import LineageMerger
 from node.training.optimizers import build_inner_optimizer
 from node.training.outer import AggregationOutcome, InFlight, OuterState
 from node.training.privacy import TrainerPrivacy, compression_bound
@@ -107,7 +107,7 @@ class TrainingNode:
         self.sharer: StateSharer | None = None
         self.aggregator: Aggregator | None = None
         self.ledger = ContributionLedger(config)  # a signed receipt per round given to a group; summary in the DHT
-        self.lineage: LineageMerger | None = None  # merges a group's lineages (not with cohorts: lineage.py)
+        self.lineage: LineageMerger | None = None  # merges a group's lineages (lineage.py)
 
         # round progress
         self.round = 0
@@ -151,7 +151,7 @@ class TrainingNode:
         self.schedule = InnerSchedule.for_run(train, self.config.rounds)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.run.privacy.enabled:
-            self.privacy = TrainerPrivacy.create(self.config, self.model, self.inner_opt, train_bytes, self.batch_size)
+            self.privacy = TrainerPrivacy.create(self.config, self.model, self.inner_opt, train_ids, self.batch_size)
         if self.config.resume:
             self._load_checkpoint()
         self._digest = self.outer.digest()
@@ -189,8 +189,7 @@ class TrainingNode:
         runtime.adopt("state sharer", self.sharer.shutdown)
         self.aggregator = self._make_aggregator()
         runtime.adopt("aggregator", self.aggregator.shutdown)
-        if self.partition is None:  # with cohorts, lineages are not merged (lineage.py)
-            self.lineage = LineageMerger.start(dht, self.run, runtime.adopt)
+        self.lineage = LineageMerger.start(dht, self.run, self.identity.peer_id, self._local_indices(), runtime.adopt)
         self.aggregator.prepare_round(self.round + 1)  # with cohorts: place us first, to download from our own
         if any(p.round > self.round for p in peers):
             self._catch_up(RoundOutcome.LOADED)
@@ -328,11 +327,11 @@ class TrainingNode:
         self.aggregator.prepare_round(round_no)
         if self.aggregator.moved():
             self._adopt_cohort()
-        declared = lineage_digest(self.outer.shared_tensors()) if self.lineage is not None else ""
-        self.aggregator.declare_state(declared)
+        if self.lineage is not None:
+            self.aggregator.declare_state(self.lineage.digest_of(self.outer))
         if not future.done():
             future = self._worker.submit(self._aggregate, round_no, mean, max(samples, 1), undelivered)
-        self._inflight = InFlight(round_no, sent, mean, samples, undelivered, future, inner, declared)
+        self._inflight = InFlight(round_no, sent, mean, samples, undelivered, future, inner)
 
     def _aggregate(
         self, round_no: int, mean: list[torch.Tensor], samples: int, undelivered: list[torch.Tensor]
@@ -407,7 +406,7 @@ class TrainingNode:
             self._unsent_samples += flight.samples
         self.outer.follow(self.model, before, delivered)
         if isinstance(outcome, AggregationResult) and self.lineage is not None:  # several lineages: merged
-            self.lineage.merge(outcome, flight.declared, self.outer, self.model, mode is RoundOutcome.GROUP)
+            self.lineage.merge(outcome, self.outer, self.model, mode is RoundOutcome.GROUP)
         if mode is not RoundOutcome.RESYNC:
             self.round = max(self.round, flight.round)
         self._finish_round(mode, group_size, flight)
