@@ -41,6 +41,7 @@ def with_adapters(hf_model: Any, lora: LoraConfig) -> Any:
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules or None,
         bias="none",
+        fan_in_fan_out=_has_conv1d(hf_model),
     )
     try:
         with _peft_on_transformers_5():
@@ -50,6 +51,14 @@ def with_adapters(hf_model: Any, lora: LoraConfig) -> Any:
         raise ConfigError(f"lora.target_modules do not fit the model ({reason}); name its linear layers") from None
     freeze_base(adapted)
     return adapted
+
+
+def _has_conv1d(hf_model: Any) -> bool:
+    """Whether the base's linear layers are transformers' ``Conv1D`` (GPT-2: weights stored (in, out)), whose
+    adapters peft must build transposed; left False, peft sets it itself with a UserWarning."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for module in hf_model.modules())
 
 
 @contextmanager

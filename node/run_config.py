@@ -380,11 +380,6 @@ class RunConfig:
             self.model.family == "zen-gpt" or self.sharding.stages == 0,
             'sharding cuts the built-in GPT\'s blocks only; set sharding.stages = 0 or model.family = "zen-gpt"',
         )
-        # DP-SGD's records are byte windows and its per-example gradients are checked for the built-in GPT only
-        _require(
-            self.model.family == "zen-gpt" or not self.privacy.enabled or self.privacy.level == "user",
-            'record-level DP (DP-SGD) supports model.family = "zen-gpt" only; use privacy.level = "user" with "hf"',
-        )
         _require(
             not self.privacy.enabled or self.aggregation.mode == "secure",
             "privacy needs aggregation.mode = 'secure' (the noise shares are added inside the masked ring)",

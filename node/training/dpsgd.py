@@ -1,12 +1,18 @@
 """Record-level differential privacy: DP-SGD on a node's inner steps, and the accountant of its records.
 
-A *record* is one fixed-length window of the node's training text: the training bytes are cut into
-``N = len(train) // (context + 1)`` aligned, non-overlapping windows of ``context + 1`` bytes (a
-window gives ``context`` inputs and their next-byte targets). Adding, removing or changing one
-record changes what leaves the node by at most (epsilon, delta); a byte sits in exactly one
-record, so the same holds for any single byte, and a change of ``k`` consecutive bytes touches at
-most ``ceil(k / (context + 1)) + 1`` records (group privacy). The bytes after the last whole
-window are never trained on.
+A *record* is one fixed-length window of the node's training tokens: the training text, tokenized
+by the run's tokenizer (node/tokens.py: bytes, token id = byte value, for the built-in GPT and for
+an "hf" model without a ``tokenizer.json``; the tokenizer's ids otherwise), is cut into
+``N = len(tokens) // (context + 1)`` aligned, non-overlapping windows of ``context + 1`` tokens (a
+window gives ``context`` inputs and their next-token targets): exactly the sequences the model
+trains on, so the sampling rate ``q = batch / N`` counts what a step samples. Adding, removing or
+changing one record changes what leaves the node by at most (epsilon, delta); a token sits in
+exactly one record, so the same holds for any single token, and a change of ``k`` consecutive
+tokens that keeps the token count touches at most ``ceil(k / (context + 1)) + 1`` records (group
+privacy). With the byte tokenizer a token is a byte. With a subword tokenizer an edit of the text
+may change the number of tokens and so shift every later window: the guarantee is over the
+windows as cut, and text-level group privacy only as good as the windows an edit moves. The tokens
+after the last whole window are never trained on.
 
 Each DP-SGD step (Abadi et al. 2016):
 
@@ -14,18 +20,27 @@ Each DP-SGD step (Abadi et al. 2016):
    ``q = batch_size / N`` (the batch size varies; ``batch_size`` is its expectation). This is
    true Poisson sampling, from a generator seeded by the OS, so the accounting is the standard
    Poisson-subsampled Gaussian with no fixed-size-batch approximation.
-2. Per-example gradients of the mean next-byte loss of each sampled window, with ``torch.func``
-   (``vmap(grad(functional_call(model)))``): exact for the model's tied head (``logits = ln_f(x)
-   @ wte.weight.T``) and for the position embedding that has no batch dimension. Opacus'
-   ``GradSampleModule`` gets this model wrong: its hooks give ``wte.weight`` the embedding's part
-   only (they never see the head's use of it) and read the unbatched position embedding as a batch
-   of ``context`` (tests/test_dpsgd.py); its ``functorch`` per-layer path fails the same way and its
-   expanded-weights path refuses the unbatched positions (tried with Opacus 1.6). The per-example
-   gradients are handed to Opacus as ``grad_sample``.
+2. Per-example gradients of the mean next-token loss of each sampled window, with ``torch.func``
+   (``vmap(grad(functional_call(model)))``) over the parameters that train: every parameter of the
+   built-in GPT or of an "hf" model, the adapters alone under LoRA (node/model_lora.py turns the
+   frozen base into buffers, so no per-example gradient of the base is taken or held). This is
+   exact for every model the run can build: the built-in GPT's tied head (``logits = ln_f(x) @
+   wte.weight.T``) and unbatched position embedding, an "hf" model's tied ``lm_head``, RMSNorm,
+   rotary positions and GPT-2's ``Conv1D`` (tests/test_dpsgd.py, tests/test_dpsgd_hf.py compare
+   them with one backward per example). Opacus' ``GradSampleModule`` gets the built-in GPT wrong:
+   its hooks give ``wte.weight`` the embedding's part only (they never see the head's use of it)
+   and read the unbatched position embedding as a batch of ``context``; its ``functorch`` per-layer
+   path fails the same way and its expanded-weights path refuses the unbatched positions (tried
+   with Opacus 1.6). It is right for a Llama-shaped "hf" model, but one path serves both families.
+   Random layers (LoRA's dropout) draw per example (``randomness="different"``). The examples are
+   taken in chunks of at most ``MAX_PER_SAMPLE_FLOATS`` per-example gradient values, handed to
+   Opacus as ``grad_sample`` chunk by chunk: its ``DPOptimizer`` clips each chunk and accumulates
+   the clipped sum (its virtual steps, ``signal_skip_step``), so a step holds one chunk of
+   per-example gradients, not the batch's (an "hf" model of 100M parameters has 400 MB each).
 3. Opacus' ``DPOptimizer`` clips each example's whole gradient to L2 norm ``clip_norm`` (flat
-   clipping), adds Gaussian noise of std ``sigma * clip_norm`` to the sum and divides by the
-   expected batch size; the run's AdamW then steps on that (post-processing), at ``lr_scale``
-   times the learning rate its schedule sets.
+   clipping), and once the last chunk is in adds Gaussian noise of std ``sigma * clip_norm`` to the
+   sum and divides by the expected batch size; the run's AdamW then steps on that
+   (post-processing), at ``lr_scale`` times the learning rate its schedule sets.
 
 Why DP-SGD's batch and learning rate differ from the run's (``privacy.batch_scale``,
 ``privacy.lr_scale``): the noise on a step's mean gradient is ``sigma * C / B`` per coordinate
@@ -67,22 +82,23 @@ MAX_PER_SAMPLE_FLOATS = 1 << 26  # per-example gradients held at once (256 MB of
 
 
 class RecordSampler:
-    """Poisson samples of a node's records: aligned windows of ``context + 1`` bytes of its training text.
+    """Poisson samples of a node's records: aligned windows of ``context + 1`` of its training tokens.
 
     Args:
-        corpus: the node's training bytes.
-        context: tokens per window (a record is ``context + 1`` bytes).
+        tokens: the node's training token ids (1-D; node/tokens.py), or its training bytes (the byte tokenizer).
+        context: tokens per window's inputs (a record is ``context + 1`` tokens).
         expected_batch: the mean number of records per sample; the sampling rate is ``expected_batch / N``.
         seed: seeds the sampling (None: from the OS, so nobody can predict which records a step uses).
     """
 
-    def __init__(self, corpus: bytes, context: int, expected_batch: int, seed: int | None = None):
+    def __init__(self, tokens: torch.Tensor | bytes, context: int, expected_batch: int, seed: int | None = None):
         width = context + 1
-        count = len(corpus) // width
+        count = len(tokens) // width
         if count < 1:
-            raise ValueError(f"the data has {len(corpus)} bytes: less than one record of {width} bytes")
-        data = torch.frombuffer(bytearray(corpus[: count * width]), dtype=torch.uint8)
-        self.records = data.view(count, width).long()
+            raise ValueError(f"the data has {len(tokens)} tokens: less than one record of {width} tokens")
+        if isinstance(tokens, bytes):
+            tokens = torch.frombuffer(bytearray(tokens[: count * width]), dtype=torch.uint8)
+        self.records = tokens[: count * width].reshape(count, width).long()
         self.sample_rate = min(1.0, expected_batch / count)
         self.generator = torch.Generator().manual_seed(
             int.from_bytes(os.urandom(8), "little") if seed is None else seed
@@ -104,9 +120,11 @@ class DPSGDStep:
     """One DP-SGD step of ``model`` on a Poisson sample: per-example gradients, Opacus' clip and noise, AdamW.
 
     Args:
-        model: the local model (its forward takes tokens and targets and returns the mean loss).
-        optimizer: the run's inner optimizer; wrapped (not replaced) by Opacus' ``DPOptimizer``, so its
-            ``param_groups`` (the learning-rate schedule) and state (checkpoints) stay the trainer's.
+        model: the local model (its forward takes tokens and targets and returns the mean loss); its parameters
+            that require a gradient are those trained (under LoRA, the adapters).
+        optimizer: the run's inner optimizer over those parameters; wrapped (not replaced) by Opacus'
+            ``DPOptimizer``, so its ``param_groups`` (the learning-rate schedule) and state (checkpoints) stay the
+            trainer's.
         sampler: the node's records.
         noise_multiplier: sigma of each step's Gaussian noise, in units of ``clip_norm``.
         clip_norm: C, the L2 bound on each example's gradient.
@@ -135,11 +153,11 @@ class DPSGDStep:
             expected_batch_size=max(1, round(sampler.sample_rate * sampler.count)),
             loss_reduction="mean",
         )
-        self.params = dict(model.named_parameters())
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         size = sum(p.numel() for p in self.params.values())
-        chunk = max(1, MAX_PER_SAMPLE_FLOATS // size)
+        self.chunk = max(1, MAX_PER_SAMPLE_FLOATS // max(1, size))  # examples whose gradients are held at once
         self._per_example: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]] = vmap(
-            grad_and_value(self._example_loss), in_dims=(None, 0, 0), chunk_size=chunk
+            grad_and_value(self._example_loss), in_dims=(None, 0, 0), randomness="different"
         )
 
     def _example_loss(
@@ -150,7 +168,10 @@ class DPSGDStep:
     def per_example_gradients(
         self, tokens: torch.Tensor, targets: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], float]:
-        """Each example's gradient (name -> [batch, *shape]) and the batch's mean loss (NaN if empty)."""
+        """Each example's gradient (name -> [batch, *shape]) and the batch's mean loss (NaN if empty).
+
+        All examples at once: ``step_on`` calls it on chunks of at most ``chunk`` examples.
+        """
         if tokens.shape[0] == 0:  # an empty Poisson sample: no gradient, the noise is still added
             return {name: torch.zeros(1, *p.shape, device=p.device) for name, p in self.params.items()}, math.nan
         detached = {name: p.detach() for name, p in self.params.items()}
@@ -159,21 +180,31 @@ class DPSGDStep:
         return grads, float(losses.mean())
 
     def step_on(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
-        """Clip, noise and apply the gradients of this batch; returns its mean loss."""
-        grads, loss = self.per_example_gradients(tokens, targets)
-        for name, param in self.params.items():
-            param.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus' DPOptimizer
+        """Clip, noise and apply the gradients of this batch; returns its mean loss.
+
+        The batch goes through in chunks: Opacus clips each chunk's examples into the parameters' ``summed_grad``
+        (a skipped step), and the last chunk's step adds the noise once and steps the optimizer.
+        """
+        starts = range(0, max(1, tokens.shape[0]), self.chunk)
+        total = 0.0
         groups = self.optimizer.param_groups  # the trainer's: its schedule set their lr for this step
         rates = [group["lr"] for group in groups]
         try:
             for group, rate in zip(groups, rates, strict=True):
                 group["lr"] = rate * self.lr_scale
-            self.optimizer.step()
+            for start in starts:
+                part = slice(start, start + self.chunk)
+                grads, loss = self.per_example_gradients(tokens[part], targets[part])
+                total += loss * tokens[part].shape[0]
+                for name, param in self.params.items():
+                    param.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus' DPOptimizer
+                self.optimizer.signal_skip_step(start != starts[-1])  # all but the last chunk: clip and accumulate
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)  # after a skipped step it keeps the clipped sum
         finally:
             for group, rate in zip(groups, rates, strict=True):
                 group["lr"] = rate
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return total / tokens.shape[0] if tokens.shape[0] else math.nan
 
     def __call__(self) -> float:
         """One step on a fresh Poisson sample of the records; returns its mean loss."""

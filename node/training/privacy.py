@@ -54,6 +54,7 @@ from node.secagg.privacy import (
     mean_noise_ratio,
     pld_epsilon,
 )
+from node.tokens import RunTokenizer
 from node.training.dpsgd import DPSGDStep, RecordAccountant, RecordSampler, calibrate_record_noise
 from node.training.report import RoundOutcome
 
@@ -252,32 +253,61 @@ def setup_record_privacy(
     run: RunConfig,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    corpus: bytes,
+    corpus: bytes | torch.Tensor,
     batch_size: int,
     device: torch.device,
     epsilon_budget: float,
 ) -> tuple[DPSGDStep, RecordAccountant]:
     """Record level: the DP-SGD step over this node's records and the accountant of its steps.
 
+    The records are windows of ``context + 1`` of the training text's tokens (node/training/dpsgd.py): ``corpus``
+    is that text's bytes, tokenized here with the run's tokenizer (bytes for the built-in GPT), or its token ids.
     DP-SGD expects ``privacy.batch_scale`` x ``batch_size`` records a step and steps at ``privacy.lr_scale``
     x the inner lr (node/training/dpsgd.py says why).
+
+    Raises:
+        ConfigError: an "hf" model whose per-example gradients cannot be taken (``check_per_example_gradients``).
     """
     privacy = run.privacy
-    sampler = RecordSampler(corpus, run.model.context, batch_size * privacy.batch_scale)
+    tokens = RunTokenizer.for_model(run.model).encode(corpus) if isinstance(corpus, bytes) else corpus
+    sampler = RecordSampler(tokens, run.model.context, batch_size * privacy.batch_scale)
     planned = privacy.planned_rounds * run.train.inner_steps
     sigma = privacy.noise_multiplier or calibrate_record_noise(
         privacy.target_epsilon, privacy.delta, sampler.sample_rate, planned
     )
     budget = node_budget(privacy, epsilon_budget)
     step = DPSGDStep(model, optimizer, sampler, sigma, privacy.clip_norm, device, privacy.lr_scale)
+    check_per_example_gradients(run, step)
     accountant = RecordAccountant(sigma, sampler.sample_rate, privacy.delta, budget)
     logger.info(
-        f"record-level differential privacy (DP-SGD): {sampler.count} records, sample rate "
-        f"{sampler.sample_rate:.4f} (expected batch {batch_size * privacy.batch_scale}), lr x {privacy.lr_scale}, "
-        f"clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, delta {privacy.delta}, "
+        f"record-level differential privacy (DP-SGD): {sampler.count} records of {run.model.context + 1} tokens, "
+        f"sample rate {sampler.sample_rate:.4f} (expected batch {batch_size * privacy.batch_scale}), "
+        f"lr x {privacy.lr_scale}, clip {privacy.clip_norm}, noise multiplier {sigma:.4f}, delta {privacy.delta}, "
         f"budget epsilon {budget} ({accountant.max_steps()} steps)"
     )
     return step, accountant
+
+
+def check_per_example_gradients(run: RunConfig, step: DPSGDStep) -> None:
+    """An "hf" model: take the per-example gradients of one record now, so a model ``vmap`` cannot run (data-dependent
+    control flow in its forward, an op without a batching rule that raises) is refused before the node joins,
+    not at its first inner step. Every shape tested runs (Llama, Qwen2, Mistral, GPT-2, with and without LoRA).
+
+    Raises:
+        ConfigError: naming the model's ``model_type`` and the fix.
+    """
+    if run.model.family != "hf":
+        return
+    window = step.sampler.records[:1]
+    try:
+        step.per_example_gradients(window[:, :-1], window[:, 1:])
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        kind = getattr(getattr(step.model, "config", None), "model_type", "?")
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(
+            f'record-level DP (DP-SGD) cannot take per-example gradients of model_type "{kind}" ({reason}); '
+            'use privacy.level = "user" or another model.hf_config'
+        ) from None
 
 
 class TrainerPrivacy:
@@ -308,10 +338,11 @@ class TrainerPrivacy:
         config: NodeConfig,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        corpus: bytes,
+        corpus: bytes | torch.Tensor,
         batch_size: int,
     ) -> TrainerPrivacy:
-        """A node's DP: ``model`` (its device), ``optimizer`` and training ``corpus`` serve the record level."""
+        """A node's DP: ``model`` (its device), ``optimizer`` and training ``corpus`` (its bytes or token ids)
+        serve the record level."""
         run, epsilon_budget, privacy = config.run, config.epsilon_budget, config.run.privacy
         device = next(model.parameters()).device
         if privacy.level == "user":
