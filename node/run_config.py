@@ -122,11 +122,11 @@ class AggregationConfig:
     # matchmaking_time / 4); "matchmaking": hivemind's (a leader gathers followers, so a leader with Sybils
     # can choose a victim's group). Plain mode always uses hivemind's matchmaking
     formation: GroupFormation = "declared"
-    # the held-out loss gate (node/training/gate.py): a group's mean whose outer step would raise this node's
-    # held-out loss by more than this fraction of it is not applied (the round is "rejected"); 0 = no gate.
-    # 0.5: honest steps measured up to +21% (the overlapped loop), a mean poisoned within the bounds +30% in its
-    # first round and +78-140% after (docs/architecture.md, "The held-out loss gate")
-    gate_tolerance: float = 0.5
+    # the held-out loss gate (node/training/gate.py): a group's mean whose outer step would take this node's
+    # held-out loss more than this fraction above its best of the recent applied steps is not applied (the round
+    # is "rejected"); 0 = no gate. 0.05: honest steps measured at most +1.5% over that best (800 gated steps),
+    # one poisoner of four +15% a round, of six +2.5-4% (docs/architecture.md, "The held-out loss gate")
+    gate_tolerance: float = 0.05
     # members of a group that arrive with different global parameters (after a solo or rejected round, or from
     # different groups) leave it with this coordinate-wise combination of their states (node/training/lineage.py):
     # "median" (stays within the honest values while fewer than half the members lie), "trimmed_mean" (drops
