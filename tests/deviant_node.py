@@ -13,6 +13,9 @@ Deviations:
   and the softmax are blind to it).
 - ``poison-donor``: trains honestly, but serves late joiners tampered global parameters at a huge round,
   and offers its state with the top priority so that a joiner asks it first.
+- ``forge-weight``: trains honestly, but its masked ring vector carries the largest weight word the ring holds
+  in place of its own (node/secagg/ring.py), so every group sum it is in falls outside the weights an honest
+  group can produce and every member refuses the round (node/secagg/bounds.py); masking hides who forged it.
 - ``fork-lineage``: after round 1 lands, adds ``TAMPER`` to every global parameter (and its local model),
   then trains honestly: its next group holds two lineages, and the merge (node/training/lineage.py) must
   bring it back without letting its tampered state pull the others.
@@ -30,12 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node import cli
+from node.secagg.ring import RingVector
 from node.training import trainer
 from node.training.trainer import TrainingNode
 
 logger = logging.getLogger("deviant_node")
 POISONED_ROUND = 2**39  # the round the poisoned donor claims (within check_state's range)
 TAMPER = 0.5  # what the poisoned donor adds to every global parameter it serves
+FORGED_WEIGHT_WORD = 0x7FFFFFFF  # the weight-forging trainer's word: far beyond any honest group's weight sum
 
 
 class MeanPoisoner(TrainingNode):
@@ -69,6 +74,22 @@ class PoisonedDonor(TrainingNode):
         self.sharer.announce(0)
 
 
+class WeightForger(TrainingNode):
+    """An honest trainer whose averager (a forked process: the patch travels with it) forges its weight word."""
+
+    def join(self) -> None:
+        encode_part = RingVector.encode_part
+
+        def forged(ring: RingVector, words: Any, start: int, stop: int, seed: bytes) -> None:
+            encode_part(ring, words, start, stop, seed)
+            if stop > ring.values.size:  # the part that carries the weight word
+                words[-1] = FORGED_WEIGHT_WORD
+
+        RingVector.encode_part = forged  # type: ignore[method-assign]
+        logger.warning(f"deviant: every weight word sent is {FORGED_WEIGHT_WORD:#x}")
+        super().join()
+
+
 class LineageForker(TrainingNode):
     """Leaves the run's lineage after round 1 by a shift of every global parameter."""
 
@@ -87,6 +108,7 @@ DEVIATIONS: dict[str, type[TrainingNode]] = {
     "poison-mean": MeanPoisoner,
     "poison-donor": PoisonedDonor,
     "fork-lineage": LineageForker,
+    "forge-weight": WeightForger,
 }
 
 

@@ -24,7 +24,7 @@ not always: in the overlapped loop's test (tests/test_overlap.py,
 local models far ahead of the stale global) honest means raised it by 20-21% on every member, and a
 5% gate rejected them (the gate is off there, below). A mean poisoned within the bounds by one member
 of three raised it by 30% in its first round and 78-140% after (tests/test_loss_gate.py); one member
-of four, by 15% a round, and one of six by 2.5-4% a round, which a 50% gate (the first default) let
+of four, by 15% a round, and one of six by 2.5-4% a round, which a 50% gate (the previous default) let
 through every round until the held-out loss was 2.6x (4 peers) and 1.8x (6 peers) an honest run's
 (benchmarks/integrity_swarm.py). The default 5% over the best recent loss stops both (BENCHMARKS.md).
 What the gate cannot stop: a poisoner that keeps the loss within the tolerance of its best (its harm
