@@ -27,12 +27,10 @@ state) keeps its own state: members may then part, and the next group that mixes
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING
 
 import hivemind
 import msgpack
@@ -44,9 +42,7 @@ from hivemind.proto import runtime_pb2
 from node.aggregation.base import AggregationResult, StateDigest
 from node.run_config import CombineRule, RunConfig
 from node.runtime import P2PLoop
-
-if TYPE_CHECKING:
-    from node.training.outer import OuterState
+from node.training.outer import OuterState, state_digest
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +54,8 @@ FETCH_POLL = 0.2  # seconds between two asks for a state its holder has not land
 
 
 def lineage_digest(tensors: Sequence[torch.Tensor]) -> str:
-    """The hex BLAKE2b-16 of global parameters and outer momentum (``OuterState.shared_tensors``)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for tensor in tensors:
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """The hex ``state_digest`` of global parameters and outer momentum (``OuterState.shared_tensors``)."""
+    return state_digest(tensors).hex()
 
 
 def combine(entries: Sequence[Sequence[torch.Tensor]], rule: CombineRule) -> list[torch.Tensor]:
