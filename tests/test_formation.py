@@ -28,6 +28,7 @@ from node.aggregation.secure import SecureAggregator
 from node.config import AggregationConfig
 from node.secagg.declared import DeclaredFormation
 from node.secagg.formation import (
+    SPAN_PATIENCE,
     DeclarationError,
     formation_seed,
     open_commitment,
@@ -35,6 +36,7 @@ from node.secagg.formation import (
     partition,
     seal_commitment,
     seal_reveal,
+    spans,
 )
 from node.secagg.state import SecAggIdentity
 
@@ -200,6 +202,71 @@ def test_peers_ready_a_little_after_another_join_its_slot(swarm_factory: Callabl
         loop.close()
     assert all(g is not None for g in groups), groups
     assert len({(g.group_id, g.peer_ids) for g in groups}) == 1
+
+
+def test_a_cross_cohort_slot_forms_once_it_spans_two_cohorts_or_has_waited() -> None:
+    one, two = [("a", 2)] * 3, [("a", 2), ("a", 2), ("b", 2)]
+    assert not spans(one, [0, 0, 0])  # one cohort of a two-cohort run: wait
+    assert spans(two, [0, 0, 0])
+    assert spans(one, [0, SPAN_PATIENCE, 0])  # somebody has waited long enough: form without the other cohort
+    assert spans([("a", 1)] * 3, [0, 0, 0])  # the run has one cohort
+    assert spans([None] * 3, [0, 0, 0])  # no cohorts declared (a run without cohorts, a cohort ring)
+    assert spans([("a", 2), None, ("a", 2)], [0, 0, 0])  # a peer that declares none does not hold the others
+
+
+def _form_until_grouped(formations: list[DeclaredFormation], gathered: list[bytes], starts: list[float]) -> list[Any]:
+    """Each formation tries slot after slot (as hivemind's step does) from its start, in DHT time, until it is
+    grouped (at most 5 tries each)."""
+
+    async def tries(f: DeclaredFormation, data: bytes, start: float) -> Any:
+        await asyncio.sleep(max(0.0, start - get_dht_time()))
+        for _ in range(5):
+            group = await f.form(data)
+            if group is not None:
+                return group
+        return None
+
+    async def attempt() -> list[Any]:
+        return await asyncio.gather(*(tries(*args) for args in zip(formations, gathered, starts, strict=True)))
+
+    loop = asyncio.new_event_loop()  # not asyncio.run (see above)
+    try:
+        return loop.run_until_complete(attempt())
+    finally:
+        loop.close()
+
+
+def _cross_cohort_gather(round_no: int, cohort: str) -> bytes:
+    return MSGPackSerializer.dumps(
+        [1e6, 0, MSGPackSerializer.dumps({"round": round_no, "cohort": cohort, "cohorts": 2})]
+    )
+
+
+def test_a_cohort_done_a_slot_early_waits_and_one_group_spans_both_cohorts(
+    swarm_factory: Callable[..., list[Any]],
+) -> None:
+    """Cohort a (3 peers) is ready a slot before cohort b (3 peers). Enough for a group alone, a used to form one
+    and the cross-cohort round mixed nothing; now it declines that slot, and all six form one group in the next."""
+    peers = swarm_factory(6)
+    window = 2.0
+    formations = [formation(peer, window=window) for peer in peers]
+    gathered = [_cross_cohort_gather(4, "ab"[i // 3]) for i in range(6)]
+    first = (get_dht_time() // window + 1) * window + 0.2 * window
+    groups = _form_until_grouped(formations, gathered, [first] * 3 + [first + window] * 3)
+    assert all(g is not None for g in groups), groups
+    assert len({(g.group_id, g.peer_ids) for g in groups}) == 1
+    assert len(groups[0].peer_ids) == 6
+    assert [f.waited.get(4, 0) for f in formations] == [1, 1, 1, 0, 0, 0]
+
+
+def test_a_cohort_alone_forms_without_the_other_after_waiting_its_patience(
+    swarm_factory: Callable[..., list[Any]],
+) -> None:
+    peers = swarm_factory(3)
+    formations = [formation(peer, window=1.0) for peer in peers]
+    groups = _form_until_grouped(formations, [_cross_cohort_gather(6, "a")] * 3, [get_dht_time()] * 3)
+    assert all(g is not None and len(g.peer_ids) == 3 for g in groups), groups
+    assert [f.waited[6] for f in formations] == [SPAN_PATIENCE] * 3
 
 
 def _aggregate_all(

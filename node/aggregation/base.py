@@ -78,6 +78,11 @@ class Aggregator(ABC):
         """How to name the lineage of the global state the next ``aggregate`` averages from: ``digest_of(indices)``
         (None: every parameter) is gathered with it (node/training/lineage.py)."""
 
+    def declare_cohort(self, cohort_id: str, cohorts: int) -> None:  # noqa: B027 (a hook: most aggregators ignore it)
+        """Mark this aggregator as a cross-cohort ring: its next rounds gather this node's cohort and the number of
+        cohorts it counts, so that declared formation waits for a slot that spans two cohorts
+        (node/secagg/formation.py, ``spans``)."""
+
     @property
     def cohort_id(self) -> str | None:
         """The cohort this node averages in since the last ``prepare_round``; None without cohorts."""

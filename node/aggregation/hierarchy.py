@@ -210,7 +210,10 @@ class HierarchicalAggregator(Aggregator):
         node's own record is listed.
         """
         before = self.cohort
-        self.cohort = self.matcher.cohort_of(self.peer_id, list_peers(self.dht, self.run_id), self.run_hash)
+        cohorts = self.matcher.cohorts(list_peers(self.dht, self.run_id), self.run_hash)
+        self.cohort = next((c for c in cohorts if self.peer_id in c.members), None)
+        if self.cohort is not None and self._global is not None:  # the cross-cohort ring waits to span two cohorts
+            self._global.declare_cohort(self.cohort.cohort_id, len(cohorts))
         self._moved = before is not None and self.cohort is not None and _moved(self.peer_id, before, self.cohort)
         wanted = self.cohort.cohort_id if self.cohort is not None and self._can_average(self.cohort) else None
         with self._lock:

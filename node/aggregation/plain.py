@@ -49,9 +49,13 @@ class AveragerAggregator(Aggregator):
         self._stop = stop_event or threading.Event()
         self._averager = averager
         self._state = ""  # the lineage we declare (``declare_state``)
+        self._cohort: dict[str, str | int] = {}  # the cohort we declare in a cross-cohort ring (``declare_cohort``)
 
     def declare_state(self, digest_of: StateDigest) -> None:
         self._state = digest_of(None)
+
+    def declare_cohort(self, cohort_id: str, cohorts: int) -> None:
+        self._cohort = {"cohort": cohort_id, "cohorts": cohorts}
 
     def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
         if weight <= 0:
@@ -60,8 +64,9 @@ class AveragerAggregator(Aggregator):
             for buffer, tensor in zip(buffers, tensors, strict=True):
                 buffer.copy_(tensor.detach().float().cpu())
         self._averager.set_group_bits(round_group_bits(round_no))
+        gather = {"round": round_no, **({"state": self._state} if self._state else {}), **self._cohort}
         control = self._averager.step(
-            gather={"round": round_no, "state": self._state} if self._state else {"round": round_no},
+            gather=gather,
             weight=float(weight),
             timeout=self.config.timeout,
             allow_retries=True,

@@ -28,8 +28,9 @@ from node.secagg.formation import (
     seal_commitment,
     seal_reveal,
     slot_of,
+    spans,
 )
-from node.secagg.kept_group import gathered_round
+from node.secagg.kept_group import gathered_cohort, gathered_round
 from node.secagg.state import SecAggIdentity
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class DeclaredFormation:
         self.window, self.min_size, self.target, self.serializer = window, min_size, target, serializer
         self.allowed = frozenset(str(peer) for peer in allowed)
         self.withheld: dict[int, set[str]] = {}  # round -> peers that committed and did not reveal
+        self.waited: dict[int, int] = {}  # round -> slots we declined waiting for another cohort (``spans``)
 
     async def form(self, data_for_gather: bytes) -> GroupInfo | None:
         """Our group for the round ``data_for_gather`` names, or None (too few declared, or a reveal withheld)."""
@@ -80,16 +82,19 @@ class DeclaredFormation:
         boundary, key = slot * self.window, f"{self.prefix}_form_{round_no}_{slot}"
         secret = os.urandom(SECRET_BYTES)
         signer = (self.identity.sign, self.identity.signing_public_key, self.identity.binding)
-        commitment = seal_commitment(self.me, round_no, slot, secret, data_for_gather, signer)
+        waited = self.waited.get(round_no, 0)
+        commitment = seal_commitment(self.me, round_no, slot, secret, data_for_gather, signer, waited)
         await self._store(f"{key}_commit", commitment, boundary)
         await _sleep_until(boundary)
         found = read_commitments(await self._read(f"{key}_commit"), round_no, slot, self.allowed)
         skipped = self.withheld.get(round_no, set())
         commitments = {p: c for p, c in found.items() if p not in skipped and self._gathers(c, round_no)}
         if self.me not in commitments:  # our own store may not be visible yet: we know what we declared
-            commitments[self.me] = Commitment(self.me, round_no, slot, b"", data_for_gather, b"")
+            commitments[self.me] = Commitment(self.me, round_no, slot, b"", data_for_gather, b"", waited)
         if len(commitments) < self.min_size:
             logger.info(f"round {round_no} slot {slot}: {len(commitments)} peers declared, fewer than {self.min_size}")
+            return None
+        if not self._spans(commitments, round_no):
             return None
         await self._store(f"{key}_reveal", seal_reveal(self.me, round_no, slot, secret, self.identity.sign), boundary)
         await _sleep_until(boundary + self.window / 2)
@@ -124,6 +129,17 @@ class DeclaredFormation:
         opened = read_commitments(await self._read(key), round_no, nearest, self.allowed)
         still_open = nearest * self.window - get_dht_time() >= self.window * JOIN_MARGIN  # after the read too
         return nearest if still_open and any(peer != self.me for peer in opened) else later
+
+    def _spans(self, commitments: dict[str, Commitment], round_no: int) -> bool:
+        """Whether the slot's peers span two cohorts (formation.py's ``spans``); if not, we count a slot waited."""
+        cohorts = [gathered_cohort(c.gathered, self.serializer) for c in commitments.values()]
+        if spans(cohorts, (c.waited for c in commitments.values())):
+            return True
+        self.waited[round_no] = self.waited.get(round_no, 0) + 1
+        for old in sorted(self.waited)[:-_ROUNDS_REMEMBERED]:
+            del self.waited[old]
+        logger.info(f"round {round_no}: the {len(commitments)} peers declared are one cohort; waiting a slot for more")
+        return False
 
     def _gathers(self, commitment: Commitment, round_no: int) -> bool:
         """Whether a commitment's gathered data is what a node gathers, for this round (else it is ignored)."""

@@ -55,7 +55,7 @@ from dht.wire import WireError, unpack_bounded
 
 logger = logging.getLogger(__name__)
 
-COMMIT_TAG = "zen-formation-commit/v1"
+COMMIT_TAG = "zen-formation-commit/v2"
 REVEAL_TAG = "zen-formation-reveal/v1"
 SEED_TAG = b"zen-formation-seed/v1"
 SECRET_BYTES = 32
@@ -63,6 +63,8 @@ MAX_DECLARATION_BYTES = 2048  # a commitment or reveal envelope, gathered data i
 MAX_GATHERED_BYTES = 1024
 MAX_DECLARED = 4096  # declarations read per slot; more are ignored (a flood cannot grow our memory)
 GROUP_TARGET = 8  # peers per group where enough have declared (never below min_group_size)
+SPAN_PATIENCE = 2  # slots a cross-cohort ring waits for a second cohort before forming without it
+MAX_WAITED = 255  # the largest ``waited`` a commitment may carry
 
 
 class DeclarationError(ValueError):
@@ -79,6 +81,7 @@ class Commitment:
     commit: bytes  # H(secret)
     gathered: bytes  # what matchmaking would gather from it (bandwidth, mode, its round)
     signing_key: bytes  # the key its reveal must verify under
+    waited: int = 0  # slots of this round its peer already declined, waiting for another cohort (``spans``)
 
 
 def slot_of(now: float, window: float) -> int:
@@ -97,11 +100,14 @@ def seal_commitment(
     secret: bytes,
     gathered: bytes,
     signer: tuple[Callable[[bytes], bytes], bytes, bytes],
+    waited: int = 0,
 ) -> bytes:
-    """Our signed commitment; ``signer`` = (sign, signing key, binding of that key to ``peer_id``)."""
+    """Our signed commitment; ``signer`` = (sign, signing key, binding of that key to ``peer_id``); ``waited``: the
+    slots of this round we declined waiting for another cohort."""
     sign, signing_key, binding = signer
     body = msgpack.packb(
-        [peer_id, round_no, slot, commitment_of(secret), gathered, signing_key, binding], use_bin_type=True
+        [peer_id, round_no, slot, commitment_of(secret), gathered, signing_key, binding, min(waited, MAX_WAITED)],
+        use_bin_type=True,
     )
     return seal(COMMIT_TAG, body, sign)
 
@@ -123,9 +129,9 @@ def open_commitment(data: Any, subkey: str, round_no: int, slot: int) -> Commitm
     """The commitment stored under ``subkey`` for (round_no, slot), checked; DeclarationError if not valid."""
     body, signature = open_envelope(data, COMMIT_TAG, _unpack, DeclarationError, "commitment")
     fields = _unpack(body)
-    if not (isinstance(fields, list) and len(fields) == 7):
-        raise DeclarationError("a commitment has 7 fields")
-    peer_id, their_round, their_slot, commit, gathered, signing_key, binding = fields
+    if not (isinstance(fields, list) and len(fields) == 8):
+        raise DeclarationError("a commitment has 8 fields")
+    peer_id, their_round, their_slot, commit, gathered, signing_key, binding, waited = fields
     if peer_id != subkey:
         raise DeclarationError(f"a commitment for {peer_id!r} stored under {subkey!r}")
     if (their_round, their_slot) != (round_no, slot):
@@ -134,8 +140,10 @@ def open_commitment(data: Any, subkey: str, round_no: int, slot: int) -> Commitm
         raise DeclarationError("a commitment's hash, signing key or binding has the wrong size")
     if not isinstance(gathered, bytes) or len(gathered) > MAX_GATHERED_BYTES:
         raise DeclarationError(f"a commitment's gathered data must be at most {MAX_GATHERED_BYTES} bytes")
+    if not (isinstance(waited, int) and 0 <= waited <= MAX_WAITED):
+        raise DeclarationError(f"a commitment's waited count must be an integer in [0, {MAX_WAITED}]")
     check_signature(COMMIT_TAG, body, signature, (peer_id, signing_key, binding), DeclarationError, "commitment")
-    return Commitment(peer_id, round_no, slot, commit, gathered, signing_key)
+    return Commitment(peer_id, round_no, slot, commit, gathered, signing_key, waited)
 
 
 def open_reveal(data: Any, commitment: Commitment) -> bytes:
@@ -178,6 +186,23 @@ def partition(members: Iterable[str], seed: bytes, min_size: int, target: int = 
         groups.append(ordered[start:stop])
         start = stop
     return groups
+
+
+def spans(cohorts: Iterable[tuple[str, int] | None], waited: Iterable[int]) -> bool:
+    """Whether a slot's declared peers may form their groups now: they span two cohorts, or fewer are known to
+    exist, or one of them has already waited ``SPAN_PATIENCE`` slots.
+
+    ``cohorts`` holds each declared peer's (cohort id, cohorts it counts in the run), None for a peer that
+    declared none (a run without cohorts, or a ring that is not cross-cohort). The cross-cohort ring of a run
+    with cohorts exists to mix them; a slot holding one cohort only (done with its cohort ring a slot before
+    the others, and big enough for a group alone) would mix nothing, so its peers wait for the next slot.
+    Every member decides from the same commitments, so all of them wait or none does; a peer that lies about
+    its cohort can delay a cross-cohort round by ``SPAN_PATIENCE`` slots, or let one form unmixed (as before).
+    """
+    declared = list(cohorts)
+    if any(entry is None or entry[1] < 2 for entry in declared):
+        return True
+    return len({entry[0] for entry in declared if entry is not None}) >= 2 or max(waited, default=0) >= SPAN_PATIENCE
 
 
 def group_id_of(seed: bytes, index: int) -> bytes:

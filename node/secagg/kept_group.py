@@ -62,12 +62,27 @@ class KeptGroup:
         return GroupInfo(round_group_id(self.origin.group_id, round_no), self.origin.peer_ids, tuple(gathered))
 
 
-def gathered_round(data_for_gather: bytes, serializer: Any) -> int | None:
-    """The round a step gathers (``{"round": r}``, as ``AveragerAggregator`` sends it), or None."""
+def _gathered(data_for_gather: bytes, serializer: Any) -> dict[Any, Any]:
+    """The user data a step gathers (``AveragerAggregator``'s dict), or {} if it is something else."""
     try:
         _, _, user_bytes = serializer.loads(data_for_gather)
         data = serializer.loads(user_bytes)
     except (TypeError, ValueError):
-        return None
-    round_no = data.get("round") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def gathered_round(data_for_gather: bytes, serializer: Any) -> int | None:
+    """The round a step gathers (``{"round": r}``, as ``AveragerAggregator`` sends it), or None."""
+    round_no = _gathered(data_for_gather, serializer).get("round")
     return round_no if isinstance(round_no, int) else None
+
+
+def gathered_cohort(data_for_gather: bytes, serializer: Any) -> tuple[str, int] | None:
+    """The (cohort id, cohorts in the run) a cross-cohort step declares (``{"cohort": id, "cohorts": n}``), or None
+    if it declares none or something malformed."""
+    data = _gathered(data_for_gather, serializer)
+    cohort, count = data.get("cohort"), data.get("cohorts")
+    if isinstance(cohort, str) and 0 < len(cohort) <= 64 and isinstance(count, int) and 1 <= count <= 1 << 16:
+        return cohort, count
+    return None
