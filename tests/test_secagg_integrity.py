@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from deviant_node import FORGED_WEIGHT_WORD
 from nacl.public import PrivateKey
 from secagg_harness import (
     LOW_ORDER_POINT,
@@ -28,15 +32,19 @@ from secagg_harness import (
     results_of,
 )
 
-from node.config import CompressionConfig
+from node.aggregation.base import AggregationError
+from node.aggregation.secure import SecureAggregator
+from node.config import AggregationConfig, CompressionConfig
 from node.secagg.bounds import InfluenceError, check_group_sum
 from node.secagg.fixed_point import WEIGHT_FLOOR, FixedPointCodec
 from node.secagg.masking import MaskError, pair_secret
 from node.secagg.messages import Message, MessageError, parse_header
 from node.secagg.privacy import NoiseShare
 from node.secagg.protocol import MaskedAllReduce, SecAggError
+from node.secagg.ring import RingVector
 from node.secagg.shamir import split_secret
 from node.secagg.sharing import SharingError, box_shares, commit, rebuild_secret
+from node.secagg.state import SumRefused
 
 NUMEL = 1501
 
@@ -248,8 +256,51 @@ def test_a_forged_weight_word_is_rejected_by_every_member(swarm: SecAggSwarm, fo
     outcomes = swarm.run(sessions)
 
     for i in honest:
-        assert isinstance(outcomes[i], SecAggError), f"honest peer {i} ended with {outcomes[i]!r}"
+        assert isinstance(outcomes[i], SumRefused), f"honest peer {i} ended with {outcomes[i]!r}"
         assert "weight sum" in str(outcomes[i]) or "coordinate of its mean" in str(outcomes[i])
+
+
+def test_a_refused_sum_ends_the_round_at_once_instead_of_retrying_until_the_timeout(
+    swarm_factory: Callable[..., list[Any]],
+) -> None:
+    """Three real secure aggregators, one of whose averager (forked while the patch stood) forges its weight word:
+    every retry of the round would meet it again, so each honest member ends the round with the refusal, raised as
+    an AggregationError the trainer logs (before: hivemind retried until the round's timeout, then None)."""
+    peers = swarm_factory(3)
+    config = AggregationConfig(min_group_size=3, matchmaking_time=1.0, timeout=60.0, formation="declared")
+    template = [torch.zeros(40)]
+    encode_part = RingVector.encode_part
+
+    def forged(ring: RingVector, words: Any, start: int, stop: int, seed: bytes) -> None:
+        encode_part(ring, words, start, stop, seed)
+        if stop > ring.values.size:  # the part that carries the weight word
+            words[-1] = FORGED_WEIGHT_WORD
+
+    RingVector.encode_part = forged  # type: ignore[method-assign]
+    try:  # the averager's process forks here and keeps the patch
+        forger = SecureAggregator(peers[0].dht, "refused", template, config, peers[0].identity, weight_bound=16.0)
+    finally:
+        RingVector.encode_part = encode_part  # type: ignore[method-assign]
+    honest = [SecureAggregator(p.dht, "refused", template, config, p.identity, weight_bound=16.0) for p in peers[1:]]
+    outcomes: list[Any] = [None] * 3
+
+    def step(i: int, aggregator: SecureAggregator) -> None:
+        try:
+            outcomes[i] = aggregator.aggregate(1, [torch.full((40,), 0.1)], 8.0)
+        except AggregationError as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=step, args=(i, a)) for i, a in enumerate([forger, *honest])]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:
+        for aggregator in [forger, *honest]:
+            aggregator.shutdown()
+    for outcome in outcomes[1:]:
+        assert isinstance(outcome, AggregationError) and "weight sum" in str(outcome), outcome
 
 
 def test_honest_weights_below_the_floor_are_never_rejected(swarm: SecAggSwarm) -> None:

@@ -20,6 +20,7 @@ from node.aggregation.base import (
     round_group_bits,
 )
 from node.config import AggregationConfig
+from node.secagg.state import refusal_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class AveragerAggregator(Aggregator):
             return None
         if not gathered:
             return None
+        refusal = refusal_of(gathered)
+        if refusal is not None:  # every member refused the group's sum: the round ends without a mean
+            raise AggregationError(f"round {round_no}: {refusal}")
         rounds = {str(peer): data.get("round") if isinstance(data, dict) else None for peer, data in gathered.items()}
         if set(rounds.values()) != {round_no}:
             raise AggregationError(f"group mixed rounds {rounds}; the average of round {round_no} is discarded")

@@ -46,7 +46,7 @@ from node.secagg.kept_group import KeptGroup, gathered_round, key_fingerprint, r
 from node.secagg.parts import Workspace
 from node.secagg.privacy import NoiseShare
 from node.secagg.protocol import MaskedAllReduce
-from node.secagg.state import SecAggError, SecAggIdentity, SecAggTimeouts
+from node.secagg.state import MAX_REFUSAL, REFUSED, SecAggError, SecAggIdentity, SecAggTimeouts, SumRefused
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,9 @@ class SecureAverager(DecentralizedAverager):
                 group_info.peer_ids[j]: {**gathered[group_info.peer_ids[j]], **about, "keys": key_fingerprint(keys[j])}
                 for j in result.contributors
             }
+        except SumRefused as e:  # not retried: the step ends with the refusal (``refusal_of``)
+            logger.warning(f"{e}; the round ends for this group")
+            return {REFUSED: str(e)[:MAX_REFUSAL]}
         except SecAggError as e:
             logger.warning(str(e))
             raise AllreduceException(str(e)) from e

@@ -64,6 +64,7 @@ from node.secagg.state import (
     SecAggIdentity,
     SecAggResult,
     SecAggTimeouts,
+    SumRefused,
     check_group,
     derive_contributors,
 )
@@ -253,7 +254,7 @@ class MaskedAllReduce:
             await self._offload(check_group_sum, state.total, self.codec, len(state.u), self.noise)
             weight_sum = await self._offload(self.ring.decode, state.total)
         except ValueError as e:
-            raise SecAggError(f"group {self.group_id.hex()[:8]}: the unmasked sum does not decode: {e}") from e
+            raise SumRefused(f"group {self.group_id.hex()[:8]}: the unmasked sum does not decode: {e}") from e
         self._phase("done")
         return SecAggResult(mean=self.ring.out, contributors=tuple(state.u), weight_sum=weight_sum)
 

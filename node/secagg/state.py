@@ -25,6 +25,22 @@ class SecAggError(Exception):
     """The masked all-reduce of one group failed; nothing from it may be applied."""
 
 
+class SumRefused(SecAggError):
+    """The group's unmasked sum is outside what honest contributors can produce (node/secagg/bounds.py): every
+    member holds the same sum and refuses it the same way, and a retry in this round would meet the same
+    contributor, so the round ends here for the group instead of retrying until its timeout."""
+
+
+REFUSED = "refused"  # the key of a step's result that ends with a refused sum (a PeerID is never this string)
+MAX_REFUSAL = 300  # characters of the refusal kept in that result
+
+
+def refusal_of(gathered: Any) -> str | None:
+    """Why a step's result is a refused sum (``SumRefused``), or None if it is a group's gathered data."""
+    reason = gathered.get(REFUSED) if isinstance(gathered, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
 @dataclass(frozen=True)
 class SecAggIdentity:
     """What a peer signs protocol messages with."""
