@@ -19,8 +19,10 @@ used; node/training/report.py) and calls ``on_step`` (the CLI's progress line an
 counts as the ``inner`` phase of ``phases`` (node/runtime.py), the wait for stage servers as ``peer_wait``. Its life in
 the swarm (identity, DHT, record, heartbeat, shutdown) is a ``NodeRuntime`` (node/runtime.py).
 Several trainers may train against the same servers at once (each step is applied once, in
-arrival order); their local parts are not averaged with each other: each trainer's embedding and
-head are its own.
+arrival order). Every round (``train.inner_steps`` steps) the trainers average their own parts
+(embeddings, first blocks, head) through the run's aggregator, once at least
+``aggregation.min_group_size`` of them are listed (node/sharding/fronts.py); the report's ``group``
+field is that round's group size (0: none, or not a round's last step).
 
 Contribution ledger. A sharded trainer averages in no group (its steps reach the stages one by one;
 the stages' own averaging is among their servers), so there is no group, contributor set or
@@ -51,6 +53,7 @@ from node.data import ByteBatches, batch_seed, byte_histogram, load_corpus, spli
 from node.model import build_model
 from node.runtime import NodeRuntime, PhaseClock
 from node.sharding.client import RemoteStages, StageUnavailableError
+from node.sharding.fronts import FrontAverager
 from node.sharding.stages import LocalParts
 from node.training.ledger import ContributionLedger
 from node.training.report import append_report
@@ -70,6 +73,7 @@ class StepReport:
     tokens_per_second: float
     failovers: int  # calls moved to another server so far
     bans: int  # servers this trainer banned so far
+    group: int = 0  # trainers that averaged their own parts at the end of this step's round (0: none)
 
 
 def training_batches(run: RunConfig, corpus: bytes) -> ByteBatches:
@@ -126,6 +130,7 @@ class ShardedTrainer:
         # the swarm: the runtime is born in prepare() (identity), the stages' client in join()
         self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
         self.remote: RemoteStages | None = None
+        self.fronts: FrontAverager | None = None  # averages our own parts with the other trainers (fronts.py)
         # progress
         self.step = 0
         self.session = secrets.randbits(30)  # the high bits of our step ids
@@ -172,6 +177,8 @@ class ShardedTrainer:
         self.runtime.announce(self._record_fields)
         self.remote = remote = RemoteStages(dht, self.run, self.identity, self.workdir, self.stop_event)
         self.runtime.adopt("remote stages", remote.shutdown)
+        self.fronts = FrontAverager(dht, self.run, self.identity, list(self.local.parameters()), self.stop_event)
+        self.runtime.adopt("trainers' averaging", self.fronts.shutdown)
         with self.phases.phase("peer_wait", f"waiting for servers of the run's {self.run.sharding.stages} stages"):
             found = remote.wait_for_stages()
         if not found:
@@ -213,6 +220,7 @@ class ShardedTrainer:
         versions = [remote.commit(stage, step_id, saved[stage], servers[stage]) for stage in range(stages)]
         self.optimizer.step()
         self.step += 1
+        group = self._average_fronts(tokens.shape[0]) if self.step % self.run.train.inner_steps == 0 else 0
         seconds = time.perf_counter() - started
         report = StepReport(
             step=self.step,
@@ -223,6 +231,7 @@ class ShardedTrainer:
             tokens_per_second=tokens.numel() / max(seconds, 1e-9),
             failovers=remote.stats["failovers"],
             bans=len(remote.bans_published),
+            group=group,
         )
         append_report(self.workdir, report)
         samples, spent = self._uncredited
@@ -231,6 +240,14 @@ class ShardedTrainer:
             self._credit()
         self.on_step(report)
         return report
+
+    def _average_fronts(self, batch: int) -> int:
+        """Average our own parts with the other trainers at the end of a round; the group's size (0: none)."""
+        if self.fronts is None or self.runtime is None:
+            return 0
+        with self.phases.phase("aggregation", f"averaging the trainers' parts, round {self.round}"):
+            result = self.fronts.average(self.round, self.run.train.inner_steps * batch, self.runtime.peers())
+        return result.group_size if result is not None else 0
 
     def _credit(self) -> None:
         """Sign the receipt of the steps since the last one (module docstring), if there were any."""
