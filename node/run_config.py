@@ -397,10 +397,6 @@ class RunConfig:
         )
         _require(self.min_memory_gb >= 0, f"run.min_memory_gb must be >= 0, got {self.min_memory_gb}")
         _require(
-            not self.cohorts.enabled or self.sharding.stages == 0,
-            "cohorts cannot yet be combined with sharding; set cohorts.enabled = false or sharding.stages = 0",
-        )
-        _require(
             self.sharding.stages == 0 or (self.train.lr_schedule == "constant" and self.train.warmup_steps == 0),
             "a sharded run's trainers do not follow an inner learning-rate schedule yet; "
             "set train.lr_schedule = 'constant' and train.warmup_steps = 0",

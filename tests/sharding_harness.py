@@ -12,9 +12,11 @@ here is a test.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from helpers import LOCALHOST_MADDR, wait_until
@@ -37,9 +39,18 @@ from node.sharding.server import StageServer
 
 
 def node_config(
-    tmp_path: Path, name: str, initial: list[str], spot_check: float = 1.0, average_period: float = 0.0
+    tmp_path: Path,
+    name: str,
+    initial: list[str],
+    spot_check: float = 1.0,
+    average_period: float = 0.0,
+    **run_fields: Any,
 ) -> NodeConfig:
-    """An in-process node's config: one remote stage (blocks 1-2 of a 3-block GPT), every call spot-checked."""
+    """An in-process node's config: one remote stage (blocks 1-2 of a 3-block GPT), every call spot-checked.
+
+    ``run_fields`` replace fields of the run (e.g. ``cohorts=CohortConfig(enabled=True)``): every node of a
+    test must get the same ones (the run hash covers them).
+    """
     run = RunConfig(
         run_id="shard",
         min_memory_gb=0.0,
@@ -57,7 +68,7 @@ def node_config(
     swarm = SwarmConfig(host_maddrs=[LOCALHOST_MADDR], initial_peers=initial)
     folder = tmp_path / name
     return NodeConfig(
-        run=run,
+        run=dataclasses.replace(run, **run_fields),
         swarm=swarm,
         identity=str(folder / "id"),
         workdir=str(folder / "work"),
@@ -124,15 +135,18 @@ def runaway_moments(hosted: HostedStage) -> list[torch.Tensor]:
     return [*state[:count], *moments, *state[3 * count :]]
 
 
-def start_servers(tmp_path: Path, classes: list[type[StageServer]], spot_check: float = 0.0) -> list[StageServer]:
+def start_servers(
+    tmp_path: Path, classes: list[type[StageServer]], spot_check: float = 0.0, **run_fields: Any
+) -> list[StageServer]:
     """In-process servers of stage 0, one per class, each seeing all of them listed before this returns.
 
-    ``spot_check`` is part of the run's hash: the trainer's config must use the same.
+    ``spot_check`` and ``run_fields`` (``node_config``'s) are part of the run's hash: the trainer's config must use
+    the same.
     """
     servers: list[StageServer] = []
     initial: list[str] = []
     for i, cls in enumerate(classes):
-        config = node_config(tmp_path, f"s{i}", initial, spot_check=spot_check)
+        config = node_config(tmp_path, f"s{i}", initial, spot_check=spot_check, **run_fields)
         server = cls(config, ServeConfig(rebalance_period=0, stages=(0,)))
         server.proofs = []  # type: ignore[attr-defined]
         servers.append(server.start())

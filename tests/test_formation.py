@@ -28,7 +28,7 @@ from node.aggregation.secure import SecureAggregator
 from node.config import AggregationConfig
 from node.secagg.declared import DeclaredFormation
 from node.secagg.formation import (
-    SPAN_PATIENCE,
+    MIN_SPAN_PATIENCE,
     DeclarationError,
     formation_seed,
     open_commitment,
@@ -36,6 +36,7 @@ from node.secagg.formation import (
     partition,
     seal_commitment,
     seal_reveal,
+    span_patience,
     spans,
 )
 from node.secagg.state import SecAggIdentity
@@ -206,12 +207,14 @@ def test_peers_ready_a_little_after_another_join_its_slot(swarm_factory: Callabl
 
 def test_a_cross_cohort_slot_forms_once_it_spans_two_cohorts_or_has_waited() -> None:
     one, two = [("a", 2)] * 3, [("a", 2), ("a", 2), ("b", 2)]
-    assert not spans(one, [0, 0, 0])  # one cohort of a two-cohort run: wait
-    assert spans(two, [0, 0, 0])
-    assert spans(one, [0, SPAN_PATIENCE, 0])  # somebody has waited long enough: form without the other cohort
-    assert spans([("a", 1)] * 3, [0, 0, 0])  # the run has one cohort
-    assert spans([None] * 3, [0, 0, 0])  # no cohorts declared (a run without cohorts, a cohort ring)
-    assert spans([("a", 2), None, ("a", 2)], [0, 0, 0])  # a peer that declares none does not hold the others
+    assert not spans(one, [0, 0, 0], 2)  # one cohort of a two-cohort run: wait
+    assert not spans(one, [0, 1, 0], 2)
+    assert spans(two, [0, 0, 0], 2)
+    assert spans(one, [0, 2, 0], 2)  # somebody has waited long enough: form without the other cohort
+    assert spans([("a", 1)] * 3, [0, 0, 0], 2)  # the run has one cohort
+    assert spans([None] * 3, [0, 0, 0], 2)  # no cohorts declared (a run without cohorts, a cohort ring)
+    assert spans([("a", 2), None, ("a", 2)], [0, 0, 0], 2)  # a peer that declares none does not hold the others
+    assert [span_patience(3.0, t) for t in (6.0, 20.0, 120.0)] == [MIN_SPAN_PATIENCE, 3, 8]  # half the timeout
 
 
 def _form_until_grouped(formations: list[DeclaredFormation], gathered: list[bytes], starts: list[float]) -> list[Any]:
@@ -266,7 +269,7 @@ def test_a_cohort_alone_forms_without_the_other_after_waiting_its_patience(
     formations = [formation(peer, window=1.0) for peer in peers]
     groups = _form_until_grouped(formations, [_cross_cohort_gather(6, "a")] * 3, [get_dht_time()] * 3)
     assert all(g is not None and len(g.peer_ids) == 3 for g in groups), groups
-    assert [f.waited[6] for f in formations] == [SPAN_PATIENCE] * 3
+    assert [f.waited[6] for f in formations] == [MIN_SPAN_PATIENCE] * 3  # the harness's default patience
 
 
 def _aggregate_all(

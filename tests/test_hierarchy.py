@@ -69,13 +69,13 @@ def test_importance_weights_scale_a_cohort_by_size_to_the_minus_alpha(alpha: flo
 
 
 def test_cohort_config_is_validated_and_refuses_unsupported_combinations() -> None:
-    """Out-of-range fields name themselves; cohorts with sharding are refused for now, with user-level DP not."""
+    """Out-of-range fields name themselves; cohorts with sharding or with user-level DP are accepted."""
     with pytest.raises(ConfigError, match=r"cohorts\.alpha"):
         load_node_config(None, {"run.cohorts.alpha": -1.0})
     with pytest.raises(ConfigError, match=r"cohorts\.local_patterns"):
         load_node_config(None, {"run.cohorts.local_patterns": "head.*"})
-    with pytest.raises(ConfigError, match="cohorts cannot yet be combined with sharding"):
-        load_node_config(None, {"run.cohorts.enabled": True, "run.sharding.stages": 1})
+    sharded = {"run.cohorts.enabled": True, "run.sharding.stages": 1, "run.model.n_layer": 4}
+    assert load_node_config(None, sharded).run.sharding.stages == 1  # the trainers' parts: node/sharding/fronts.py
     user_dp = {"run.privacy.enabled": True, "run.privacy.level": "user", "run.privacy.target_epsilon": 8.0}
     assert load_node_config(None, {"run.cohorts.enabled": True, **user_dp}).run.privacy.level == "user"
     with pytest.raises(ConfigError, match=r"cohorts\.min_separation"):

@@ -208,7 +208,7 @@ def test_two_cohorts_end_a_cross_cohort_round_with_one_global_model(tmp_path: Pa
     parameters its own way, so before lineage merges the cohorts never held the same global parameters
     again (issue 16); now a cross-cohort round (every 2nd) leaves all six with one global model, while
     each cohort keeps its own cohort parameters. (A cohort done with its cohort ring a slot before the other
-    waits for it, up to SPAN_PATIENCE slots: node/secagg/formation.py, ``spans``.)"""
+    waits for it, up to half the round's timeout: node/secagg/formation.py, ``spans``.)"""
     # Prepare
     rounds = 6
     config = write_run_config(

@@ -11,8 +11,10 @@ import threading
 from pathlib import Path
 
 import torch
+from helpers import wait_until
 from sharding_harness import node_config, start_servers
 
+from node.config import AggregationConfig, CohortConfig
 from node.data import generate_corpus
 from node.model import build_model
 from node.sharding.server import StageServer
@@ -61,6 +63,68 @@ def test_three_sharded_trainers_leave_each_round_with_the_same_own_parts(tmp_pat
         moved = max(float((a - b).detach().abs().max()) for a, b in zip(parts[0], initial.parameters(), strict=True))
         assert moved > 1e-3  # they trained
         assert all(t.fronts is not None and t.fronts.stats["averaged"] == ROUNDS for t in trainers)
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        server.shutdown()
+
+
+def test_sharded_trainers_in_two_cohorts_share_global_parts_and_keep_cohort_and_local_ones(tmp_path: Path) -> None:
+    """Six trainers on two kinds of text, cohorts on (every 2nd round across cohorts): one cohort per kind, the
+    global parts (embeddings) identical everywhere after the cross-cohort round, the cohort parts (block 0) one per
+    cohort, the local ones (the final norm) each trainer's own."""
+    # Prepare
+    cohorts = CohortConfig(enabled=True, global_every=2)
+    # 12 s rounds: a cohort ready first waits up to 6 one-second slots for the other (span_patience)
+    run = dict(cohorts=cohorts, aggregation=AggregationConfig(matchmaking_time=1.0, timeout=12.0))
+    (server,) = start_servers(tmp_path, [StageServer], **run)
+    trainers: list[ShardedTrainer] = []
+    reports: list[list[StepReport]] = [[] for _ in range(6)]
+    try:
+        for i in range(6):
+            text = generate_corpus(20_000, seed=51 + i, style=("prose", "cyrillic")[i % 2])
+            (tmp_path / f"data{i}.txt").write_bytes(text)
+            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0, **run)
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+            trainers[-1].prepare()
+            trainers[-1].join()
+        wait_until(
+            lambda: all(sum("trainer" in p.roles for p in t.runtime.peers()) == 6 for t in trainers if t.runtime),
+            60,
+            "every trainer to list the six trainers",
+        )
+        for trainer in trainers:  # place each in its cohort from the main thread (it starts the cohort's aggregator)
+            assert trainer.fronts is not None
+            trainer.fronts.prepare(0)
+        steps = 2 * trainers[0].run.train.inner_steps
+
+        def train(i: int) -> None:
+            reports[i] += [trainers[i].train_step() for _ in range(steps)]
+
+        # Execute
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=240)
+
+        # Assert
+        assert all(len(r) == steps for r in reports), [len(r) for r in reports]
+        found = [r[-1].cohort for r in reports]
+        assert len(set(found)) == 2 and found[0::2] == [found[0]] * 3 and found[1::2] == [found[1]] * 3, found
+        assert all(r[-1].group >= 3 for r in reports), [r[-1].group for r in reports]
+        assert all(t.fronts is not None and t.fronts.aggregator.crossed for t in trainers)  # type: ignore[attr-defined]
+        parts = [dict(t.local.named_parameters()) for t in trainers]
+
+        def same(name: str, members: list[int]) -> bool:
+            return all(torch.equal(parts[members[0]][name], parts[j][name]) for j in members[1:])
+
+        for name in ("wte.weight", "wpe.weight"):  # global
+            assert same(name, list(range(6))), name
+        block = next(name for name in parts[0] if name.startswith("blocks.0."))  # cohort
+        assert same(block, [0, 2, 4]) and same(block, [1, 3, 5]) and not same(block, [0, 1])
+        assert not same("ln_f.weight", [0, 2])  # local: each trainer's own
     finally:
         for trainer in trainers:
             trainer.close()

@@ -201,6 +201,7 @@ class HierarchicalAggregator(Aggregator):
         self._lock = threading.Lock()
         self.cohort: Cohort | None = None  # where this node placed itself at its last round
         self._moved = False  # the last placement changed this node's cohort (``moved()``)
+        self.crossed = False  # the last aggregate's cross-cohort ring gave us its mean
 
     def place(self) -> Cohort | None:
         """Place this node from the records it reads now, and ready its cohort's aggregator.
@@ -287,6 +288,7 @@ class HierarchicalAggregator(Aggregator):
             if result is not None:
                 results.append(result)
                 rings.append((self._global, self.partition.global_))
+        self.crossed = any(ring is self._global for ring, _ in rings)
         if not results:
             return None
         withheld = self.partition.cohort if self._noise is not None and not cohort_averaged else ()

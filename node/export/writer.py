@@ -109,6 +109,11 @@ def _read_workdir(workdir: Path, config_path: str | None) -> tuple[Checkpoint, R
             f"{source} is not the run of {workdir / CHECKPOINT_FILE} (run hash {run.digest()} != "
             f"{checkpoint.run_hash}); pass the --config the node trained with"
         )
+    if run.sharding.stages:
+        raise ConfigError(
+            f"{workdir / CHECKPOINT_FILE} is a sharded trainer's: it holds the trainer's own parts, not the stage "
+            "servers' blocks, so it cannot be exported yet"
+        )
     return checkpoint, run
 
 
@@ -132,16 +137,8 @@ def _model_from(checkpoint: Checkpoint, run: RunConfig) -> torch.nn.Module:
     """The run's model (either family) with the checkpoint's global parameters."""
     # every parameter is overwritten; with LoRA the parameters are the adapters and the base is read
     model = build_run_model(run.model, run.train.seed, load_weights=run.lora.active, lora=run.lora)
-    params = list(model.parameters())
-    shapes = [tuple(p.shape) for p in params]
-    if [tuple(t.shape) for t in checkpoint.global_params] != shapes:
-        raise ConfigError(
-            f"the checkpoint's parameters do not fit run.model ({len(checkpoint.global_params)} tensors for "
-            f"{len(params)}); pass the --config the node trained with"
-        )
-    with torch.no_grad():
-        for param, value in zip(params, checkpoint.global_params, strict=True):
-            param.copy_(value)
+    what, fix = "the checkpoint's parameters do not fit run.model", "pass the --config the node trained with"
+    checkpoint.copy_params_into(list(model.parameters()), what, fix)
     return model.eval()
 
 

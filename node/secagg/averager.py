@@ -41,7 +41,7 @@ from hivemind.utils import enter_asynchronously
 from node.config import CompressionConfig
 from node.secagg.declared import DeclaredFormation
 from node.secagg.endpoint import SecAggEndpoint
-from node.secagg.formation import GROUP_TARGET
+from node.secagg.formation import GROUP_TARGET, span_patience
 from node.secagg.kept_group import KeptGroup, gathered_round, key_fingerprint, round_group_id
 from node.secagg.parts import Workspace
 from node.secagg.privacy import NoiseShare
@@ -202,6 +202,7 @@ class SecureAverager(DecentralizedAverager):
             target=GROUP_TARGET,
             allowed=self._allowed,
             serializer=self.serializer,
+            patience=span_patience(matchmaking.min_matchmaking_time, self._secagg_timeouts.data),
         )
 
     def _kept_round(self, data_for_gather: bytes) -> GroupInfo | None:

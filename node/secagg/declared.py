@@ -17,6 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from node.secagg.formation import (
+    MIN_SPAN_PATIENCE,
     SECRET_BYTES,
     Commitment,
     DeclarationError,
@@ -51,6 +52,7 @@ class DeclaredFormation:
         window: W, the slot length (aggregation.matchmaking_time).
         min_size: the smallest group (aggregation.min_group_size); target: peers per group where enough declared.
         allowed: PeerIDs whose declarations count (aggregation.allowlist); empty: everyone's.
+        patience: slots a cross-cohort ring waits for a second cohort (formation.py's ``span_patience``).
         serializer: hivemind's MSGPackSerializer (the gathered data's format).
     """
 
@@ -66,10 +68,12 @@ class DeclaredFormation:
         target: int,
         allowed: frozenset[PeerID],
         serializer: Any,
+        patience: int = MIN_SPAN_PATIENCE,
     ):
         self.dht, self.prefix, self.me, self.identity = dht, prefix, str(peer_id), identity
         self.window, self.min_size, self.target, self.serializer = window, min_size, target, serializer
         self.allowed = frozenset(str(peer) for peer in allowed)
+        self.patience = patience
         self.withheld: dict[int, set[str]] = {}  # round -> peers that committed and did not reveal
         self.waited: dict[int, int] = {}  # round -> slots we declined waiting for another cohort (``spans``)
 
@@ -133,7 +137,7 @@ class DeclaredFormation:
     def _spans(self, commitments: dict[str, Commitment], round_no: int) -> bool:
         """Whether the slot's peers span two cohorts (formation.py's ``spans``); if not, we count a slot waited."""
         cohorts = [gathered_cohort(c.gathered, self.serializer) for c in commitments.values()]
-        if spans(cohorts, (c.waited for c in commitments.values())):
+        if spans(cohorts, (c.waited for c in commitments.values()), self.patience):
             return True
         self.waited[round_no] = self.waited.get(round_no, 0) + 1
         for old in sorted(self.waited)[:-_ROUNDS_REMEMBERED]:

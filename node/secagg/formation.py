@@ -63,7 +63,8 @@ MAX_DECLARATION_BYTES = 2048  # a commitment or reveal envelope, gathered data i
 MAX_GATHERED_BYTES = 1024
 MAX_DECLARED = 4096  # declarations read per slot; more are ignored (a flood cannot grow our memory)
 GROUP_TARGET = 8  # peers per group where enough have declared (never below min_group_size)
-SPAN_PATIENCE = 2  # slots a cross-cohort ring waits for a second cohort before forming without it
+MIN_SPAN_PATIENCE = 2  # the fewest slots a cross-cohort ring waits for a second cohort (``span_patience``)
+MAX_SPAN_PATIENCE = 8  # ... and the most (24 s at the default 3 s slots)
 MAX_WAITED = 255  # the largest ``waited`` a commitment may carry
 
 
@@ -188,21 +189,28 @@ def partition(members: Iterable[str], seed: bytes, min_size: int, target: int = 
     return groups
 
 
-def spans(cohorts: Iterable[tuple[str, int] | None], waited: Iterable[int]) -> bool:
+def span_patience(window: float, timeout: float) -> int:
+    """Slots a cross-cohort ring waits for a second cohort: half the round's ``timeout`` (the other half is left to
+    form and average), between ``MIN_SPAN_PATIENCE`` and ``MAX_SPAN_PATIENCE``; the same on every peer of the run
+    (both come from its config)."""
+    return max(MIN_SPAN_PATIENCE, min(MAX_SPAN_PATIENCE, int(timeout / 2 // window)))
+
+
+def spans(cohorts: Iterable[tuple[str, int] | None], waited: Iterable[int], patience: int) -> bool:
     """Whether a slot's declared peers may form their groups now: they span two cohorts, or fewer are known to
-    exist, or one of them has already waited ``SPAN_PATIENCE`` slots.
+    exist, or one of them has already waited ``patience`` slots (``span_patience``).
 
     ``cohorts`` holds each declared peer's (cohort id, cohorts it counts in the run), None for a peer that
     declared none (a run without cohorts, or a ring that is not cross-cohort). The cross-cohort ring of a run
     with cohorts exists to mix them; a slot holding one cohort only (done with its cohort ring a slot before
     the others, and big enough for a group alone) would mix nothing, so its peers wait for the next slot.
     Every member decides from the same commitments, so all of them wait or none does; a peer that lies about
-    its cohort can delay a cross-cohort round by ``SPAN_PATIENCE`` slots, or let one form unmixed (as before).
+    its cohort can delay a cross-cohort round by ``patience`` slots, or let one form unmixed (as before).
     """
     declared = list(cohorts)
     if any(entry is None or entry[1] < 2 for entry in declared):
         return True
-    return len({entry[0] for entry in declared if entry is not None}) >= 2 or max(waited, default=0) >= SPAN_PATIENCE
+    return len({entry[0] for entry in declared if entry is not None}) >= 2 or max(waited, default=0) >= patience
 
 
 def group_id_of(seed: bytes, index: int) -> bytes:

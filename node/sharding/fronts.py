@@ -20,8 +20,21 @@ momentum: plain averaging of the round's change):
 
 A round is averaged only while at least ``min_group_size`` trainers of the run are listed (a
 secure sum of two would reveal both inputs); otherwise, or when no group forms in time, the
-trainer keeps its parts and its anchor, so its next group averages the change since then. What
-is not built: a trainer that joins late starts from the seeded parts and does not download the
+trainer keeps its parts and its anchor, so its next group averages the change since then. With
+``[run.compression]`` what the ring left out of our update (``residual``) is added to the next
+round's, as a data-parallel trainer does.
+
+With ``[run.cohorts]`` the aggregator is the hierarchical one (node/aggregation/hierarchy.py) over
+the trainers' parts: the cohort rule tags them by name (``local_patterns``: never sent;
+``cohort_patterns``: averaged within the cohort; the rest also across cohorts every
+``global_every`` rounds), and trainers place themselves in cohorts from their signed records'
+sketches. The blocks on stage servers are shared by every cohort: the patterns apply to the
+trainers' parts only (a served block they match is still trained by every cohort's trainers,
+logged at start). Global parts keep their anchor from one cross-cohort round to the next: a cohort
+ring averages each member's change since that anchor (so it carries the cohort's earlier means
+too), and the cross-cohort ring's mean, the same bits on every member, moves every trainer of
+every cohort to one set of global parts; cohort and local parts re-anchor each round. What is
+not built: a trainer that joins late starts from the seeded parts and does not download the
 others' (its anchor then differs from theirs and it converges to them only through the means);
 rounds are synchronous (the trainer waits for its group, no overlap).
 """
@@ -32,14 +45,18 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import hivemind
 import torch
 
 from dht import NodeIdentity, PeerRecord
-from node.aggregation.base import AggregationError, AggregationResult
+from node.aggregation.base import AggregationError, AggregationResult, Aggregator
 from node.aggregation.factory import make_aggregator
-from node.config import RunConfig
+from node.aggregation.hierarchy import HierarchicalAggregator, partition_parameters
+from node.config import ConfigError, RunConfig
+from node.sharding.stages import stage_ranges
+from node.training.privacy import compression_bound
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +68,9 @@ class FrontAverager:
 
     Args:
         dht: the trainer's running DHT.
-        run: the run (its id, aggregation settings, and samples per round).
+        run: the run (its id, aggregation, compression and cohort settings, and samples per round).
         identity: the trainer's identity (signs its secure-aggregation messages).
-        parameters: the trainer's own parameters, in a fixed order (the same on every trainer).
+        parameters: the trainer's own parameters by name, in a fixed order (the same on every trainer).
         stop_event: when set, a pending round gives up.
     """
 
@@ -62,24 +79,73 @@ class FrontAverager:
         dht: hivemind.DHT,
         run: RunConfig,
         identity: NodeIdentity,
-        parameters: Sequence[torch.nn.Parameter],
+        parameters: Sequence[tuple[str, torch.nn.Parameter]],
         stop_event: threading.Event,
     ):
         self.run, self.peer_id = run, identity.peer_id
-        self.parameters = list(parameters)
+        self.names = [name for name, _ in parameters]
+        self.parameters = [param for _, param in parameters]
         with torch.no_grad():
             self.anchor = [p.detach().clone() for p in self.parameters]
-        self.aggregator = make_aggregator(
-            dht,
-            f"{run.run_id}-trainers",
-            [p.detach().float().cpu() for p in self.parameters],
-            run.aggregation,
+            self.carry = [torch.zeros_like(p, dtype=torch.float32, device="cpu") for p in self.parameters]
+        templates = [p.detach().float().cpu() for p in self.parameters]
+        options: dict[str, Any] = dict(
+            config=run.aggregation,
             identity=identity,
             weight_bound=float(run.train.inner_steps * run.train.batch_size),
             stop_event=stop_event,
+            compression=run.compression,
+            compression_bound=compression_bound(run),
         )
+        self.aggregator: Aggregator
+        self.global_: frozenset[int] = frozenset(range(len(self.parameters)))  # anchored at cross-cohort rounds
+        if run.cohorts.enabled:
+            partition = partition_parameters(self.names, run.cohorts)
+            self.global_ = frozenset(partition.global_)
+            size = run.aggregation.min_group_size
+            self.aggregator = HierarchicalAggregator(
+                dht, run.run_id, run.digest(), self.peer_id, templates, partition, run.cohorts, size, **options
+            )
+            served = [i for stage in stage_ranges(run.model.n_layer, run.sharding) for i in stage]
+            logger.info(
+                f"cohorts: blocks {served[0]}-{served[-1]} live on stage servers and are shared by every cohort; "
+                "the cohort patterns tag this trainer's own parts only"
+            )
+        else:
+            self.aggregator = make_aggregator(dht, run.run_id, templates, **options)
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone
         self.last: AggregationResult | None = None  # the last round that averaged
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this averager: the anchors and the compression carry (on the CPU)."""
+        return {"anchor": [a.detach().cpu() for a in self.anchor], "carry": [c.clone() for c in self.carry]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back ``state()`` from a checkpoint.
+
+        Raises:
+            ConfigError: it does not hold anchors and a carry of these parts' shapes.
+        """
+        anchor, carry = state.get("anchor"), state.get("carry")
+        shapes = [tuple(p.shape) for p in self.parameters]
+        for name, tensors in (("anchor", anchor), ("carry", carry)):
+            if not isinstance(tensors, list) or [tuple(getattr(t, "shape", ())) for t in tensors] != shapes:
+                raise ConfigError(
+                    f"the checkpoint's {name} of the trainers' parts does not fit them; use another --workdir"
+                )
+        with torch.no_grad():
+            for mine, value in zip(self.anchor, anchor, strict=True):  # type: ignore[arg-type]
+                mine.copy_(value)
+        self.carry = [t.to(torch.float32, copy=True) for t in carry]  # type: ignore[union-attr]
+
+    def prepare(self, round_no: int) -> None:
+        """Ready ``round_no`` (with cohorts: place this trainer). Call from the main thread (hivemind starts an
+        averager's process from there only), before ``average``."""
+        self.aggregator.prepare_round(round_no)
+
+    @property
+    def cohort_id(self) -> str | None:
+        return self.aggregator.cohort_id
 
     def average(self, round_no: int, samples: int, peers: Sequence[PeerRecord]) -> AggregationResult | None:
         """Average this round's change with the group (module docstring); None if this trainer stays alone.
@@ -93,7 +159,10 @@ class FrontAverager:
         result = None
         if len(trainers) >= self.run.aggregation.min_group_size:
             with torch.no_grad():
-                updates = [(a - p.detach()).float().cpu() for a, p in zip(self.anchor, self.parameters, strict=True)]
+                updates = [
+                    (a - p.detach()).float().cpu() + c
+                    for a, p, c in zip(self.anchor, self.parameters, self.carry, strict=True)
+                ]
             try:
                 result = self.aggregator.aggregate(round_no, updates, weight=float(max(samples, 1)))
             except AggregationError as e:
@@ -101,10 +170,16 @@ class FrontAverager:
         if result is None:
             self.stats["alone"] += 1
             return None
+        residual = self.aggregator.residual
+        crossed = not isinstance(self.aggregator, HierarchicalAggregator) or self.aggregator.crossed
         with torch.no_grad():
-            for anchor, param, mean in zip(self.anchor, self.parameters, updates, strict=True):
-                anchor.sub_(mean.to(anchor.device, anchor.dtype))
-                param.copy_(anchor)
+            for i, (anchor, param, mean) in enumerate(zip(self.anchor, self.parameters, updates, strict=True)):
+                param.copy_(anchor - mean.to(anchor.device, anchor.dtype))
+                if crossed or i not in self.global_:
+                    anchor.copy_(param)
+            sizes = [c.numel() for c in self.carry]
+            pieces = residual.split(sizes) if residual is not None else [torch.zeros(n) for n in sizes]
+            self.carry = [p.view_as(c).to(torch.float32, copy=True) for p, c in zip(pieces, self.carry, strict=True)]
         self.stats["averaged"] += 1
         self.last = result
         logger.info(f"round {round_no}: averaged the trainers' parts with {result.group_size - 1} other trainers")

@@ -24,9 +24,14 @@ arrival order). Every round (``train.inner_steps`` steps) the trainers average t
 ``aggregation.min_group_size`` of them are listed (node/sharding/fronts.py); the report's ``group``
 field is that round's group size (0: none, or not a round's last step).
 
-Contribution ledger. A sharded trainer averages in no group (its steps reach the stages one by one;
-the stages' own averaging is among their servers), so there is no group, contributor set or
-certificate for a receipt to name. What it gives is its samples and its time: every
+Checkpoint. After each round (after its parts are averaged) the trainer writes its own parts, their
+averager's anchors and compression carry, AdamW's state and the batch order to
+``<workdir>/checkpoint.safetensors`` (node/training/checkpoint.py's format); ``--resume`` continues
+from the round it holds (steps of an unfinished round are trained again).
+
+Contribution ledger. A sharded trainer's steps reach the stages one by one (the stages' own
+averaging is among their servers); the group its parts average in (above) is not named in its
+receipts yet. What it gives is its samples and its time: every
 ``train.inner_steps`` steps (a round, as ``--rounds`` counts them) it signs a receipt of outcome
 ``sharded`` (node/ledger/receipts.py) with U = itself, the round's samples (sequences) and the
 wall seconds of its steps (remote stage calls included), through the same ``ContributionLedger`` as
@@ -55,6 +60,7 @@ from node.runtime import NodeRuntime, PhaseClock
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.fronts import FrontAverager
 from node.sharding.stages import LocalParts
+from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 from node.training.ledger import ContributionLedger
 from node.training.report import append_report
 
@@ -74,6 +80,7 @@ class StepReport:
     failovers: int  # calls moved to another server so far
     bans: int  # servers this trainer banned so far
     group: int = 0  # trainers that averaged their own parts at the end of this step's round (0: none)
+    cohort: str | None = None  # with [run.cohorts]: the cohort this trainer averaged in (node/sharding/fronts.py)
 
 
 def training_batches(run: RunConfig, corpus: bytes) -> ByteBatches:
@@ -131,6 +138,7 @@ class ShardedTrainer:
         self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
         self.remote: RemoteStages | None = None
         self.fronts: FrontAverager | None = None  # averages our own parts with the other trainers (fronts.py)
+        self._resumed_fronts: dict[str, Any] | None = None  # the averager's state from --resume's checkpoint
         # progress
         self.step = 0
         self.session = secrets.randbits(30)  # the high bits of our step ids
@@ -157,6 +165,8 @@ class ShardedTrainer:
         train = self.run.train
         self.optimizer = torch.optim.AdamW(self.local.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.config.resume:
+            self._load_checkpoint()
 
     def _record_fields(self) -> dict[str, Any]:
         """Our own PeerRecord fields, read at each heartbeat (the runtime signs them)."""
@@ -177,7 +187,10 @@ class ShardedTrainer:
         self.runtime.announce(self._record_fields)
         self.remote = remote = RemoteStages(dht, self.run, self.identity, self.workdir, self.stop_event)
         self.runtime.adopt("remote stages", remote.shutdown)
-        self.fronts = FrontAverager(dht, self.run, self.identity, list(self.local.parameters()), self.stop_event)
+        parts = list(self.local.named_parameters())
+        self.fronts = FrontAverager(dht, self.run, self.identity, parts, self.stop_event)
+        if self._resumed_fronts is not None:
+            self.fronts.restore(self._resumed_fronts)
         self.runtime.adopt("trainers' averaging", self.fronts.shutdown)
         with self.phases.phase("peer_wait", f"waiting for servers of the run's {self.run.sharding.stages} stages"):
             found = remote.wait_for_stages()
@@ -220,7 +233,10 @@ class ShardedTrainer:
         versions = [remote.commit(stage, step_id, saved[stage], servers[stage]) for stage in range(stages)]
         self.optimizer.step()
         self.step += 1
-        group = self._average_fronts(tokens.shape[0]) if self.step % self.run.train.inner_steps == 0 else 0
+        group = 0
+        if self.step % self.run.train.inner_steps == 0:  # a round's last step
+            group = self._average_fronts(tokens.shape[0])
+            self._save_checkpoint()
         seconds = time.perf_counter() - started
         report = StepReport(
             step=self.step,
@@ -232,6 +248,7 @@ class ShardedTrainer:
             failovers=remote.stats["failovers"],
             bans=len(remote.bans_published),
             group=group,
+            cohort=self.fronts.cohort_id if self.fronts is not None else None,
         )
         append_report(self.workdir, report)
         samples, spent = self._uncredited
@@ -245,9 +262,35 @@ class ShardedTrainer:
         """Average our own parts with the other trainers at the end of a round; the group's size (0: none)."""
         if self.fronts is None or self.runtime is None:
             return 0
+        self.fronts.prepare(self.round)  # here, on the training thread (the main one: hivemind starts averagers there)
         with self.phases.phase("aggregation", f"averaging the trainers' parts, round {self.round}"):
             result = self.fronts.average(self.round, self.run.train.inner_steps * batch, self.runtime.peers())
         return result.group_size if result is not None else 0
+
+    def _save_checkpoint(self) -> None:
+        """Our parts, their averager's anchors, AdamW and the batch order, after each round (module docstring)."""
+        with self.phases.phase("checkpoint", "writing the checkpoint"):
+            Checkpoint(
+                run_hash=self.run.digest(),
+                round=self.round,
+                global_params=[p.detach().cpu() for p in self.local.parameters()],
+                outer_opt=self.fronts.state() if self.fronts is not None else {},
+                inner_opt=self.optimizer.state_dict(),
+                data_rng=self.batches.state(),
+            ).save(self.workdir, run=self.run, peer_id=self.identity.peer_id)
+
+    def _load_checkpoint(self) -> None:
+        """Continue from ``<workdir>/checkpoint.safetensors`` (``--resume``), if there is one."""
+        checkpoint = Checkpoint.load(self.workdir, self.run.digest())
+        if checkpoint is None:
+            return
+        what = f"checkpoint {self.workdir / CHECKPOINT_FILE} does not hold this sharded trainer's parts"
+        checkpoint.copy_params_into(list(self.local.parameters()), what, "use another --workdir")
+        self.optimizer.load_state_dict(checkpoint.inner_opt)
+        self.batches.restore(checkpoint.data_rng)
+        self.step = checkpoint.round * self.run.train.inner_steps
+        self._resumed_fronts = checkpoint.outer_opt or None
+        logger.info(f"resumed from {self.workdir / CHECKPOINT_FILE} at round {self.round} (step {self.step})")
 
     def _credit(self) -> None:
         """Sign the receipt of the steps since the last one (module docstring), if there were any."""

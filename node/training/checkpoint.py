@@ -74,6 +74,19 @@ class Checkpoint:
         }
         write_safetensors(workdir / CHECKPOINT_FILE, tensors, metadata)
 
+    def copy_params_into(self, params: Sequence[torch.Tensor], what: str, fix: str) -> None:
+        """Copy the checkpoint's parameters into ``params``.
+
+        Raises:
+            ConfigError: their count or shapes differ: "``what`` (the counts); ``fix``".
+        """
+        if [tuple(t.shape) for t in self.global_params] != [tuple(p.shape) for p in params]:
+            counts = f"{len(self.global_params)} tensors for {len(params)}, or other shapes"
+            raise ConfigError(f"{what} ({counts}); {fix}")
+        with torch.no_grad():
+            for param, value in zip(params, self.global_params, strict=True):
+                param.copy_(value)
+
     @classmethod
     def load(cls, workdir: Path, run_hash: str | None) -> Checkpoint | None:
         """The checkpoint in ``workdir``, or None when there is none.

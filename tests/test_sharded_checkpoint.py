@@ -1,0 +1,91 @@
+"""A sharded trainer's checkpoint and ``--resume`` (node/sharding/trainer.py): real stage server on 127.0.0.1.
+
+After each round the trainer writes its own parts, their averager's anchors, AdamW's state and the batch
+order to ``<workdir>/checkpoint.safetensors``; a trainer started with ``--resume`` continues from there.
+Before, a sharded trainer had no checkpoint: a restart began again from the seeded parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from sharding_harness import node_config, start_servers
+
+from node.config import ConfigError
+from node.data import generate_corpus
+from node.export.writer import export_run
+from node.model import build_model
+from node.sharding.server import StageServer
+from node.sharding.stages import LocalParts
+from node.sharding.trainer import ShardedTrainer
+from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
+
+
+def test_a_restarted_sharded_trainer_resumes_its_parts_optimizer_and_batches(tmp_path: Path) -> None:
+    # Prepare
+    (server,) = start_servers(tmp_path, [StageServer])
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=61))
+    config = node_config(tmp_path, "trainer", list(server.maddrs), spot_check=0.0)
+    config.data = str(tmp_path / "data.txt")
+    first = ShardedTrainer(config)
+    try:
+        first.prepare()
+        first.join()
+        steps = first.run.train.inner_steps
+        for _ in range(steps + 2):  # a round, and two steps of the next that the checkpoint does not hold
+            first.train_step()
+        saved = Checkpoint.load(first.workdir, first.run.digest())
+    finally:
+        first.close()
+    assert saved is not None and saved.round == 1
+
+    # Execute
+    second = ShardedTrainer(dataclasses.replace(config, resume=True))
+    try:
+        second.prepare()
+        second.join()
+        report = second.train_step()
+    finally:
+        second.close()
+        server.shutdown()
+
+    # Assert
+    assert report.step == steps + 1  # on from the round the checkpoint holds
+    restored = ShardedTrainer(dataclasses.replace(config, resume=True))
+    restored.prepare()  # no network: the parts, AdamW and the batch order as the checkpoint holds them
+    assert restored.step == steps
+    params = list(restored.local.parameters())
+    assert all(torch.equal(p, s) for p, s in zip(params, saved.global_params, strict=True))
+    moments = [restored.optimizer.state[p]["exp_avg"] for p in params]
+    assert all(torch.equal(m, saved.inner_opt["state"][i]["exp_avg"]) for i, m in enumerate(moments))
+    assert torch.equal(restored.batches.state(), saved.data_rng)
+    assert second.fronts is not None  # its averager took the checkpoint's anchors back
+    assert all(torch.equal(a, b) for a, b in zip(second.fronts.anchor, saved.outer_opt["anchor"], strict=True))
+    seeded = LocalParts(build_model(config.run.model, config.run.train.seed), config.run.sharding.local_blocks)
+    assert all(torch.equal(a, b) for a, b in zip(saved.outer_opt["anchor"], seeded.parameters(), strict=True))  # alone
+    with pytest.raises(ConfigError, match="sharded trainer's"):
+        export_run(first.workdir, tmp_path / "export")
+
+
+def test_a_checkpoint_that_does_not_hold_the_trainers_parts_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_bytes(generate_corpus(5_000, seed=62))
+    config = node_config(tmp_path, "trainer", [], spot_check=0.0)
+    config.data = str(tmp_path / "data.txt")
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True)
+    Checkpoint(
+        run_hash=config.run.digest(),
+        round=3,
+        global_params=[torch.zeros(4, 4)],
+        outer_opt={},
+        inner_opt={},
+        data_rng=torch.zeros(8, dtype=torch.uint8),
+    ).save(workdir)
+    trainer = ShardedTrainer(dataclasses.replace(config, resume=True))
+    with pytest.raises(ConfigError, match=f"{CHECKPOINT_FILE} does not hold this sharded trainer's parts") as error:
+        trainer.prepare()
+    assert "\n" not in str(error.value)
+    trainer.close()
