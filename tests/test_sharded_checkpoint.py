@@ -1,4 +1,4 @@
-"""A sharded trainer's checkpoint and ``--resume`` (node/sharding/trainer.py): real stage server on 127.0.0.1.
+"""A sharded trainer's checkpoint, ``--resume`` and held-out evaluation (node/sharding/trainer.py): real stage server.
 
 After each round the trainer writes its own parts, their averager's anchors, AdamW's state and the batch
 order to ``<workdir>/checkpoint.safetensors``; a trainer started with ``--resume`` continues from there.
@@ -19,9 +19,20 @@ from node.data import generate_corpus
 from node.export.writer import export_run
 from node.model import build_model
 from node.sharding.server import StageServer
-from node.sharding.stages import LocalParts
+from node.sharding.stages import LocalParts, build_stage
 from node.sharding.trainer import ShardedTrainer
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
+
+
+def held_out_loss(trainer: ShardedTrainer, server: StageServer) -> float:
+    """The trainer's held-out loss computed here, with the server's stage weights (what ``evaluate`` asks it)."""
+    run = trainer.run
+    stage = build_stage(run.model, run.sharding, run.train.seed, 0)
+    with torch.no_grad():
+        for param, value in zip(stage.parameters(), server.hosted[0].params, strict=True):
+            param.copy_(value)
+        losses = [float(trainer.local.head(stage(trainer.local.front(x)), y)) for x, y in trainer.eval_set]
+    return sum(losses) / len(losses)
 
 
 def test_a_restarted_sharded_trainer_resumes_its_parts_optimizer_and_batches(tmp_path: Path) -> None:
@@ -35,12 +46,15 @@ def test_a_restarted_sharded_trainer_resumes_its_parts_optimizer_and_batches(tmp
         first.prepare()
         first.join()
         steps = first.run.train.inner_steps
-        for _ in range(steps + 2):  # a round, and two steps of the next that the checkpoint does not hold
-            first.train_step()
+        rows = [first.train_step() for _ in range(steps)]  # a round
+        expected = held_out_loss(first, server)
+        rows += [first.train_step() for _ in range(2)]  # and two steps of the next, which the checkpoint does not hold
         saved = Checkpoint.load(first.workdir, first.run.digest())
     finally:
         first.close()
     assert saved is not None and saved.round == 1
+    assert [r.eval_loss is not None for r in rows] == [False] * (steps - 1) + [True, False, False]  # at round ends
+    assert rows[steps - 1].eval_loss == pytest.approx(expected, rel=1e-5)
 
     # Execute
     second = ShardedTrainer(dataclasses.replace(config, resume=True))

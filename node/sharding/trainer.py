@@ -27,7 +27,9 @@ field is that round's group size (0: none, or not a round's last step).
 Checkpoint. After each round (after its parts are averaged) the trainer writes its own parts, their
 averager's anchors and compression carry, AdamW's state and the batch order to
 ``<workdir>/checkpoint.safetensors`` (node/training/checkpoint.py's format); ``--resume`` continues
-from the round it holds (steps of an unfinished round are trained again).
+from the round it holds (steps of an unfinished round are trained again). Then it evaluates: the
+mean loss on 4 held-out batches (the corpus's last tenth, as ``zen-node join``'s trainer), through
+its parts and the stages' forward (which steps no stage), reported as ``eval_loss``.
 
 Contribution ledger. A sharded trainer's steps reach the stages one by one (the stages' own
 averaging is among their servers); the group its parts average in (above) is not named in its
@@ -66,6 +68,9 @@ from node.training.report import append_report
 
 logger = logging.getLogger(__name__)
 
+EVAL_BATCHES = 4  # held-out batches per evaluation, as zen-node join's trainer
+EVAL_SEED = 1234  # their order: the same every evaluation
+
 
 @dataclass
 class StepReport:
@@ -80,6 +85,7 @@ class StepReport:
     failovers: int  # calls moved to another server so far
     bans: int  # servers this trainer banned so far
     group: int = 0  # trainers that averaged their own parts at the end of this step's round (0: none)
+    eval_loss: float | None = None  # at a round's last step: the held-out loss after the round (``evaluate``)
     cohort: str | None = None  # with [run.cohorts]: the cohort this trainer averaged in (node/sharding/fronts.py)
 
 
@@ -159,6 +165,9 @@ class ShardedTrainer:
         corpus = load_corpus(self.config.data)
         self.sketch = byte_histogram(corpus)
         self.batches = training_batches(self.run, corpus)
+        _, held_out = split_corpus(corpus, self.run.model.context)
+        eval_batches = ByteBatches(held_out, self.run.model.context, self.run.train.batch_size, seed=EVAL_SEED)
+        self.eval_set = eval_batches.take(EVAL_BATCHES)
         self.device = pick_device(self.config.device)
         self.local = LocalParts(build_model(self.run.model, self.run.train.seed), self.run.sharding.local_blocks)
         self.local.to(self.device)
@@ -233,10 +242,11 @@ class ShardedTrainer:
         versions = [remote.commit(stage, step_id, saved[stage], servers[stage]) for stage in range(stages)]
         self.optimizer.step()
         self.step += 1
-        group = 0
+        group, eval_loss = 0, None
         if self.step % self.run.train.inner_steps == 0:  # a round's last step
             group = self._average_fronts(tokens.shape[0])
             self._save_checkpoint()
+            eval_loss = self.evaluate()
         seconds = time.perf_counter() - started
         report = StepReport(
             step=self.step,
@@ -248,6 +258,7 @@ class ShardedTrainer:
             failovers=remote.stats["failovers"],
             bans=len(remote.bans_published),
             group=group,
+            eval_loss=eval_loss,
             cohort=self.fronts.cohort_id if self.fronts is not None else None,
         )
         append_report(self.workdir, report)
@@ -257,6 +268,19 @@ class ShardedTrainer:
             self._credit()
         self.on_step(report)
         return report
+
+    def evaluate(self) -> float:
+        """The mean loss on the held-out batches: our parts here, the stages' forward on their servers (no step)."""
+        remote = self._remote()
+        step_id = (self.session << 24) | self.step
+        losses = []
+        with self.phases.phase("evaluation", "held-out loss"), torch.no_grad():
+            for tokens, targets in self.eval_set:
+                hidden = self.local.front(tokens.to(self.device)).cpu()
+                for stage in range(self.run.sharding.stages):
+                    hidden, _ = remote.forward(stage, step_id, hidden)
+                losses.append(float(self.local.head(hidden.to(self.device), targets.to(self.device))))
+        return sum(losses) / len(losses)
 
     def _average_fronts(self, batch: int) -> int:
         """Average our own parts with the other trainers at the end of a round; the group's size (0: none)."""
