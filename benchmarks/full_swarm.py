@@ -10,8 +10,11 @@ Setup: a bootstrap peer and ``--domains`` x ``--peers-per-domain`` trainers; tra
 contiguous ``--bytes-per-peer`` slice of real text of domain ``i mod K`` (benchmarks/domain_corpora.py:
 plays, the Python language reference, package licences; or ``--corpora-dir``). The run: cohorts on
 (the adaptive rule), ``aggregation.mode = "secure"``, ``compression.bits = --bits``, record-level DP
-at ``--epsilon`` (delta 1e-5) over the planned rounds. Sharding is not in it: cohorts with sharding
-are refused today (docs/architecture.md, "Cohorts"), so ``stage_steps_exactly_once`` is null.
+at ``--epsilon`` (delta 1e-5) over the planned rounds. With ``--stages S`` (and ``--epsilon 0``: DP
+with sharding is refused, docs/architecture.md, "No DP with sharding") the model has ``1 + S``
+blocks, block 0 on the trainers and one block per stage on ``zen-node serve`` processes (``--servers``,
+server ``k`` pinned to stage ``k mod S``); the trainers then average their own parts
+(node/sharding/fronts.py), by cohort, and their parameters come from their checkpoints.
 
 Then, in this process, each trainer's "alone" baseline: the same model trained alone on its own
 slice for the same number of inner steps (AdamW, no DP, no averaging), evaluated on the same
@@ -23,7 +26,9 @@ JSON fields: ``ari`` (cohorts found against the domains), ``cohorts``, ``loss_pe
 ``cohort_params_identical`` / ``cohort_params_differ`` (cohort-tagged parameters equal inside each
 cohort after the last round / different across cohorts), ``global_params_identical`` (global-tagged
 parameters equal on every trainer after the last round: the cross-cohort ring's lineage merge),
-``stage_steps_exactly_once`` (null), ``bytes_per_peer``, ``seconds``, and the setup.
+``stage_steps_exactly_once`` (sharded: each stage's final version equals the trainers' steps, so every
+step moved it exactly once; else null), ``bytes_per_peer`` (null when sharded: a sharded trainer does
+not report its bytes yet), ``seconds``, and the setup.
 """
 
 from __future__ import annotations
@@ -46,11 +51,12 @@ sys.path.insert(0, str(ROOT))
 
 from dht import adjusted_rand_index  # noqa: E402
 from node.aggregation.hierarchy import partition_parameters  # noqa: E402
-from node.config import load_node_config  # noqa: E402
+from node.config import RunConfig, load_node_config  # noqa: E402
 from node.data import ByteBatches, split_corpus  # noqa: E402
 from node.demo import join_command, start_bootstrap, stop_process  # noqa: E402
 from node.model import build_model  # noqa: E402
-from node.training.checkpoint import load_round_params  # noqa: E402
+from node.sharding.stages import LocalParts  # noqa: E402
+from node.training.checkpoint import Checkpoint, load_round_params  # noqa: E402
 from node.training.report import REPORT_FILE  # noqa: E402
 
 EVAL_BATCHES = 4  # as the trainer's reports (node/training/trainer.py)
@@ -80,13 +86,23 @@ def domain_slices(args: argparse.Namespace) -> list[tuple[int, bytes]]:
 
 
 def run_toml(args: argparse.Namespace, peers: int) -> str:
+    sharding = (
+        f"""n_layer = {1 + args.stages}
+[run.sharding]
+stages = {args.stages}
+local_blocks = 1
+average_period = 0
+"""
+        if args.stages
+        else ""
+    )
     return f"""[run]
 run_id = "zen-full"
 min_memory_gb = 0.0
 [run.model]
 d_model = 32
 context = 32
-[run.train]
+{sharding}[run.train]
 inner_steps = {args.inner_steps}
 batch_size = 16
 inner_lr = 0.003
@@ -115,9 +131,20 @@ def run_swarm(args: argparse.Namespace, data: list[tuple[int, bytes]], root: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     logs: list[IO[str]] = [open(root / "bootstrap.log", "w")]
     started: list[tuple[Path, subprocess.Popen[Any]]] = []
+    servers: list[subprocess.Popen[Any]] = []
     try:
         bootstrap, maddr = start_bootstrap(root, logs[0])
         started.append((root, bootstrap))
+        for k in range(args.servers if args.stages else 0):
+            folder = root / f"server-{k}"
+            folder.mkdir()
+            logs.append(open(folder / "node.log", "w"))
+            command = [
+                *(sys.executable, "-m", "node.cli", "serve", "--config", str(config)),
+                *("--initial-peers", maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"),
+                *("--identity", str(folder / "identity"), "--stages", str(k % args.stages)),
+            ]
+            servers.append(subprocess.Popen(command, stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
         for i, (_, text) in enumerate(data):
             folder = root / f"peer-{i}"
             folder.mkdir()
@@ -130,6 +157,8 @@ def run_swarm(args: argparse.Namespace, data: list[tuple[int, bytes]], root: Pat
             if process.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
                 raise RuntimeError(f"{folder} failed; see {folder / 'node.log'}")
     finally:
+        for process in servers:
+            stop_process(process)
         for _, process in reversed(started):
             stop_process(process)
         for log in logs:
@@ -154,46 +183,80 @@ def alone_loss(text: bytes, config_path: Path, steps: int) -> float:
         return sum(float(model(*evaluation.next())) for _ in range(EVAL_BATCHES)) / EVAL_BATCHES
 
 
+def trainer_views(folders: list[Path], run: RunConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per trainer: its final cohort, held-out loss, inner steps, final parameters and group rounds, whether its
+    group rounds all fell in that cohort, and (sharded) its stages' versions; and the parameters' names."""
+    views = []
+    for folder in folders:
+        rows = [json.loads(line) for line in (folder / "work" / REPORT_FILE).read_text().splitlines()]
+        if run.sharding.stages:  # one row per step (node/sharding/trainer.py)
+            last = [r for r in rows if r["eval_loss"] is not None][-1]
+            checkpoint = Checkpoint.load(folder / "work", run.digest())
+            assert checkpoint is not None, f"{folder} wrote no checkpoint"
+            grouped = [r for r in rows if r["group"] > 0]
+            versions = [max(r["versions"][k] for r in rows) for k in range(run.sharding.stages)]
+            view = dict(steps=len(rows), params=checkpoint.global_params, bytes=None, epsilon=0.0, versions=versions)
+        else:
+            last = rows[-1]
+            grouped = [r for r in rows if r["mode"] == "group"]
+            steps = sum(r["inner_steps"] for r in rows if r["mode"] not in ("initial", "loaded"))
+            params = load_round_params(sorted((folder / "work" / "rounds").glob("*"))[-1])
+            epsilon = max((r.get("epsilon") or 0.0) for r in rows)
+            view = dict(steps=steps, params=params, bytes=last["bytes_sent"], epsilon=epsilon, versions=None)
+        view.update(
+            cohort=last["cohort"],
+            eval_loss=last["eval_loss"],
+            group_rounds=len(grouped),
+            within_cohort=all(r["cohort"] == last["cohort"] for r in grouped),
+        )
+        views.append(view)
+    model = build_model(run.model, run.train.seed)
+    own = LocalParts(model, run.sharding.local_blocks) if run.sharding.stages else model
+    return views, [name for name, _ in own.named_parameters()]
+
+
 def summarize(args: argparse.Namespace, data: list[tuple[int, bytes]], folders: list[Path], seconds: float) -> dict:
-    reports = [[json.loads(line) for line in (f / "work" / REPORT_FILE).read_text().splitlines()] for f in folders]
-    last = [peer[-1] for peer in reports]
-    cohort_of = [r["cohort"] for r in last]
+    run = load_node_config(str(folders[0].parent / "run.toml")).run
+    views, names = trainer_views(folders, run)
+    cohort_of = [v["cohort"] for v in views]
     ids = sorted(set(cohort_of))
     members = {c: [i for i, x in enumerate(cohort_of) if x == c] for c in ids}
-    steps = sum(r["inner_steps"] for r in reports[0] if r["mode"] not in ("initial", "loaded"))
-    alone = [alone_loss(text, folders[0].parent / "run.toml", steps) for _, text in data]
-    run = load_node_config(str(folders[0].parent / "run.toml")).run
-    names = [name for name, _ in build_model(run.model, run.train.seed).named_parameters()]
+    alone = [alone_loss(text, folders[0].parent / "run.toml", views[0]["steps"]) for _, text in data]
     partition = partition_parameters(names, run.cohorts)
-    cohort_index = partition.cohort
-    final = [load_round_params(sorted((f / "work" / "rounds").glob("*"))[-1]) for f in folders]
+    final = [v["params"] for v in views]
 
     def same(i: int, j: int) -> bool:
-        return all(torch.equal(final[i][k], final[j][k]) for k in cohort_index)
+        return all(torch.equal(final[i][k], final[j][k]) for k in partition.cohort)
 
+    total_steps = sum(v["steps"] for v in views)
+    bytes_sent = [v["bytes"] for v in views]
     return {
         "ari": round(adjusted_rand_index([k for k, _ in data], cohort_of), 4),
         "cohorts": len(ids),
-        "loss_per_cohort": {c: round(sum(last[i]["eval_loss"] for i in m) / len(m), 4) for c, m in members.items()},
+        "loss_per_cohort": {c: round(sum(views[i]["eval_loss"] for i in m) / len(m), 4) for c, m in members.items()},
         "alone_loss_per_cohort": {c: round(sum(alone[i] for i in m) / len(m), 4) for c, m in members.items()},
-        "epsilon": max((r.get("epsilon") or 0.0) for peer in reports for r in peer),
-        "groups_within_cohorts": all(
-            r["cohort"] == peer[-1]["cohort"] for peer in reports for r in peer if r["mode"] == "group"
-        ),
+        "epsilon": max(v["epsilon"] for v in views),
+        "groups_within_cohorts": all(v["within_cohort"] for v in views),
         "cohort_params_identical": all(same(m[0], i) for m in members.values() for i in m[1:]),
         "cohort_params_differ": all(not same(members[a][0], members[b][0]) for a in ids for b in ids if a < b),
         "global_params_identical": all(
             torch.equal(final[0][k], final[i][k]) for i in range(1, len(final)) for k in partition.global_
         ),
-        "stage_steps_exactly_once": None,
-        "bytes_per_peer": round(sum(r["bytes_sent"] for r in last) / len(last)),
-        "rounds_in_group": min(sum(r["mode"] == "group" for r in peer) for peer in reports),
+        "stage_steps_exactly_once": (
+            all(max(v["versions"][k] for v in views) == total_steps for k in range(run.sharding.stages))
+            if run.sharding.stages
+            else None
+        ),
+        "bytes_per_peer": None if None in bytes_sent else round(sum(bytes_sent) / len(bytes_sent)),
+        "rounds_in_group": min(v["group_rounds"] for v in views),
         "seconds": round(seconds, 1),
         "peers": len(data),
         "domains": args.domains,
         "rounds": args.rounds,
         "bits": args.bits,
         "target_epsilon": args.epsilon,
+        "stages": args.stages,
+        "servers": args.servers if args.stages else 0,
     }
 
 
@@ -208,10 +271,16 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0, help="record-level DP target epsilon (0: no DP), e.g. 8")
     parser.add_argument("--corpora-dir", type=Path, default=None, help="one sub-folder of .txt per domain")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole swarm, e.g. 900")
+    parser.add_argument("--stages", type=int, default=0, help="remote stages (0: no sharding), e.g. 2")
+    parser.add_argument("--servers", type=int, default=2, help="zen-node serve processes when sharded, e.g. 2")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
     if not 1 <= args.domains <= 3 or args.peers_per_domain < 3:
         parser.error("--domains must be in [1, 3] and --peers-per-domain >= 3 (a secure group needs 3)")
+    if args.stages < 0 or (args.stages and (args.epsilon > 0 or args.servers < args.stages)):
+        parser.error(
+            "--stages needs --epsilon 0 (DP with sharding is refused) and --servers >= --stages (one per stage)"
+        )
     torch.set_num_threads(1)
     data = domain_slices(args)
     started = time.monotonic()

@@ -264,6 +264,9 @@ class ShardingConfig:
     spot_check_fraction: float = 0.05  # share of stage calls a trainer recomputes locally to catch a cheater
     spot_check_tolerance: float = 1e-3  # largest relative difference a recomputed activation may show
     average_period: float = 60.0  # seconds between rounds averaging a stage's params among its servers; 0 = never
+    # trainers average their own parts in the background while training on (node/sharding/fronts.py); false:
+    # each waits for its round's group
+    overlap_averaging: bool = False
     ban_min_rounds: int = 10  # rounds a trainer's record must announce before its bans count (dht/bans.py)
     ban_quorum: int = 2  # distinct counted reporters that exclude a server; fewer only deprioritize it
     ban_ttl: float = 3600.0  # seconds a trainer's own ban lives; validators cap it at dht.bans.MAX_BAN_TTL (3600)

@@ -7,6 +7,8 @@ Fixtures live in ``conftest.py``, never in a test module another one imports.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -61,6 +63,17 @@ RUN_DEFAULTS: dict[str, dict[str, object]] = {
     "train": {"inner_steps": 8, "batch_size": 8},
     "aggregation": {"min_group_size": 3, "matchmaking_time": 2.0, "timeout": 20.0},
 }
+
+
+@functools.cache
+def domain_texts() -> dict[str, bytes]:
+    """Real text of three domains from what every machine running the project has (benchmarks/domain_corpora.py):
+    ``drama``, ``docs`` (the Python language reference), ``legal`` (installed packages' licences)."""
+    spec = importlib.util.spec_from_file_location("domain_corpora", REPO_ROOT / "benchmarks" / "domain_corpora.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.domain_texts()  # type: ignore[no-any-return]
 
 
 def write_run_config(path: Path, run_id: str = "t", **tables: dict[str, object] | None) -> Path:

@@ -7,8 +7,6 @@ in different alphabets, which any threshold separates.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import random
 import subprocess
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import LOCALHOST_MADDR, REPO_ROOT, wait_until, write_run_config
+from helpers import LOCALHOST_MADDR, REPO_ROOT, domain_texts, wait_until, write_run_config
 
 from dht import Cohort, CohortMatcher, PeerRecord, adjusted_rand_index, encode_sketch, list_peers, publish_record
 from node.cli import main
@@ -33,15 +31,6 @@ RecordFactory = Callable[..., PeerRecord]
 SLICE = 20_000  # bytes of data per peer
 THRESHOLD = 0.1  # the old default cohorts.distance_threshold, now an override
 DOMAIN_SLICE = 40_000  # bytes of real text per peer
-
-
-@functools.cache
-def domain_texts() -> dict[str, bytes]:
-    spec = importlib.util.spec_from_file_location("domain_corpora", REPO_ROOT / "benchmarks" / "domain_corpora.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.domain_texts()  # type: ignore[no-any-return]
 
 
 def domain_slices(per_domain: int, domains: tuple[str, ...] = ("drama", "docs", "legal")) -> list[tuple[int, bytes]]:

@@ -7,6 +7,7 @@ each trainer's parts stayed its own: three different fronts and heads around one
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -125,6 +126,52 @@ def test_sharded_trainers_in_two_cohorts_share_global_parts_and_keep_cohort_and_
         block = next(name for name in parts[0] if name.startswith("blocks.0."))  # cohort
         assert same(block, [0, 2, 4]) and same(block, [1, 3, 5]) and not same(block, [0, 1])
         assert not same("ln_f.weight", [0, 2])  # local: each trainer's own
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        server.shutdown()
+
+
+def test_overlapped_averaging_lands_each_round_while_the_trainers_train_on(tmp_path: Path) -> None:
+    """``sharding.overlap_averaging``: each round's averaging runs in the background and its mean lands during the
+    next round, keeping the steps trained since; a round's row reports the group that landed during it."""
+    # Prepare
+    sharding = dataclasses.replace(node_config(tmp_path, "probe", []).run.sharding, overlap_averaging=True)
+    (server,) = start_servers(tmp_path, [StageServer], sharding=sharding)
+    trainers: list[ShardedTrainer] = []
+    reports: list[list[StepReport]] = [[], [], []]
+    rounds = 3
+    try:
+        for i in range(3):
+            (tmp_path / f"data{i}.txt").write_bytes(generate_corpus(20_000, seed=71 + i))
+            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0, sharding=sharding)
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+            trainers[-1].prepare()
+            trainers[-1].join()
+        steps = trainers[0].run.train.inner_steps
+
+        def train(i: int) -> None:
+            reports[i] += [trainers[i].train_step() for _ in range(rounds * steps)]
+            assert trainers[i].fronts is not None
+            trainers[i].fronts.land(wait=True)  # the last round's mean
+
+        # Execute
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+
+        # Assert
+        assert all(len(r) == rounds * steps for r in reports), [len(r) for r in reports]
+        assert all([r.group for r in rows[steps - 1 :: steps]] == [0, 3, 3] for rows in reports), reports
+        fronts = [t.fronts for t in trainers]
+        assert all(f is not None and f.stats["averaged"] == rounds for f in fronts)
+        anchors = [f.anchor for f in fronts if f is not None]
+        assert all(torch.equal(a, b) for other in anchors[1:] for a, b in zip(anchors[0], other, strict=True))
+        parts = [list(t.local.parameters()) for t in trainers]  # no step since the last mean landed: one model
+        assert all(torch.equal(a, b) for other in parts[1:] for a, b in zip(parts[0], other, strict=True))
     finally:
         for trainer in trainers:
             trainer.close()

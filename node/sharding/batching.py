@@ -3,7 +3,8 @@
 As in hivemind.moe's TaskPool, the first forward waits up to ``batch_wait`` seconds for others of
 the same stage, up to ``max_batch`` rows in all; the ones of the same sequence length are then
 concatenated, run at once, and each caller gets its own rows back. One failing pass fails only
-the callers in it.
+the callers in it. Each caller also gets the stage's version the pass ran at (read on the compute
+thread with the pass, so a commit landing before the reply cannot make it name weights it did not use).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-StagePass = Callable[[torch.Tensor], Awaitable[torch.Tensor]]  # one forward through the stage, off the event loop
+# one forward through the stage, off the event loop: its output and the stage's version it ran at
+StagePass = Callable[[torch.Tensor], Awaitable[tuple[torch.Tensor, int]]]
+Pending = tuple[torch.Tensor, "asyncio.Future[tuple[torch.Tensor, int]]"]
 
 
 class ForwardBatcher:
@@ -30,11 +33,12 @@ class ForwardBatcher:
         self.run_pass = run_pass
         self.max_batch = max_batch
         self.batch_wait = batch_wait
-        self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
 
-    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The stage's output for ``hidden`` (on CPU), computed in a batch with those that arrived with it."""
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+    async def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The stage's output for ``hidden`` (on CPU), computed in a batch with those that arrived with it, and the
+        stage's version that pass ran at."""
+        future: asyncio.Future[tuple[torch.Tensor, int]] = asyncio.get_running_loop().create_future()
         await self._queue.put((hidden, future))
         return await future
 
@@ -45,7 +49,7 @@ class ForwardBatcher:
             for length in {hidden.shape[1] for hidden, _ in items}:
                 await self._run_group([(h, f) for h, f in items if h.shape[1] == length])
 
-    async def _collect(self) -> list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]:
+    async def _collect(self) -> list[Pending]:
         """The next forward and those that arrive within ``batch_wait`` of it, up to ``max_batch`` rows."""
         items = [await self._queue.get()]
         deadline = time.monotonic() + self.batch_wait
@@ -59,10 +63,11 @@ class ForwardBatcher:
             rows += item[0].shape[0]
         return items
 
-    async def _run_group(self, group: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]) -> None:
-        """One pass over forwards of the same sequence length; each future gets its rows or the error."""
+    async def _run_group(self, group: list[Pending]) -> None:
+        """One pass over forwards of the same sequence length; each future gets its rows (and the version) or the
+        error."""
         try:
-            output = await self.run_pass(torch.cat([h for h, _ in group]))
+            output, version = await self.run_pass(torch.cat([h for h, _ in group]))
         except Exception as e:
             for _, future in group:
                 if not future.done():
@@ -71,4 +76,4 @@ class ForwardBatcher:
         pieces = output.cpu().split([h.shape[0] for h, _ in group])
         for (_, future), piece in zip(group, pieces, strict=True):
             if not future.done():
-                future.set_result(piece)
+                future.set_result((piece, version))

@@ -45,6 +45,8 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import hivemind
@@ -59,6 +61,14 @@ from node.sharding.stages import stage_ranges
 from node.training.privacy import compression_bound
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sent:
+    """A round's update as it was sent, with the parameters it was taken from (``_apply`` keeps what came after)."""
+
+    params: list[torch.Tensor]
+    updates: list[torch.Tensor]  # replaced in place by the group's mean
 
 
 class FrontAverager:
@@ -115,6 +125,8 @@ class FrontAverager:
             self.aggregator = make_aggregator(dht, run.run_id, templates, **options)
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone
         self.last: AggregationResult | None = None  # the last round that averaged
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zen-fronts")  # ``send``'s rounds
+        self._in_flight: tuple[int, Future[AggregationResult | None], _Sent] | None = None
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of this averager: the anchors and the compression carry (on the CPU)."""
@@ -148,42 +160,83 @@ class FrontAverager:
         return self.aggregator.cohort_id
 
     def average(self, round_no: int, samples: int, peers: Sequence[PeerRecord]) -> AggregationResult | None:
-        """Average this round's change with the group (module docstring); None if this trainer stays alone.
+        """Average this round's change with the group (module docstring) and apply the mean now; None if this
+        trainer stays alone.
 
         Args:
             round_no: the round just finished (trainers meet at the same round number).
             samples: the sequences this trainer trained on in the round (its weight).
             peers: the run's listed records now (the trainers among them decide whether a group can form).
         """
+        sent = self._updates(peers)
+        if sent is None:
+            self.stats["alone"] += 1
+            return None
+        return self._apply(round_no, self._aggregate(round_no, sent.updates, samples), sent)
+
+    def send(self, round_no: int, samples: int, peers: Sequence[PeerRecord]) -> None:
+        """``sharding.overlap_averaging``: start this round's averaging in the background (land the previous
+        round first, then ``prepare``); the trainer trains on meanwhile and ``land`` applies the mean."""
+        if self._in_flight is not None:
+            raise RuntimeError("the previous round is still in flight; land(wait=True) it first")
+        sent = self._updates(peers)
+        if sent is None:
+            self.stats["alone"] += 1
+            return
+        future = self._worker.submit(self._aggregate, round_no, sent.updates, samples)
+        self._in_flight = (round_no, future, sent)
+
+    def land(self, wait: bool) -> AggregationResult | None:
+        """Apply the mean of the round in flight if it has landed (``wait``: wait for it), keeping what the trainer
+        trained since it was sent; returns that round's result (None: none landed, or it averaged alone)."""
+        if self._in_flight is None or not (wait or self._in_flight[1].done()):
+            return None
+        round_no, future, sent = self._in_flight
+        self._in_flight = None
+        return self._apply(round_no, future.result(), sent)
+
+    def _updates(self, peers: Sequence[PeerRecord]) -> _Sent | None:
+        """This round's update, ``anchor - params`` plus the compression carry, with the parameters it was taken
+        from; None while fewer than ``min_group_size`` trainers are listed."""
         trainers = {p.peer_id for p in peers if "trainer" in p.roles} | {self.peer_id}
-        result = None
-        if len(trainers) >= self.run.aggregation.min_group_size:
-            with torch.no_grad():
-                updates = [
-                    (a - p.detach()).float().cpu() + c
-                    for a, p, c in zip(self.anchor, self.parameters, self.carry, strict=True)
-                ]
-            try:
-                result = self.aggregator.aggregate(round_no, updates, weight=float(max(samples, 1)))
-            except AggregationError as e:
-                logger.warning(f"round {round_no}: averaging the trainers' parts failed: {e}")
+        if len(trainers) < self.run.aggregation.min_group_size:
+            return None
+        with torch.no_grad():
+            params = [p.detach().clone() for p in self.parameters]
+            updates = [(a - p).float().cpu() + c for a, p, c in zip(self.anchor, params, self.carry, strict=True)]
+        return _Sent(params, updates)
+
+    def _aggregate(self, round_no: int, updates: list[torch.Tensor], samples: int) -> AggregationResult | None:
+        try:
+            return self.aggregator.aggregate(round_no, updates, weight=float(max(samples, 1)))
+        except AggregationError as e:
+            logger.warning(f"round {round_no}: averaging the trainers' parts failed: {e}")
+            return None
+
+    def _apply(self, round_no: int, result: AggregationResult | None, sent: _Sent) -> AggregationResult | None:
+        """``params = anchor - mean`` plus what was trained since ``sent`` was taken; re-anchor (module docstring)."""
         if result is None:
             self.stats["alone"] += 1
             return None
         residual = self.aggregator.residual
         crossed = not isinstance(self.aggregator, HierarchicalAggregator) or self.aggregator.crossed
         with torch.no_grad():
-            for i, (anchor, param, mean) in enumerate(zip(self.anchor, self.parameters, updates, strict=True)):
-                param.copy_(anchor - mean.to(anchor.device, anchor.dtype))
+            for i, (anchor, param, before, mean) in enumerate(
+                zip(self.anchor, self.parameters, sent.params, sent.updates, strict=True)
+            ):
+                averaged = anchor - mean.to(anchor.device, anchor.dtype)
+                param.copy_(averaged + (param - before))  # the steps since the send stay ours (none: bit-exact)
                 if crossed or i not in self.global_:
-                    anchor.copy_(param)
+                    anchor.copy_(averaged)
             sizes = [c.numel() for c in self.carry]
             pieces = residual.split(sizes) if residual is not None else [torch.zeros(n) for n in sizes]
             self.carry = [p.view_as(c).to(torch.float32, copy=True) for p, c in zip(pieces, self.carry, strict=True)]
         self.stats["averaged"] += 1
         self.last = result
-        logger.info(f"round {round_no}: averaged the trainers' parts with {result.group_size - 1} other trainers")
+        across = " (and the global ones across cohorts)" if crossed and self.run.cohorts.enabled else ""
+        logger.info(f"round {round_no}: averaged the trainers' parts in a group of {result.group_size}{across}")
         return result
 
     def shutdown(self) -> None:
-        self.aggregator.shutdown()
+        self.aggregator.shutdown()  # a round in flight gives up (the stop event is set first)
+        self._worker.shutdown(wait=True, cancel_futures=True)

@@ -95,6 +95,10 @@ class HostedStage:
         with torch.no_grad():
             return self.module(hidden)
 
+    def forward_at_version(self, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``forward`` and the version it ran at (call on the compute thread, where every commit runs)."""
+        return self.forward(hidden), self.version
+
     def backward(
         self, key: tuple[str, int], micro_batch: int, hidden: torch.Tensor, grad: torch.Tensor
     ) -> torch.Tensor:

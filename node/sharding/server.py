@@ -290,9 +290,9 @@ class StageServer:
 
     async def _forward(self, request: StageRequest, hosted: HostedStage) -> StageReply:
         (hidden,) = self._hidden_states(request, 1)
-        output = await self._batcher(request.stage).forward(hidden)
+        output, version = await self._batcher(request.stage).forward(hidden)  # the version the pass ran at
         self.calls.computed(hidden.shape[0])
-        return StageReply(ok=True, version=hosted.version, load=self.load, tensors=(output,))
+        return StageReply(ok=True, version=version, load=self.load, tensors=(output,))
 
     async def _backward(self, request: StageRequest, hosted: HostedStage) -> StageReply:
         hidden, grad = self._hidden_states(request, 2)
@@ -388,7 +388,7 @@ class StageServer:
         batcher = self._batchers.get(stage)
         if batcher is None:
             batcher = ForwardBatcher(
-                lambda hidden: self.in_compute(self.hosted[stage].forward, hidden),
+                lambda hidden: self.in_compute(self.hosted[stage].forward_at_version, hidden),
                 self.serve.max_batch,
                 self.serve.batch_wait,
             )

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from dht import Capacity, NodeIdentity, encode_sketch
+from node.aggregation.base import AggregationResult
 from node.capacity import device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, RunConfig
 from node.data import ByteBatches, batch_seed, byte_histogram, load_corpus, split_corpus
@@ -145,6 +146,7 @@ class ShardedTrainer:
         self.remote: RemoteStages | None = None
         self.fronts: FrontAverager | None = None  # averages our own parts with the other trainers (fronts.py)
         self._resumed_fronts: dict[str, Any] | None = None  # the averager's state from --resume's checkpoint
+        self._landed: AggregationResult | None = None  # overlapped: the round that landed during this one
         # progress
         self.step = 0
         self.session = secrets.randbits(30)  # the high bits of our step ids
@@ -208,6 +210,8 @@ class ShardedTrainer:
                 f"no server hosts some of the run's {self.run.sharding.stages} stages; start `zen-node serve` "
                 f"with this run's config (peers listed: {len(self.runtime.peers())})"
             )
+        if self.config.min_peers > 1:  # trainers that start together average from the same parts (fronts.py)
+            self.runtime.wait_for_trainers(self.config.min_peers, self.stop_event)
 
     def train_step(self) -> StepReport:
         """One step (module docstring): micro-batches through the local and remote parts, commit, local step."""
@@ -215,6 +219,8 @@ class ShardedTrainer:
         started = time.perf_counter()
         step_id = (self.session << 24) | self.step
         stages = self.run.sharding.stages
+        if self.fronts is not None:  # overlapped averaging: the last round's mean, as soon as it is there
+            self._landed = self.fronts.land(wait=False) or self._landed
         tokens, targets = self.batches.next()
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         count = self.run.sharding.micro_batches
@@ -283,12 +289,21 @@ class ShardedTrainer:
         return sum(losses) / len(losses)
 
     def _average_fronts(self, batch: int) -> int:
-        """Average our own parts with the other trainers at the end of a round; the group's size (0: none)."""
+        """Average our own parts with the other trainers at the end of a round; the group's size (0: none). With
+        ``sharding.overlap_averaging`` the round only starts here, and this is the previous round's group."""
         if self.fronts is None or self.runtime is None:
             return 0
-        self.fronts.prepare(self.round)  # here, on the training thread (the main one: hivemind starts averagers there)
-        with self.phases.phase("aggregation", f"averaging the trainers' parts, round {self.round}"):
-            result = self.fronts.average(self.round, self.run.train.inner_steps * batch, self.runtime.peers())
+        samples, peers = self.run.train.inner_steps * batch, self.runtime.peers()
+        if self.run.sharding.overlap_averaging:
+            with self.phases.phase("aggregation_wait", f"waiting for round {self.round - 1}'s average"):
+                result = self.fronts.land(wait=True) or self._landed
+            self._landed = None
+            self.fronts.prepare(self.round)  # on the training thread (the main one: hivemind starts averagers there)
+            self.fronts.send(self.round, samples, peers)
+        else:
+            self.fronts.prepare(self.round)
+            with self.phases.phase("aggregation", f"averaging the trainers' parts, round {self.round}"):
+                result = self.fronts.average(self.round, samples, peers)
         return result.group_size if result is not None else 0
 
     def _save_checkpoint(self) -> None:
@@ -339,6 +354,8 @@ class ShardedTrainer:
                     raise
         finally:
             self._credit()  # an unfinished round's steps were committed: they count
+        if self.fronts is not None and not self.stop_event.is_set() and self.fronts.land(wait=True) is not None:
+            self._save_checkpoint()  # overlapped averaging: the last round's mean landed after its checkpoint
         if self.runtime is not None:
             self.runtime.beat()
 
