@@ -3,8 +3,10 @@
 A sharded run's trainers keep their embeddings, first blocks and head; the middle blocks live on
 stage servers. node/sharding/fronts.py averages the trainers' parts every round. This benchmark
 trains the same run twice, in process, on 127.0.0.1 (one real stage server, real libp2p, the
-masked all-reduce): ``separate`` (the trainers' parts stay their own, as before fronts.py) and
-``averaged``; the same data, seeds and steps. Each trainer holds one slice of the text (its
+masked all-reduce): ``separate`` (the trainers' parts stay their own, as before fronts.py),
+``averaged`` (each trainer waits for its round's group) and ``overlapped``
+(``sharding.overlap_averaging``: the round averages in the background and its mean lands during the
+next); the same data, seeds and steps. Each trainer holds one slice of the text (its
 held-out part is the slice's last tenth). Per arm it reports the trainers' mean held-out loss on
 their own slices (``loss_own``) and on every slice (``loss_all``: what the model the trainer holds
 is worth to the run), each through that trainer's parts and the server's stage.
@@ -18,6 +20,7 @@ The run is the sharding tests' small one (tests/sharding_harness.py: 3 blocks, w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -58,15 +61,16 @@ def held_out_loss(trainer: ShardedTrainer, server: StageServer, held_out: bytes)
     return sum(losses) / len(losses)
 
 
-def run_arm(root: Path, slices: list[bytes], rounds: int, averaged: bool) -> dict[str, Any]:
+def run_arm(root: Path, slices: list[bytes], rounds: int, averaged: bool, overlap: bool = False) -> dict[str, Any]:
     """Train ``len(slices)`` trainers for ``rounds`` rounds against one server; their held-out losses."""
-    (server,) = start_servers(root, [StageServer])
+    sharding = dataclasses.replace(node_config(root, "probe", []).run.sharding, overlap_averaging=overlap)
+    (server,) = start_servers(root, [StageServer], sharding=sharding)
     trainers: list[ShardedTrainer] = []
     started = time.monotonic()
     try:
         for i, data in enumerate(slices):
             (root / f"data{i}.txt").write_bytes(data)
-            config = node_config(root, f"trainer{i}", list(server.maddrs), spot_check=0.0)
+            config = node_config(root, f"trainer{i}", list(server.maddrs), spot_check=0.0, sharding=sharding)
             config.data = str(root / f"data{i}.txt")
             trainers.append(ShardedTrainer(config))
             trainers[-1].prepare()
@@ -74,7 +78,14 @@ def run_arm(root: Path, slices: list[bytes], rounds: int, averaged: bool) -> dic
             if not averaged:  # the behaviour before fronts.py (its aggregator stops with the trainer)
                 trainers[-1].fronts = None
         steps = rounds * trainers[0].run.train.inner_steps
-        threads = [threading.Thread(target=lambda t=t: [t.train_step() for _ in range(steps)]) for t in trainers]
+
+        def train(trainer: ShardedTrainer) -> None:
+            for _ in range(steps):
+                trainer.train_step()
+            if trainer.fronts is not None:
+                trainer.fronts.land(wait=True)  # overlapped: the last round's mean (as run_forever lands it)
+
+        threads = [threading.Thread(target=train, args=(t,)) for t in trainers]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -103,6 +114,7 @@ def main() -> None:
     parser.add_argument("--trainers", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--bytes-per-trainer", type=int, default=40_000)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each arm (the means are reported), e.g. 3")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if args.trainers < 3:
@@ -117,14 +129,23 @@ def main() -> None:
         parser.error(f"{path} holds {len(text)} bytes, fewer than --trainers x --bytes-per-trainer")
     slices = [text[i * size : (i + 1) * size] for i in range(args.trainers)]
     result: dict[str, Any] = {"trainers": args.trainers, "rounds": args.rounds, "data": path.name}
-    for name, averaged in (("separate", False), ("averaged", True)):
-        with tempfile.TemporaryDirectory(prefix=f"zen-fronts-{name}-") as folder:
-            result[name] = run_arm(Path(folder), slices, args.rounds, averaged)
+    result["repeats"] = args.repeats
+    for name, averaged, overlap in (("separate", False, False), ("averaged", True, False), ("overlapped", True, True)):
+        runs = []
+        for _ in range(args.repeats):  # concurrent trainers step the shared stage in no fixed order: runs differ
+            with tempfile.TemporaryDirectory(prefix=f"zen-fronts-{name}-") as folder:
+                runs.append(run_arm(Path(folder), slices, args.rounds, averaged, overlap))
+        result[name] = {
+            **{key: round(sum(r[key] for r in runs) / len(runs), 4) for key in ("loss_own", "loss_all", "seconds")},
+            "runs": runs,
+        }
     result["loss_all_ratio"] = round(result["averaged"]["loss_all"] / result["separate"]["loss_all"], 4)
+    result["overlapped_loss_ratio"] = round(result["overlapped"]["loss_all"] / result["averaged"]["loss_all"], 4)
+    result["overlapped_time_ratio"] = round(result["overlapped"]["seconds"] / result["averaged"]["seconds"], 4)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for name in ("separate", "averaged"):
+        for name in ("separate", "averaged", "overlapped"):
             arm = result[name]
             print(f"{name:9s} loss_own {arm['loss_own']:.4f}  loss_all {arm['loss_all']:.4f}  {arm['seconds']} s")
         print(f"averaged / separate (loss_all): {result['loss_all_ratio']}")
