@@ -13,7 +13,8 @@ momentum: plain averaging of the round's change):
    the same on every trainer);
 2. the updates are averaged, weighted by the round's samples, through the run's aggregator
    (``aggregation.mode``: the masked all-reduce by default, groups of at least
-   ``aggregation.min_group_size``, under the key ``<run_id>-trainers``);
+   ``aggregation.min_group_size``, under the run's own key: the run's stage servers average under
+   ``<run_id>-stage<k>``, and a sharded run has no data-parallel trainers);
 3. each member sets ``params = anchor - mean`` and takes it as its new anchor. Members that
    held the same anchor leave bit-identical (the secure ring decodes the same bits on every
    member); AdamW's moments stay each trainer's own, as in DiLoCo.
@@ -35,8 +36,13 @@ ring averages each member's change since that anchor (so it carries the cohort's
 too), and the cross-cohort ring's mean, the same bits on every member, moves every trainer of
 every cohort to one set of global parts; cohort and local parts re-anchor each round. What is
 not built: a trainer that joins late starts from the seeded parts and does not download the
-others' (its anchor then differs from theirs and it converges to them only through the means);
-rounds are synchronous (the trainer waits for its group, no overlap).
+others' (its anchor then differs from theirs and it converges to them only through the means).
+
+Overlap (``sharding.overlap_averaging``, off by default: BENCHMARKS.md shows it even with waiting
+in loss, not better). ``send`` starts the round's averaging on a worker thread and the trainer
+trains on; ``land`` applies the mean as ``params = (anchor - mean) + (params - sent)``, keeping the
+steps trained since the update was taken, at the first step after it lands or at the next round's
+end at the latest. Members then share the anchor, not the parameters.
 """
 
 from __future__ import annotations
