@@ -35,7 +35,7 @@ from node.metrics import NodeMetrics, StageCallCounter
 from node.progress import RoundProgress
 from node.runtime import NodeRuntime, PhaseClock
 from node.sharding.server import StageServer
-from node.sharding.trainer import ShardedTrainer, StepReport
+from node.sharding.trainer import EVAL_BATCHES, ShardedTrainer, StepReport
 from node.training.report import RoundOutcome, RoundReport
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -233,7 +233,8 @@ def test_a_sharded_trainer_and_its_stage_server_feed_their_metrics(tmp_path: Pat
     assert not any(name.startswith("zen_node_round") for name, _ in mine)  # a sharded trainer counts steps
     for method in ("forward", "backward", "commit"):
         assert served[("zen_node_stage_calls_served_total", (("method", method), ("outcome", "ok")))] >= steps
-    assert served[("zen_node_stage_sequences_total", ())] == 2 * steps * batch  # a forward and a backward each
+    # a forward and a backward a step, and the round's held-out evaluation: a forward a batch
+    assert served[("zen_node_stage_sequences_total", ())] == 2 * steps * batch + EVAL_BATCHES * batch
     assert record.stages == (0,) and record.served_per_second > 0
 
 
