@@ -320,7 +320,8 @@ def test_on_a_terminal_the_wait_before_the_first_round_is_drawn_and_a_pipe_gets_
     with clock.phase("peer_wait", "waiting for peers: 1/3 trainers listed"):
         shown = _drain_until(master, "waiting for peers: 1/3 trainers listed (")
         live.write_line("joined run 'r'")
-        after = _drain_until(master, "joined run 'r'\r\n")  # the terminal turns \n into \r\n
+        # the terminal turns \n into \r\n; the line and its redraw may come in separate reads: wait for both
+        after = _drain_until(master, "joined run 'r'\r\nwaiting for peers")
     live.close()
     plain.close()
     piped.close()
