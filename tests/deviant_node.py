@@ -74,18 +74,22 @@ class PoisonedDonor(TrainingNode):
         self.sharer.announce(0)
 
 
+def forging(encode_part: Any) -> Any:
+    """``RingVector.encode_part`` that writes ``FORGED_WEIGHT_WORD`` in place of the honest weight word."""
+
+    def forged(ring: RingVector, words: Any, start: int, stop: int, seed: bytes) -> None:
+        encode_part(ring, words, start, stop, seed)
+        if stop > ring.values.size:  # the part that carries the weight word
+            words[-1] = FORGED_WEIGHT_WORD
+
+    return forged
+
+
 class WeightForger(TrainingNode):
     """An honest trainer whose averager (a forked process: the patch travels with it) forges its weight word."""
 
     def join(self) -> None:
-        encode_part = RingVector.encode_part
-
-        def forged(ring: RingVector, words: Any, start: int, stop: int, seed: bytes) -> None:
-            encode_part(ring, words, start, stop, seed)
-            if stop > ring.values.size:  # the part that carries the weight word
-                words[-1] = FORGED_WEIGHT_WORD
-
-        RingVector.encode_part = forged  # type: ignore[method-assign]
+        RingVector.encode_part = forging(RingVector.encode_part)  # type: ignore[method-assign]
         logger.warning(f"deviant: every weight word sent is {FORGED_WEIGHT_WORD:#x}")
         super().join()
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from deviant_node import FORGED_WEIGHT_WORD
+from deviant_node import forging
 from nacl.public import PrivateKey
 from secagg_harness import (
     LOW_ORDER_POINT,
@@ -270,13 +270,7 @@ def test_a_refused_sum_ends_the_round_at_once_instead_of_retrying_until_the_time
     config = AggregationConfig(min_group_size=3, matchmaking_time=1.0, timeout=60.0, formation="declared")
     template = [torch.zeros(40)]
     encode_part = RingVector.encode_part
-
-    def forged(ring: RingVector, words: Any, start: int, stop: int, seed: bytes) -> None:
-        encode_part(ring, words, start, stop, seed)
-        if stop > ring.values.size:  # the part that carries the weight word
-            words[-1] = FORGED_WEIGHT_WORD
-
-    RingVector.encode_part = forged  # type: ignore[method-assign]
+    RingVector.encode_part = forging(encode_part)  # type: ignore[method-assign]
     try:  # the averager's process forks here and keeps the patch
         forger = SecureAggregator(peers[0].dht, "refused", template, config, peers[0].identity, weight_bound=16.0)
     finally:
