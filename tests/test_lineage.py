@@ -4,6 +4,9 @@ leave it with one robust combination of their states, so the run trains one mode
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hivemind
@@ -20,7 +23,15 @@ from node.aggregation.hierarchy import partition_parameters
 from node.config import ConfigError, ModelConfig, TrainConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
-from node.training.lineage import CHUNK_BYTES, LineageMerger, LineageServer, combine, decode_state, lineage_digest
+from node.training.lineage import (
+    CHUNK_BYTES,
+    DRAIN_SECONDS,
+    LineageMerger,
+    LineageServer,
+    combine,
+    decode_state,
+    lineage_digest,
+)
 from node.training.outer import OuterState
 
 FORK_LINEAGE = [sys.executable, str(REPO_ROOT / "tests" / "deviant_node.py"), "fork-lineage"]
@@ -163,6 +174,36 @@ def test_each_ring_merges_only_what_it_carries_and_local_parameters_never_leave(
             dht.shutdown()
 
 
+def test_a_leaving_node_serves_its_last_state_until_the_other_lineage_fetched_it() -> None:
+    """A node that shuts down right after its last mixed round waits for the members of the other lineage to
+    fetch its state (else they keep their own and the run parts at its final round), and only for them."""
+    dhts = [hivemind.DHT(host_maddrs=[LOCALHOST_MADDR], start=True)]
+    dhts += [hivemind.DHT(host_maddrs=[LOCALHOST_MADDR], initial_peers=dhts[0].get_visible_maddrs(), start=True)]
+    leaving, staying = LineageServer(dhts[0], "drain"), LineageServer(dhts[1], "drain")
+    fetched: list[list[torch.Tensor]] = []
+    try:
+        leaving.keep(6, [torch.full((4,), 2.0)], fetchers={str(dhts[1].peer_id)})
+        late = threading.Timer(
+            1.5, lambda: fetched.append(staying.fetch(str(dhts[0].peer_id), 6, [torch.zeros(4)], 20))
+        )
+        late.start()
+        started = time.monotonic()
+        leaving.shutdown()  # returns once the fetch completed
+        waited = time.monotonic() - started
+        late.join()
+        assert fetched and fetched[0][0].tolist() == [2.0] * 4
+        assert 1.0 < waited < DRAIN_SECONDS
+
+        staying.keep(7, [torch.ones(4)])  # nobody of another lineage: no wait
+        started = time.monotonic()
+        staying.shutdown()
+        assert time.monotonic() - started < 1.0
+    finally:
+        staying.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
+
+
 @pytest.mark.slow
 def test_a_forked_member_rejoins_the_run_and_cannot_pull_it(tmp_path: Path, bootstrap_maddr: str) -> None:
     """A member that shifts its global parameters by 0.5 after round 1 (as a solo or rejected round would
@@ -242,10 +283,33 @@ def test_two_cohorts_end_a_cross_cohort_round_with_one_global_model(tmp_path: Pa
         return all(torch.equal(params[0][keys[k]], other[keys[k]]) for other in params[1:] for k in indices)
 
     merged = [r for r in range(2, rounds + 1, 2) if identical(r, nodes, partition.global_)]
-    formed = [line for node in nodes for line in node.output().splitlines() if "declared" in line or "lineage" in line]
-    assert merged, ("no cross-cohort round left the six trainers with one global model", formed[-40:])
+    assert merged, (
+        "no cross-cohort round left the six trainers with one global model",
+        _why(nodes, rounds, partition.global_, identical),
+    )
     assert not identical(1, nodes, partition.global_)  # before the first cross-cohort round: two lineages
     for cohort in set(cohorts):
         members = [node for node, c in zip(nodes, cohorts, strict=True) if c == cohort]
         assert identical(rounds, members, partition.cohort)
     assert all("Traceback" not in node.output() for node in nodes)
+
+
+def _why(
+    nodes: list[NodeProcess], rounds: int, global_: tuple[int, ...], identical: Callable[..., bool]
+) -> dict[int, object]:
+    """What each cross-cohort round did, node by node: its report row, what it logged of that round."""
+    rows = [{row.get("round"): row for row in node.reports()} for node in nodes]
+    what: dict[int, object] = {}
+    for r in range(2, rounds + 1, 2):
+        said = [
+            f"n{i}: " + line.split(" ", 3)[-1][:150]
+            for i, node in enumerate(nodes)
+            for line in node.output().splitlines()
+            if f"round {r}" in line and any(word in line for word in ("declared", "lineage", "WARN"))
+        ]
+        what[r] = {
+            "same_global_as_n0": [i for i in range(6) if identical(r, [nodes[0], nodes[i]], global_)],
+            "rows": [{k: row.get(r, {}).get(k) for k in ("mode", "group_size", "cohort")} for row in rows],
+            "said": said[-24:],
+        }
+    return what

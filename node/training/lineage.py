@@ -51,6 +51,7 @@ KEPT_SNAPSHOTS = 2  # states served: the last rounds that landed with several li
 MAX_REQUEST_BYTES = 64
 Adopt = Callable[[str, Callable[[], None]], None]  # NodeRuntime.adopt: a component's shutdown, run at close
 FETCH_POLL = 0.2  # seconds between two asks for a state its holder has not landed yet
+DRAIN_SECONDS = 10.0  # at shutdown, the longest wait for members still to fetch our last kept state
 
 
 def lineage_digest(tensors: Sequence[torch.Tensor]) -> str:
@@ -115,18 +116,21 @@ class LineageServer:
         self.name = f"zen.{run_id}.lineage"
         self._states: dict[int, bytes] = {}
         self._lock = threading.Lock()
+        self._owed: tuple[int, set[str]] = (-1, set())  # the last kept round, and who is still to fetch it
         self._rpc = P2PLoop(dht, "lineage")
         self._rpc.run(self._rpc.p2p.add_protobuf_handler(self.name, self._handle, runtime_pb2.ExpertRequest))
 
-    def keep(self, round_no: int, tensors: Sequence[torch.Tensor]) -> None:
-        """Serve ``tensors`` as our state after round ``round_no`` (the last ``KEPT_SNAPSHOTS`` rounds kept)."""
+    def keep(self, round_no: int, tensors: Sequence[torch.Tensor], fetchers: Collection[str] = ()) -> None:
+        """Serve ``tensors`` as our state after round ``round_no`` (the last ``KEPT_SNAPSHOTS`` rounds kept);
+        ``fetchers``: the members that will fetch it (a node that leaves waits for them: ``shutdown``)."""
         blob = _encode(tensors)
         with self._lock:
             self._states[round_no] = blob
+            self._owed = (round_no, set(fetchers))
             for old in sorted(self._states)[:-KEPT_SNAPSHOTS]:
                 del self._states[old]
 
-    async def _handle(self, request: runtime_pb2.ExpertRequest, _: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def _handle(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         reply: dict[str, object] = {"ok": False}
         try:
             fields = msgpack.unpackb(request.metadata[:MAX_REQUEST_BYTES], raw=False) if request.metadata else None
@@ -137,6 +141,9 @@ class LineageServer:
                 if blob is not None:
                     chunk = blob[offset : offset + CHUNK_BYTES]
                     reply = {"ok": True, "total": len(blob), "chunk": chunk}
+                    done = offset + len(chunk) >= len(blob) and context.remote_id is not None
+                    if done and round_no == self._owed[0]:
+                        self._owed[1].discard(context.remote_id.to_base58())  # its fetch is complete
         except (ValueError, TypeError, KeyError, msgpack.ExtraData) as e:
             logger.info(f"refused a malformed lineage request: {e}")
         return runtime_pb2.ExpertResponse(metadata=msgpack.packb(reply, use_bin_type=True))
@@ -185,6 +192,17 @@ class LineageServer:
         return total, chunk
 
     def shutdown(self) -> None:
+        """Stop serving, once the members of our last mixed round fetched our state (at most ``DRAIN_SECONDS``):
+        a node that leaves right after its last round would otherwise keep them from merging it."""
+        round_no, owed = self._owed
+        if owed:
+            logger.info(
+                f"waiting up to {DRAIN_SECONDS:.0f} s for {len(owed)} member(s) to fetch our state after "
+                f"round {round_no}"
+            )
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while owed and time.monotonic() < deadline:
+                time.sleep(FETCH_POLL)
         self._rpc.shutdown()
 
 
@@ -227,7 +245,13 @@ class LineageMerger:
         if not rings:
             return 1
         own = [t.detach().cpu().clone() for t in outer.shared_tensors(self.local)]
-        self.server.keep(result.round, own)  # what the other lineages' members fetch from us
+        fetchers = {  # the members of other lineages: each fetches our state
+            peer
+            for ring in rings
+            for peer, state in zip(ring.peers, ring.states, strict=True)
+            if state != ring.states[ring.peers.index(self.peer_id)]
+        }
+        self.server.keep(result.round, own, fetchers)  # what the other lineages' members fetch from us
         if not applied:
             return 1
         count, merged, fetched = len(outer.params), list(own), dict[str, list[torch.Tensor]]()
