@@ -387,12 +387,13 @@ class RunConfig:
             not self.privacy.enabled or self.aggregation.mode == "secure",
             "privacy needs aggregation.mode = 'secure' (the noise shares are added inside the masked ring)",
         )
-        # What leaves a sharded trainer is each record's hidden states and their gradients (to stage servers,
-        # which train on them without DP); its local parts never leave it (docs/architecture.md, "Sharding").
+        # A sharded trainer's DP-SGD covers its own parts; the stages train on hidden states and gradients
+        # without DP, and user-level noise lives in the trainers' ring, which stage weights never cross
+        # (node/sharding/private.py).
         _require(
-            not self.privacy.enabled or self.sharding.stages == 0,
-            "privacy cannot yet be combined with sharding (stage servers see each record's hidden states and "
-            "gradients and train on them without DP); set privacy.enabled = false or sharding.stages = 0",
+            not self.privacy.enabled or self.sharding.stages == 0 or self.privacy.level == "record",
+            "user-level privacy cannot be combined with sharding (its noise is added in the trainers' ring, "
+            'which the stages\' weights never cross); set privacy.level = "record" or sharding.stages = 0',
         )
         _require(
             0 < len(self.run_id) <= 64 and all(c.isalnum() or c in "-_" for c in self.run_id),

@@ -231,21 +231,21 @@ def test_a_swarm_trains_with_record_level_dp(tmp_path: Path, bootstrap_maddr: st
         assert 0 < epsilons[0] < epsilons[-1] <= 8.0
 
 
-@pytest.mark.parametrize("level", ["record", "user"])
-def test_privacy_with_sharding_is_refused_in_one_line(level: str) -> None:
-    """A sharded run with DP would send every record's hidden states and gradients out un-noised: refused."""
+def test_user_level_privacy_with_sharding_is_refused_in_one_line_and_record_level_starts() -> None:
+    """User-level noise lives in the trainers' ring, which the stages' weights never cross: refused. Record-level
+    DP-SGD covers a sharded trainer's own parts (node/sharding/private.py): accepted."""
     # Prepare
-    overrides = {"run.privacy.enabled": True, "run.privacy.level": level, "run.privacy.target_epsilon": 8.0}
+    overrides = {"run.privacy.enabled": True, "run.privacy.target_epsilon": 8.0, "run.sharding.stages": 1}
 
     # Execute
     with pytest.raises(ConfigError) as refused:
-        load_node_config(None, {**overrides, "run.sharding.stages": 1})
+        load_node_config(None, {**overrides, "run.privacy.level": "user"})
 
     # Assert
     message = str(refused.value)
-    assert "\n" not in message and "cannot yet be combined with sharding" in message
-    assert "set privacy.enabled = false or sharding.stages = 0" in message
-    assert load_node_config(None, overrides).run.privacy.enabled  # the same privacy without sharding starts
+    assert "\n" not in message and "user-level privacy cannot be combined with sharding" in message
+    assert 'set privacy.level = "record" or sharding.stages = 0' in message
+    assert load_node_config(None, {**overrides, "run.privacy.level": "record"}).run.privacy.enabled
 
 
 def test_record_level_dp_with_cohorts_starts_and_plans_the_same_steps(tmp_path: Path) -> None:

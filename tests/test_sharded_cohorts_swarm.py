@@ -1,9 +1,9 @@
-"""Cohorts, sharding and 8-bit compression in one secure run: real `zen-node join` and `zen-node serve` processes.
+"""Cohorts, sharding, 8-bit compression and DP in one secure run: real `zen-node join` and `zen-node serve` processes.
 
 Six trainers on real text of two domains (tinyshakespeare, the Python language reference), two stage servers
-(one per stage), cohorts on (every 2nd round across cohorts), the masked all-reduce with 8-bit words. Before,
-cohorts with sharding were refused, and a sharded trainer's own parts were never averaged. (DP with sharding
-is still refused: docs/architecture.md, "No DP with sharding".)
+(one per stage), cohorts on (every 2nd round across cohorts), the masked all-reduce with 8-bit words, and
+record-level DP-SGD on each trainer's own parts (node/sharding/private.py). Before, cohorts with sharding were
+refused, a sharded trainer's own parts were never averaged, and DP with sharding was refused.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def test_six_sharded_trainers_in_two_cohorts_train_one_global_model_over_two_ser
         sharding={"stages": 2, "local_blocks": 1, "average_period": 0, "request_timeout": 5.0},
         cohorts={"enabled": True, "global_every": 2},
         compression={"bits": 8},
+        privacy={"enabled": True, "target_epsilon": 8.0, "planned_rounds": 4},
     )
     texts = domain_texts()
     data = [texts[("drama", "docs")[i % 2]][(i // 2) * SLICE : (i // 2 + 1) * SLICE] for i in range(6)]
@@ -68,6 +69,8 @@ def test_six_sharded_trainers_in_two_cohorts_train_one_global_model_over_two_ser
     assert all(r["cohort"] == mine[-1]["cohort"] for mine in rows for r in mine if r["group"])  # within cohorts
     assert all(sum(r["group"] >= 3 for r in mine) == rounds for mine in rows)  # every round averaged
     assert all(math.isfinite(r["eval_loss"]) for mine in rows for r in mine if r["eval_loss"] is not None)
+    epsilons = [[r["epsilon"] for r in mine] for mine in rows]  # DP-SGD's steps, counted in every trainer's report
+    assert all(0 < mine[0] < mine[-1] <= 8.0 for mine in epsilons), epsilons
     steps = sum(len(mine) for mine in rows)
     assert [max(r["versions"][k] for mine in rows for r in mine) for k in (0, 1)] == [steps, steps]  # each step once
 

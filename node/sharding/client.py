@@ -224,12 +224,19 @@ class RemoteStages:
             prefer = None  # the server was banned: redo the call elsewhere
 
     def backward(
-        self, stage: int, step: int, micro_batch: int, hidden: torch.Tensor, grad: torch.Tensor, prefer: str | None
+        self,
+        stage: int,
+        step: int,
+        micro_batch: int,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        prefer: str | None,
+        micro_batches: int | None = None,
     ) -> tuple[torch.Tensor, str]:
-        """The gradient of the stage's input; the server keeps the parameter gradients for the commit."""
-        request = StageRequest(
-            "backward", stage, self.identity.peer_id, step, micro_batch, self.sharding.micro_batches, (hidden, grad)
-        )
+        """The gradient of the stage's input; the server keeps the parameter gradients for the commit, which
+        applies once all ``micro_batches`` of the step are in (default ``sharding.micro_batches``)."""
+        count = self.sharding.micro_batches if micro_batches is None else micro_batches
+        request = StageRequest("backward", stage, self.identity.peer_id, step, micro_batch, count, (hidden, grad))
         reply, peer = self._call(request, prefer)
         (grad_input,) = self._expect(reply, 1, hidden.shape)
         return grad_input, peer

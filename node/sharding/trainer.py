@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -62,9 +63,12 @@ from node.model import build_model
 from node.runtime import NodeRuntime, PhaseClock
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.fronts import FrontAverager
+from node.sharding.pipeline import StepPipeline
+from node.sharding.private import ShardedDPSGD
 from node.sharding.stages import LocalParts
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 from node.training.ledger import ContributionLedger
+from node.training.privacy import TrainerPrivacy
 from node.training.report import append_report
 
 logger = logging.getLogger(__name__)
@@ -88,6 +92,7 @@ class StepReport:
     group: int = 0  # trainers that averaged their own parts at the end of this step's round (0: none)
     eval_loss: float | None = None  # at a round's last step: the held-out loss after the round (``evaluate``)
     cohort: str | None = None  # with [run.cohorts]: the cohort this trainer averaged in (node/sharding/fronts.py)
+    epsilon: float | None = None  # with [run.privacy]: epsilon spent so far (node/sharding/private.py)
 
 
 def training_batches(run: RunConfig, corpus: bytes) -> ByteBatches:
@@ -141,6 +146,7 @@ class ShardedTrainer:
         self.device: torch.device
         self.local: LocalParts  # embedding, first blocks, head
         self.optimizer: torch.optim.Optimizer
+        self.privacy: TrainerPrivacy | None = None  # record-level DP-SGD of our parts (node/sharding/private.py)
         # the swarm: the runtime is born in prepare() (identity), the stages' client in join()
         self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
         self.remote: RemoteStages | None = None
@@ -175,6 +181,12 @@ class ShardedTrainer:
         self.local.to(self.device)
         train = self.run.train
         self.optimizer = torch.optim.AdamW(self.local.parameters(), lr=train.inner_lr, weight_decay=train.weight_decay)
+        if self.run.privacy.enabled:  # DP-SGD on the training split's records (node/sharding/private.py)
+            dpsgd = partial(ShardedDPSGD, micro_batches=self.run.sharding.micro_batches)
+            train_bytes = split_corpus(corpus, self.run.model.context)[0]
+            self.privacy = TrainerPrivacy.create(
+                self.config, self.local, self.optimizer, train_bytes, train.batch_size, dpsgd
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.config.resume:
             self._load_checkpoint()
@@ -188,6 +200,7 @@ class ShardedTrainer:
             roles=("trainer",),
             round=self.step,
             state_digest=b"",
+            epsilon=-1.0 if self.privacy is None else self.privacy.epsilon(),
         )
 
     def join(self) -> None:
@@ -218,39 +231,17 @@ class ShardedTrainer:
         remote = self._remote()
         started = time.perf_counter()
         step_id = (self.session << 24) | self.step
-        stages = self.run.sharding.stages
         if self.fronts is not None:  # overlapped averaging: the last round's mean, as soon as it is there
             self._landed = self.fronts.land(wait=False) or self._landed
-        tokens, targets = self.batches.next()
-        tokens, targets = tokens.to(self.device), targets.to(self.device)
-        count = self.run.sharding.micro_batches
-        pieces = list(zip(tokens.chunk(count), targets.chunk(count), strict=True))
-        saved: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(stages)]
-        servers: list[str | None] = [None] * stages
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro_batch, (piece, piece_targets) in enumerate(pieces):
-            front = self.local.front(piece)
-            hidden, inputs = front.detach().cpu(), []
-            for stage in range(stages):
-                inputs.append(hidden)
-                hidden, servers[stage] = remote.forward(stage, step_id, hidden, servers[stage])
-            out = hidden.to(self.device).requires_grad_(True)
-            loss = self.local.head(out, piece_targets) * (piece.shape[0] / tokens.shape[0])
-            loss.backward()
-            assert out.grad is not None
-            grad = out.grad.detach().cpu()
-            for stage in reversed(range(stages)):
-                saved[stage].append((inputs[stage], grad))
-                grad, servers[stage] = remote.backward(stage, step_id, micro_batch, inputs[stage], grad, servers[stage])
-            front.backward(grad.to(self.device))
-            total += loss.item()
-        versions = [remote.commit(stage, step_id, saved[stage], servers[stage]) for stage in range(stages)]
-        self.optimizer.step()
+        if self.privacy is not None:
+            batch, total, versions, servers = self._private_step(remote, step_id)
+        else:
+            batch, total, versions, servers = self._plain_step(remote, step_id)
         self.step += 1
         group, eval_loss = 0, None
         if self.step % self.run.train.inner_steps == 0:  # a round's last step
-            group = self._average_fronts(tokens.shape[0])
+            batch_size = self.run.train.batch_size  # DP-SGD's Poisson batch: its expected size
+            group = self._average_fronts(batch_size if self.privacy is None else self.privacy.step_samples(batch_size))
             self._save_checkpoint()
             eval_loss = self.evaluate()
         seconds = time.perf_counter() - started
@@ -260,20 +251,52 @@ class ShardedTrainer:
             versions=versions,
             servers=[(s or "")[:16] for s in servers],
             seconds=seconds,
-            tokens_per_second=tokens.numel() / max(seconds, 1e-9),
+            tokens_per_second=batch * self.run.model.context / max(seconds, 1e-9),
             failovers=remote.stats["failovers"],
             bans=len(remote.bans_published),
             group=group,
             eval_loss=eval_loss,
             cohort=self.fronts.cohort_id if self.fronts is not None else None,
+            epsilon=None if self.privacy is None else round(self.privacy.epsilon(), 4),
         )
         append_report(self.workdir, report)
         samples, spent = self._uncredited
-        self._uncredited = (samples + tokens.shape[0], spent + seconds)
+        self._uncredited = (samples + batch, spent + seconds)
         if self.step % self.run.train.inner_steps == 0:
             self._credit()
         self.on_step(report)
         return report
+
+    def _plain_step(self, remote: RemoteStages, step_id: int) -> tuple[int, float, list[int], list[str | None]]:
+        """A step's gradients (module docstring, 1-2) and the local AdamW step; (batch, loss, versions, servers)."""
+        tokens, targets = self.batches.next()
+        tokens, targets = tokens.to(self.device), targets.to(self.device)
+        count = self.run.sharding.micro_batches
+        pipeline = StepPipeline(remote, step_id, self.run.sharding.stages, count)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for piece, piece_targets in zip(tokens.chunk(count), targets.chunk(count), strict=True):
+            front = self.local.front(piece)
+            out = pipeline.forward(front).to(self.device).requires_grad_(True)
+            loss = self.local.head(out, piece_targets) * (piece.shape[0] / tokens.shape[0])
+            loss.backward()
+            assert out.grad is not None
+            front.backward(pipeline.backward(out.grad).to(self.device))
+            total += loss.item()
+        versions = pipeline.commit()
+        self.optimizer.step()
+        return tokens.shape[0], total, versions, pipeline.servers
+
+    def _private_step(self, remote: RemoteStages, step_id: int) -> tuple[int, float, list[int], list[str | None]]:
+        """A DP-SGD step (node/sharding/private.py); an empty Poisson sample sends nothing and commits nothing."""
+        assert self.privacy is not None and isinstance(self.privacy.dpsgd, ShardedDPSGD)
+        dpsgd, stages = self.privacy.dpsgd, self.run.sharding.stages
+        dpsgd.pipeline_for = lambda count: StepPipeline(remote, step_id, stages, count)
+        loss = self.privacy.inner_step()  # type: ignore[misc]  # counted by the accountant
+        pipeline = dpsgd.pipeline
+        assert pipeline is not None
+        versions = pipeline.commit() if pipeline.sent else [remote.versions.get(s, 0) for s in range(stages)]
+        return dpsgd.last_batch, loss, versions, pipeline.servers
 
     def evaluate(self) -> float:
         """The mean loss on the held-out batches: our parts here, the stages' forward on their servers (no step)."""
@@ -316,6 +339,7 @@ class ShardedTrainer:
                 outer_opt=self.fronts.state() if self.fronts is not None else {},
                 inner_opt=self.optimizer.state_dict(),
                 data_rng=self.batches.state(),
+                dp_rounds=0 if self.privacy is None else self.privacy.spent,
             ).save(self.workdir, run=self.run, peer_id=self.identity.peer_id)
 
     def _load_checkpoint(self) -> None:
@@ -327,6 +351,8 @@ class ShardedTrainer:
         checkpoint.copy_params_into(list(self.local.parameters()), what, "use another --workdir")
         self.optimizer.load_state_dict(checkpoint.inner_opt)
         self.batches.restore(checkpoint.data_rng)
+        if self.privacy is not None:
+            self.privacy.restore(checkpoint.dp_rounds)  # DP-SGD steps counted so far
         self.step = checkpoint.round * self.run.train.inner_steps
         self._resumed_fronts = checkpoint.outer_opt or None
         logger.info(f"resumed from {self.workdir / CHECKPOINT_FILE} at round {self.round} (step {self.step})")
@@ -344,7 +370,7 @@ class ShardedTrainer:
         """Train ``node.rounds * train.inner_steps`` steps (0 rounds: until stopped)."""
         total = self.config.rounds * self.run.train.inner_steps
         try:
-            while not self.stop_event.is_set() and not (total and self.step >= total):
+            while not self.stop_event.is_set() and not (total and self.step >= total) and not self._budget_spent():
                 try:
                     with self.phases.phase("inner", f"step {self.step + 1}"):  # remote stages included
                         self.train_step()
@@ -358,6 +384,17 @@ class ShardedTrainer:
             self._save_checkpoint()  # overlapped averaging: the last round's mean landed after its checkpoint
         if self.runtime is not None:
             self.runtime.beat()
+
+    def _budget_spent(self) -> bool:
+        """Whether DP-SGD's budget allows no more step: the trainer then stops (it cannot train without the
+        stages, and what it sends them is not covered by DP: node/sharding/private.py)."""
+        if self.privacy is None or self.privacy.steps is None or self.privacy.steps.steps_left() != 0:
+            return False
+        logger.warning(
+            f"privacy budget spent (epsilon {self.privacy.epsilon():.3f} of {self.privacy.target_epsilon}) "
+            f"after {self.step} steps: stopping"
+        )
+        return True
 
     def _remote(self) -> RemoteStages:
         if self.remote is None:

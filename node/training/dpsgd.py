@@ -179,26 +179,29 @@ class DPSGDStep:
             grads, losses = self._per_example(detached, tokens.to(self.device), targets.to(self.device))
         return grads, float(losses.mean())
 
+    def slices(self, count: int) -> list[slice]:
+        """The chunks ``step_on`` cuts a batch of ``count`` examples into (one, empty, for an empty batch)."""
+        return [slice(start, start + self.chunk) for start in range(0, max(1, count), self.chunk)]
+
     def step_on(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
         """Clip, noise and apply the gradients of this batch; returns its mean loss.
 
         The batch goes through in chunks: Opacus clips each chunk's examples into the parameters' ``summed_grad``
         (a skipped step), and the last chunk's step adds the noise once and steps the optimizer.
         """
-        starts = range(0, max(1, tokens.shape[0]), self.chunk)
+        parts = self.slices(tokens.shape[0])
         total = 0.0
         groups = self.optimizer.param_groups  # the trainer's: its schedule set their lr for this step
         rates = [group["lr"] for group in groups]
         try:
             for group, rate in zip(groups, rates, strict=True):
                 group["lr"] = rate * self.lr_scale
-            for start in starts:
-                part = slice(start, start + self.chunk)
+            for part in parts:
                 grads, loss = self.per_example_gradients(tokens[part], targets[part])
                 total += loss * tokens[part].shape[0]
                 for name, param in self.params.items():
                     param.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus' DPOptimizer
-                self.optimizer.signal_skip_step(start != starts[-1])  # all but the last chunk: clip and accumulate
+                self.optimizer.signal_skip_step(part is not parts[-1])  # all but the last chunk: clip and accumulate
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)  # after a skipped step it keeps the clipped sum
         finally:

@@ -58,6 +58,8 @@ from node.tokens import RunTokenizer
 from node.training.dpsgd import DPSGDStep, RecordAccountant, RecordSampler, calibrate_record_noise
 from node.training.report import RoundOutcome
 
+StepMaker = Callable[..., DPSGDStep]  # (model, optimizer, sampler, sigma, clip_norm, device, lr_scale) -> the step
+
 if TYPE_CHECKING:
     from node.config import PrivacyConfig
 
@@ -257,13 +259,15 @@ def setup_record_privacy(
     batch_size: int,
     device: torch.device,
     epsilon_budget: float,
+    make_step: StepMaker | None = None,
 ) -> tuple[DPSGDStep, RecordAccountant]:
     """Record level: the DP-SGD step over this node's records and the accountant of its steps.
 
     The records are windows of ``context + 1`` of the training text's tokens (node/training/dpsgd.py): ``corpus``
     is that text's bytes, tokenized here with the run's tokenizer (bytes for the built-in GPT), or its token ids.
     DP-SGD expects ``privacy.batch_scale`` x ``batch_size`` records a step and steps at ``privacy.lr_scale``
-    x the inner lr (node/training/dpsgd.py says why).
+    x the inner lr (node/training/dpsgd.py says why). ``make_step`` builds the step from DPSGDStep's arguments
+    (default: DPSGDStep itself; a sharded trainer's takes its per-example gradients through the stages).
 
     Raises:
         ConfigError: an "hf" model whose per-example gradients cannot be taken (``check_per_example_gradients``).
@@ -276,7 +280,7 @@ def setup_record_privacy(
         privacy.target_epsilon, privacy.delta, sampler.sample_rate, planned
     )
     budget = node_budget(privacy, epsilon_budget)
-    step = DPSGDStep(model, optimizer, sampler, sigma, privacy.clip_norm, device, privacy.lr_scale)
+    step = (make_step or DPSGDStep)(model, optimizer, sampler, sigma, privacy.clip_norm, device, privacy.lr_scale)
     check_per_example_gradients(run, step)
     accountant = RecordAccountant(sigma, sampler.sample_rate, privacy.delta, budget)
     logger.info(
@@ -340,16 +344,17 @@ class TrainerPrivacy:
         optimizer: torch.optim.Optimizer,
         corpus: bytes | torch.Tensor,
         batch_size: int,
+        make_step: StepMaker | None = None,
     ) -> TrainerPrivacy:
         """A node's DP: ``model`` (its device), ``optimizer`` and training ``corpus`` (its bytes or token ids)
-        serve the record level."""
+        serve the record level (``make_step``: as for ``setup_record_privacy``)."""
         run, epsilon_budget, privacy = config.run, config.epsilon_budget, config.run.privacy
         device = next(model.parameters()).device
         if privacy.level == "user":
             dimension = sum(p.numel() for p in model.parameters())
             user = setup_privacy(run, dimension, epsilon_budget)
             return cls("user", privacy.target_epsilon, privacy.clip_norm, user=user)
-        record = setup_record_privacy(run, model, optimizer, corpus, batch_size, device, epsilon_budget)
+        record = setup_record_privacy(run, model, optimizer, corpus, batch_size, device, epsilon_budget, make_step)
         return cls("record", privacy.target_epsilon, privacy.clip_norm, record=record)
 
     # ---- the inner phase (record level) --------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Record-level DP-SGD for a sharded trainer: per-example gradients of its own parts, through the stages.
+
+A sharded trainer holds the embeddings, the first ``local_blocks`` blocks, the final norm and the
+tied head (``LocalParts``); the middle blocks run on stage servers. Its DP-SGD step is the one of
+``zen-node join`` (node/training/dpsgd.py: Poisson sampling of its records, Opacus' clip and
+noise, the same accountant and budget), with the per-example gradients taken in three pieces,
+one micro-batch of examples at a time:
+
+1. the front runs here, batched (no gradient), and its output goes through every stage
+   (node/sharding/pipeline.py);
+2. the head: each example's gradient of its own loss with respect to the head's parameters (the
+   final norm and the tied embedding) and to the last stage's output (``vmap`` of ``grad``);
+3. the latter, divided by the expected batch size, goes back through the stages, which return each
+   example's gradient of the front's output (examples never mix in a transformer's blocks) and keep
+   their parameter gradients of the batch's mean loss for the commit; then each example's gradient
+   of the front's parameters is the vector-Jacobian product of its own front with its own row
+   (``vmap`` of ``vjp``).
+
+The two parts add up (the embedding is used by both) to the exact gradient of each example's loss
+with respect to the trainer's parameters, which Opacus clips to ``clip_norm`` as a whole and
+noises (tests/test_sharded_privacy.py checks them against one backward per example through real
+stage servers).
+
+What DP covers here, and what it does not. The trainer's own parameters, and so everything its
+``FrontAverager`` sends to the other trainers and every model derived from them, are DP-SGD
+output: (epsilon, delta) per record, as in a data-parallel run. The stage servers are outside that
+guarantee: they see each record's hidden states after the trainer's first blocks and their
+gradients, unclipped and without noise, and train their stages on them, so the stages' weights,
+and anyone who can read a server's traffic or its weights, are not covered. Run sharded DP
+with stage servers you trust with your data (your own GPU, a colleague's); with servers you do not,
+use a data-parallel run (no stages). The run's config refuses user-level DP with sharding: its
+noise lives in the trainers' ring, which the stages' weights never cross.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from node.sharding.pipeline import StepPipeline
+from node.sharding.stages import LocalParts
+from node.training.dpsgd import DPSGDStep, RecordSampler
+
+HEAD_PREFIXES = ("wte.", "ln_f.")  # what LocalParts.head uses: the final norm and the tied embedding
+MAX_MICRO_BATCHES = 64  # the stage protocol's limit (node/sharding/messages.py)
+
+
+class _Method(nn.Module):
+    """``parts.<method>`` as a module's forward, for ``functional_call`` (its parameters are ``parts.<name>``)."""
+
+    def __init__(self, parts: LocalParts, method: str):
+        super().__init__()
+        self.parts, self.method = parts, method
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return getattr(self.parts, self.method)(*args)
+
+
+class ShardedDPSGD(DPSGDStep):
+    """DP-SGD on a sharded trainer's own parts (module docstring). Args as for ``DPSGDStep``, and:
+
+    Args:
+        micro_batches: the fewest pieces a step's sample is cut into (``sharding.micro_batches``; more if a
+            piece's per-example gradients would exceed ``MAX_PER_SAMPLE_FLOATS``).
+
+    Before each call, set ``pipeline_for``: it gives the step's ``StepPipeline`` for a number of micro-batches;
+    after it, ``pipeline`` is the one used (commit it if it sent anything: ``pipeline.sent``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sampler: RecordSampler,
+        noise_multiplier: float,
+        clip_norm: float,
+        device: torch.device,
+        lr_scale: float = 1.0,
+        micro_batches: int = 1,
+    ):
+        if not isinstance(model, LocalParts):
+            raise TypeError("ShardedDPSGD trains a sharded trainer's LocalParts")
+        super().__init__(model, optimizer, sampler, noise_multiplier, clip_norm, device, lr_scale)
+        self.local, self.micro_batches = model, micro_batches
+        self.expected_batch = max(1, round(sampler.sample_rate * sampler.count))
+        self.pipeline_for: Callable[[int], StepPipeline] | None = None
+        self.pipeline: StepPipeline | None = None
+        self.last_batch = 0  # examples in the last call's Poisson sample
+        self._front, self._head = _Method(model, "front"), _Method(model, "head")
+        self._head_names = [name for name in self.params if name.startswith(HEAD_PREFIXES)]
+        self._front_names = [name for name in self.params if not name.startswith("ln_f.")]
+        self._per_example_head = vmap(
+            grad_and_value(self._head_loss, argnums=(0, 1)), in_dims=(None, 0, 0), randomness="different"
+        )
+        self._per_example_front = vmap(self._front_pullback, in_dims=(None, 0, 0), randomness="different")
+
+    def slices(self, count: int) -> list[slice]:
+        """At least ``micro_batches`` pieces (fewer if there are fewer examples), none over the memory chunk."""
+        pieces = min(MAX_MICRO_BATCHES, max(self.micro_batches, math.ceil(count / self.chunk)), max(1, count))
+        size = math.ceil(max(1, count) / pieces)
+        return [slice(start, start + size) for start in range(0, max(1, count), size)]
+
+    def __call__(self) -> float:
+        """One step on a fresh Poisson sample; ``pipeline`` then holds its remote part, still to be committed."""
+        if self.pipeline_for is None:
+            raise RuntimeError("ShardedDPSGD.pipeline_for was not set")
+        tokens, targets = self.sampler.sample()
+        self.last_batch = tokens.shape[0]
+        self.pipeline = self.pipeline_for(len(self.slices(tokens.shape[0])) if tokens.shape[0] else 1)
+        return self.step_on(tokens, targets)
+
+    def per_example_gradients(
+        self, tokens: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Each example's gradient of its own loss (name -> [batch, *shape]) and the mean loss (module docstring)."""
+        if tokens.shape[0] == 0:  # an empty Poisson sample: zeros, and nothing goes to the stages
+            return super().per_example_gradients(tokens, targets)
+        if self.pipeline is None:
+            raise RuntimeError("ShardedDPSGD has no pipeline for this step")
+        tokens, targets = tokens.to(self.device), targets.to(self.device)
+        params = {name: p.detach() for name, p in self.params.items()}
+        with torch.no_grad():
+            hidden = self.local.front(tokens)
+        out = self.pipeline.forward(hidden).to(self.device)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no vmap rule
+            head = self._per_example_head({name: params[name] for name in self._head_names}, out, targets)
+            (head_grads, out_grads), losses = head[0], head[1]
+            scale = self.expected_batch  # the stages train on the batch's mean loss, as without DP
+            front_out = self.pipeline.backward(out_grads / scale).to(self.device) * scale
+            front_grads = self._per_example_front({name: params[name] for name in self._front_names}, tokens, front_out)
+        grads = {name: front_grads.get(name, 0) + head_grads.get(name, 0) for name in self.params}
+        return grads, float(losses.mean())
+
+    def _head_loss(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        named = {f"parts.{name}": value for name, value in params.items()}
+        return functional_call(self._head, named, (hidden[None], targets[None]))
+
+    def _front_pullback(
+        self, params: dict[str, torch.Tensor], tokens: torch.Tensor, cotangent: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        def front(chosen: dict[str, torch.Tensor]) -> torch.Tensor:
+            named = {f"parts.{name}": value for name, value in chosen.items()}
+            return functional_call(self._front, named, (tokens[None],))
+
+        pullback = vjp(front, params)[1]
+        return pullback(cotangent[None])[0]
