@@ -10,11 +10,11 @@ Setup: a bootstrap peer and ``--domains`` x ``--peers-per-domain`` trainers; tra
 contiguous ``--bytes-per-peer`` slice of real text of domain ``i mod K`` (benchmarks/domain_corpora.py:
 plays, the Python language reference, package licences; or ``--corpora-dir``). The run: cohorts on
 (the adaptive rule), ``aggregation.mode = "secure"``, ``compression.bits = --bits``, record-level DP
-at ``--epsilon`` (delta 1e-5) over the planned rounds. With ``--stages S`` (and ``--epsilon 0``: DP
-with sharding is refused, docs/architecture.md, "No DP with sharding") the model has ``1 + S``
+at ``--epsilon`` (delta 1e-5) over the planned rounds. With ``--stages S`` the model has ``1 + S``
 blocks, block 0 on the trainers and one block per stage on ``zen-node serve`` processes (``--servers``,
 server ``k`` pinned to stage ``k mod S``); the trainers then average their own parts
-(node/sharding/fronts.py), by cohort, and their parameters come from their checkpoints.
+(node/sharding/fronts.py), by cohort, and their parameters come from their checkpoints; DP-SGD then
+covers the trainers' own parts, not the stages (node/sharding/private.py).
 
 Then, in this process, each trainer's "alone" baseline: the same model trained alone on its own
 slice for the same number of inner steps (AdamW, no DP, no averaging), evaluated on the same
@@ -195,7 +195,10 @@ def trainer_views(folders: list[Path], run: RunConfig) -> tuple[list[dict[str, A
             assert checkpoint is not None, f"{folder} wrote no checkpoint"
             grouped = [r for r in rows if r["group"] > 0]
             versions = [max(r["versions"][k] for r in rows) for k in range(run.sharding.stages)]
-            view = dict(steps=len(rows), params=checkpoint.global_params, bytes=None, epsilon=0.0, versions=versions)
+            epsilon = max((r.get("epsilon") or 0.0) for r in rows)
+            view = dict(
+                steps=len(rows), params=checkpoint.global_params, bytes=None, epsilon=epsilon, versions=versions
+            )
         else:
             last = rows[-1]
             grouped = [r for r in rows if r["mode"] == "group"]
@@ -277,10 +280,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.domains <= 3 or args.peers_per_domain < 3:
         parser.error("--domains must be in [1, 3] and --peers-per-domain >= 3 (a secure group needs 3)")
-    if args.stages < 0 or (args.stages and (args.epsilon > 0 or args.servers < args.stages)):
-        parser.error(
-            "--stages needs --epsilon 0 (DP with sharding is refused) and --servers >= --stages (one per stage)"
-        )
+    if args.stages < 0 or (args.stages and args.servers < args.stages):
+        parser.error("--stages must be >= 0, and --servers >= --stages (one server per stage)")
     torch.set_num_threads(1)
     data = domain_slices(args)
     started = time.monotonic()

@@ -66,7 +66,7 @@ __all__ = [
 
 ROUND_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, math.inf)
 CALL_OUTCOMES = ("ok", "busy", "averaging", "missing", "needs_proof", "declined", "refused", "error")
-CALL_METHODS = ("forward", "backward", "commit", "replicate", "state", "weights", "malformed")
+CALL_METHODS = ("forward", "backward", "backward_dp", "commit", "replicate", "state", "weights", "malformed")
 SERVED_WINDOW_SECONDS = 30.0  # a server's served rate is measured over about this long
 CLIENT_STATS = {  # RemoteStages.stats key -> metric name and help
     "calls": ("zen_node_stage_calls", "stage calls this trainer made"),

@@ -20,34 +20,47 @@ from sharding_harness import node_config, start_servers
 from node.config import PrivacyConfig
 from node.data import generate_corpus
 from node.model import build_model
+from node.sharding.hosted import HostedStage
+from node.sharding.messages import StageMessageError
 from node.sharding.pipeline import StepPipeline
 from node.sharding.private import ShardedDPSGD
 from node.sharding.server import StageServer
+from node.sharding.stages import build_stage
 from node.sharding.trainer import ShardedTrainer
 from node.training.checkpoint import Checkpoint
 
 PRIVACY = PrivacyConfig(enabled=True, target_epsilon=8.0, planned_rounds=4)
 
 
-def test_per_example_gradients_through_a_stage_server_are_each_examples_own(tmp_path: Path) -> None:
+def test_each_example_is_clipped_over_the_whole_model_across_the_trainer_and_the_stage_server(tmp_path: Path) -> None:
+    """The trainer's per-example gradients and the server's (kept pending) are each example's own gradient
+    through the whole model, both scaled by one clip factor min(1, C / whole-model norm); the stage's commit
+    sums them clipped (plus its noise, here tiny)."""
     # Prepare
-    (server,) = start_servers(tmp_path, [StageServer], privacy=PRIVACY)
+    clipping = PrivacyConfig(enabled=True, noise_multiplier=1e-6, clip_norm=0.05)
+    (server,) = start_servers(tmp_path, [StageServer], privacy=clipping)
     (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=71))
-    config = node_config(tmp_path, "trainer", list(server.maddrs), spot_check=0.0, privacy=PRIVACY)
+    config = node_config(tmp_path, "trainer", list(server.maddrs), spot_check=0.0, privacy=clipping)
     config.data = str(tmp_path / "data.txt")
     trainer = ShardedTrainer(config)
     try:
         trainer.prepare()
         trainer.join()
         assert trainer.privacy is not None and isinstance(trainer.privacy.dpsgd, ShardedDPSGD)
-        dpsgd = trainer.privacy.dpsgd
         assert trainer.remote is not None
+        dpsgd = trainer.privacy.dpsgd
         dpsgd.pipeline = StepPipeline(trainer.remote, step_id=1, stages=1, micro_batches=1)
         windows = dpsgd.sampler.records[:3]
         tokens, targets = windows[:, :-1], windows[:, 1:]
 
         # Execute
         grads, loss = dpsgd.per_example_gradients(tokens, targets)
+        hosted = server.hosted[0]
+        stage_grads = hosted.pending[(trainer.identity.peer_id, 1)][0]
+        std, scale = dpsgd.commit_noise
+        summed = hosted.summed_pending(
+            (trainer.identity.peer_id, 1), 1, (torch.cat(dpsgd.pipeline.clip), torch.tensor([std, scale]))
+        )
     finally:
         trainer.close()
         server.shutdown()
@@ -55,19 +68,27 @@ def test_per_example_gradients_through_a_stage_server_are_each_examples_own(tmp_
     # Assert: the whole model (the server's stage is at version 0, the same seed), one example at a time
     full = build_model(config.run.model, config.run.train.seed)
     named = dict(full.named_parameters())
-    losses = []
+    stage_names = [f"blocks.{k + 1}.{name}" for k in range(2) for name, _ in full.blocks[0].named_parameters()]
+    losses, factors = [], []
     for i in range(3):
         full.zero_grad(set_to_none=True)
         one = full(tokens[i : i + 1], targets[i : i + 1])
         one.backward()
         losses.append(one.item())
+        norm = torch.sqrt(sum((p.grad**2).sum() for p in full.parameters() if p.grad is not None))
+        factor = min(1.0, 0.05 / (float(norm) + 1e-6))
+        factors.append(factor)
         for name, per_example in grads.items():
-            reference = named[name].grad
-            assert reference is not None, name
-            assert torch.allclose(per_example[i], reference, atol=2e-5, rtol=1e-3), (name, i)
+            assert torch.allclose(per_example[i], factor * named[name].grad, atol=1e-6, rtol=1e-3), (name, i)
+        for name, per_example in zip(stage_names, stage_grads, strict=True):  # unclipped, until the commit
+            assert torch.allclose(per_example[i], named[name].grad, atol=2e-5, rtol=1e-3), (name, i)
+    assert min(factors) < 1.0  # the clip binds
+    assert torch.allclose(dpsgd.pipeline.clip[0], torch.tensor(factors), rtol=1e-4)
     assert loss == pytest.approx(sum(losses) / 3, rel=1e-5)
     assert set(grads) == {name for name, _ in trainer.local.named_parameters()}
-    assert dpsgd.pipeline.sent == 1  # one micro-batch went back through the stage
+    for value, per_example in zip(summed, stage_grads, strict=True):
+        clipped = (torch.tensor(factors).view(-1, *[1] * (per_example.dim() - 1)) * per_example).sum(0)
+        assert torch.allclose(value, clipped * scale, atol=1e-6), "the stage's sum: clipped, scaled, noise tiny"
 
 
 def test_a_dp_sharded_trainer_counts_reports_resumes_and_stops_at_its_budget(tmp_path: Path) -> None:
@@ -111,3 +132,33 @@ def test_a_dp_sharded_trainer_counts_reports_resumes_and_stops_at_its_budget(tmp
         server.shutdown()
     assert second.privacy.spent == second.step == 2 * steps + 3  # stopped at the budget, mid-round
     assert second.privacy.epsilon() <= budget and math.isfinite(second.privacy.epsilon())
+
+
+@pytest.mark.parametrize(
+    ("private", "reason"),
+    [
+        ((), "clip factors and \\[noise std, scale\\]"),
+        ((torch.ones(2), torch.tensor([0.1, 0.5])), "clip factors and \\[noise std, scale\\]"),  # 3 examples
+        ((torch.tensor([1.0, 2.0, 1.0]), torch.tensor([0.1, 0.5])), "clip factors must be in \\[0, 1\\]"),
+        ((torch.ones(3), torch.tensor([math.nan, 0.5])), "noise std must be"),
+        ((torch.ones(3), torch.tensor([0.1, 4.0])), "scale in \\(0, 1\\]"),
+    ],
+)
+def test_a_dp_commit_without_valid_clip_factors_and_noise_is_refused(private: tuple, reason: str) -> None:
+    """A stage holding a step's per-example gradients applies them only clipped and noised as the commit says;
+    a commit that does not say it well is refused with the reason, and the pending gradients stay."""
+    run = node_config(Path("/nonexistent"), "x", []).run
+    hosted = HostedStage(build_stage(run.model, run.sharding, run.train.seed, 0), lr=1e-3, weight_decay=0.0)
+    hidden, grad = torch.randn(3, 8, run.model.d_model), torch.randn(3, 8, run.model.d_model)
+    hosted.backward_per_example(("t", 1), 0, hidden, grad)
+
+    with pytest.raises(StageMessageError, match=reason):
+        hosted.summed_pending(("t", 1), 1, private)
+
+    assert len(hosted.pending[("t", 1)][0]) == len(hosted.params)
+    good = hosted.summed_pending(("t", 1), 1, (torch.ones(3), torch.tensor([0.1, 0.5])))
+    again = hosted.summed_pending(("t", 1), 1, (torch.ones(3), torch.tensor([0.1, 0.5])))
+    assert all(torch.equal(a, b) for a, b in zip(good, again, strict=True))  # one noise draw per step
+    hosted.backward(("u", 1), 0, hidden, grad)
+    with pytest.raises(StageMessageError, match="sent without backward_dp"):
+        hosted.summed_pending(("u", 1), 1, (torch.ones(3), torch.tensor([0.1, 0.5])))

@@ -241,9 +241,42 @@ class RemoteStages:
         (grad_input,) = self._expect(reply, 1, hidden.shape)
         return grad_input, peer
 
-    def commit(self, stage: int, step: int, saved: list[tuple[torch.Tensor, torch.Tensor]], prefer: str | None) -> int:
-        """Apply the step on the stage exactly once; return the stage's version after it."""
-        commit = StageRequest("commit", stage, self.identity.peer_id, step, 0, len(saved))
+    def backward_per_example(
+        self,
+        stage: int,
+        step: int,
+        micro_batch: int,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        prefer: str | None,
+        micro_batches: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """A DP step's backward (node/sharding/clipped.py): the gradient of the stage's input, each example's squared
+        norm of the stage's parameter gradient, and the server (which keeps the per-example gradients)."""
+        request = StageRequest(
+            "backward_dp", stage, self.identity.peer_id, step, micro_batch, micro_batches, (hidden, grad)
+        )
+        reply, peer = self._call(request, prefer)
+        shapes = [tuple(t.shape) for t in reply.tensors]
+        if shapes != [tuple(hidden.shape), (hidden.shape[0],)]:
+            raise StageUnavailableError(f"a stage server answered a DP backward with tensors {shapes}")
+        grad_input, squared = reply.tensors
+        if not (torch.isfinite(squared).all() and squared.min() >= 0):
+            raise StageUnavailableError("a stage server answered a DP backward with a negative or non-finite norm")
+        return grad_input, squared, peer
+
+    def commit(
+        self,
+        stage: int,
+        step: int,
+        saved: list[tuple[torch.Tensor, torch.Tensor]],
+        prefer: str | None,
+        private: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> int:
+        """Apply the step on the stage exactly once; return the stage's version after it. ``private``: a DP step's
+        clip factors and [noise std, scale] (node/sharding/clipped.py; its micro-batches went by ``backward_dp``)."""
+        commit = StageRequest("commit", stage, self.identity.peer_id, step, 0, len(saved), private or ())
+        resend = "backward_dp" if private else "backward"
         peer: str | None = prefer
         signed = 0
         while True:
@@ -263,7 +296,7 @@ class RemoteStages:
             for micro_batch in reply.missing:  # this server lacks them: send them again, then commit again
                 hidden, grad = saved[micro_batch]
                 request = StageRequest(
-                    "backward", stage, self.identity.peer_id, step, micro_batch, len(saved), (hidden, grad)
+                    resend, stage, self.identity.peer_id, step, micro_batch, len(saved), (hidden, grad)
                 )
                 _, used = self._call(request, peer)
                 if used != peer:

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 import torch
 
 from node.sharding.agreement import INITIAL_HISTORY, WeightsReport, chain_history, weights_digest
+from node.sharding.clipped import NOISE_SLOT, StageNoise, clipped_sum, is_per_example, per_example_backward
 from node.sharding.messages import MAX_APPLIED, STATE_BLOCKS, StageMessageError
 from node.sharding.proofs import AppliedPair, vouched_pairs
 from node.sharding.stages import Stage
@@ -79,6 +80,7 @@ class HostedStage:
         )
         self.applied: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
         self.evidence: dict[tuple[str, int], Evidence] = {}  # applied pair -> (digest, proof)
+        self.noise = StageNoise()  # DP steps' noise (node/sharding/clipped.py)
         self.anchor: list[torch.Tensor] = []
         self.anchor_digest = b""
         self.reanchor()
@@ -104,21 +106,45 @@ class HostedStage:
     ) -> torch.Tensor:
         hidden = hidden.detach().requires_grad_(True)
         grads = torch.autograd.grad(self.module(hidden), [hidden, *self.params], grad)
-        self.pending.setdefault(key, {})[micro_batch] = [g.detach() for g in grads[1:]]
+        self._keep_pending(key, micro_batch, [g.detach() for g in grads[1:]])
+        return grads[0]
+
+    def backward_per_example(
+        self, key: tuple[str, int], micro_batch: int, hidden: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A DP step's backward (node/sharding/clipped.py): the input's gradient and each example's squared norm
+        of the stage's parameter gradient; the per-example gradients wait for the commit's clip factors."""
+        grads, grad_input, squared = per_example_backward(self.module, hidden, grad)
+        self._keep_pending(key, micro_batch, grads)
+        return grad_input, squared
+
+    def _keep_pending(self, key: tuple[str, int], micro_batch: int, grads: list[torch.Tensor]) -> None:
+        self.pending.setdefault(key, {})[micro_batch] = grads
         self.pending.move_to_end(key)
         while len(self.pending) > MAX_PENDING_STEPS:
             self.pending.popitem(last=False)
-        return grads[0]
 
-    def summed_pending(self, key: tuple[str, int], micro_batches: int) -> list[torch.Tensor] | list[int]:
+    def summed_pending(
+        self, key: tuple[str, int], micro_batches: int, private: tuple[torch.Tensor, ...] = ()
+    ) -> list[torch.Tensor] | list[int]:
         """The summed gradients of all micro-batches of ``key`` (kept until applied), or the ones still missing.
+        A DP step's (per-example gradients) are clipped by the commit's factors and noised (``private``:
+        node/sharding/clipped.py); its noise is drawn once and kept with them.
 
         The sum is deterministic, so the digest a trainer signed between two commits still matches.
+
+        Raises:
+            StageMessageError: ``private`` is missing for a DP step, given for another, or malformed.
         """
         parts = self.pending.get(key, {})
         missing = [m for m in range(micro_batches) if m not in parts]
         if missing:
             return missing
+        if is_per_example(parts, self.params):
+            noise = parts.setdefault(NOISE_SLOT, self.noise.draw(self.params))
+            return clipped_sum(parts, micro_batches, private, noise)
+        if private:
+            raise StageMessageError("a commit carries DP clip factors for a step sent without backward_dp")
         return [torch.stack(grads).sum(0) for grads in zip(*(parts[m] for m in range(micro_batches)), strict=True)]
 
     def apply(self, key: tuple[str, int], grads: list[torch.Tensor], evidence: Evidence = NO_EVIDENCE) -> None:

@@ -15,7 +15,8 @@ Methods:
 |---|---|---|---|
 | forward | trainer | hidden states | stage output |
 | backward | trainer | hidden states, grad of output | grad of input (param grads stay pending) |
-| commit | trainer | - | - (applies the step's pending grads once) |
+| backward_dp | trainer | hidden states, grad of output | grad of input, squared norms (clipped.py) |
+| commit | trainer | - (a DP step: its clip factors, [noise std, scale]) | - (applies the step's pending grads once) |
 | replicate | listed server of the same stage | the step's summed param grads, the trainer's step proof | - |
 | state | anyone | - | params, Adam exp_avg, Adam exp_avg_sq, averaging anchor (reply.history set) |
 | weights | anyone | - | - (reply: version, ``history`` and ``digest`` of the weights, agreement.py) |
@@ -37,8 +38,8 @@ from node.config import ModelConfig
 MAX_MESSAGE_BYTES = 4 * 1024**2 - 64 * 1024  # p2pd's unary limit is 4 MiB; leave room for protobuf framing
 MAX_TENSORS = 256
 MAX_RANK = 4
-METHODS = frozenset({"forward", "backward", "commit", "replicate", "state", "weights"})
-TRAINER_CALLS = frozenset({"forward", "backward", "commit"})
+METHODS = frozenset({"forward", "backward", "backward_dp", "commit", "replicate", "state", "weights"})
+TRAINER_CALLS = frozenset({"forward", "backward", "backward_dp", "commit"})
 DTYPES = {"float32": torch.float32}
 STATE_BLOCKS = 4  # a state reply holds the stage's params, Adam exp_avg, Adam exp_avg_sq and averaging anchor
 

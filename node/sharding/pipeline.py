@@ -29,6 +29,7 @@ class StepPipeline:
         self.servers: list[str | None] = [None] * stages
         self.saved: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(stages)]
         self._inputs: list[torch.Tensor] = []  # the current micro-batch's input of each stage
+        self.clip: list[torch.Tensor] = []  # a DP step: each micro-batch's clip factors (node/sharding/private.py)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last stage's output for the front's output ``hidden`` (on the CPU; detached)."""
@@ -49,10 +50,26 @@ class StepPipeline:
             )
         return grad
 
-    def commit(self) -> list[int]:
-        """Apply the step on every stage, exactly once; each stage's version after it."""
+    def backward_per_example(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A DP step's ``backward`` (node/sharding/clipped.py): ``grad`` holds each example's gradient of its own
+        loss; returns the front output's gradient and each example's squared norm of every stage's parameter
+        gradient, summed over the stages."""
+        grad, micro_batch = grad.detach().cpu(), self.sent
+        squared = torch.zeros(grad.shape[0])
+        for stage in reversed(range(len(self.servers))):
+            self.saved[stage].append((self._inputs[stage], grad))
+            grad, norms, self.servers[stage] = self.remote.backward_per_example(
+                stage, self.step_id, micro_batch, self._inputs[stage], grad, self.servers[stage], self.micro_batches
+            )
+            squared += norms
+        return grad, squared
+
+    def commit(self, private: tuple[float, float] | None = None) -> list[int]:
+        """Apply the step on every stage, exactly once; each stage's version after it. A DP step passes
+        ``private`` = (noise std, scale): the stages clip by ``clip`` and add that noise (node/sharding/clipped.py)."""
+        sent = None if private is None else (torch.cat(self.clip), torch.tensor(private, dtype=torch.float32))
         return [
-            self.remote.commit(stage, self.step_id, self.saved[stage], self.servers[stage])
+            self.remote.commit(stage, self.step_id, self.saved[stage], self.servers[stage], sent)
             for stage in range(len(self.servers))
         ]
 

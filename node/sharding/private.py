@@ -87,7 +87,7 @@ class ShardedDPSGD(DPSGDStep):
             raise TypeError("ShardedDPSGD trains a sharded trainer's LocalParts")
         super().__init__(model, optimizer, sampler, noise_multiplier, clip_norm, device, lr_scale)
         self.local, self.micro_batches = model, micro_batches
-        self.expected_batch = max(1, round(sampler.sample_rate * sampler.count))
+        self.expected_batch = max(1, round(sampler.sample_rate * sampler.count))  # Opacus divides by the same
         self.pipeline_for: Callable[[int], StepPipeline] | None = None
         self.pipeline: StepPipeline | None = None
         self.last_batch = 0  # examples in the last call's Poisson sample
@@ -106,22 +106,33 @@ class ShardedDPSGD(DPSGDStep):
         return [slice(start, start + size) for start in range(0, max(1, count), size)]
 
     def __call__(self) -> float:
-        """One step on a fresh Poisson sample; ``pipeline`` then holds its remote part, still to be committed."""
+        """One step on a fresh Poisson sample; ``pipeline`` then holds its remote part, still to be committed
+        (``commit_noise`` is what its commit carries)."""
         if self.pipeline_for is None:
             raise RuntimeError("ShardedDPSGD.pipeline_for was not set")
         tokens, targets = self.sampler.sample()
         self.last_batch = tokens.shape[0]
-        self.pipeline = self.pipeline_for(len(self.slices(tokens.shape[0])) if tokens.shape[0] else 1)
+        self.pipeline = self.pipeline_for(len(self.slices(tokens.shape[0])))
         return self.step_on(tokens, targets)
+
+    @property
+    def commit_noise(self) -> tuple[float, float]:
+        """(noise std, scale) of the stages' share: ``sigma * C`` on the clipped sum, divided by the expected batch
+        (what Opacus does with the trainer's)."""
+        return self.noise_multiplier * self.clip_norm, 1.0 / self.expected_batch
 
     def per_example_gradients(
         self, tokens: torch.Tensor, targets: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], float]:
-        """Each example's gradient of its own loss (name -> [batch, *shape]) and the mean loss (module docstring)."""
-        if tokens.shape[0] == 0:  # an empty Poisson sample: zeros, and nothing goes to the stages
-            return super().per_example_gradients(tokens, targets)
+        """Each example's gradient of our parts, already scaled by its clip factor over the whole model (module
+        docstring), and the mean loss. An empty sample sends one blank window with factor 0, so the stages still
+        add their noise (a step's output never shows that its sample was empty)."""
         if self.pipeline is None:
             raise RuntimeError("ShardedDPSGD has no pipeline for this step")
+        empty = tokens.shape[0] == 0
+        if empty:
+            blank = torch.zeros(1, self.sampler.records.shape[1] - 1, dtype=torch.long)
+            tokens, targets = blank, blank
         tokens, targets = tokens.to(self.device), targets.to(self.device)
         params = {name: p.detach() for name, p in self.params.items()}
         with torch.no_grad():
@@ -130,11 +141,16 @@ class ShardedDPSGD(DPSGDStep):
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no vmap rule
             head = self._per_example_head({name: params[name] for name in self._head_names}, out, targets)
             (head_grads, out_grads), losses = head[0], head[1]
-            scale = self.expected_batch  # the stages train on the batch's mean loss, as without DP
-            front_out = self.pipeline.backward(out_grads / scale).to(self.device) * scale
-            front_grads = self._per_example_front({name: params[name] for name in self._front_names}, tokens, front_out)
+            front_out, stage_squared = self.pipeline.backward_per_example(out_grads)
+            front_grads = self._per_example_front(
+                {name: params[name] for name in self._front_names}, tokens, front_out.to(self.device)
+            )
         grads = {name: front_grads.get(name, 0) + head_grads.get(name, 0) for name in self.params}
-        return grads, float(losses.mean())
+        squared = stage_squared.to(self.device) + sum((g.flatten(1) ** 2).sum(1) for g in grads.values())
+        factors = torch.zeros_like(squared) if empty else (self.clip_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+        self.pipeline.clip.append(factors.cpu())
+        scaled = {name: g * factors.view(-1, *[1] * (g.dim() - 1)) for name, g in grads.items()}
+        return scaled, math.nan if empty else float(losses.mean())
 
     def _head_loss(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         named = {f"parts.{name}": value for name, value in params.items()}

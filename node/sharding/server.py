@@ -273,7 +273,7 @@ class StageServer:
             raise StageMessageError(f"{request.method} for trainer {request.trainer[:16]} sent by {remote[:16]}")
         if request.method == "replicate" and remote not in await self.stage_replicas(request.stage):
             raise StageMessageError(f"replicate from {remote[:16]}, not a listed server of stage {request.stage}")
-        if request.method in ("forward", "backward") and self.busy:
+        if request.method in ("forward", "backward", "backward_dp") and self.busy:
             return StageReply(ok=False, reason="busy", version=hosted.version, load=self.load)
         if request.method in TRAINER_CALLS and hosted.averaging:
             # params are about to change without a step: trainers go elsewhere or wait a second
@@ -281,6 +281,7 @@ class StageServer:
         methods = {
             "forward": self._forward,
             "backward": self._backward,
+            "backward_dp": self._backward,
             "commit": self._commit,
             "replicate": self._replicate,
             "state": self._state,
@@ -299,16 +300,19 @@ class StageServer:
         key = (request.trainer, request.step)
         if key in hosted.applied:
             return StageReply(ok=False, reason="step already applied", version=hosted.version)
-        grad_input = await self.in_compute(hosted.backward, key, request.micro_batch, hidden, grad)
+        if request.method == "backward_dp":  # a DP step: per-example gradients (node/sharding/clipped.py)
+            out = await self.in_compute(hosted.backward_per_example, key, request.micro_batch, hidden, grad)
+        else:
+            out = (await self.in_compute(hosted.backward, key, request.micro_batch, hidden, grad),)
         self.calls.computed(hidden.shape[0])
-        return StageReply(ok=True, version=hosted.version, load=self.load, tensors=(grad_input.cpu(),))
+        return StageReply(ok=True, version=hosted.version, load=self.load, tensors=tuple(t.cpu() for t in out))
 
     async def _commit(self, request: StageRequest, hosted: HostedStage) -> StageReply:
         key = (request.trainer, request.step)
         if key in hosted.applied:
             return StageReply(ok=True, version=hosted.applied[key])
         with hosted.commit_in_flight():  # an averaging round waits for this commit's replication to finish
-            grads = await self.in_compute(hosted.summed_pending, key, request.micro_batches)
+            grads = await self.in_compute(hosted.summed_pending, key, request.micro_batches, request.tensors)
             if grads and isinstance(grads[0], int):
                 return StageReply(
                     ok=False, reason="missing micro-batches", version=hosted.version, missing=tuple(grads)

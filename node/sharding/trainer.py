@@ -288,15 +288,14 @@ class ShardedTrainer:
         return tokens.shape[0], total, versions, pipeline.servers
 
     def _private_step(self, remote: RemoteStages, step_id: int) -> tuple[int, float, list[int], list[str | None]]:
-        """A DP-SGD step (node/sharding/private.py); an empty Poisson sample sends nothing and commits nothing."""
+        """A DP-SGD step over the whole model (node/sharding/private.py): our parts here, the stages' clipped and
+        noised sum on their servers at the commit; (batch, loss, versions, servers)."""
         assert self.privacy is not None and isinstance(self.privacy.dpsgd, ShardedDPSGD)
         dpsgd, stages = self.privacy.dpsgd, self.run.sharding.stages
         dpsgd.pipeline_for = lambda count: StepPipeline(remote, step_id, stages, count)
         loss = self.privacy.inner_step()  # type: ignore[misc]  # counted by the accountant
-        pipeline = dpsgd.pipeline
-        assert pipeline is not None
-        versions = pipeline.commit() if pipeline.sent else [remote.versions.get(s, 0) for s in range(stages)]
-        return dpsgd.last_batch, loss, versions, pipeline.servers
+        assert dpsgd.pipeline is not None
+        return dpsgd.last_batch, loss, dpsgd.pipeline.commit(dpsgd.commit_noise), dpsgd.pipeline.servers
 
     def evaluate(self) -> float:
         """The mean loss on the held-out batches: our parts here, the stages' forward on their servers (no step)."""
