@@ -14,7 +14,7 @@ at ``--epsilon`` (delta 1e-5) over the planned rounds. With ``--stages S`` the m
 blocks, block 0 on the trainers and one block per stage on ``zen-node serve`` processes (``--servers``,
 server ``k`` pinned to stage ``k mod S``); the trainers then average their own parts
 (node/sharding/fronts.py), by cohort, and their parameters come from their checkpoints; DP-SGD then
-covers the trainers' own parts, not the stages (node/sharding/private.py).
+clips each example over the whole model, the stages' share noised on their servers (node/sharding/private.py).
 
 Then, in this process, each trainer's "alone" baseline: the same model trained alone on its own
 slice for the same number of inner steps (AdamW, no DP, no averaging), evaluated on the same

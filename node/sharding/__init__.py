@@ -17,5 +17,9 @@ join_stage, StageJoin (joining.py): a server taking a stage downloads its state 
 class StageAverager, StageHost (averaging.py): periodic rounds that leave a stage's replicas
     bit-identical; StageHost is what they need from their server (StageServer implements it)
 class RemoteStages (client.py): a trainer's stage calls: server choice, failover, spot-checks, bans
+class StepPipeline (pipeline.py): one step's micro-batches through the stages, then the commits
+per_example_backward, clipped_sum (clipped.py): a stage's share of a DP-SGD step (per-example gradients,
+    their clipped and noised sum)
+class ShardedDPSGD (private.py): record-level DP-SGD with one clip over the trainer's parts and the stages
 class ShardedTrainer (sharding/trainer.py): a trainer whose middle blocks live on stage servers
 """

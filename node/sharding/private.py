@@ -1,35 +1,30 @@
-"""Record-level DP-SGD for a sharded trainer: per-example gradients of its own parts, through the stages.
+"""Record-level DP-SGD for a sharded trainer: one clip over the whole model, across the trainer and its stages.
 
 A sharded trainer holds the embeddings, the first ``local_blocks`` blocks, the final norm and the
-tied head (``LocalParts``); the middle blocks run on stage servers. Its DP-SGD step is the one of
-``zen-node join`` (node/training/dpsgd.py: Poisson sampling of its records, Opacus' clip and
-noise, the same accountant and budget), with the per-example gradients taken in three pieces,
-one micro-batch of examples at a time:
+tied head (``LocalParts``); the middle blocks run on stage servers. DP-SGD on the trainer's parts
+alone would not be DP: their gradients run through stage weights trained on the same records
+without clipping or noise, so a record would reach them outside the mechanism. So each step is
+DP-SGD on every parameter (docs/architecture.md, "DP with sharding"): the sampling, accountant and
+budget of ``zen-node join`` (node/training/dpsgd.py), with the per-example gradients taken one
+micro-batch of examples at a time:
 
 1. the front runs here, batched (no gradient), and its output goes through every stage
    (node/sharding/pipeline.py);
 2. the head: each example's gradient of its own loss with respect to the head's parameters (the
    final norm and the tied embedding) and to the last stage's output (``vmap`` of ``grad``);
-3. the latter, divided by the expected batch size, goes back through the stages, which return each
-   example's gradient of the front's output (examples never mix in a transformer's blocks) and keep
-   their parameter gradients of the batch's mean loss for the commit; then each example's gradient
-   of the front's parameters is the vector-Jacobian product of its own front with its own row
-   (``vmap`` of ``vjp``).
+3. the latter goes back through the stages by ``backward_dp`` (node/sharding/clipped.py): each
+   server keeps each example's gradient of its stage and returns each example's gradient of its
+   input and the squared norm of its stage's share (examples never mix in a transformer's blocks);
+   each example's gradient of the front's parameters is then a ``vmap`` of ``vjp`` here;
+4. each example's norm over the whole model gives one factor ``min(1, C / norm)``; our per-example
+   gradients, scaled by it, go to Opacus' ``DPOptimizer`` (whose clip is then a no-op: it adds noise
+   ``sigma * C`` and divides by the expected batch), and the factors go with each stage's commit,
+   whose server sums its share with them and adds its own noise of the same std (``commit_noise``).
 
-The two parts add up (the embedding is used by both) to the exact gradient of each example's loss
-with respect to the trainer's parameters, which Opacus clips to ``clip_norm`` as a whole and
-noises (tests/test_sharded_privacy.py checks them against one backward per example through real
-stage servers).
-
-What DP covers here, and what it does not. The trainer's own parameters, and so everything its
-``FrontAverager`` sends to the other trainers and every model derived from them, are DP-SGD
-output: (epsilon, delta) per record, as in a data-parallel run. The stage servers are outside that
-guarantee: they see each record's hidden states after the trainer's first blocks and their
-gradients, unclipped and without noise, and train their stages on them, so the stages' weights,
-and anyone who can read a server's traffic or its weights, are not covered. Run sharded DP
-with stage servers you trust with your data (your own GPU, a colleague's); with servers you do not,
-use a data-parallel run (no stages). The run's config refuses user-level DP with sharding: its
-noise lives in the trainers' ring, which the stages' weights never cross.
+tests/test_sharded_privacy.py checks the gradients and factors against one backward per example
+through the whole model, across a real stage server. Not covered: the stage servers see each
+sampled record's hidden states and their gradients, and add the noise on their share; run sharded
+DP with servers you trust with your data. User-level DP with sharding is refused by the run's config.
 """
 
 from __future__ import annotations

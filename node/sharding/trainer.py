@@ -9,6 +9,11 @@ One step (see node/sharding/client.py for failover and exactly-once):
 2. every stage commits the step (one AdamW step on its servers, exactly once);
 3. the local AdamW step.
 
+With ``[run.privacy]`` (record level) a step is DP-SGD over the whole model instead: Poisson-sampled
+records, each example clipped by its norm across our parts and every stage, noise here and on each
+stage's server (node/sharding/private.py); epsilon goes in the report, the record and the checkpoint,
+and a trainer whose budget is spent stops.
+
 Raw bytes and labels never leave the trainer: servers see hidden states after the first
 ``local_blocks`` blocks and gradients with respect to them. Step ids are
 ``(session << 24) | step`` with a random session, so a restarted trainer never reuses an id a
