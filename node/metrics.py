@@ -17,7 +17,7 @@ A trainer:
 - ``zen_node_round``, ``zen_node_eval_loss``, ``zen_node_train_loss``, ``zen_node_utilization``,
   ``zen_node_samples_per_second``, ``zen_node_epsilon`` (only with differential privacy): the last report.
 
-A sharded trainer: ``zen_node_steps_total``, ``zen_node_tokens_total``, ``zen_node_train_loss``,
+A sharded trainer: ``zen_node_steps_total``, ``zen_node_tokens_total``, ``zen_node_train_loss``, ``zen_node_epsilon``,
 ``zen_node_tokens_per_second``, the phases, and its stage calls: ``zen_node_stage_calls_total``,
 ``zen_node_stage_failovers_total`` (calls moved to another server), ``zen_node_stage_busy_total``,
 ``zen_node_stage_spot_checks_total``, ``zen_node_stage_bans_total``.
@@ -154,9 +154,9 @@ class NodeMetrics:
         self.eval_loss = Gauge("zen_node_eval_loss", "held-out loss after the last round", registry=r)
         self.utilization = Gauge("zen_node_utilization", "fraction of the last round spent in inner steps", registry=r)
         self.samples_per_second = Gauge("zen_node_samples_per_second", "training throughput last round", registry=r)
-        self.epsilon = Gauge("zen_node_epsilon", "differential privacy spent so far (-1: no DP)", registry=r)
-        self.epsilon.set(-1)
         trains = self.registry if role != "server" else None
+        self.epsilon = Gauge("zen_node_epsilon", "differential privacy spent so far (-1: no DP)", registry=trains)
+        self.epsilon.set(-1)
         self.train_loss = Gauge("zen_node_train_loss", "mean training loss of the last round or step", registry=trains)
         steps = self.registry if role == "sharded" else None
         self.steps = Counter("zen_node_steps", "sharded trainer steps", registry=steps)
@@ -197,6 +197,8 @@ class NodeMetrics:
             self.tokens_per_second.set(report.tokens_per_second)
             if math.isfinite(report.loss):
                 self.train_loss.set(report.loss)
+            if report.epsilon is not None:
+                self.epsilon.set(report.epsilon)
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> NodeMetrics:
         """Report what ``collect()`` yields at every scrape (read from the node then, not kept); return self."""

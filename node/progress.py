@@ -62,7 +62,8 @@ def print_step(report: StepReport) -> None:
     """A sharded trainer's permanent line for one step (stdout, flushed)."""
     print(
         f"step {report.step:6d} | loss {report.loss:.4f} | {report.tokens_per_second:9.1f} tokens/s | "
-        f"stage versions {report.versions} | failovers {report.failovers} | bans {report.bans}",
+        f"stage versions {report.versions} | failovers {report.failovers} | bans {report.bans}"
+        + ("" if report.epsilon is None else f" | epsilon {report.epsilon:.3f}"),
         flush=True,
     )
 
@@ -161,7 +162,8 @@ class RoundProgress:
             round_no = report.step // self.steps_per_round
             parts.append(f"round {round_no}" + (f"/{self.total_rounds}" if self.total_rounds else ""))
         parts += [f"loss {report.loss:.4f}", f"{report.tokens_per_second:.0f} tokens/s"]
-        parts += [f"failovers {report.failovers}", f"bans {report.bans}"] + ([waiting] if waiting else [])
+        parts += [f"failovers {report.failovers}", f"bans {report.bans}"]
+        parts += ([] if report.epsilon is None else [f"epsilon {report.epsilon:.3f}"]) + ([waiting] if waiting else [])
         return self._bar(report.step, total) + " | ".join(parts)
 
     @staticmethod

@@ -380,13 +380,19 @@ T = TypeVar("T")
 
 
 class P2PLoop:
-    """An asyncio loop in a daemon thread, with a P2P replica of ``dht``'s daemon living on it."""
+    """An asyncio loop in a daemon thread, with its own P2P replica of ``dht``'s daemon living on it.
+
+    Its own: ``DHT.replicate_p2p()`` caches one replica per process, bound to the loop that made it, so a second
+    loop in the process (a sharded trainer's stage client and its parts server) got the first loop's replica and
+    hung on its first handler registration. Each loop connects its own client to the daemon instead.
+    """
 
     def __init__(self, dht: hivemind.DHT, name: str):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
-        self.p2p: P2P = self.run(dht.replicate_p2p(), timeout=30)
+        daemon = dht.run_coroutine(hivemind.DHT._get_p2p_daemon_listen_maddr)  # what replicate_p2p() reads
+        self.p2p: P2P = self.run(P2P.replicate(daemon), timeout=30)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop from another thread and wait for its result."""

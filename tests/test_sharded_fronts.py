@@ -70,6 +70,73 @@ def test_three_sharded_trainers_leave_each_round_with_the_same_own_parts(tmp_pat
         server.shutdown()
 
 
+def test_a_sharded_trainer_that_joins_late_takes_the_parts_of_those_ahead_and_averages_with_them(
+    tmp_path: Path,
+) -> None:
+    """Three trainers train a round; a fourth then joins: it takes their parts and anchors (their median: here their
+    common bits), continues at their round, and the next round averages all four into one set of parts. Before, it
+    started from the seeded parts and its anchor never met theirs (node/sharding/catchup.py). Groups are kept 2
+    rounds here (``group_rounds``), so round 2 matches anew and the joiner can enter it."""
+    # Prepare
+    run = dict(aggregation=AggregationConfig(matchmaking_time=1.0, timeout=6.0, group_rounds=2))
+    (server,) = start_servers(tmp_path, [StageServer], **run)
+    trainers: list[ShardedTrainer] = []
+    try:
+        for i in range(4):
+            (tmp_path / f"data{i}.txt").write_bytes(generate_corpus(20_000, seed=81 + i))
+            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0, **run)
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+        for trainer in trainers[:3]:
+            trainer.prepare()
+            trainer.join()
+        steps = trainers[0].run.train.inner_steps
+
+        def train(trainer: ShardedTrainer, count: int) -> None:
+            for _ in range(count):
+                trainer.train_step()
+
+        first = [threading.Thread(target=train, args=(t, steps)) for t in trainers[:3]]
+        for thread in first:
+            thread.start()
+        for thread in first:
+            thread.join(timeout=180)
+        assert trainers[0].runtime is not None
+        wait_until(
+            lambda: sum(p.round >= steps for p in trainers[0].runtime.peers()) >= 3,  # type: ignore[union-attr]
+            30,
+            "the three trainers' records to show their round",
+        )
+        ahead = [p.detach().clone() for p in trainers[0].local.parameters()]
+
+        # Execute
+        late = trainers[3]
+        late.prepare()
+        late.join()
+
+        # Assert
+        assert late.step == steps  # at their round
+        assert all(torch.equal(a, b) for a, b in zip(late.local.parameters(), ahead, strict=True))
+        assert late.fronts is not None and trainers[0].fronts is not None
+        assert all(torch.equal(a, b) for a, b in zip(late.fronts.anchor, trainers[0].fronts.anchor, strict=True))
+        second = [threading.Thread(target=train, args=(t, steps)) for t in trainers]
+        for thread in second:
+            thread.start()
+        for thread in second:
+            thread.join(timeout=180)
+        assert all(t.step == 2 * steps for t in trainers)
+        groups = [
+            (t.fronts.last.round, t.fronts.last.group_size) if t.fronts and t.fronts.last else None for t in trainers
+        ]
+        assert groups == [(2, 4)] * 4, groups
+        parts = [list(t.local.parameters()) for t in trainers]
+        assert all(torch.equal(a, b) for other in parts[1:] for a, b in zip(parts[0], other, strict=True))
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        server.shutdown()
+
+
 def test_sharded_trainers_in_two_cohorts_share_global_parts_and_keep_cohort_and_local_ones(tmp_path: Path) -> None:
     """Six trainers on two kinds of text, cohorts on (every 2nd round across cohorts): one cohort per kind, the
     global parts (embeddings) identical everywhere after the cross-cohort round, the cohort parts (block 0) one per

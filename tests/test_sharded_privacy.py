@@ -19,14 +19,16 @@ from sharding_harness import node_config, start_servers
 
 from node.config import PrivacyConfig
 from node.data import generate_corpus
+from node.metrics import NodeMetrics
 from node.model import build_model
+from node.progress import print_step
 from node.sharding.hosted import HostedStage
 from node.sharding.messages import StageMessageError
 from node.sharding.pipeline import StepPipeline
 from node.sharding.private import ShardedDPSGD
 from node.sharding.server import StageServer
 from node.sharding.stages import build_stage
-from node.sharding.trainer import ShardedTrainer
+from node.sharding.trainer import ShardedTrainer, StepReport
 from node.training.checkpoint import Checkpoint
 
 PRIVACY = PrivacyConfig(enabled=True, target_epsilon=8.0, planned_rounds=4)
@@ -162,3 +164,18 @@ def test_a_dp_commit_without_valid_clip_factors_and_noise_is_refused(private: tu
     hosted.backward(("u", 1), 0, hidden, grad)
     with pytest.raises(StageMessageError, match="sent without backward_dp"):
         hosted.summed_pending(("u", 1), 1, (torch.ones(3), torch.tensor([0.1, 0.5])))
+
+
+def test_a_dp_sharded_trainers_epsilon_is_on_its_line_and_in_its_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+    report = StepReport(
+        step=3, loss=2.5, versions=[3], servers=["s"], seconds=1.0, tokens_per_second=100.0, failovers=0, bans=0
+    )
+    metrics = NodeMetrics("sharded")
+    metrics.observe_step(report)
+    assert metrics.registry.get_sample_value("zen_node_epsilon") == -1  # no DP
+
+    print_step(dataclasses.replace(report, epsilon=1.5))
+    metrics.observe_step(dataclasses.replace(report, epsilon=1.5))
+
+    assert "| epsilon 1.500" in capsys.readouterr().out
+    assert metrics.registry.get_sample_value("zen_node_epsilon") == 1.5

@@ -34,9 +34,9 @@ trainers' parts only (a served block they match is still trained by every cohort
 logged at start). Global parts keep their anchor from one cross-cohort round to the next: a cohort
 ring averages each member's change since that anchor (so it carries the cohort's earlier means
 too), and the cross-cohort ring's mean, the same bits on every member, moves every trainer of
-every cohort to one set of global parts; cohort and local parts re-anchor each round. What is
-not built: a trainer that joins late starts from the seeded parts and does not download the
-others' (its anchor then differs from theirs and it converges to them only through the means).
+every cohort to one set of global parts; cohort and local parts re-anchor each round. A trainer
+that joins late takes the averaged parts and their anchors from the trainers ahead of it, of its own
+cohort (node/sharding/catchup.py).
 
 Overlap (``sharding.overlap_averaging``, off by default: BENCHMARKS.md shows it even with waiting
 in loss, not better). ``send`` starts the round's averaging on a worker thread and the trainer
@@ -115,9 +115,10 @@ class FrontAverager:
         )
         self.aggregator: Aggregator
         self.global_: frozenset[int] = frozenset(range(len(self.parameters)))  # anchored at cross-cohort rounds
+        self.shared: tuple[int, ...] = tuple(range(len(self.parameters)))  # averaged (not local): a joiner takes them
         if run.cohorts.enabled:
             partition = partition_parameters(self.names, run.cohorts)
-            self.global_ = frozenset(partition.global_)
+            self.global_, self.shared = frozenset(partition.global_), tuple(partition.shared)
             size = run.aggregation.min_group_size
             self.aggregator = HierarchicalAggregator(
                 dht, run.run_id, run.digest(), self.peer_id, templates, partition, run.cohorts, size, **options
@@ -155,6 +156,24 @@ class FrontAverager:
             for mine, value in zip(self.anchor, anchor, strict=True):  # type: ignore[arg-type]
                 mine.copy_(value)
         self.carry = [t.to(torch.float32, copy=True) for t in carry]  # type: ignore[union-attr]
+
+    def served(self) -> list[torch.Tensor]:
+        """What a late joiner takes from us (node/sharding/catchup.py): our parameters, then their anchors (CPU)."""
+        with torch.no_grad():
+            return [t.detach().float().cpu().clone() for t in (*self.parameters, *self.anchor)]
+
+    def adopt(self, served: Sequence[torch.Tensor]) -> None:
+        """Take ``served()`` of the trainers ahead (their combination) for the averaged parts; local ones stay."""
+        count = len(self.parameters)
+        with torch.no_grad():
+            for i in self.shared:
+                self.parameters[i].copy_(served[i])
+                self.anchor[i].copy_(served[count + i])
+
+    @property
+    def cohort_members(self) -> tuple[str, ...] | None:
+        """With cohorts, the members of our cohort as last placed (``prepare``); None without cohorts."""
+        return self.aggregator.cohort_members if isinstance(self.aggregator, HierarchicalAggregator) else None
 
     def prepare(self, round_no: int) -> None:
         """Ready ``round_no`` (with cohorts: place this trainer). Call from the main thread (hivemind starts an

@@ -66,6 +66,7 @@ from node.config import NodeConfig, RunConfig
 from node.data import ByteBatches, batch_seed, byte_histogram, load_corpus, split_corpus
 from node.model import build_model
 from node.runtime import NodeRuntime, PhaseClock
+from node.sharding.catchup import SLOT, catch_up
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.fronts import FrontAverager
 from node.sharding.pipeline import StepPipeline
@@ -73,6 +74,7 @@ from node.sharding.private import ShardedDPSGD
 from node.sharding.stages import LocalParts
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 from node.training.ledger import ContributionLedger
+from node.training.lineage import LineageServer
 from node.training.privacy import TrainerPrivacy
 from node.training.report import append_report
 
@@ -156,6 +158,7 @@ class ShardedTrainer:
         self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
         self.remote: RemoteStages | None = None
         self.fronts: FrontAverager | None = None  # averages our own parts with the other trainers (fronts.py)
+        self.parts_server: LineageServer | None = None  # serves them to late joiners (catchup.py)
         self._resumed_fronts: dict[str, Any] | None = None  # the averager's state from --resume's checkpoint
         self._landed: AggregationResult | None = None  # overlapped: the round that landed during this one
         # progress
@@ -230,6 +233,14 @@ class ShardedTrainer:
             )
         if self.config.min_peers > 1:  # trainers that start together average from the same parts (fronts.py)
             self.runtime.wait_for_trainers(self.config.min_peers, self.stop_event)
+        self.parts_server = LineageServer(dht, self.run.run_id, kind="parts")
+        self.runtime.adopt("parts server", self.parts_server.shutdown)
+        if self.step == 0 and self._resumed_fronts is None:  # late: take the parts of the trainers ahead
+            with self.phases.phase("download", "taking the parts of the trainers ahead"):
+                timeout = max(self.run.aggregation.message_timeout, 10.0)
+                peers, run_hash = self.runtime.peers(), self.run.digest()
+                me, steps = self.identity.peer_id, self.run.train.inner_steps
+                self.step = catch_up(self.parts_server, self.fronts, me, peers, run_hash, steps, timeout)
 
     def train_step(self) -> StepReport:
         """One step (module docstring): micro-batches through the local and remote parts, commit, local step."""
@@ -247,6 +258,8 @@ class ShardedTrainer:
         if self.step % self.run.train.inner_steps == 0:  # a round's last step
             batch_size = self.run.train.batch_size  # DP-SGD's Poisson batch: its expected size
             group = self._average_fronts(batch_size if self.privacy is None else self.privacy.step_samples(batch_size))
+            if self.parts_server is not None and self.fronts is not None:
+                self.parts_server.keep(SLOT, self.fronts.served())  # what a late joiner takes (catchup.py)
             self._save_checkpoint()
             eval_loss = self.evaluate()
         seconds = time.perf_counter() - started

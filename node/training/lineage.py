@@ -109,11 +109,12 @@ class LineageServer:
 
     Args:
         dht: the node's running DHT (an in-process P2P replica of its daemon answers the calls).
-        run_id: the run; the handler's name is derived from it.
+        run_id: the run; the handler's name is derived from it and ``kind`` (a sharded trainer serves its parts to
+            late joiners under ``"parts"``: node/sharding/catchup.py).
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str):
-        self.name = f"zen.{run_id}.lineage"
+    def __init__(self, dht: hivemind.DHT, run_id: str, kind: str = "lineage"):
+        self.name = f"zen.{run_id}.{kind}"
         self._states: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._owed: tuple[int, set[str]] = (-1, set())  # the last kept round, and who is still to fetch it

@@ -1,0 +1,89 @@
+"""A sharded trainer that joins late takes its parts from the trainers ahead of it.
+
+The trainers' parts (embeddings, first blocks, head) average as changes against an anchor the
+group shares (node/sharding/fronts.py), so a trainer that starts from the seeded parts while the
+others are rounds ahead would average its changes against its own anchor forever and never hold
+their parts. So, once listed and before its first step, a trainer without a checkpoint to resume:
+
+1. picks up to ``MAX_DONORS`` trainers of the run whose signed records show at least one round done
+   (with ``[run.cohorts]``: of its own cohort, so cohort parts come from its cohort), the most
+   advanced first;
+2. fetches from each its parameters and their anchors (``FrontAverager.served``, kept after every
+   round under the ``parts`` handler of node/training/lineage.py's ``LineageServer``: chunked,
+   bounded, checked for shape and finiteness);
+3. takes their coordinate-wise median (``combine``; members of one group hold the same bits, so with
+   honest donors it is their state exactly, and one lying donor of three cannot pull it out of the
+   honest range) for its averaged parts; its local parts (cohorts' ``local_patterns``) stay its own;
+4. continues from the donors' round (the round is what trainers meet at): its step jumps to the
+   first step of the most advanced donor's current round.
+
+If no donor answers in time, it starts from the seeded parts as before, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+
+from dht import PeerRecord
+from node.sharding.fronts import FrontAverager
+from node.training.lineage import LineageServer, combine
+
+logger = logging.getLogger(__name__)
+
+MAX_DONORS = 3
+SLOT = 0  # the LineageServer key a trainer's current parts are served under
+
+
+def choose_donors(
+    me: str, records: Sequence[PeerRecord], run_hash: str, inner_steps: int, members: Collection[str] | None
+) -> tuple[list[str], int]:
+    """Up to ``MAX_DONORS`` trainers of the run at least a round ahead (of ``members`` if given), most advanced
+    first, and the first step of the most advanced one's current round (0: none)."""
+    ahead = [
+        r
+        for r in records
+        if "trainer" in r.roles
+        and r.run_hash == run_hash
+        and r.peer_id != me
+        and r.round >= inner_steps
+        and (members is None or r.peer_id in members)
+    ]
+    chosen = sorted(ahead, key=lambda r: (-r.round, r.peer_id))[:MAX_DONORS]
+    step = (chosen[0].round // inner_steps) * inner_steps if chosen else 0
+    return [r.peer_id for r in chosen], step
+
+
+def catch_up(
+    server: LineageServer,
+    fronts: FrontAverager,
+    me: str,
+    records: Sequence[PeerRecord],
+    run_hash: str,
+    inner_steps: int,
+    timeout: float,
+) -> int:
+    """Take the averaged parts of the trainers ahead (module docstring); the step to continue from (0: none)."""
+    if not choose_donors(me, records, run_hash, inner_steps, None)[0]:
+        return 0  # nobody is ahead (trainers that start together): nothing to take
+    fronts.prepare(0)  # with cohorts: place us, so the donors are of our cohort
+    donors, step = choose_donors(me, records, run_hash, inner_steps, fronts.cohort_members)
+    if not donors:
+        logger.warning("no trainer of our cohort is ahead: starting from the seeded parts")
+        return 0
+    templates = fronts.served()
+    entries = []
+    for donor in donors:
+        try:
+            entries.append(server.fetch(donor, SLOT, templates, timeout))
+        except ValueError as e:
+            logger.warning(f"catching up: {e}")
+    if not entries:
+        logger.warning(f"no trainer ahead served its parts ({len(donors)} asked): starting from the seeded parts")
+        return 0
+    fronts.adopt(combine(entries, "median"))
+    logger.info(
+        f"joined late: took the averaged parts of {len(entries)} trainer(s) ahead (their median); "
+        f"continuing at step {step} (round {step // inner_steps})"
+    )
+    return step
