@@ -27,8 +27,8 @@ JSON fields: ``ari`` (cohorts found against the domains), ``cohorts``, ``loss_pe
 cohort after the last round / different across cohorts), ``global_params_identical`` (global-tagged
 parameters equal on every trainer after the last round: the cross-cohort ring's lineage merge),
 ``stage_steps_exactly_once`` (sharded: each stage's final version equals the trainers' steps, so every
-step moved it exactly once; else null), ``bytes_per_peer`` (null when sharded: a sharded trainer does
-not report its bytes yet), ``seconds``, and the setup.
+step moved it exactly once; else null), ``bytes_per_peer`` (the mean of what each trainer's libp2p daemon
+sent; sharded: its stage calls included), ``seconds``, and the setup.
 """
 
 from __future__ import annotations
@@ -197,7 +197,11 @@ def trainer_views(folders: list[Path], run: RunConfig) -> tuple[list[dict[str, A
             versions = [max(r["versions"][k] for r in rows) for k in range(run.sharding.stages)]
             epsilon = max((r.get("epsilon") or 0.0) for r in rows)
             view = dict(
-                steps=len(rows), params=checkpoint.global_params, bytes=None, epsilon=epsilon, versions=versions
+                steps=len(rows),
+                params=checkpoint.global_params,
+                bytes=rows[-1].get("bytes_sent"),
+                epsilon=epsilon,
+                versions=versions,
             )
         else:
             last = rows[-1]

@@ -58,6 +58,8 @@ def test_three_sharded_trainers_leave_each_round_with_the_same_own_parts(tmp_pat
         groups = [[r.group for r in rows] for rows in reports]
         assert all(g[steps - 1 :: steps] == [3] * ROUNDS for g in groups), groups  # every round
         assert all(g.count(0) == len(g) - ROUNDS for g in groups)  # only at a round's last step
+        sent = [[r.bytes_sent for r in rows[steps - 1 :: steps]] for rows in reports]  # read at round ends
+        assert all(0 < mine[0] < mine[-1] for mine in sent), sent  # stage calls and averaging: on the wire
         parts = [list(t.local.parameters()) for t in trainers]
         for other in parts[1:]:
             assert all(torch.equal(a, b) for a, b in zip(parts[0], other, strict=True))  # one set of parts

@@ -77,6 +77,7 @@ from node.training.ledger import ContributionLedger
 from node.training.lineage import LineageServer
 from node.training.privacy import TrainerPrivacy
 from node.training.report import append_report
+from node.wire_meter import WireMeter
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class StepReport:
     eval_loss: float | None = None  # at a round's last step: the held-out loss after the round (``evaluate``)
     cohort: str | None = None  # with [run.cohorts]: the cohort this trainer averaged in (node/sharding/fronts.py)
     epsilon: float | None = None  # with [run.privacy]: epsilon spent so far (node/sharding/private.py)
+    bytes_sent: int = 0  # bytes our libp2p daemon sent so far (node/wire_meter.py; read at round ends; -1: unknown)
 
 
 def training_batches(run: RunConfig, corpus: bytes) -> ByteBatches:
@@ -159,6 +161,8 @@ class ShardedTrainer:
         self.remote: RemoteStages | None = None
         self.fronts: FrontAverager | None = None  # averages our own parts with the other trainers (fronts.py)
         self.parts_server: LineageServer | None = None  # serves them to late joiners (catchup.py)
+        self.meter: WireMeter | None = None  # bytes our daemon sends (stage calls, averaging, DHT)
+        self._bytes_sent = 0  # its last reading
         self._resumed_fronts: dict[str, Any] | None = None  # the averager's state from --resume's checkpoint
         self._landed: AggregationResult | None = None  # overlapped: the round that landed during this one
         # progress
@@ -216,6 +220,9 @@ class ShardedTrainer:
         if self.runtime is None:
             raise RuntimeError("ShardedTrainer.prepare() was not called")
         dht = self.runtime.start()
+        self.meter = WireMeter.for_dht(dht)
+        if self.meter is not None:
+            self.runtime.adopt("wire meter", self.meter.stop)
         self.runtime.announce(self._record_fields)
         self.remote = remote = RemoteStages(dht, self.run, self.identity, self.workdir, self.stop_event)
         self.runtime.adopt("remote stages", remote.shutdown)
@@ -262,6 +269,7 @@ class ShardedTrainer:
                 self.parts_server.keep(SLOT, self.fronts.served())  # what a late joiner takes (catchup.py)
             self._save_checkpoint()
             eval_loss = self.evaluate()
+            self._bytes_sent = self.meter.bytes_sent() if self.meter is not None else 0
         seconds = time.perf_counter() - started
         report = StepReport(
             step=self.step,
@@ -276,6 +284,7 @@ class ShardedTrainer:
             eval_loss=eval_loss,
             cohort=self.fronts.cohort_id if self.fronts is not None else None,
             epsilon=None if self.privacy is None else round(self.privacy.epsilon(), 4),
+            bytes_sent=self._bytes_sent,
         )
         append_report(self.workdir, report)
         samples, spent = self._uncredited
