@@ -17,6 +17,7 @@ import pytest
 import torch
 from sharding_harness import node_config, start_servers
 
+import node.sharding.hosted as hosted_module
 from node.config import PrivacyConfig
 from node.data import generate_corpus
 from node.metrics import NodeMetrics
@@ -179,3 +180,19 @@ def test_a_dp_sharded_trainers_epsilon_is_on_its_line_and_in_its_metrics(capsys:
 
     assert "| epsilon 1.500" in capsys.readouterr().out
     assert metrics.registry.get_sample_value("zen_node_epsilon") == 1.5
+
+
+def test_a_stage_holds_a_bounded_number_of_per_example_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DP step keeps one gradient per example until its commit: past ``MAX_PENDING_FLOATS`` the oldest step's
+    are dropped (its commit then asks for them again), so trainers cannot fill a server's memory."""
+    run = node_config(Path("/nonexistent"), "x", []).run
+    hosted = HostedStage(build_stage(run.model, run.sharding, run.train.seed, 0), lr=1e-3, weight_decay=0.0)
+    one_step = 3 * sum(p.numel() for p in hosted.params)  # 3 examples' gradients
+    monkeypatch.setattr(hosted_module, "MAX_PENDING_FLOATS", int(1.5 * one_step))
+    hidden, grad = torch.randn(3, 8, run.model.d_model), torch.randn(3, 8, run.model.d_model)
+
+    hosted.backward_per_example(("t", 1), 0, hidden, grad)
+    hosted.backward_per_example(("t", 2), 0, hidden, grad)
+
+    assert list(hosted.pending) == [("t", 2)]
+    assert hosted.summed_pending(("t", 1), 1, (torch.ones(3), torch.tensor([0.1, 0.5]))) == [0]  # missing: resend

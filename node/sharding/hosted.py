@@ -50,6 +50,7 @@ from node.sharding.proofs import AppliedPair, vouched_pairs
 from node.sharding.stages import Stage
 
 MAX_PENDING_STEPS = 64  # (trainer, step) pairs whose gradients may wait for a commit
+MAX_PENDING_FLOATS = 1 << 28  # gradient values they may hold (1 GiB): DP steps keep one gradient per example
 MAX_APPLIED_REMEMBERED = 4096  # applied pairs remembered, so a retried commit is recognized
 Evidence = tuple[bytes, bytes]  # an applied step's gradients digest and its trainer's proof (proofs.py)
 NO_EVIDENCE: Evidence = (b"", b"")  # an applied step without its digest and proof (a test's direct apply)
@@ -119,9 +120,15 @@ class HostedStage:
         return grad_input, squared
 
     def _keep_pending(self, key: tuple[str, int], micro_batch: int, grads: list[torch.Tensor]) -> None:
+        """Keep a micro-batch's gradients for its commit; the oldest steps' are dropped past ``MAX_PENDING_STEPS``
+        steps or ``MAX_PENDING_FLOATS`` values (their commits then ask for them again: ``missing``)."""
         self.pending.setdefault(key, {})[micro_batch] = grads
         self.pending.move_to_end(key)
-        while len(self.pending) > MAX_PENDING_STEPS:
+
+        def held() -> int:
+            return sum(g.numel() for parts in self.pending.values() for kept in parts.values() for g in kept)
+
+        while len(self.pending) > MAX_PENDING_STEPS or (len(self.pending) > 1 and held() > MAX_PENDING_FLOATS):
             self.pending.popitem(last=False)
 
     def summed_pending(
