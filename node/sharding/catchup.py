@@ -23,6 +23,7 @@ If no donor answers in time, it starts from the seeded parts as before, and says
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Sequence
 
 from dht import PeerRecord
@@ -63,7 +64,8 @@ def catch_up(
     inner_steps: int,
     timeout: float,
 ) -> int:
-    """Take the averaged parts of the trainers ahead (module docstring); the step to continue from (0: none)."""
+    """Take the averaged parts of the trainers ahead (module docstring); the step to continue from (0: none).
+    ``timeout``: seconds for all the fetches together."""
     if not choose_donors(me, records, run_hash, inner_steps, None)[0]:
         return 0  # nobody is ahead (trainers that start together): nothing to take
     fronts.prepare(0)  # with cohorts: place us, so the donors are of our cohort
@@ -71,11 +73,11 @@ def catch_up(
     if not donors:
         logger.warning("no trainer of our cohort is ahead: starting from the seeded parts")
         return 0
-    templates = fronts.served()
-    entries = []
+    templates, entries = fronts.served(), []
+    deadline = time.monotonic() + timeout  # shared by the donors (a donor mid-round serves once it averaged)
     for donor in donors:
         try:
-            entries.append(server.fetch(donor, SLOT, templates, timeout))
+            entries.append(server.fetch(donor, SLOT, templates, max(1.0, deadline - time.monotonic())))
         except ValueError as e:
             logger.warning(f"catching up: {e}")
     if not entries:

@@ -244,7 +244,7 @@ class ShardedTrainer:
         self.runtime.adopt("parts server", self.parts_server.shutdown)
         if self.step == 0 and self._resumed_fronts is None:  # late: take the parts of the trainers ahead
             with self.phases.phase("download", "taking the parts of the trainers ahead"):
-                timeout = max(self.run.aggregation.message_timeout, 10.0)
+                timeout = self.run.aggregation.timeout + 10.0  # a donor serves its parts once its round averaged
                 peers, run_hash = self.runtime.peers(), self.run.digest()
                 me, steps = self.identity.peer_id, self.run.train.inner_steps
                 self.step = catch_up(self.parts_server, self.fronts, me, peers, run_hash, steps, timeout)
