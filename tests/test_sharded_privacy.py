@@ -18,7 +18,7 @@ import torch
 from sharding_harness import node_config, start_servers
 
 import node.sharding.hosted as hosted_module
-from node.config import PrivacyConfig
+from node.config import ConfigError, PrivacyConfig
 from node.data import generate_corpus
 from node.metrics import NodeMetrics
 from node.model import build_model
@@ -26,7 +26,7 @@ from node.progress import print_step
 from node.sharding.hosted import HostedStage
 from node.sharding.messages import StageMessageError
 from node.sharding.pipeline import StepPipeline
-from node.sharding.private import ShardedDPSGD
+from node.sharding.private import DP_STEPS_FILE, ShardedDPSGD, load_dp_steps, save_dp_steps
 from node.sharding.server import StageServer
 from node.sharding.stages import build_stage
 from node.sharding.trainer import ShardedTrainer, StepReport
@@ -95,8 +95,9 @@ def test_each_example_is_clipped_over_the_whole_model_across_the_trainer_and_the
 
 
 def test_a_dp_sharded_trainer_counts_reports_resumes_and_stops_at_its_budget(tmp_path: Path) -> None:
-    """Steps are counted (epsilon grows in report.jsonl and in the trainer's record), the count comes back
-    with ``--resume``, and a budget that allows fewer steps than asked stops the trainer there."""
+    """Steps are counted (epsilon grows in report.jsonl and in the trainer's record); the count comes back
+    with ``--resume``, steps after the checkpoint's round included (each released its stage update at its
+    commit); a budget that allows fewer steps than asked stops the trainer there."""
     # Prepare
     (server,) = start_servers(tmp_path, [StageServer], privacy=PRIVACY)
     (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=72))
@@ -111,29 +112,33 @@ def test_a_dp_sharded_trainer_counts_reports_resumes_and_stops_at_its_budget(tmp
         # Execute
         first.run_forever()
         record = first._record_fields()
+        for _ in range(2):  # two steps of round 3, then it stops (a crash): the checkpoint holds round 2
+            first.train_step()
     finally:
         first.close()
     steps = config.run.train.inner_steps
     assert first.privacy is not None and first.privacy.steps is not None
     rows = [json.loads(line) for line in (Path(config.workdir) / "report.jsonl").read_text().splitlines()]
     epsilons = [row["epsilon"] for row in rows]
-    assert len(epsilons) == 2 * steps and 0 < epsilons[0] < epsilons[-1] <= 8.0
-    assert first.privacy.spent == 2 * steps and record["epsilon"] == pytest.approx(first.privacy.epsilon())
+    assert len(epsilons) == 2 * steps + 2 and 0 < epsilons[0] < epsilons[-1] <= 8.0
+    assert record["epsilon"] == pytest.approx(first.privacy.steps.epsilon(2 * steps))
+    assert first.privacy.spent == 2 * steps + 2
     saved = Checkpoint.load(first.workdir, first.run.digest())
-    assert saved is not None and saved.dp_rounds == 2 * steps
+    assert saved is not None and saved.round == 2 and saved.dp_rounds == 2 * steps
 
-    # a budget of a little more than those steps: --resume takes the count back, and stops at the budget
-    budget = first.privacy.steps.epsilon(2 * steps + 3)
+    # a budget of 3 more steps: --resume counts all 2 * steps + 2 taken, and the trainer stops at the budget
+    budget = first.privacy.steps.epsilon(2 * steps + 5)
     second = ShardedTrainer(dataclasses.replace(config, resume=True, rounds=4, epsilon_budget=budget))
     try:
         second.prepare()
-        assert second.privacy is not None and second.privacy.spent == 2 * steps
+        assert second.privacy is not None and second.privacy.spent == 2 * steps + 2
+        assert second.step == 2 * steps  # the round the checkpoint holds
         second.join()
         second.run_forever()
     finally:
         second.close()
         server.shutdown()
-    assert second.privacy.spent == second.step == 2 * steps + 3  # stopped at the budget, mid-round
+    assert second.privacy.spent == 2 * steps + 5 and second.step == 2 * steps + 3  # stopped at the budget
     assert second.privacy.epsilon() <= budget and math.isfinite(second.privacy.epsilon())
 
 
@@ -196,3 +201,15 @@ def test_a_stage_holds_a_bounded_number_of_per_example_gradients(monkeypatch: py
 
     assert list(hosted.pending) == [("t", 2)]
     assert hosted.summed_pending(("t", 1), 1, (torch.ones(3), torch.tensor([0.1, 0.5]))) == [0]  # missing: resend
+
+
+@pytest.mark.parametrize("content", ["{", '{"run_hash": "h"}', '{"run_hash": "h", "steps": -3}', "[1, 2]"])
+def test_a_malformed_dp_step_count_is_refused_in_one_line(tmp_path: Path, content: str) -> None:
+    """The count of a sharded trainer's DP steps is what keeps its epsilon honest after a crash: a damaged one stops
+    the start with the fix, it is never read as zero. Another run's count does not apply."""
+    (tmp_path / DP_STEPS_FILE).write_text(content)
+    with pytest.raises(ConfigError, match=r"dp_steps\.json is malformed") as refused:
+        load_dp_steps(tmp_path, "h")
+    assert "\n" not in str(refused.value)
+    save_dp_steps(tmp_path, "h", 7)
+    assert (load_dp_steps(tmp_path, "h"), load_dp_steps(tmp_path, "other")) == (7, 0)

@@ -29,20 +29,56 @@ DP with servers you trust with your data. User-level DP with sharding is refused
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from node.config import ConfigError
 from node.sharding.pipeline import StepPipeline
 from node.sharding.stages import LocalParts
 from node.training.dpsgd import DPSGDStep, RecordSampler
 
+DP_STEPS_FILE = "dp_steps.json"  # the DP-SGD steps counted so far, written before each step's commit
 HEAD_PREFIXES = ("wte.", "ln_f.")  # what LocalParts.head uses: the final norm and the tied embedding
 MAX_MICRO_BATCHES = 64  # the stage protocol's limit (node/sharding/messages.py)
+
+
+def save_dp_steps(workdir: Path, run_hash: str, steps: int) -> None:
+    """Record the DP-SGD steps counted so far (atomically). A sharded step releases its stages' update at its
+    commit, mid-round, so the round-end checkpoint alone would undercount after a crash."""
+    path = workdir / DP_STEPS_FILE
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"run_hash": run_hash, "steps": steps}))
+    os.replace(temporary, path)
+
+
+def load_dp_steps(workdir: Path, run_hash: str) -> int:
+    """The steps ``save_dp_steps`` recorded for this run (0: none, or another run's).
+
+    Raises:
+        ConfigError: the file is malformed (starting on would forget steps whose updates left the node).
+    """
+    path = workdir / DP_STEPS_FILE
+    if not path.exists():
+        return 0
+    try:
+        saved = json.loads(path.read_text()[:4096])
+        steps = saved["steps"]
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a count, got {steps!r}")
+        return steps if saved["run_hash"] == run_hash else 0
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} is malformed ({e}); restore it, or resume without it only if you accept that its DP steps "
+            "go uncounted"
+        ) from None
 
 
 class _Method(nn.Module):

@@ -70,7 +70,7 @@ from node.sharding.catchup import SLOT, catch_up
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.fronts import FrontAverager
 from node.sharding.pipeline import StepPipeline
-from node.sharding.private import ShardedDPSGD
+from node.sharding.private import ShardedDPSGD, load_dp_steps, save_dp_steps
 from node.sharding.stages import LocalParts
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 from node.training.ledger import ContributionLedger
@@ -155,7 +155,7 @@ class ShardedTrainer:
         self.device: torch.device
         self.local: LocalParts  # embedding, first blocks, head
         self.optimizer: torch.optim.Optimizer
-        self.privacy: TrainerPrivacy | None = None  # record-level DP-SGD of our parts (node/sharding/private.py)
+        self.privacy: TrainerPrivacy | None = None  # record-level DP-SGD over the whole model (private.py)
         # the swarm: the runtime is born in prepare() (identity), the stages' client in join()
         self.runtime: NodeRuntime | None = None  # identity, DHT, heartbeat; owns shutdown
         self.remote: RemoteStages | None = None
@@ -321,6 +321,7 @@ class ShardedTrainer:
         dpsgd, stages = self.privacy.dpsgd, self.run.sharding.stages
         dpsgd.pipeline_for = lambda count: StepPipeline(remote, step_id, stages, count)
         loss = self.privacy.inner_step()  # type: ignore[misc]  # counted by the accountant
+        save_dp_steps(self.workdir, self.run.digest(), self.privacy.spent)  # before the commit releases the step
         assert dpsgd.pipeline is not None
         return dpsgd.last_batch, loss, dpsgd.pipeline.commit(dpsgd.commit_noise), dpsgd.pipeline.servers
 
@@ -371,14 +372,15 @@ class ShardedTrainer:
     def _load_checkpoint(self) -> None:
         """Continue from ``<workdir>/checkpoint.safetensors`` (``--resume``), if there is one."""
         checkpoint = Checkpoint.load(self.workdir, self.run.digest())
+        if self.privacy is not None:  # every step counted, those after the checkpoint's round too
+            counted = max(checkpoint.dp_rounds if checkpoint else 0, load_dp_steps(self.workdir, self.run.digest()))
+            self.privacy.restore(counted)
         if checkpoint is None:
             return
         what = f"checkpoint {self.workdir / CHECKPOINT_FILE} does not hold this sharded trainer's parts"
         checkpoint.copy_params_into(list(self.local.parameters()), what, "use another --workdir")
         self.optimizer.load_state_dict(checkpoint.inner_opt)
         self.batches.restore(checkpoint.data_rng)
-        if self.privacy is not None:
-            self.privacy.restore(checkpoint.dp_rounds)  # DP-SGD steps counted so far
         self.step = checkpoint.round * self.run.train.inner_steps
         self._resumed_fronts = checkpoint.outer_opt or None
         logger.info(f"resumed from {self.workdir / CHECKPOINT_FILE} at round {self.round} (step {self.step})")
