@@ -57,7 +57,7 @@ from node.demo import join_command, start_bootstrap, stop_process  # noqa: E402
 from node.model import build_model  # noqa: E402
 from node.sharding.stages import LocalParts  # noqa: E402
 from node.training.checkpoint import Checkpoint, load_round_params  # noqa: E402
-from node.training.report import REPORT_FILE  # noqa: E402
+from node.training.report import REPORT_FILE, STEPS_FILE  # noqa: E402
 
 EVAL_BATCHES = 4  # as the trainer's reports (node/training/trainer.py)
 
@@ -92,6 +92,7 @@ def run_toml(args: argparse.Namespace, peers: int) -> str:
 stages = {args.stages}
 local_blocks = 1
 average_period = 0
+stage_lr_scale = {args.stage_lr_scale}
 """
         if args.stages
         else ""
@@ -189,27 +190,20 @@ def trainer_views(folders: list[Path], run: RunConfig) -> tuple[list[dict[str, A
     views = []
     for folder in folders:
         rows = [json.loads(line) for line in (folder / "work" / REPORT_FILE).read_text().splitlines()]
-        if run.sharding.stages:  # one row per step (node/sharding/trainer.py)
-            last = [r for r in rows if r["eval_loss"] is not None][-1]
+        last = rows[-1]  # a line per round, sharded or not (node/training/report.py)
+        grouped = [r for r in rows if r["mode"] == "group"]
+        steps = sum(r["inner_steps"] for r in rows if r["mode"] not in ("initial", "loaded"))
+        epsilon = max((r.get("epsilon") or 0.0) for r in rows)
+        versions = None
+        if run.sharding.stages:  # the trainer's own parts in its checkpoint; the stages' versions in steps.jsonl
             checkpoint = Checkpoint.load(folder / "work", run.digest())
             assert checkpoint is not None, f"{folder} wrote no checkpoint"
-            grouped = [r for r in rows if r["group"] > 0]
-            versions = [max(r["versions"][k] for r in rows) for k in range(run.sharding.stages)]
-            epsilon = max((r.get("epsilon") or 0.0) for r in rows)
-            view = dict(
-                steps=len(rows),
-                params=checkpoint.global_params,
-                bytes=rows[-1].get("bytes_sent"),
-                epsilon=epsilon,
-                versions=versions,
-            )
+            params = checkpoint.global_params
+            lines = (folder / "work" / STEPS_FILE).read_text().splitlines()
+            versions = [max(json.loads(line)["versions"][k] for line in lines) for k in range(run.sharding.stages)]
         else:
-            last = rows[-1]
-            grouped = [r for r in rows if r["mode"] == "group"]
-            steps = sum(r["inner_steps"] for r in rows if r["mode"] not in ("initial", "loaded"))
             params = load_round_params(sorted((folder / "work" / "rounds").glob("*"))[-1])
-            epsilon = max((r.get("epsilon") or 0.0) for r in rows)
-            view = dict(steps=steps, params=params, bytes=last["bytes_sent"], epsilon=epsilon, versions=None)
+        view = dict(steps=steps, params=params, bytes=last["bytes_sent"], epsilon=epsilon, versions=versions)
         view.update(
             cohort=last["cohort"],
             eval_loss=last["eval_loss"],
@@ -264,6 +258,7 @@ def summarize(args: argparse.Namespace, data: list[tuple[int, bytes]], folders: 
         "target_epsilon": args.epsilon,
         "stages": args.stages,
         "servers": args.servers if args.stages else 0,
+        "stage_lr_scale": args.stage_lr_scale if args.stages else None,
     }
 
 
@@ -280,6 +275,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole swarm, e.g. 900")
     parser.add_argument("--stages", type=int, default=0, help="remote stages (0: no sharding), e.g. 2")
     parser.add_argument("--servers", type=int, default=2, help="zen-node serve processes when sharded, e.g. 2")
+    parser.add_argument(
+        "--stage-lr-scale", type=float, default=1.0, help="sharding.stage_lr_scale when sharded, e.g. 1.0"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
     if not 1 <= args.domains <= 3 or args.peers_per_domain < 3:

@@ -127,7 +127,7 @@ def main() -> int:
             command += ["--workdir", str(root / "work"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
             trainer_log = open(root / "trainer.log", "w")
             trainer = subprocess.Popen(command, stdout=trainer_log, stderr=subprocess.STDOUT, env=ENV)
-            report = root / "work" / "report.jsonl"
+            report = root / "work" / "steps.jsonl"  # a sharded trainer's line per step
             killed = False
             while trainer.poll() is None:
                 lines = report.read_text().splitlines() if report.exists() else []

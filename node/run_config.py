@@ -270,6 +270,9 @@ class ShardingConfig:
     ban_min_rounds: int = 10  # rounds a trainer's record must announce before its bans count (dht/bans.py)
     ban_quorum: int = 2  # distinct counted reporters that exclude a server; fewer only deprioritize it
     ban_ttl: float = 3600.0  # seconds a trainer's own ban lives; validators cap it at dht.bans.MAX_BAN_TTL (3600)
+    # A stage's AdamW lr for one trainer's step: train.inner_lr x this / the run's trainers (each trainer's step is
+    # its share of the stage's step, so N trainers move the shared blocks as far as one would; BENCHMARKS.md)
+    stage_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.stages <= 64, f"sharding.stages must be in [0, 64], got {self.stages}")
@@ -294,6 +297,7 @@ class ShardingConfig:
             math.isfinite(self.ban_ttl) and 1 <= self.ban_ttl <= 3600,
             f"sharding.ban_ttl must be in [1, 3600] s, got {self.ban_ttl}",
         )
+        _require(0 < self.stage_lr_scale <= 1, f"sharding.stage_lr_scale must be in (0, 1], got {self.stage_lr_scale}")
 
 
 MAX_PATTERNS = 32  # most name patterns in each of cohorts.local_patterns and cohorts.cohort_patterns

@@ -163,10 +163,14 @@ class NodeProcess:
         """``count`` joined nodes n0, n1, ... each on its own contiguous ``size``-byte slice of ``corpus``."""
         return [cls(root, f"n{i}", config, maddr, corpus[i * size : (i + 1) * size], *extra) for i in range(count)]
 
-    def reports(self) -> list[dict]:
-        """The rows of the node's ``work/report.jsonl`` so far (one per round, or per step when sharded)."""
-        path = self.folder / "work" / "report.jsonl"
+    def reports(self, name: str = "report.jsonl") -> list[dict]:
+        """The rows of the node's ``work/report.jsonl`` so far (one per round; ``name``: another file of rows)."""
+        path = self.folder / "work" / name
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def steps(self) -> list[dict]:
+        """A sharded trainer's rows of ``work/steps.jsonl`` so far (one per step)."""
+        return self.reports("steps.jsonl")
 
     def params(self, round_no: int) -> Path:
         """Where the node saved round ``round_no``'s global params."""

@@ -89,6 +89,14 @@ class ProofKeeper(StageServer):
         return await super()._dispatch(request, remote)
 
 
+class ShareInflater(StageServer):
+    """Relays every step it commits to the other replicas at a full share of the stage's lr, whatever the trainer
+    signed (a step then moves the shared blocks as if one trainer trained alone)."""
+
+    async def _send_to_replicas(self, replicate: StageRequest) -> None:
+        await super()._send_to_replicas(dataclasses.replace(replicate, share=1.0))
+
+
 class TamperedServer(StageServer):
     """Serves stage weights shifted by 0.02 and computes with them: its forward matches its published state."""
 

@@ -118,9 +118,14 @@ def test_a_dp_sharded_trainer_counts_reports_resumes_and_stops_at_its_budget(tmp
         first.close()
     steps = config.run.train.inner_steps
     assert first.privacy is not None and first.privacy.steps is not None
-    rows = [json.loads(line) for line in (Path(config.workdir) / "report.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(config.workdir) / "steps.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (Path(config.workdir) / "report.jsonl").read_text().splitlines()]
     epsilons = [row["epsilon"] for row in rows]
     assert len(epsilons) == 2 * steps + 2 and 0 < epsilons[0] < epsilons[-1] <= 8.0
+    assert [(r["round"], r["inner_steps"], r["epsilon"]) for r in rounds] == [
+        (1, steps, epsilons[steps - 1]),
+        (2, steps, epsilons[2 * steps - 1]),
+    ]
     assert record["epsilon"] == pytest.approx(first.privacy.steps.epsilon(2 * steps))
     assert first.privacy.spent == 2 * steps + 2
     saved = Checkpoint.load(first.workdir, first.run.digest())

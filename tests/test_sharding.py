@@ -89,8 +89,13 @@ def test_sharded_training_matches_unsharded_loss_curve(tmp_path: Path) -> None:
         # Assert
         assert (first_stages, second_stages) == ([0], [1])
         assert code == 0, trainer.output()[-3000:]
-        steps = trainer.reports()
+        steps, rounds = trainer.steps(), trainer.reports()
         assert [r["step"] for r in steps] == list(range(1, 21))
+        assert [(r["round"], r["mode"], r["inner_steps"], r["samples"]) for r in rounds] == [
+            (1, "solo", 10, 80),
+            (2, "solo", 10, 80),
+        ]  # a line per round, zen-node join's fields
+        assert rounds[1]["eval_loss"] == steps[-1]["eval_loss"] and 0 < rounds[1]["utilization"] <= 1
         assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 21)]
         reference = unsharded_losses(load_node_config(str(config)).run, corpus, 20)
         assert relative_gap([r["loss"] for r in steps], reference) <= LOSS_TOLERANCE
@@ -118,22 +123,22 @@ def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> Non
 
         # Execute
         wait_until(
-            lambda: len(trainer.reports()) >= 10 or trainer.process.poll() is not None,
+            lambda: len(trainer.steps()) >= 10 or trainer.process.poll() is not None,
             90,
             "10 sharded steps",
             detail=trainer.tail,
             interval=0.05,
         )
-        in_use = trainer.reports()[-1]["servers"][1]
+        in_use = trainer.steps()[-1]["servers"][1]
         victim = next(r for r in replicas if r.peer_id.startswith(in_use))
-        killed_at = len(trainer.reports())
+        killed_at = len(trainer.steps())
         victim.crash()
         code = trainer.wait(120)
 
         # Assert
         assert code == 0, trainer.output()[-3000:]
         assert 10 <= killed_at < 80
-        steps = trainer.reports()
+        steps = trainer.steps()
         assert [r["step"] for r in steps] == list(range(1, 81))
         assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 81)]
         assert steps[-1]["failovers"] >= 1
@@ -364,10 +369,14 @@ def test_replicas_that_cannot_average_copy_the_newest_state(tmp_path: Path, coun
             server.shutdown()
 
 
-def interleaved_reference(run: RunConfig, corpora: list[bytes], order: list[int]) -> list[list[float]]:
-    """Trainers with their own local parts and one shared remote stage, stepping in ``order``, on one machine."""
+def interleaved_reference(
+    run: RunConfig, corpora: list[bytes], order: list[int]
+) -> tuple[list[list[float]], list[torch.Tensor]]:
+    """Trainers with their own local parts and one shared remote stage, stepping in ``order``, on one machine: each
+    trainer's losses, and the stage's params after (each trainer's step moves it at 1 / the trainers' share)."""
     stage = build_stage(run.model, run.sharding, run.train.seed, 0)
-    stage_optimizer = torch.optim.AdamW(stage.parameters(), lr=run.train.inner_lr, weight_decay=run.train.weight_decay)
+    stage_lr = run.train.inner_lr * run.sharding.stage_lr_scale / len(corpora)
+    stage_optimizer = torch.optim.AdamW(stage.parameters(), lr=stage_lr, weight_decay=run.train.weight_decay)
     parts = [LocalParts(build_model(run.model, run.train.seed), run.sharding.local_blocks) for _ in corpora]
     optimizers = [
         torch.optim.AdamW(p.parameters(), lr=run.train.inner_lr, weight_decay=run.train.weight_decay) for p in parts
@@ -383,11 +392,12 @@ def interleaved_reference(run: RunConfig, corpora: list[bytes], order: list[int]
         stage_optimizer.step()
         optimizers[t].step()
         losses[t].append(loss.item())
-    return losses
+    return losses, [p.detach().clone() for p in stage.parameters()]
 
 
 def test_two_trainers_share_the_stage_servers_without_losing_or_repeating_a_step(tmp_path: Path) -> None:
-    """Two trainers: in lockstep they match the one-machine reference; concurrently every step applies exactly once."""
+    """Two trainers: in lockstep they match the one-machine reference (each step at half the stage's lr: they count
+    two trainers); concurrently every step applies exactly once."""
     # Prepare
     (server,) = start_replicas(tmp_path, 1)
     corpora = [generate_corpus(20_000, seed=21), generate_corpus(20_000, seed=22)]
@@ -400,6 +410,7 @@ def test_two_trainers_share_the_stage_servers_without_losing_or_repeating_a_step
             trainers.append(ShardedTrainer(config))
             trainers[-1].prepare()
             trainers[-1].join()
+        wait_until(lambda: all(t.count_trainers() == 0.5 for t in trainers), 30, "each trainer to count two trainers")
         lockstep_steps, concurrent_steps = 4, 4
 
         # Execute
@@ -407,6 +418,7 @@ def test_two_trainers_share_the_stage_servers_without_losing_or_repeating_a_step
         for _ in range(lockstep_steps):
             for i, trainer in enumerate(trainers):
                 lockstep[i].append(trainer.train_step())
+        after_lockstep = [p.detach().clone() for p in server.hosted[0].params]
         concurrent: list[list[StepReport]] = [[], []]
 
         def train(i: int) -> None:
@@ -419,7 +431,9 @@ def test_two_trainers_share_the_stage_servers_without_losing_or_repeating_a_step
             thread.join(timeout=120)
 
         # Assert
-        reference = interleaved_reference(trainers[0].run, corpora, [0, 1] * lockstep_steps)
+        reference, stage_params = interleaved_reference(trainers[0].run, corpora, [0, 1] * lockstep_steps)
+        # each step moved the shared stage at half the lr: as far as one trainer's steps would
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(after_lockstep, stage_params, strict=True))
         for i in range(2):
             assert relative_gap([r.loss for r in lockstep[i]], reference[i]) <= LOSS_TOLERANCE
             assert [r.versions[0] for r in lockstep[i]] == [2 * k + i + 1 for k in range(lockstep_steps)]

@@ -9,6 +9,9 @@ Mending from a lying replica: a listed server answers ``state`` with a poisoned 
 version ahead of everyone's; an honest replica that mends after a round without a group refuses
 it, names it in its log and copies the honest replica ahead instead (node/sharding/averaging.py).
 
+Share inflation: a server relays the steps it commits to the other replicas at a full share of the
+stage's learning rate, where the trainer signed 1 / the run's trainers; the replicas refuse them.
+
 Weights that agree: a server whose stage weights were tampered, and which computes consistently
 with them (so spot-checks pass), among two honest replicas: the trainer compares the replicas'
 weights digests and bans the minority (node/sharding/agreement.py).
@@ -20,6 +23,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 from conftest import SwarmPeer
@@ -28,6 +32,7 @@ from hivemind.utils import get_dht_time
 from sharding_harness import (
     LyingDonor,
     ProofKeeper,
+    ShareInflater,
     TamperedServer,
     node_config,
     runaway_moments,
@@ -43,8 +48,9 @@ from node.sharding.agreement import INITIAL_HISTORY, WeightsReport, compare_weig
 from node.sharding.client import RemoteStages
 from node.sharding.hosted import HostedStage
 from node.sharding.messages import StageMessageError, StageReply, StageRequest
-from node.sharding.proofs import gradients_digest, sign_step
+from node.sharding.proofs import sign_step, step_digest
 from node.sharding.server import StageServer
+from node.sharding.stages import build_stage
 from node.sharding.trainer import ShardedTrainer
 
 
@@ -74,7 +80,7 @@ def test_a_listed_server_cannot_preempt_a_trainers_steps_by_replicating_them(tmp
         future = [(victim.session << 24) | s for s in range(1, 4)]
         forged = tuple(torch.full_like(p, 5.0).cpu() for p in attacker.hosted[0].params)
         run_hash = attacker.run.digest()
-        own_proof = sign_step(attacker.identity, run_hash, 0, future[1], gradients_digest(forged))
+        own_proof = sign_step(attacker.identity, run_hash, 0, future[1], step_digest(forged, 1.0))
         replayed = attacker.proofs[0]  # type: ignore[attr-defined]
         attacks = [(future[0], b""), (future[1], own_proof), (future[2], replayed)]
         before = [s.refused for s in honest]
@@ -106,6 +112,70 @@ def test_a_listed_server_cannot_preempt_a_trainers_steps_by_replicating_them(tmp
         victim.close()
         for server in servers:
             server.shutdown()
+
+
+def test_a_replica_cannot_inflate_a_trainers_share_of_the_stages_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The victim commits at a quarter share to a server that replicates at a full share: the honest replicas refuse
+    (the proof signs the share), log why, and apply nothing. (Honest relays of signed shares: every other test.)"""
+    # Prepare
+    servers = start_servers(tmp_path, [StageServer, StageServer, ShareInflater])
+    honest, inflater = servers[:2], servers[2]
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=43))
+    config = node_config(tmp_path, "victim", list(servers[0].maddrs), spot_check=0.0)
+    config.data = str(tmp_path / "data.txt")
+    victim = ShardedTrainer(config)
+    try:
+        victim.prepare()
+        victim.join()
+        victim.share = 0.25  # as if four trainers were listed
+        assert victim.remote is not None
+        victim.remote.unconfirmed = {s.identity.peer_id for s in honest}  # the victim tries the inflater first
+        before = [s.refused for s in honest]
+
+        # Execute
+        inflated = [victim.train_step() for _ in range(2)]
+        refused = [s.refused - b for s, b in zip(honest, before, strict=True)]
+        applied = [[key for key in s.hosted[0].applied if key[0] == victim.identity.peer_id] for s in honest]
+
+        # Assert
+        assert [r.versions for r in inflated] == [[1], [2]]
+        assert inflater.hosted[0].version == 2
+        assert refused == [1, 1]  # the first relay; the inflater then cools the replicas that refused it down
+        assert applied == [[], []]
+        assert [s.hosted[0].version for s in honest] == [0, 0]
+        assert "did not sign these gradients" in caplog.text
+    finally:
+        victim.close()
+        for server in servers:
+            server.shutdown()
+
+
+def test_a_stage_step_moves_the_params_by_the_trainers_share_and_bad_shares_are_refused(tmp_path: Path) -> None:
+    """AdamW's step scales with its lr: a step at share 0.25 moves each param a quarter as far as at share 1;
+    a share outside [1/1024, 1] or not a float is refused in a line."""
+    # Prepare
+    run = node_config(tmp_path, "unit", [], spot_check=0.0).run
+    stages = [HostedStage(build_stage(run.model, run.sharding, 0, 0), 0.01, 0.1) for _ in range(2)]
+    start = [p.detach().clone() for p in stages[0].params]
+    grads = [torch.randn_like(p) for p in start]
+    request = StageRequest("commit", 0, "t", 1, share=0.5)
+    wire = msgpack.unpackb(request.encode(), raw=False)
+
+    # Execute
+    stages[0].apply(("t", 1), grads, share=1.0)
+    stages[1].apply(("t", 1), grads, share=0.25)
+    moved = [[(p - s).abs().sum().item() for p, s in zip(h.params, start, strict=True)] for h in stages]
+
+    # Assert
+    assert all(abs(quarter / full - 0.25) < 1e-4 for full, quarter in zip(*moved, strict=True))
+    assert StageRequest.decode(request.encode()).share == 0.5
+    for share in (0.0, 2.0, float("nan"), 1e-4):
+        with pytest.raises(StageMessageError, match="share must be in"):
+            StageRequest("commit", 0, "t", 1, share=share)
+    with pytest.raises(StageMessageError, match="share has type int"):
+        StageRequest.decode(msgpack.packb({**wire, "share": 1}, use_bin_type=True))
 
 
 @pytest.mark.parametrize(

@@ -272,10 +272,12 @@ class RemoteStages:
         saved: list[tuple[torch.Tensor, torch.Tensor]],
         prefer: str | None,
         private: tuple[torch.Tensor, torch.Tensor] | None = None,
+        share: float = 1.0,
     ) -> int:
-        """Apply the step on the stage exactly once; return the stage's version after it. ``private``: a DP step's
-        clip factors and [noise std, scale] (node/sharding/clipped.py; its micro-batches went by ``backward_dp``)."""
-        commit = StageRequest("commit", stage, self.identity.peer_id, step, 0, len(saved), private or ())
+        """Apply the step on the stage exactly once, at ``share`` of its learning rate (messages.py); return the
+        stage's version after it. ``private``: a DP step's clip factors and [noise std, scale]
+        (node/sharding/clipped.py; its micro-batches went by ``backward_dp``)."""
+        commit = StageRequest("commit", stage, self.identity.peer_id, step, 0, len(saved), private or (), share=share)
         resend = "backward_dp" if private else "backward"
         peer: str | None = prefer
         signed = 0

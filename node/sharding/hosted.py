@@ -73,6 +73,7 @@ class HostedStage:
         self.module = module
         self.scope = scope  # (run hash, stage): what the trainers' step proofs of this stage sign
         self.params = list(module.parameters())
+        self.lr = lr  # a step's learning rate is this x the trainer's share of it (messages.py)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.version = 0
         self.synced_version = 0  # the version at which we last held our peers' bits (see the module docstring)
@@ -154,13 +155,17 @@ class HostedStage:
             raise StageMessageError("a commit carries DP clip factors for a step sent without backward_dp")
         return [torch.stack(grads).sum(0) for grads in zip(*(parts[m] for m in range(micro_batches)), strict=True)]
 
-    def apply(self, key: tuple[str, int], grads: list[torch.Tensor], evidence: Evidence = NO_EVIDENCE) -> None:
-        """One AdamW step with ``grads`` as step ``key``; a pair already applied is not applied again.
-        ``evidence``: the gradients' digest and the trainer's proof (served with the state)."""
+    def apply(
+        self, key: tuple[str, int], grads: list[torch.Tensor], evidence: Evidence = NO_EVIDENCE, share: float = 1.0
+    ) -> None:
+        """One AdamW step with ``grads`` as step ``key``, at ``share`` of the stage's learning rate; a pair already
+        applied is not applied again. ``evidence``: the step's digest and the trainer's proof (served with state)."""
         if key in self.applied:
             return
         for param, grad in zip(self.params, grads, strict=True):
             param.grad = grad.to(param.device, param.dtype)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * share
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1

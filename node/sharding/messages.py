@@ -18,6 +18,10 @@ Methods:
 | backward_dp | trainer | hidden states, grad of output | grad of input, squared norms (clipped.py) |
 | commit | trainer | - (a DP step: its clip factors, [noise std, scale]) | - (applies the step's pending grads once) |
 | replicate | listed server of the same stage | the step's summed param grads, the trainer's step proof | - |
+
+A commit and a replicate carry ``share``, the trainer's share of the stage's step (1 / the run's
+trainers, as the trainer counts them): the stage's AdamW learning rate for the step is
+``train.inner_lr * sharding.stage_lr_scale * share``, and the step proof signs it (proofs.py).
 | state | anyone | - | params, Adam exp_avg, Adam exp_avg_sq, averaging anchor (reply.history set) |
 | weights | anyone | - | - (reply: version, ``history`` and ``digest`` of the weights, agreement.py) |
 """
@@ -110,7 +114,9 @@ _REQUEST_TYPES: dict[str, type] = {
     "tensors": list,
     "proof": bytes,
     "version": int,
+    "share": float,
 }
+MIN_SHARE = 1 / 1024  # the smallest share of a stage's step a commit may claim (1024 trainers)
 PROOF_BYTES = 32 + 64 + 8 + 64  # a step proof (proofs.py): signing key, binding, timestamp, signature
 
 
@@ -127,6 +133,7 @@ class StageRequest:
     tensors: tuple[torch.Tensor, ...] = ()
     proof: bytes = b""  # commit, replicate: the trainer's signature over the step's gradients (proofs.py)
     version: int = 0  # replicate: the sender's version of the stage after it applied the step
+    share: float = 1.0  # commit, replicate: the trainer's share of the stage's step (module docstring)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -137,9 +144,12 @@ class StageRequest:
             raise StageMessageError(f"proof must be empty or {PROOF_BYTES} bytes, version in [0, 2^63)")
         if not 1 <= self.micro_batches <= 64 or not 0 <= self.micro_batch < self.micro_batches:
             raise StageMessageError("micro_batch must be in [0, micro_batches) with micro_batches in [1, 64]")
+        if not MIN_SHARE <= self.share <= 1:  # NaN fails too
+            raise StageMessageError(f"share must be in [1/1024, 1] (1 / the run's trainers), got {self.share}")
 
     def encode(self) -> bytes:
         wire = {name: getattr(self, name) for name in _REQUEST_TYPES if name != "tensors"}
+        wire["share"] = float(self.share)
         return _pack({**wire, "tensors": [encode_tensor(t) for t in self.tensors]})
 
     @classmethod

@@ -64,12 +64,13 @@ class StepPipeline:
             squared += norms
         return grad, squared
 
-    def commit(self, private: tuple[float, float] | None = None) -> list[int]:
-        """Apply the step on every stage, exactly once; each stage's version after it. A DP step passes
-        ``private`` = (noise std, scale): the stages clip by ``clip`` and add that noise (node/sharding/clipped.py)."""
+    def commit(self, private: tuple[float, float] | None = None, share: float = 1.0) -> list[int]:
+        """Apply the step on every stage, exactly once, at ``share`` of the stages' learning rate (1 / the run's
+        trainers, messages.py); each stage's version after it. A DP step passes ``private`` = (noise std, scale):
+        the stages clip by ``clip`` and add that noise (node/sharding/clipped.py)."""
         sent = None if private is None else (torch.cat(self.clip), torch.tensor(private, dtype=torch.float32))
         return [
-            self.remote.commit(stage, self.step_id, self.saved[stage], self.servers[stage], sent)
+            self.remote.commit(stage, self.step_id, self.saved[stage], self.servers[stage], sent, share)
             for stage in range(len(self.servers))
         ]
 

@@ -8,7 +8,8 @@ victim's real step ``s`` dropped as a duplicate (up to the 4096 pairs a replica 
 future steps too, since step ids are predictable within a session).
 
 The proof. At a commit, the server sums the step's gradients and answers with their digest
-(:func:`gradients_digest`, BLAKE2b-32 over shapes and float32 bytes); the trainer signs
+(:func:`step_digest`, BLAKE2b-32 over shapes and float32 bytes, then the trainer's ``share`` of the
+step, which sets the step's learning rate, node/sharding/messages.py); the trainer signs
 ``PROOF_CONTEXT || msgpack([run hash, stage, step, digest, timestamp])`` with its record-signing
 key and commits again with the proof; the server checks it, applies, and replicates the gradients
 with the same proof. Every replica recomputes the digest from the gradients it received and checks
@@ -56,6 +57,12 @@ def gradients_digest(tensors: Sequence[torch.Tensor]) -> bytes:
         data = tensor.detach().float().cpu().contiguous()
         digest.update(repr(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())
+    return digest.digest()
+
+
+def step_digest(grads: Sequence[torch.Tensor], share: float) -> bytes:
+    """What a step proof signs: the gradients' digest, then the share of the stage's step they are applied with."""
+    digest = hashlib.blake2b(gradients_digest(grads) + struct.pack(">d", share), digest_size=DIGEST_BYTES)
     return digest.digest()
 
 

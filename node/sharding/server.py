@@ -11,11 +11,11 @@ answers stage calls (node/sharding/messages.py):
   any server of the stage can take it), returns the input's gradient and keeps the parameter
   gradients pending under (trainer, step, micro-batch). A repeated call overwrites, never adds.
 - commit: once all micro-batches of (trainer, step) are pending, answers the digest of their sum
-  for the trainer to sign; given that signature (node/sharding/proofs.py), applies one AdamW step,
-  records the pair as applied, and before answering sends the summed gradients with the proof to
-  the other servers of the stage (``replicate``), which check it and apply them once too. A
-  repeated commit answers ``ok`` without applying again; so a trainer may retry a step on any
-  replica and it is applied exactly once.
+  for the trainer to sign; given that signature (node/sharding/proofs.py), applies one AdamW step
+  at the trainer's share of the stage's lr, records the pair as applied, and before answering sends
+  the summed gradients with the proof to the other servers of the stage (``replicate``), which
+  check it and apply them once too. A repeated commit answers ``ok`` without applying again; so a
+  trainer may retry a step on any replica and it is applied exactly once.
 - state: parameters, Adam moments, averaging anchor, version, recently applied pairs and the
   updates' history, for a joining replica, a resync and trainers' spot-checks.
 - weights: the stage's version, history and weights digest, which trainers compare across the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -66,7 +67,7 @@ from node.sharding.messages import (
     check_gradients,
     check_hidden_states,
 )
-from node.sharding.proofs import check_step_proof, gradients_digest
+from node.sharding.proofs import check_step_proof, step_digest
 from node.sharding.rpc import P2PLoop, call_stage, stage_handler_name
 from node.sharding.stages import build_stage, choose_stages, rebalance_target, stage_ranges
 
@@ -201,7 +202,8 @@ class StageServer:
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage {stage} does not exist: the run has stages 0..{self.num_stages - 1}")
         module = build_stage(self.run.model, self.run.sharding, self.run.train.seed, stage).to(self.device)
-        hosted = HostedStage(module, self.run.train.inner_lr, self.run.train.weight_decay, (self.run.digest(), stage))
+        lr, scope = self.run.train.inner_lr * self.run.sharding.stage_lr_scale, (self.run.digest(), stage)
+        hosted = HostedStage(module, lr, self.run.train.weight_decay, scope)
         servers = listed_servers(records, stage, self.run.digest(), self.identity.peer_id)
         self.joins[stage] = self.rpc.run(join_stage(self, self.run.train, stage, hosted, servers))
         if self.run.sharding.average_period:
@@ -275,8 +277,7 @@ class StageServer:
             raise StageMessageError(f"replicate from {remote[:16]}, not a listed server of stage {request.stage}")
         if request.method in ("forward", "backward", "backward_dp") and self.busy:
             return StageReply(ok=False, reason="busy", version=hosted.version, load=self.load)
-        if request.method in TRAINER_CALLS and hosted.averaging:
-            # params are about to change without a step: trainers go elsewhere or wait a second
+        if request.method in TRAINER_CALLS and hosted.averaging:  # params change without a step: go elsewhere
             return StageReply(ok=False, reason="averaging", version=hosted.version, load=self.load)
         methods = {
             "forward": self._forward,
@@ -317,17 +318,17 @@ class StageServer:
                 return StageReply(
                     ok=False, reason="missing micro-batches", version=hosted.version, missing=tuple(grads)
                 )
-            digest = await self.in_compute(gradients_digest, grads)
+            digest = await self.in_compute(step_digest, grads, request.share)
             try:  # no signed proof yet (or over other gradients): the trainer signs this digest, commits again
                 check_step_proof(request.proof, request.trainer, self.run.digest(), request.stage, request.step, digest)
             except StageMessageError as e:
                 return StageReply(ok=False, reason=f"sign the step: {e}", version=hosted.version, digest=digest)
-            await self.in_compute(hosted.apply, key, grads, (digest, request.proof))
+            await self.in_compute(hosted.apply, key, grads, (digest, request.proof), request.share)
             version = hosted.applied.get(key, hosted.version)
             # Replicas apply the same step before the trainer hears ok: if this server dies next, the
             # trainer's next step finds the update on any replica (a dead replica simply fails here).
-            replicate = StageRequest(
-                "replicate", request.stage, request.trainer, request.step, 0, 1, tuple(grads), request.proof, version
+            replicate = dataclasses.replace(
+                request, method="replicate", micro_batch=0, micro_batches=1, tensors=tuple(grads), version=version
             )
             await self._send_to_replicas(replicate)
             return StageReply(ok=True, version=version, load=self.load)
@@ -360,12 +361,12 @@ class StageServer:
         check_gradients(request.tensors, hosted.params)
         if abs(request.version - (hosted.version + 1)) > REPLICATION_VERSION_GAP:
             raise StageMessageError(f"replicated step at version {request.version}, ours is {hosted.version}")
-        digest = await asyncio.get_running_loop().run_in_executor(None, gradients_digest, request.tensors)
+        digest = await asyncio.get_running_loop().run_in_executor(None, step_digest, request.tensors, request.share)
         check_step_proof(request.proof, request.trainer, self.run.digest(), request.stage, request.step, digest)
         await hosted.until_thawed()  # a step that lands between a round's snapshot and result would be lost
         key = (request.trainer, request.step)
         if key not in hosted.applied:
-            await self.in_compute(hosted.apply, key, list(request.tensors), (digest, request.proof))
+            await self.in_compute(hosted.apply, key, list(request.tensors), (digest, request.proof), request.share)
         return StageReply(ok=True, version=hosted.version)
 
     async def _state(self, request: StageRequest, hosted: HostedStage) -> StageReply:

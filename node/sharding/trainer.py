@@ -19,15 +19,16 @@ Raw bytes and labels never leave the trainer: servers see hidden states after th
 ``(session << 24) | step`` with a random session, so a restarted trainer never reuses an id a
 server remembers as applied.
 
-Each step appends a line to ``<workdir>/report.jsonl`` (loss, the stages' versions, the servers
-used; node/training/report.py) and calls ``on_step`` (the CLI's progress line and metrics); its time
+Each step appends a line to ``<workdir>/steps.jsonl`` (loss, the stages' versions, the servers
+used) and calls ``on_step`` (the CLI's progress line and metrics); each round appends a ``RoundReport``
+to ``<workdir>/report.jsonl``, the fields ``zen-node join`` writes (node/training/report.py); a step's time
 counts as the ``inner`` phase of ``phases`` (node/runtime.py), the wait for stage servers as ``peer_wait``. Its life in
 the swarm (identity, DHT, record, heartbeat, shutdown) is a ``NodeRuntime`` (node/runtime.py).
 Several trainers may train against the same servers at once (each step is applied once, in
 arrival order). Every round (``train.inner_steps`` steps) the trainers average their own parts
 (embeddings, first blocks, head) through the run's aggregator, once at least
 ``aggregation.min_group_size`` of them are listed (node/sharding/fronts.py); the report's ``group``
-field is that round's group size (0: none, or not a round's last step).
+field is that round's group size (0: none, or not a round's last step), as is the round line's ``group_size``.
 
 Checkpoint. After each round (after its parts are averaged) the trainer writes its own parts, their
 averager's anchors and compression carry, AdamW's state and the batch order to
@@ -75,8 +76,9 @@ from node.sharding.stages import LocalParts
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 from node.training.ledger import ContributionLedger
 from node.training.lineage import LineageServer
+from node.training.outer import state_digest
 from node.training.privacy import TrainerPrivacy
-from node.training.report import append_report
+from node.training.report import STEPS_FILE, RoundOutcome, RoundReport, append_report
 from node.wire_meter import WireMeter
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ EVAL_SEED = 1234  # their order: the same every evaluation
 
 @dataclass
 class StepReport:
-    """One line of a sharded trainer's ``report.jsonl``."""
+    """One line of a sharded trainer's ``steps.jsonl`` (its rounds go to ``report.jsonl``: ``RoundReport``)."""
 
     step: int  # steps done, this one included
     loss: float  # the batch's training loss before the update
@@ -167,11 +169,15 @@ class ShardedTrainer:
         self._landed: AggregationResult | None = None  # overlapped: the round that landed during this one
         # progress
         self.step = 0
+        self.share = 1.0  # our share of a stage's step: 1 / the run's trainers, counted each round (messages.py)
         self.session = secrets.randbits(30)  # the high bits of our step ids
         self.phases = PhaseClock()  # seconds per phase and what we wait for (metrics, progress line)
         # the contribution ledger: a receipt per round of steps (module docstring)
         self.ledger = ContributionLedger(config)
         self._uncredited = (0, 0.0)  # samples and seconds of the steps since the last receipt
+        self._round_losses: list[float] = []  # this round's steps' training losses, for its report line
+        self._round_compute = 0.0  # seconds its steps took, without averaging and evaluation (utilization)
+        self._round_started = time.monotonic()
 
     @property
     def round(self) -> int:
@@ -224,6 +230,7 @@ class ShardedTrainer:
         if self.meter is not None:
             self.runtime.adopt("wire meter", self.meter.stop)
         self.runtime.announce(self._record_fields)
+        self._round_started = time.monotonic()
         self.remote = remote = RemoteStages(dht, self.run, self.identity, self.workdir, self.stop_event)
         self.runtime.adopt("remote stages", remote.shutdown)
         parts = list(self.local.named_parameters())
@@ -242,6 +249,7 @@ class ShardedTrainer:
             self.runtime.wait_for_trainers(self.config.min_peers, self.stop_event)
         self.parts_server = LineageServer(dht, self.run.run_id, kind="parts")
         self.runtime.adopt("parts server", self.parts_server.shutdown)
+        self.count_trainers()
         if self.step == 0 and self._resumed_fronts is None:  # late: take the parts of the trainers ahead
             with self.phases.phase("download", "taking the parts of the trainers ahead"):
                 timeout = self.run.aggregation.timeout + 10.0  # a donor serves its parts once its round averaged
@@ -261,6 +269,7 @@ class ShardedTrainer:
         else:
             batch, total, versions, servers = self._plain_step(remote, step_id)
         self.step += 1
+        compute = time.perf_counter() - started  # the step alone, without a round's averaging and evaluation
         group, eval_loss = 0, None
         if self.step % self.run.train.inner_steps == 0:  # a round's last step
             batch_size = self.run.train.batch_size  # DP-SGD's Poisson batch: its expected size
@@ -268,6 +277,7 @@ class ShardedTrainer:
             if self.parts_server is not None and self.fronts is not None:
                 self.parts_server.keep(SLOT, self.fronts.served())  # what a late joiner takes (catchup.py)
             self._save_checkpoint()
+            self.count_trainers()
             eval_loss = self.evaluate()
             self._bytes_sent = self.meter.bytes_sent() if self.meter is not None else 0
         seconds = time.perf_counter() - started
@@ -286,10 +296,13 @@ class ShardedTrainer:
             epsilon=None if self.privacy is None else round(self.privacy.epsilon(), 4),
             bytes_sent=self._bytes_sent,
         )
-        append_report(self.workdir, report)
+        append_report(self.workdir, report, STEPS_FILE)
         samples, spent = self._uncredited
         self._uncredited = (samples + batch, spent + seconds)
-        if self.step % self.run.train.inner_steps == 0:
+        self._round_losses.append(total)
+        self._round_compute += compute
+        if eval_loss is not None:
+            append_report(self.workdir, self._round_report(group, eval_loss))
             self._credit()
         self.on_step(report)
         return report
@@ -310,7 +323,7 @@ class ShardedTrainer:
             assert out.grad is not None
             front.backward(pipeline.backward(out.grad).to(self.device))
             total += loss.item()
-        versions = pipeline.commit()
+        versions = pipeline.commit(share=self.share)
         self.optimizer.step()
         return tokens.shape[0], total, versions, pipeline.servers
 
@@ -323,7 +336,17 @@ class ShardedTrainer:
         loss = self.privacy.inner_step()  # type: ignore[misc]  # counted by the accountant
         save_dp_steps(self.workdir, self.run.digest(), self.privacy.spent)  # before the commit releases the step
         assert dpsgd.pipeline is not None
-        return dpsgd.last_batch, loss, dpsgd.pipeline.commit(dpsgd.commit_noise), dpsgd.pipeline.servers
+        versions = dpsgd.pipeline.commit(dpsgd.commit_noise, self.share)
+        return dpsgd.last_batch, loss, versions, dpsgd.pipeline.servers
+
+    def count_trainers(self) -> float:
+        """Set and return our share of each stage's step: 1 / the trainers the run's records list (ours included),
+        so the stages move as far for N trainers' steps as for one's (sharding.stage_lr_scale)."""
+        assert self.runtime is not None
+        run_hash = self.run.digest()
+        trainers = {r.peer_id for r in self.runtime.peers() if "trainer" in r.roles and r.run_hash == run_hash}
+        self.share = 1.0 / min(len(trainers | {self.identity.peer_id}), 1024)
+        return self.share
 
     def evaluate(self) -> float:
         """The mean loss on the held-out batches: our parts here, the stages' forward on their servers (no step)."""
@@ -355,6 +378,28 @@ class ShardedTrainer:
             with self.phases.phase("aggregation", f"averaging the trainers' parts, round {self.round}"):
                 result = self.fronts.average(self.round, samples, peers)
         return result.group_size if result is not None else 0
+
+    def _round_report(self, group: int, eval_loss: float) -> RoundReport:
+        """The round's line of ``report.jsonl``: the fields a ``zen-node join`` trainer writes (module docstring)."""
+        samples, losses, busy = self._uncredited[0], self._round_losses, self._round_compute
+        wall = time.monotonic() - self._round_started
+        self._round_losses, self._round_compute, self._round_started = [], 0.0, time.monotonic()
+        return RoundReport(
+            round=self.round,
+            mode=RoundOutcome.GROUP if group else RoundOutcome.SOLO,
+            eval_loss=eval_loss,
+            train_loss=sum(losses) / max(len(losses), 1),
+            group_size=group,
+            samples=samples,
+            samples_per_second=samples / max(wall, 1e-9),
+            seconds=wall,
+            state_digest=state_digest(list(self.local.parameters())).hex(),
+            epsilon=None if self.privacy is None else round(self.privacy.epsilon(), 4),
+            utilization=round(min(busy / max(wall, 1e-9), 1.0), 4),
+            bytes_sent=self._bytes_sent,
+            inner_steps=len(losses),
+            cohort=self.fronts.cohort_id if self.fronts is not None else None,
+        )
 
     def _save_checkpoint(self) -> None:
         """Our parts, their averager's anchors, AdamW and the batch order, after each round (module docstring)."""

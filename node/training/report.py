@@ -2,7 +2,7 @@
 
 ``RoundReport`` is a TrainingNode's line (and what its progress line shows); its ``mode`` is a
 ``RoundOutcome``, a ``str`` enum, so the JSON holds the plain strings ("group", "solo", ...). The
-sharded trainer appends its own ``StepReport`` lines to the same file name (``append_report``).
+sharded trainer writes a ``RoundReport`` per round there too, and its ``StepReport`` lines to ``steps.jsonl``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_FILE = "report.jsonl"
+STEPS_FILE = "steps.jsonl"  # a sharded trainer's line per step (node/sharding/trainer.py)
 
 
 class RoundOutcome(StrEnum):
@@ -54,7 +55,7 @@ class RoundReport:
     cohort: str | None = None  # the cohort this node placed itself in (with [run.cohorts]); None otherwise
 
 
-def append_report(workdir: Path, report: Any) -> None:
-    """Append ``report`` (a dataclass) as one JSON line to ``workdir / REPORT_FILE``."""
-    with open(workdir / REPORT_FILE, "a") as f:
+def append_report(workdir: Path, report: Any, name: str = REPORT_FILE) -> None:
+    """Append ``report`` (a dataclass) as one JSON line to ``workdir / name``."""
+    with open(workdir / name, "a") as f:
         f.write(json.dumps(asdict(report)) + "\n")
