@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument(
         "--stage-lr-scale", type=float, default=1.0, help="sharding.stage_lr_scale when sharded, e.g. 1.0"
     )
+    parser.add_argument("--keep", type=Path, default=None, help="keep the nodes' folders (logs, reports) here")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
     if not 1 <= args.domains <= 3 or args.peers_per_domain < 3:
@@ -287,8 +288,10 @@ def main() -> None:
     torch.set_num_threads(1)
     data = domain_slices(args)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as folder:
-        folders = run_swarm(args, data, Path(folder))
+    with tempfile.TemporaryDirectory() as temporary:
+        root = args.keep or Path(temporary)  # --keep: the nodes' logs and reports stay there
+        root.mkdir(parents=True, exist_ok=True)
+        folders = run_swarm(args, data, root)
         summary = summarize(args, data, folders, time.monotonic() - started)
     print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
 

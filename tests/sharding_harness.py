@@ -33,9 +33,11 @@ from node.config import (
     ShardingConfig,
     TrainConfig,
 )
+from node.data import generate_corpus
 from node.sharding.hosted import HostedStage
 from node.sharding.messages import StageReply, StageRequest
 from node.sharding.server import StageServer
+from node.sharding.trainer import ShardedTrainer
 
 
 def node_config(
@@ -87,6 +89,14 @@ class ProofKeeper(StageServer):
         if request.proof:
             self.proofs.append(request.proof)
         return await super()._dispatch(request, remote)
+
+
+def victim_trainer(tmp_path: Path, servers: list[StageServer], seed: int) -> ShardedTrainer:
+    """A sharded trainer of the servers' run on a generated corpus (not started: prepare() and join() it)."""
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=seed))
+    config = node_config(tmp_path, "victim", list(servers[0].maddrs), spot_check=0.0)
+    config.data = str(tmp_path / "data.txt")
+    return ShardedTrainer(config)
 
 
 class ShareInflater(StageServer):

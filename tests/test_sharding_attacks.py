@@ -39,6 +39,7 @@ from sharding_harness import (
     shifted_params,
     signed_ban,
     start_servers,
+    victim_trainer,
 )
 
 from dht import NodeIdentity, PeerRecord, publish_record
@@ -67,10 +68,7 @@ def test_a_listed_server_cannot_preempt_a_trainers_steps_by_replicating_them(tmp
     # Prepare
     servers = start_servers(tmp_path, [StageServer, StageServer, ProofKeeper])
     honest, attacker = servers[:2], servers[2]
-    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=41))
-    config = node_config(tmp_path, "victim", list(servers[0].maddrs), spot_check=0.0)
-    config.data = str(tmp_path / "data.txt")
-    victim = ShardedTrainer(config)
+    victim = victim_trainer(tmp_path, servers, seed=41)
     try:
         victim.prepare()
         victim.join()
@@ -122,10 +120,7 @@ def test_a_replica_cannot_inflate_a_trainers_share_of_the_stages_step(
     # Prepare
     servers = start_servers(tmp_path, [StageServer, StageServer, ShareInflater])
     honest, inflater = servers[:2], servers[2]
-    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=43))
-    config = node_config(tmp_path, "victim", list(servers[0].maddrs), spot_check=0.0)
-    config.data = str(tmp_path / "data.txt")
-    victim = ShardedTrainer(config)
+    victim = victim_trainer(tmp_path, servers, seed=43)
     try:
         victim.prepare()
         victim.join()
