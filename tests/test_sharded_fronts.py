@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from helpers import wait_until
 from sharding_harness import node_config, start_servers
 
+from dht import PeerRecord, encode_sketch
 from node.config import AggregationConfig, CohortConfig
 from node.data import generate_corpus
 from node.model import build_model
@@ -195,6 +197,72 @@ def test_sharded_trainers_in_two_cohorts_share_global_parts_and_keep_cohort_and_
         block = next(name for name in parts[0] if name.startswith("blocks.0."))  # cohort
         assert same(block, [0, 2, 4]) and same(block, [1, 3, 5]) and not same(block, [0, 1])
         assert not same("ln_f.weight", [0, 2])  # local: each trainer's own
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        server.shutdown()
+
+
+def test_a_sharded_trainer_that_moves_cohort_takes_the_new_cohorts_parts(tmp_path: Path) -> None:
+    """Seven trainers, three on prose and four on Cyrillic text; after round 1 one Cyrillic trainer's data turns to
+    prose: at round 2 it is placed in the prose cohort, takes that cohort's parts (block 0) from its members and
+    averages with them: it leaves with their cohort parts bit for bit, and the Cyrillic three with theirs."""
+    # Prepare
+    cohorts = CohortConfig(enabled=True, global_every=1000)  # cohort rings only
+    run = dict(cohorts=cohorts, aggregation=AggregationConfig(matchmaking_time=1.0, timeout=12.0, group_rounds=1))
+    (server,) = start_servers(tmp_path, [StageServer], **run)
+    trainers: list[ShardedTrainer] = []
+    reports: list[list[StepReport]] = [[] for _ in range(7)]
+    try:
+        for i in range(7):
+            text = generate_corpus(20_000, seed=81 + i, style=("prose", "cyrillic")[min(i % 2 + i // 6, 1)])
+            (tmp_path / f"data{i}.txt").write_bytes(text)
+            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0, **run)
+            config.data = str(tmp_path / f"data{i}.txt")
+            trainers.append(ShardedTrainer(config))
+            trainers[-1].prepare()
+            trainers[-1].join()
+        mover, steps = trainers[6], trainers[0].run.train.inner_steps
+
+        def lists(condition: Callable[[PeerRecord], bool], count: int) -> bool:
+            return all(sum(condition(p) for p in t.runtime.peers()) == count for t in trainers if t.runtime)
+
+        def train(i: int) -> None:
+            reports[i] += [trainers[i].train_step() for _ in range(steps)]
+
+        def train_round() -> None:
+            for trainer in trainers:  # place each from the main thread (it starts its cohort's aggregator)
+                assert trainer.fronts is not None
+                trainer.fronts.prepare(trainer.round)
+            threads = [threading.Thread(target=train, args=(i,)) for i in range(7)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+
+        wait_until(lambda: lists(lambda p: "trainer" in p.roles, 7), 60, "every trainer to list the seven trainers")
+        train_round()
+        first = [r[-1].cohort for r in reports]  # (a cohort's id follows its smallest PeerID, so ids may move too)
+        mover.sketch = list(trainers[0].sketch)  # its data is prose now: its record says so at the next heartbeat
+        prose = encode_sketch(mover.sketch)
+        wait_until(lambda: lists(lambda p: p.sketch == prose, 2), 60, "every trainer to list the mover's new sketch")
+
+        # Execute
+        train_round()
+
+        # Assert
+        assert all(len(r) == 2 * steps for r in reports), [len(r) for r in reports]
+        found = [r[-1].cohort for r in reports]
+        assert {first[i] for i in (0, 2, 4)} == {first[0]} and {first[i] for i in (1, 3, 5, 6)} == {first[1]}, first
+        assert first[0] != first[1]
+        assert {found[i] for i in (0, 2, 4, 6)} == {found[0]}, found
+        assert found[1::2] == [found[1]] * 3 and found[1] != found[0], found
+        assert [reports[i][-1].group for i in (0, 2, 4, 6)] == [4] * 4
+        parts = [dict(t.local.named_parameters()) for t in trainers]
+        block = next(name for name in parts[0] if name.startswith("blocks.0."))  # cohort parts
+        assert all(torch.equal(parts[0][block], parts[i][block]) for i in (2, 4, 6))
+        assert all(torch.equal(parts[1][block], parts[i][block]) for i in (3, 5))
+        assert not torch.equal(parts[0][block], parts[1][block])
     finally:
         for trainer in trainers:
             trainer.close()

@@ -94,7 +94,7 @@ class Aggregator(ABC):
         return None
 
     def moved(self) -> bool:
-        """Whether the last ``prepare_round`` moved this node from one cohort to another (reset by the call)."""
+        """Whether a ``prepare_round`` moved this node to another cohort since the last call (reset by the call)."""
         return False
 
     @abstractmethod

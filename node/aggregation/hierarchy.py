@@ -200,7 +200,7 @@ class HierarchicalAggregator(Aggregator):
         self._residual: torch.Tensor | None = None  # the last aggregate's, over every parameter (``residual``)
         self._lock = threading.Lock()
         self.cohort: Cohort | None = None  # where this node placed itself at its last round
-        self._moved = False  # the last placement changed this node's cohort (``moved()``)
+        self._moved = False  # a placement changed this node's cohort since ``moved()`` was last asked
         self.crossed = False  # the last aggregate's cross-cohort ring gave us its mean
 
     def place(self) -> Cohort | None:
@@ -215,7 +215,8 @@ class HierarchicalAggregator(Aggregator):
         self.cohort = next((c for c in cohorts if self.peer_id in c.members), None)
         if self.cohort is not None and self._global is not None:  # the cross-cohort ring waits to span two cohorts
             self._global.declare_cohort(self.cohort.cohort_id, len(cohorts))
-        self._moved = before is not None and self.cohort is not None and _moved(self.peer_id, before, self.cohort)
+        moved = before is not None and self.cohort is not None and _moved(self.peer_id, before, self.cohort)
+        self._moved = self._moved or moved  # reported by ``moved()`` until asked, however often we are placed
         wanted = self.cohort.cohort_id if self.cohort is not None and self._can_average(self.cohort) else None
         with self._lock:
             if self._cohort_aggregator is not None and self._cohort_aggregator[0] != wanted:

@@ -18,6 +18,11 @@ their parts. So, once listed and before its first step, a trainer without a chec
    first step of the most advanced donor's current round.
 
 If no donor answers in time, it starts from the seeded parts as before, and says so.
+
+A trainer whose records place it in another cohort (its data changed) does the same for its cohort
+parts only (``join_cohort``): the median of up to 3 new co-members' parts and anchors, its own change
+since its anchor kept on top, so the new cohort's next ring averages it with theirs; global and local
+parts stay its own.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection, Sequence
+
+import torch
 
 from dht import PeerRecord
 from node.sharding.fronts import FrontAverager
@@ -73,13 +80,7 @@ def catch_up(
     if not donors:
         logger.warning("no trainer of our cohort is ahead: starting from the seeded parts")
         return 0
-    templates, entries = fronts.served(), []
-    deadline = time.monotonic() + timeout  # shared by the donors (a donor mid-round serves once it averaged)
-    for donor in donors:
-        try:
-            entries.append(server.fetch(donor, SLOT, templates, max(1.0, deadline - time.monotonic())))
-        except ValueError as e:
-            logger.warning(f"catching up: {e}")
+    entries = _fetch_parts(server, fronts, donors, timeout)
     if not entries:
         logger.warning(f"no trainer ahead served its parts ({len(donors)} asked): starting from the seeded parts")
         return 0
@@ -89,3 +90,31 @@ def catch_up(
         f"continuing at step {step} (round {step // inner_steps})"
     )
     return step
+
+
+def join_cohort(
+    server: LineageServer, fronts: FrontAverager, me: str, records: Sequence[PeerRecord], run_hash: str, timeout: float
+) -> bool:
+    """After a move (``fronts.moved()``): take the new cohort's cohort parts (module docstring); whether we did."""
+    donors, _ = choose_donors(me, records, run_hash, 1, fronts.cohort_members)  # any member that trained
+    entries = _fetch_parts(server, fronts, donors, timeout)
+    if not entries:
+        logger.warning(f"moved to cohort {fronts.cohort_id} but none of its members served its parts: keeping ours")
+        return False
+    fronts.take_cohort(combine(entries, "median"))
+    logger.info(f"moved to cohort {fronts.cohort_id}: took its cohort parts from {len(entries)} member(s)")
+    return True
+
+
+def _fetch_parts(
+    server: LineageServer, fronts: FrontAverager, donors: Sequence[str], timeout: float
+) -> list[list[torch.Tensor]]:
+    """The parts and anchors each donor serves (those that answer within ``timeout`` s, shared by all)."""
+    templates, entries = fronts.served(), []
+    deadline = time.monotonic() + timeout  # shared by the donors (a donor mid-round serves once it averaged)
+    for donor in donors:
+        try:
+            entries.append(server.fetch(donor, SLOT, templates, max(1.0, deadline - time.monotonic())))
+        except ValueError as e:
+            logger.warning(f"fetching a trainer's parts: {e}")
+    return entries

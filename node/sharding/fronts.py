@@ -170,6 +170,23 @@ class FrontAverager:
                 self.parameters[i].copy_(served[i])
                 self.anchor[i].copy_(served[count + i])
 
+    def take_cohort(self, served: Sequence[torch.Tensor]) -> None:
+        """After a move: the new cohort's cohort parts and anchors from ``served()`` of its members (combined), the
+        change we trained since our own anchor kept on top; the global and local parts stay ours."""
+        count = len(self.parameters)
+        with torch.no_grad():
+            for i in self.shared:
+                if i in self.global_:
+                    continue
+                progress = self.parameters[i] - self.anchor[i]
+                self.anchor[i].copy_(served[count + i])
+                self.parameters[i].copy_(self.anchor[i] + progress)
+                self.carry[i].zero_()  # the old cohort ring's compression residual
+
+    def moved(self) -> bool:
+        """Whether the last ``prepare`` placed us in another cohort (asked once: it resets)."""
+        return self.aggregator.moved()
+
     @property
     def cohort_members(self) -> tuple[str, ...] | None:
         """With cohorts, the members of our cohort as last placed (``prepare``); None without cohorts."""

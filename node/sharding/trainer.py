@@ -60,14 +60,14 @@ from typing import Any
 
 import torch
 
-from dht import Capacity, NodeIdentity, encode_sketch
+from dht import Capacity, NodeIdentity, PeerRecord, encode_sketch
 from node.aggregation.base import AggregationResult
 from node.capacity import device_memory_bytes, device_name, pick_device
 from node.config import NodeConfig, RunConfig
 from node.data import ByteBatches, batch_seed, byte_histogram, load_corpus, split_corpus
 from node.model import build_model
 from node.runtime import NodeRuntime, PhaseClock
-from node.sharding.catchup import SLOT, catch_up
+from node.sharding.catchup import SLOT, catch_up, join_cohort
 from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.fronts import FrontAverager
 from node.sharding.pipeline import StepPipeline
@@ -371,10 +371,10 @@ class ShardedTrainer:
             with self.phases.phase("aggregation_wait", f"waiting for round {self.round - 1}'s average"):
                 result = self.fronts.land(wait=True) or self._landed
             self._landed = None
-            self.fronts.prepare(self.round)  # on the training thread (the main one: hivemind starts averagers there)
+            self._prepare_fronts(peers)
             self.fronts.send(self.round, samples, peers)
         else:
-            self.fronts.prepare(self.round)
+            self._prepare_fronts(peers)
             with self.phases.phase("aggregation", f"averaging the trainers' parts, round {self.round}"):
                 result = self.fronts.average(self.round, samples, peers)
         return result.group_size if result is not None else 0
@@ -400,6 +400,16 @@ class ShardedTrainer:
             inner_steps=len(losses),
             cohort=self.fronts.cohort_id if self.fronts is not None else None,
         )
+
+    def _prepare_fronts(self, peers: list[PeerRecord]) -> None:
+        """Place us for this round's averaging, on the training thread (the main one: hivemind starts averagers
+        there); after a cohort move, take the new cohort's cohort parts first (node/sharding/catchup.py)."""
+        assert self.fronts is not None and self.parts_server is not None
+        self.fronts.prepare(self.round)
+        if self.fronts.moved():
+            with self.phases.phase("download", f"taking cohort {self.fronts.cohort_id}'s parts"):
+                me, run_hash = self.identity.peer_id, self.run.digest()
+                join_cohort(self.parts_server, self.fronts, me, peers, run_hash, self.run.aggregation.timeout)
 
     def _save_checkpoint(self) -> None:
         """Our parts, their averager's anchors, AdamW and the batch order, after each round (module docstring)."""
