@@ -11,6 +11,7 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from helpers import wait_until
@@ -25,6 +26,19 @@ from node.sharding.stages import LocalParts
 from node.sharding.trainer import ShardedTrainer, StepReport
 
 ROUNDS = 2
+
+
+def join_trainers(
+    tmp_path: Path, server: StageServer, texts: list[bytes], trainers: list[ShardedTrainer], **run: Any
+) -> None:
+    """Prepare and join a trainer of the server's run on each text, appended to ``trainers`` as it starts."""
+    for i, text in enumerate(texts):
+        (tmp_path / f"data{i}.txt").write_bytes(text)
+        config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0, **run)
+        config.data = str(tmp_path / f"data{i}.txt")
+        trainers.append(ShardedTrainer(config))
+        trainers[-1].prepare()
+        trainers[-1].join()
 
 
 def test_three_sharded_trainers_leave_each_round_with_the_same_own_parts(tmp_path: Path) -> None:
@@ -153,14 +167,8 @@ def test_sharded_trainers_in_two_cohorts_share_global_parts_and_keep_cohort_and_
     trainers: list[ShardedTrainer] = []
     reports: list[list[StepReport]] = [[] for _ in range(6)]
     try:
-        for i in range(6):
-            text = generate_corpus(20_000, seed=51 + i, style=("prose", "cyrillic")[i % 2])
-            (tmp_path / f"data{i}.txt").write_bytes(text)
-            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0, **run)
-            config.data = str(tmp_path / f"data{i}.txt")
-            trainers.append(ShardedTrainer(config))
-            trainers[-1].prepare()
-            trainers[-1].join()
+        texts = [generate_corpus(20_000, seed=51 + i, style=("prose", "cyrillic")[i % 2]) for i in range(6)]
+        join_trainers(tmp_path, server, texts, trainers, **run)
         wait_until(
             lambda: all(sum("trainer" in p.roles for p in t.runtime.peers()) == 6 for t in trainers if t.runtime),
             60,
@@ -214,14 +222,10 @@ def test_a_sharded_trainer_that_moves_cohort_takes_the_new_cohorts_parts(tmp_pat
     trainers: list[ShardedTrainer] = []
     reports: list[list[StepReport]] = [[] for _ in range(7)]
     try:
-        for i in range(7):
-            text = generate_corpus(20_000, seed=81 + i, style=("prose", "cyrillic")[min(i % 2 + i // 6, 1)])
-            (tmp_path / f"data{i}.txt").write_bytes(text)
-            config = node_config(tmp_path, f"trainer{i}", list(server.maddrs), spot_check=0.0, **run)
-            config.data = str(tmp_path / f"data{i}.txt")
-            trainers.append(ShardedTrainer(config))
-            trainers[-1].prepare()
-            trainers[-1].join()
+        texts = [
+            generate_corpus(20_000, seed=81 + i, style=("prose", "cyrillic")[min(i % 2 + i // 6, 1)]) for i in range(7)
+        ]
+        join_trainers(tmp_path, server, texts, trainers, **run)
         mover, steps = trainers[6], trainers[0].run.train.inner_steps
 
         def lists(condition: Callable[[PeerRecord], bool], count: int) -> bool:
