@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+import transformers
 from sharding_harness import node_config, start_servers
 
 from node.config import ConfigError
@@ -19,9 +21,10 @@ from node.data import generate_corpus
 from node.export.writer import export_run
 from node.model import build_model
 from node.sharding.server import StageServer
+from node.sharding.snapshot import STAGES_FILE, STAGES_FORMAT
 from node.sharding.stages import LocalParts, build_stage
 from node.sharding.trainer import ShardedTrainer
-from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
+from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint, write_safetensors
 
 
 def held_out_loss(trainer: ShardedTrainer, server: StageServer) -> float:
@@ -80,8 +83,54 @@ def test_a_restarted_sharded_trainer_resumes_its_parts_optimizer_and_batches(tmp
     assert all(torch.equal(a, b) for a, b in zip(second.fronts.anchor, saved.outer_opt["anchor"], strict=True))
     seeded = LocalParts(build_model(config.run.model, config.run.train.seed), config.run.sharding.local_blocks)
     assert all(torch.equal(a, b) for a, b in zip(saved.outer_opt["anchor"], seeded.parameters(), strict=True))  # alone
-    with pytest.raises(ConfigError, match="sharded trainer's"):
+    with pytest.raises(ConfigError, match=r"stages\.safetensors is missing"):  # it never stopped by run_forever
         export_run(first.workdir, tmp_path / "export")
+
+
+def test_a_sharded_trainer_that_stops_saves_the_stages_blocks_and_its_workdir_exports(tmp_path: Path) -> None:
+    """``run_forever`` ends by saving the stages' blocks; the export, loaded by transformers, gives the held-out
+    loss the trainer's own parts and the server's stage give. A damaged or foreign blocks file is refused."""
+    # Prepare
+    (server,) = start_servers(tmp_path, [StageServer])
+    (tmp_path / "data.txt").write_bytes(generate_corpus(20_000, seed=63))
+    config = dataclasses.replace(node_config(tmp_path, "trainer", list(server.maddrs), spot_check=0.0), rounds=1)
+    config.data = str(tmp_path / "data.txt")
+    trainer = ShardedTrainer(config)
+    try:
+        trainer.prepare()
+        trainer.join()
+
+        # Execute
+        trainer.run_forever()
+        expected = held_out_loss(trainer, server)
+        result = export_run(trainer.workdir, tmp_path / "export")
+    finally:
+        trainer.close()
+        server.shutdown()
+
+    # Assert
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result.out).eval()
+    with torch.no_grad():
+        losses = [float(F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten())) for x, y in trainer.eval_set]
+    assert sum(losses) / len(losses) == pytest.approx(expected, rel=1e-5)
+    assert expected < held_out_loss_of_seeded(trainer)  # the blocks trained: not the seeded ones
+    blocks = trainer.workdir / STAGES_FILE
+    blocks.write_bytes(blocks.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match="cannot be read") as error:
+        export_run(trainer.workdir, tmp_path / "export2")
+    assert "\n" not in str(error.value)
+    write_safetensors(blocks, {}, {"format": STAGES_FORMAT, "run_hash": "another", "versions": "[]"})
+    with pytest.raises(ConfigError, match="another run's blocks"):
+        export_run(trainer.workdir, tmp_path / "export3")
+
+
+def held_out_loss_of_seeded(trainer: ShardedTrainer) -> float:
+    """The held-out loss of the trainer's parts around the seeded stage."""
+    run = trainer.run
+    stage = build_stage(run.model, run.sharding, run.train.seed, 0)
+    with torch.no_grad():
+        losses = [float(trainer.local.head(stage(trainer.local.front(x)), y)) for x, y in trainer.eval_set]
+    return sum(losses) / len(losses)
 
 
 def test_a_checkpoint_that_does_not_hold_the_trainers_parts_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -29,7 +29,9 @@ from node.config import ConfigError, RunConfig, load_node_config, run_config_fro
 from node.export.card import LOSS_PLOT_FILE, RunSummary, model_card, plot_losses, summarize_run
 from node.export.gpt2 import byte_tokenizer, to_gpt2
 from node.export.hf import write_hf_model
-from node.model import GPT, build_run_model
+from node.model import GPT, build_model, build_run_model
+from node.sharding.snapshot import load_stage_weights
+from node.sharding.stages import LocalParts, stage_ranges
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def export_run(
     checkpoint, run = _read_workdir(workdir, config_path)
     name = _check_display_name(display_name)
     _check_out(out)
-    model = _model_from(checkpoint, run)
+    model = _sharded_model(workdir, checkpoint, run) if run.sharding.stages else _model_from(checkpoint, run)
     parameters = sum(p.numel() for p in model.parameters())
     summary = summarize_run(run, checkpoint.run_hash, checkpoint.round, parameters, checkpoint.peer_id, workdir, name)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -109,11 +111,6 @@ def _read_workdir(workdir: Path, config_path: str | None) -> tuple[Checkpoint, R
             f"{source} is not the run of {workdir / CHECKPOINT_FILE} (run hash {run.digest()} != "
             f"{checkpoint.run_hash}); pass the --config the node trained with"
         )
-    if run.sharding.stages:
-        raise ConfigError(
-            f"{workdir / CHECKPOINT_FILE} is a sharded trainer's: it holds the trainer's own parts, not the stage "
-            "servers' blocks, so it cannot be exported yet"
-        )
     return checkpoint, run
 
 
@@ -139,6 +136,21 @@ def _model_from(checkpoint: Checkpoint, run: RunConfig) -> torch.nn.Module:
     model = build_run_model(run.model, run.train.seed, load_weights=run.lora.active, lora=run.lora)
     what, fix = "the checkpoint's parameters do not fit run.model", "pass the --config the node trained with"
     checkpoint.copy_params_into(list(model.parameters()), what, fix)
+    return model.eval()
+
+
+def _sharded_model(workdir: Path, checkpoint: Checkpoint, run: RunConfig) -> torch.nn.Module:
+    """A sharded trainer's model: its own parts from the checkpoint, the stages' blocks from the file it saved
+    when it stopped (node/sharding/snapshot.py)."""
+    stages, model = load_stage_weights(workdir, run), build_model(run.model, run.train.seed)
+    fix = "pass the --config the node trained with"
+    own = LocalParts(model, run.sharding.local_blocks)  # the full model's own modules: filled in place
+    checkpoint.copy_params_into(list(own.parameters()), "the checkpoint's parameters do not fit run.model", fix)
+    with torch.no_grad():
+        for blocks, params in zip(stage_ranges(run.model.n_layer, run.sharding), stages, strict=True):
+            stage = [p for i in blocks for p in model.blocks[i].parameters()]
+            for param, value in zip(stage, params, strict=True):
+                param.copy_(value)
     return model.eval()
 
 

@@ -22,4 +22,6 @@ per_example_backward, clipped_sum (clipped.py): a stage's share of a DP-SGD step
     their clipped and noised sum)
 class ShardedDPSGD (private.py): record-level DP-SGD with one clip over the trainer's parts and the stages
 class ShardedTrainer (sharding/trainer.py): a trainer whose middle blocks live on stage servers
+catch_up, join_cohort (catchup.py): a late joiner takes the trainers' parts, a cohort mover its new cohort's
+save_stage_weights, load_stage_weights (snapshot.py): the stages' blocks a stopping trainer saves for export
 """

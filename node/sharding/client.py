@@ -353,6 +353,31 @@ class RemoteStages:
         return False
 
     # ---- weights that agree (node/sharding/agreement.py) --------------------------------------
+    def stage_weights(self, stage: int) -> tuple[list[torch.Tensor], int, str]:
+        """The stage's parameters from its best usable server, after a weights check where 3 or more replicas
+        allow one (node/sharding/snapshot.py): (params, version, server).
+
+        Raises:
+            StageUnavailableError: no server of the stage served a well-formed state.
+        """
+        self.check_weights(stage)
+        template = list(self._template(stage).parameters())
+        for peer in self.servers(stage):
+            try:
+                state = self.rpc.run(
+                    call_stage(self.rpc.p2p, peer, self.handler_name, StageRequest("state", stage), 30.0), timeout=35.0
+                )
+            except Exception as e:
+                logger.info(f"stage {stage}: {peer[:16]} served no state ({e!r}); asking another")
+                continue
+            params = state.tensors[: len(template)]
+            if len(state.tensors) == STATE_BLOCKS * len(template) and all(
+                p.shape == t.shape and torch.isfinite(p).all() for p, t in zip(params, template, strict=True)
+            ):
+                return [p.clone() for p in params], state.version, peer
+            logger.warning(f"stage {stage}: {peer[:16]} served a malformed state; asking another")
+        raise StageUnavailableError(f"no server of stage {stage} served its weights")
+
     def check_weights(self, stage: int) -> set[str]:
         """Compare the weights digests of the stage's usable servers; ban the minority. Returns who was banned."""
         self.stats["weight_checks"] += 1

@@ -72,6 +72,7 @@ from node.sharding.client import RemoteStages, StageUnavailableError
 from node.sharding.fronts import FrontAverager
 from node.sharding.pipeline import StepPipeline
 from node.sharding.private import ShardedDPSGD, load_dp_steps, save_dp_steps
+from node.sharding.snapshot import save_stage_weights
 from node.sharding.stages import LocalParts
 from node.training.checkpoint import CHECKPOINT_FILE, Checkpoint
 from node.training.ledger import ContributionLedger
@@ -465,6 +466,10 @@ class ShardedTrainer:
             self._credit()  # an unfinished round's steps were committed: they count
         if self.fronts is not None and not self.stop_event.is_set() and self.fronts.land(wait=True) is not None:
             self._save_checkpoint()  # overlapped averaging: the last round's mean landed after its checkpoint
+        try:  # the stages' blocks, so that `zen-node export` can put the model together (snapshot.py)
+            save_stage_weights(self.workdir, self.run, self._remote())
+        except StageUnavailableError as e:
+            logger.warning(f"the stages' blocks were not saved ({e}): `zen-node export` needs them")
         if self.runtime is not None:
             self.runtime.beat()
 
