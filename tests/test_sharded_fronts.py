@@ -8,6 +8,7 @@ each trainer's parts stayed its own: three different fronts and heads around one
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -271,6 +272,63 @@ def test_a_sharded_trainer_that_moves_cohort_takes_the_new_cohorts_parts(tmp_pat
         for trainer in trainers:
             trainer.close()
         server.shutdown()
+
+
+def test_sharded_trainers_reject_a_poisoned_mean_of_their_parts_and_keep_their_own(tmp_path: Path) -> None:
+    """Four trainers, one of which sends +-clip_bound in every coordinate of its parts' update from round 2 on:
+    the honest three average honestly in round 1, then their gate rejects each poisoned mean (mode "rejected"),
+    their parts stay as they trained them and their held-out loss keeps falling."""
+    # Prepare
+    (server,) = start_servers(tmp_path, [StageServer])
+    trainers: list[ShardedTrainer] = []
+    reports: list[list[StepReport]] = [[] for _ in range(4)]
+    try:
+        join_trainers(tmp_path, server, [generate_corpus(20_000, seed=91 + i) for i in range(4)], trainers)
+        poisoner, honest, steps = trainers[3], trainers[:3], trainers[0].run.train.inner_steps
+        assert poisoner.fronts is not None
+        send = poisoner.fronts._updates
+
+        def poisoned(peers: Any) -> Any:
+            sent = send(peers)
+            if sent is not None and poisoner.round >= 2:  # round 1 honest, then +-B everywhere
+                bound = poisoner.run.aggregation.clip_bound
+                generator = torch.Generator().manual_seed(poisoner.round)
+                for update in sent.updates:
+                    update.copy_((torch.randint(0, 2, update.shape, generator=generator) * 2 - 1) * bound)
+            return sent
+
+        poisoner.fronts._updates = poisoned  # type: ignore[method-assign]
+        wait_until(
+            lambda: all(sum("trainer" in p.roles for p in t.runtime.peers()) == 4 for t in trainers if t.runtime),
+            60,
+            "every trainer to list the four trainers",
+        )
+
+        def train(i: int) -> None:
+            reports[i] += [trainers[i].train_step() for _ in range(3 * steps)]
+
+        # Execute
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=240)
+
+        # Assert
+        modes = [[row["mode"] for row in read_rounds(t)] for t in honest]
+        assert modes == [["group", "rejected", "rejected"]] * 3, modes
+        losses = [[r.eval_loss for r in reports[i] if r.eval_loss is not None] for i in range(3)]
+        assert all(mine[2] < mine[0] for mine in losses), losses  # not wrecked: still falling
+        assert all(t.fronts is not None and t.fronts.stats["rejected"] == 2 for t in honest)
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        server.shutdown()
+
+
+def read_rounds(trainer: ShardedTrainer) -> list[dict[str, Any]]:
+    """The trainer's round lines of ``report.jsonl``."""
+    return [json.loads(line) for line in (trainer.workdir / "report.jsonl").read_text().splitlines()]
 
 
 def test_overlapped_averaging_lands_each_round_while_the_trainers_train_on(tmp_path: Path) -> None:

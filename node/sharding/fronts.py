@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +64,9 @@ from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import HierarchicalAggregator, partition_parameters
 from node.config import ConfigError, RunConfig
 from node.sharding.stages import stage_ranges
+from node.training.gate import admits
 from node.training.privacy import compression_bound
+from node.training.report import RoundOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class FrontAverager:
         identity: the trainer's identity (signs its secure-aggregation messages).
         parameters: the trainer's own parameters by name, in a fixed order (the same on every trainer).
         stop_event: when set, a pending round gives up.
+        evaluate: the held-out loss of the trainer's parts as they are now; given, a synchronous round's mean is
+            gated (``aggregation.gate_tolerance``, module docstring).
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class FrontAverager:
         identity: NodeIdentity,
         parameters: Sequence[tuple[str, torch.nn.Parameter]],
         stop_event: threading.Event,
+        evaluate: Callable[[], float] | None = None,
     ):
         self.run, self.peer_id = run, identity.peer_id
         self.names = [name for name, _ in parameters]
@@ -130,7 +135,11 @@ class FrontAverager:
             )
         else:
             self.aggregator = make_aggregator(dht, run.run_id, templates, **options)
-        self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone
+        self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone, rejected
+        gated = evaluate is not None and not run.sharding.overlap_averaging  # overlapped: lands on moved parts
+        self.tolerance = run.aggregation.gate_tolerance if gated else 0.0
+        self._evaluate = evaluate or (lambda: float("nan"))
+        self.outcome = RoundOutcome.SOLO  # how the last round ended (GROUP, REJECTED by the gate, or SOLO)
         self.last: AggregationResult | None = None  # the last round that averaged
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zen-fronts")  # ``send``'s rounds
         self._in_flight: tuple[int, Future[AggregationResult | None], _Sent] | None = None
@@ -256,10 +265,50 @@ class FrontAverager:
             return None
 
     def _apply(self, round_no: int, result: AggregationResult | None, sent: _Sent) -> AggregationResult | None:
-        """``params = anchor - mean`` plus what was trained since ``sent`` was taken; re-anchor (module docstring)."""
+        """``params = anchor - mean`` plus what was trained since ``sent`` was taken; re-anchor (module docstring),
+        unless the gate rejects the mean: our parts and anchors then stay as they were."""
+        self.outcome = RoundOutcome.SOLO
         if result is None:
             self.stats["alone"] += 1
             return None
+        saved = [[t.clone() for t in tensors] for tensors in (self.parameters, self.anchor, self.carry)]
+        before = self._loss_at_anchor() if self.tolerance else float("nan")
+        self._step(result, sent)
+        after = self._evaluate() if self.tolerance else float("nan")
+        if not admits(before, after, self.tolerance):
+            with torch.no_grad():
+                for mine, kept in zip([*self.parameters, *self.anchor], [*saved[0], *saved[1]], strict=True):
+                    mine.copy_(kept)
+            self.carry, self.outcome = saved[2], RoundOutcome.REJECTED
+            self.stats["rejected"] += 1
+            logger.warning(
+                f"round {round_no}: rejected the group's mean of the trainers' parts: it takes the held-out loss "
+                f"to {after:.4f}, {after / before - 1:+.1%} over the last group's parts' {before:.4f} "
+                f"(aggregation.gate_tolerance = {self.tolerance:.1%}); keeping our own parts"
+            )
+            return result
+        self.outcome = RoundOutcome.GROUP
+        self.stats["averaged"] += 1
+        self.last = result
+        crossed = not isinstance(self.aggregator, HierarchicalAggregator) or self.aggregator.crossed
+        across = " (and the global ones across cohorts)" if crossed and self.run.cohorts.enabled else ""
+        logger.info(f"round {round_no}: averaged the trainers' parts in a group of {result.group_size}{across}")
+        return result
+
+    def _loss_at_anchor(self) -> float:
+        """The held-out loss with the averaged parts at their anchors (the last group's), our local ones as they are:
+        what the gate compares a new mean with (paired: the same batches and the stages as they are now)."""
+        with torch.no_grad():
+            own = [p.clone() for p in self.parameters]
+            for i in self.shared:
+                self.parameters[i].copy_(self.anchor[i])
+            try:
+                return self._evaluate()
+            finally:
+                for param, value in zip(self.parameters, own, strict=True):
+                    param.copy_(value)
+
+    def _step(self, result: AggregationResult, sent: _Sent) -> None:
         residual = self.aggregator.residual
         crossed = not isinstance(self.aggregator, HierarchicalAggregator) or self.aggregator.crossed
         with torch.no_grad():
@@ -273,11 +322,6 @@ class FrontAverager:
             sizes = [c.numel() for c in self.carry]
             pieces = residual.split(sizes) if residual is not None else [torch.zeros(n) for n in sizes]
             self.carry = [p.view_as(c).to(torch.float32, copy=True) for p, c in zip(pieces, self.carry, strict=True)]
-        self.stats["averaged"] += 1
-        self.last = result
-        across = " (and the global ones across cohorts)" if crossed and self.run.cohorts.enabled else ""
-        logger.info(f"round {round_no}: averaged the trainers' parts in a group of {result.group_size}{across}")
-        return result
 
     def shutdown(self) -> None:
         self.aggregator.shutdown()  # a round in flight gives up (the stop event is set first)

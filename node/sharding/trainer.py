@@ -235,7 +235,7 @@ class ShardedTrainer:
         self.remote = remote = RemoteStages(dht, self.run, self.identity, self.workdir, self.stop_event)
         self.runtime.adopt("remote stages", remote.shutdown)
         parts = list(self.local.named_parameters())
-        self.fronts = FrontAverager(dht, self.run, self.identity, parts, self.stop_event)
+        self.fronts = FrontAverager(dht, self.run, self.identity, parts, self.stop_event, self.evaluate)  # gated
         if self._resumed_fronts is not None:
             self.fronts.restore(self._resumed_fronts)
         self.runtime.adopt("trainers' averaging", self.fronts.shutdown)
@@ -387,7 +387,7 @@ class ShardedTrainer:
         self._round_losses, self._round_compute, self._round_started = [], 0.0, time.monotonic()
         return RoundReport(
             round=self.round,
-            mode=RoundOutcome.GROUP if group else RoundOutcome.SOLO,
+            mode=self.fronts.outcome if group and self.fronts is not None else RoundOutcome.SOLO,
             eval_loss=eval_loss,
             train_loss=sum(losses) / max(len(losses), 1),
             group_size=group,
