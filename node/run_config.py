@@ -427,6 +427,8 @@ class RunConfig:
             del shared["train"]["inner_optimizer"]  # likewise a run on the default inner optimizer
         if self.aggregation.combine == "median":
             del shared["aggregation"]["combine"]  # and on the default lineage merge
+        if self.sharding.stage_lr_scale == 1.0:
+            del shared["sharding"]["stage_lr_scale"]  # and on the default stage step share
         return shared
 
     def to_bytes(self) -> bytes:

@@ -5,6 +5,7 @@ The run's 4-block GPT keeps block 0 on the trainer and cuts blocks 1-3 into 2 re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -22,7 +23,7 @@ from sharding_harness import node_config
 
 from dht import NodeIdentity, SwarmConfig, start_dht
 from dht.bans import BanError, BanRecord, evidence_digest, list_bans
-from node.config import RunConfig, ServeConfig, load_node_config
+from node.config import ModelConfig, RunConfig, ServeConfig, ShardingConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
 from node.sharding.messages import StageReply, StageRequest
@@ -502,3 +503,15 @@ def test_periodic_averaging_while_two_trainers_train_leaves_replicas_identical(t
             trainer.close()
         for server in servers:
             server.shutdown()
+
+
+def test_the_default_stage_lr_scale_keeps_the_run_hash_and_another_changes_it() -> None:
+    """Runs from before ``sharding.stage_lr_scale`` keep their hash (checkpoints resume); another scale is another
+    run; a scale outside (0, 1] is refused in one line."""
+    sharded = RunConfig(model=ModelConfig(n_layer=3), sharding=ShardingConfig(stages=2))
+    halved = dataclasses.replace(sharded, sharding=ShardingConfig(stages=2, stage_lr_scale=0.5))
+    assert "stage_lr_scale" not in sharded.shared_dict()["sharding"]
+    assert sharded.digest() != halved.digest()
+    for scale in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"sharding\.stage_lr_scale must be in \(0, 1\]"):
+            ShardingConfig(stages=2, stage_lr_scale=scale)
