@@ -21,6 +21,7 @@ from sharding_harness import node_config, start_servers
 from dht import PeerRecord, encode_sketch
 from node.config import AggregationConfig, CohortConfig
 from node.data import generate_corpus
+from node.ledger.receipts import certificate_verdict, read_receipts
 from node.model import build_model
 from node.sharding.server import StageServer
 from node.sharding.stages import LocalParts
@@ -83,6 +84,15 @@ def test_three_sharded_trainers_leave_each_round_with_the_same_own_parts(tmp_pat
         moved = max(float((a - b).detach().abs().max()) for a, b in zip(parts[0], initial.parameters(), strict=True))
         assert moved > 1e-3  # they trained
         assert all(t.fronts is not None and t.fronts.stats["averaged"] == ROUNDS for t in trainers)
+        members = tuple(sorted(t.identity.peer_id for t in trainers))
+        for trainer in trainers:  # each round's receipt names the group its parts averaged in, with its certificate
+            receipts, failed = read_receipts(trainer.workdir, trainer.run.digest())
+            assert failed == 0 and [r.receipt.round for r in receipts] == list(range(1, ROUNDS + 1))
+            assert all(r.receipt.contributors == members and r.receipt.outcome == "group" for r in receipts)
+            assert len({r.receipt.group_id for r in receipts} - {""}) >= 1
+            assert all(certificate_verdict(r.receipt).certified is not None for r in receipts), [
+                certificate_verdict(r.receipt).note for r in receipts
+            ]
     finally:
         for trainer in trainers:
             trainer.close()

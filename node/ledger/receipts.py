@@ -12,10 +12,11 @@ Plain aggregation has no certificate (the digest stands alone), nor has a cohort
 two groups; receipts written before certificates have none either and still verify, their
 certificate marked unverified, as do those whose certificate predates the run's scope in it.
 
-A sharded trainer (node/sharding/trainer.py) averages in no group: its steps are committed to the
-stage servers one by one. Its receipt (outcome ``sharded``) covers ``train.inner_steps`` steps: no
-group id, U = the trainer alone, its samples and the seconds of those steps, numbered on from the
-last round of its ledger (a restarted trainer keeps counting, its rounds are its own).
+A sharded trainer (node/sharding/trainer.py) commits its steps to the stage servers one by one; its
+receipt covers ``train.inner_steps`` steps. When its own parts averaged in a group at their end, the
+receipt names that group like any group receipt. Otherwise it is of outcome ``sharded``: no group
+id, U = the trainer alone, its samples and the seconds of those steps, numbered on from the last
+round of its ledger (a restarted trainer keeps counting, its rounds are its own).
 
 Form at rest: a JSON line ``{"receipt": {...}, "body": <base64>, "signature": <hex>}``. ``body`` is
 the msgpack map of the receipt's fields (``certificate`` only when there is one), and ``signature``

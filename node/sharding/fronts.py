@@ -140,6 +140,7 @@ class FrontAverager:
         self.tolerance = run.aggregation.gate_tolerance if gated else 0.0
         self._evaluate = evaluate or (lambda: float("nan"))
         self.outcome = RoundOutcome.SOLO  # how the last round ended (GROUP, REJECTED by the gate, or SOLO)
+        self.last_round: AggregationResult | None = None  # the last round's group, applied or rejected (receipts)
         self.last: AggregationResult | None = None  # the last round that averaged
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zen-fronts")  # ``send``'s rounds
         self._in_flight: tuple[int, Future[AggregationResult | None], _Sent] | None = None
@@ -267,7 +268,7 @@ class FrontAverager:
     def _apply(self, round_no: int, result: AggregationResult | None, sent: _Sent) -> AggregationResult | None:
         """``params = anchor - mean`` plus what was trained since ``sent`` was taken; re-anchor (module docstring),
         unless the gate rejects the mean: our parts and anchors then stay as they were."""
-        self.outcome = RoundOutcome.SOLO
+        self.outcome, self.last_round = RoundOutcome.SOLO, result
         if result is None:
             self.stats["alone"] += 1
             return None

@@ -448,7 +448,9 @@ class ShardedTrainer:
             return
         self._uncredited = (0, 0.0)
         final = bool(self.config.rounds) and self.round >= self.config.rounds
-        self.ledger.credit_steps(self.runtime, samples, seconds, final=final)
+        fronts = self.fronts
+        group = (fronts.last_round, fronts.outcome) if fronts is not None and fronts.last_round is not None else None
+        self.ledger.credit_steps(self.runtime, samples, seconds, final=final, group=group)
 
     def run_forever(self) -> None:
         """Train ``node.rounds * train.inner_steps`` steps (0 rounds: until stopped)."""

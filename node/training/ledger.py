@@ -5,8 +5,9 @@ returned a group whose agreed contributor set names this node (it landed as ``gr
 gated as ``rejected``: its update is in the group's sum either way), a receipt is signed and
 appended to ``<workdir>/ledger.jsonl`` (node/ledger/receipts.py), with the group's consistency
 certificate when the aggregation was secure (``AggregationResult.certificate``). Rounds applied alone, resyncs
-and downloads earn none. A sharded trainer, which averages in no group, calls ``credit_steps`` for each
-``train.inner_steps`` steps it committed (node/ledger/receipts.py: outcome ``sharded``).
+and downloads earn none. A sharded trainer calls ``credit_steps`` for each ``train.inner_steps`` steps it
+committed: the receipt names the group its own parts averaged in at their end, if one did, else it is of
+outcome ``sharded`` (node/ledger/receipts.py).
 
 The summary of the receipts (dht/ledger.py) is published by ``SummaryPublisher``, a background
 thread like the record's heartbeat (dht/swarm.py ``Heartbeat``). Publishing is the costliest DHT
@@ -110,23 +111,25 @@ class ContributionLedger:
         identity = runtime.identity
         if flight is None or result is None or identity.peer_id not in result.peers:
             return None
-        receipt = self._receipt(
-            runtime,
-            round_no=result.round,
-            group_id=result.group_id,
-            peers=result.peers,
-            fingerprints=result.key_fingerprints,
-            samples=flight.samples,
-            compute_seconds=max(0.0, report.utilization * report.seconds),
-            outcome=str(report.mode),
-            certificate=result.certificate,
-        )
+        receipt = self._group_receipt(runtime, result, flight.samples, report.utilization * report.seconds, report.mode)
         return self._keep(runtime, receipt, final=bool(self.last_round) and result.round >= self.last_round)
 
-    def credit_steps(self, runtime: NodeRuntime, samples: int, seconds: float, final: bool = False) -> SignedReceipt:
-        """Sign a sharded trainer's receipt for steps it committed to the stage servers (no group: U is this node
-        alone), numbered on from the ledger's last round; ``final``: the trainer's last, published at once."""
+    def credit_steps(
+        self,
+        runtime: NodeRuntime,
+        samples: int,
+        seconds: float,
+        final: bool = False,
+        group: tuple[AggregationResult, RoundOutcome] | None = None,
+    ) -> SignedReceipt:
+        """Sign a sharded trainer's receipt for steps it committed to the stage servers; ``final``: the trainer's
+        last, published at once. ``group``: the group its own parts averaged in at the end of those steps, and how
+        that landed: the receipt names it as a group receipt does (U, group id, certificate), unless it names
+        another node set or a round the ledger already counted; otherwise U is this node alone (outcome
+        ``sharded``), numbered on from the ledger's last round."""
         round_no = self.totals().last_round + 1
+        if group is not None and runtime.identity.peer_id in group[0].peers and group[0].round >= round_no:
+            return self._keep(runtime, self._group_receipt(runtime, group[0], samples, seconds, group[1]), final)
         receipt = self._receipt(
             runtime,
             round_no=round_no,
@@ -139,6 +142,22 @@ class ContributionLedger:
             certificate=b"",
         )
         return self._keep(runtime, receipt, final)
+
+    def _group_receipt(
+        self, runtime: NodeRuntime, result: AggregationResult, samples: int, seconds: float, mode: RoundOutcome
+    ) -> Receipt:
+        """The receipt of a round whose update went into ``result``'s group (U, group id, its certificate)."""
+        return self._receipt(
+            runtime,
+            round_no=result.round,
+            group_id=result.group_id,
+            peers=result.peers,
+            fingerprints=result.key_fingerprints,
+            samples=samples,
+            compute_seconds=max(0.0, seconds),
+            outcome=str(mode),
+            certificate=result.certificate,
+        )
 
     def _receipt(
         self,
