@@ -53,7 +53,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -250,11 +250,12 @@ class ShardedTrainer:
             self.runtime.wait_for_trainers(self.config.min_peers, self.stop_event)
         self.parts_server = LineageServer(dht, self.run.run_id, kind="parts")
         self.runtime.adopt("parts server", self.parts_server.shutdown)
-        self.count_trainers()
+        peers = self.runtime.peers()
+        self.count_trainers(peers)
         if self.step == 0 and self._resumed_fronts is None:  # late: take the parts of the trainers ahead
             with self.phases.phase("download", "taking the parts of the trainers ahead"):
                 timeout = self.run.aggregation.timeout + 10.0  # a donor serves its parts once its round averaged
-                peers, run_hash = self.runtime.peers(), self.run.digest()
+                run_hash = self.run.digest()
                 me, steps = self.identity.peer_id, self.run.train.inner_steps
                 self.step = catch_up(self.parts_server, self.fronts, me, peers, run_hash, steps, timeout)
 
@@ -273,12 +274,12 @@ class ShardedTrainer:
         compute = time.perf_counter() - started  # the step alone, without a round's averaging and evaluation
         group, eval_loss = 0, None
         if self.step % self.run.train.inner_steps == 0:  # a round's last step
-            batch_size = self.run.train.batch_size  # DP-SGD's Poisson batch: its expected size
-            group = self._average_fronts(batch_size if self.privacy is None else self.privacy.step_samples(batch_size))
+            peers = self.runtime.peers() if self.runtime is not None else []  # one read a round: averaging, share
+            group = self._average_fronts(peers)
             if self.parts_server is not None and self.fronts is not None:
                 self.parts_server.keep(SLOT, self.fronts.served())  # what a late joiner takes (catchup.py)
             self._save_checkpoint()
-            self.count_trainers()
+            self.count_trainers(peers)
             eval_loss = self.evaluate()
             self._bytes_sent = self.meter.bytes_sent() if self.meter is not None else 0
         seconds = time.perf_counter() - started
@@ -340,12 +341,12 @@ class ShardedTrainer:
         versions = dpsgd.pipeline.commit(dpsgd.commit_noise, self.share)
         return dpsgd.last_batch, loss, versions, dpsgd.pipeline.servers
 
-    def count_trainers(self) -> float:
-        """Set and return our share of each stage's step: 1 / the trainers the run's records list (ours included),
-        so the stages move as far for N trainers' steps as for one's (sharding.stage_lr_scale)."""
+    def count_trainers(self, peers: Sequence[PeerRecord] | None = None) -> float:
+        """Set and return our share of each stage's step: 1 / the trainers the run's records (``peers``, else read
+        now) list, ours included, so the stages move as far for N trainers' steps as for one's."""
         assert self.runtime is not None
-        run_hash = self.run.digest()
-        trainers = {r.peer_id for r in self.runtime.peers() if "trainer" in r.roles and r.run_hash == run_hash}
+        run_hash, records = self.run.digest(), self.runtime.peers() if peers is None else peers
+        trainers = {r.peer_id for r in records if "trainer" in r.roles and r.run_hash == run_hash}
         self.share = 1.0 / min(len(trainers | {self.identity.peer_id}), 1024)
         return self.share
 
@@ -362,12 +363,13 @@ class ShardedTrainer:
                 losses.append(float(self.local.head(hidden.to(self.device), targets.to(self.device))))
         return sum(losses) / len(losses)
 
-    def _average_fronts(self, batch: int) -> int:
+    def _average_fronts(self, peers: list[PeerRecord]) -> int:
         """Average our own parts with the other trainers at the end of a round; the group's size (0: none). With
         ``sharding.overlap_averaging`` the round only starts here, and this is the previous round's group."""
-        if self.fronts is None or self.runtime is None:
+        if self.fronts is None:
             return 0
-        samples, peers = self.run.train.inner_steps * batch, self.runtime.peers()
+        batch = self.run.train.batch_size  # DP-SGD's Poisson batch: its expected size
+        samples = self.run.train.inner_steps * (batch if self.privacy is None else self.privacy.step_samples(batch))
         if self.run.sharding.overlap_averaging:
             with self.phases.phase("aggregation_wait", f"waiting for round {self.round - 1}'s average"):
                 result = self.fronts.land(wait=True) or self._landed
