@@ -1,6 +1,6 @@
 """Training efficiency and bytes on the wire: the swarm against centralized training on the same samples.
 
-One invocation runs all three, on 127.0.0.1::
+One invocation runs all four, on 127.0.0.1::
 
     python benchmarks/efficiency.py --data ../shared/data/tinyshakespeare.txt --peers 4 --json
     python benchmarks/efficiency.py --data ../shared/data/tinyshakespeare.txt --preset medium --plot medium.png
@@ -12,7 +12,10 @@ One invocation runs all three, on 127.0.0.1::
 (b) Alone: one model trained in this process on peer 0's slice exactly as that peer sees it (the
     first 90% of the slice, the node's batch order), the per-peer batch, the same steps and
     learning rate as each peer, and no peers; the held-out curve is measured like central's.
-(c) The swarm: a bootstrap peer and N ``zen-node join`` processes, each with a contiguous
+(c) Pooled: the central run on the bytes the peers train on, pooled (each slice's first 90%, as each
+    node cuts it; the 10% every node holds out for its own evaluation is left out), batch N x the
+    per-peer batch, the same steps: what pooling the peers' training data gives. ``--no-pooled`` skips it.
+(d) The swarm: a bootstrap peer and N ``zen-node join`` processes, each with a contiguous
     (non-IID) slice of the training bytes, secure aggregation with compression (``--bits``,
     ``--fraction``, error feedback) and the overlapped outer loop (unless ``--no-overlap``), for the
     same total samples. Every peer keeps each round's global parameters (``--save-round-params``);
@@ -23,7 +26,7 @@ Model families (``--family``): ``zen-gpt`` (default), the built-in byte GPT of `
 given) with a 512-token BPE tokenizer trained on the training bytes, its files written to the scratch
 folder (benchmarks/model_family.py); the context is then in tokens. ``--lora`` (with ``hf``): rank-8
 LoRA adapters on q_proj and v_proj over a frozen base (the seeded init, not pretrained); the adapters
-are the only parameters trained and sent. All three runs build the model as a node does.
+are the only parameters trained and sent. All four runs build the model as a node does.
 
 Presets (``--preset``) set the model and the length of the run; any flag given explicitly still wins:
 
@@ -48,7 +51,9 @@ gets that low, central samples / swarm samples, with ``efficiency_is_lower_bound
 2(N-1)/N x 4 x params x steps), ``swarm_bytes_per_peer`` (every byte each peer's libp2p daemon sent
 over TCP, DHT included, mean over peers), ``bytes_ratio`` (naive / measured), ``utilization``
 (inner-step seconds over wall seconds of every round report of every peer, from the start of
-training to the last landed round), ``central_curve``, ``alone_curve`` and ``swarm_curve`` (lists
+training to the last landed round), ``pooled_final_loss``, ``gap_closed_pooled`` and
+``efficiency_pooled`` (the same against the pooled run; ``efficiency_pooled_is_lower_bound``; all null
+with ``--no-pooled``), ``central_curve``, ``alone_curve``, ``pooled_curve`` and ``swarm_curve`` (lists
 of [samples consumed, held-out loss]; the swarm's has one point per round kept, round 0 included,
 its samples summed over all peers up to that round), ``preset``, the setup and the seconds of each run;
 ``family``, ``lora`` (the adapters' settings, or null), ``parameters`` (trainable: the adapters with
@@ -56,7 +61,7 @@ its samples summed over all peers up to that round), ``preset``, the setup and t
 included), ``adapter_bytes`` (float32 adapters, null without ``--lora``) and ``bytes_per_round_per_peer``
 (bytes each peer's daemon sent from its round-0 report to its last, over the rounds it trained, mean
 over peers).
-``--plot FILE.png`` draws the three curves against samples and against steps per participant
+``--plot FILE.png`` draws the four curves against samples and against steps per participant
 (needs matplotlib: ``pip install -e ".[bench]"``).
 """
 
@@ -243,6 +248,25 @@ def alone(train: bytes, held_out: list[Any], args: argparse.Namespace, model: Be
     return train_curve(model.batches(own, args.batch_size, seed=batch_seed(SEED, own)), held_out, args, model)
 
 
+def pooled(train: bytes, held_out: list[Any], args: argparse.Namespace, model: BenchmarkModel) -> Curve:
+    """The central run on the peers' training bytes pooled: every slice's first 90% (``split_corpus``, as each
+    node cuts its own), batch N x the per-peer batch."""
+    share = len(train) // args.peers
+    owns = [split_corpus(train[i * share : (i + 1) * share], args.context)[0] for i in range(args.peers)]
+    batches = model.batches(b"".join(owns), args.peers * args.batch_size, seed=SEED)
+    return train_curve(batches, held_out, args, model)
+
+
+def against(baseline: Curve, alone_loss: float, swarm_loss: float, samples: int) -> tuple[Any, ...]:
+    """(baseline's final loss, gap_closed, efficiency, efficiency_is_lower_bound) of the swarm against one baseline
+    run (central or pooled), from the 4-decimal losses."""
+    needed = samples_to_reach(baseline, swarm_loss)
+    efficiency = (baseline[-1][0] if needed is None else needed) / samples
+    final = round(baseline[-1][1], 4)
+    gap = alone_loss - final
+    return final, round((alone_loss - swarm_loss) / gap, 4) if gap else None, round(efficiency, 4), needed is None
+
+
 def start_swarm(train: bytes, args: argparse.Namespace, root: Path, logs: list[IO[str]], started: list[Any]) -> None:
     """Start the bootstrap and N nodes of ``root / "run.toml"`` into ``started`` as (folder, process), the
     bootstrap first (``root``).
@@ -382,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-every", type=int, help="central and alone steps between evaluations, e.g. 10 (medium: 25)")
     add("--max-bytes", type=int, default=0, help="use only the first B bytes of --data (0: all)")
     add("--timeout", type=float, help="seconds the swarm may take, e.g. 900 (small 1800, medium 3600)")
+    add(
+        "--no-pooled",
+        dest="pooled",
+        action="store_false",
+        help="skip the pooled run (central on the peers' own training bytes), e.g. --no-pooled",
+    )
     add("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of central and alone, e.g. 2 (all)")
     add("--workdir", default="", help="keep the swarm's folders (logs, reports, round params, hf model files) here")
     add("--plot", default="", help="draw held-out loss against samples to this PNG, e.g. efficiency.png")
@@ -393,14 +423,13 @@ def summarize(
     args: argparse.Namespace, curves: dict[str, Curve], result: dict[str, Any], facts: dict[str, Any]
 ) -> dict[str, Any]:
     """The JSON line: losses, efficiency, bytes, utilization, the curves and the setup (``facts``: the model's)."""
-    central_curve, alone_curve = curves["central"], curves["alone"]
-    needed = samples_to_reach(central_curve, result["final_loss"])
-    efficiency = (central_curve[-1][0] if needed is None else needed) / result["samples"]
     params = facts["parameters"]
     naive = 2 * (args.peers - 1) / args.peers * 4 * params * args.rounds * args.inner_steps
-    central_loss, swarm_loss = round(central_curve[-1][1], 4), round(result["final_loss"], 4)
-    alone_loss = round(alone_curve[-1][1], 4)
-    gap = alone_loss - central_loss
+    swarm_loss, alone_loss = round(result["final_loss"], 4), round(curves["alone"][-1][1], 4)
+    central_loss, gap_closed, efficiency, lower = against(curves["central"], alone_loss, swarm_loss, result["samples"])
+    pooled = (None,) * 4
+    if "pooled" in curves:
+        pooled = against(curves["pooled"], alone_loss, swarm_loss, result["samples"])
     return {
         "preset": args.preset,
         "peers": args.peers,
@@ -418,10 +447,14 @@ def summarize(
         "swarm_final_loss": swarm_loss,
         "alone_final_loss": alone_loss,
         "swarm_minus_alone": round(swarm_loss - alone_loss, 4),
-        "gap_closed": round((alone_loss - swarm_loss) / gap, 4) if gap else None,
-        "efficiency": round(efficiency, 4),
-        "efficiency_is_lower_bound": needed is None,
-        "central_samples": central_curve[-1][0],
+        "gap_closed": gap_closed,
+        "efficiency": efficiency,
+        "efficiency_is_lower_bound": lower,
+        "pooled_final_loss": pooled[0],
+        "gap_closed_pooled": pooled[1],
+        "efficiency_pooled": pooled[2],
+        "efficiency_pooled_is_lower_bound": pooled[3],
+        "central_samples": curves["central"][-1][0],
         "swarm_samples": result["samples"],
         "naive_bytes_per_peer": int(naive),
         "swarm_bytes_per_peer": int(result["bytes_per_peer"]),
@@ -432,6 +465,7 @@ def summarize(
         "bytes_per_round_per_peer": int(result["bytes_per_round"]),
         "central_seconds": result["central_seconds"],
         "alone_seconds": result["alone_seconds"],
+        "pooled_seconds": result.get("pooled_seconds"),
         "swarm_seconds": result["swarm_seconds"],
         **{f"{name}_curve": [[s, round(loss, 4)] for s, loss in curve] for name, curve in curves.items()},
     }
@@ -440,7 +474,8 @@ def summarize(
 def compare(
     train: bytes, held_out_bytes: bytes, args: argparse.Namespace, root: Path, model: BenchmarkModel
 ) -> tuple[dict[str, Curve], dict[str, Any]]:
-    """Run central, alone and the swarm (in ``root``) on ``model``; return their curves and the JSON summary."""
+    """Run central, alone, pooled (unless ``--no-pooled``) and the swarm (in ``root``) on ``model``; return their
+    curves and the JSON summary."""
     held_out = held_out_batches(held_out_bytes, args, model)
     # central and alone run while nothing else of ours does: every core (--threads 1 on a busy machine)
     torch.set_num_threads(max(1, args.threads))
@@ -450,6 +485,9 @@ def compare(
     timings["central_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
     curves["alone"] = alone(train, held_out, args, model)
     timings["alone_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
+    if args.pooled:
+        curves["pooled"] = pooled(train, held_out, args, model)
+        timings["pooled_seconds"], started = round(time.perf_counter() - started, 1), time.perf_counter()
     result = swarm(train, held_out, args, root, model)
     curves["swarm"] = result["curve"]
     result["swarm_seconds"] = round(time.perf_counter() - started, 1)
@@ -493,7 +531,7 @@ def main() -> int:
         curves, summary = compare(data[:split], data[split:], args, root, model)
     if args.plot:
         title = f"{args.preset or 'custom'}: N = {args.peers}, {summary['params']:,} parameters, H = {args.inner_steps}"
-        per_step = {"central": args.peers * args.batch_size, "swarm": args.peers * args.batch_size}
+        per_step = {name: args.peers * args.batch_size for name in ("central", "pooled", "swarm")}
         unit = "byte" if args.family == "zen-gpt" else "token"
         plot(args.plot, curves, {**per_step, "alone": args.batch_size}, title, unit)
     if args.json:

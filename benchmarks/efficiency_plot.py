@@ -1,4 +1,4 @@
-"""The efficiency benchmark's picture: held-out loss of the central, alone and swarm runs (``--plot``).
+"""The efficiency benchmark's picture: held-out loss of the central, pooled, alone and swarm runs (``--plot``).
 
 Needs matplotlib (``pip install -e ".[bench]"``); benchmarks/efficiency.py checks for it before its runs.
 """
@@ -16,8 +16,8 @@ def plot(path: str, curves: dict[str, Curve], per_step: dict[str, int], title: s
 
     Args:
         path: the PNG to write.
-        curves: "central", "swarm" and "alone" curves of (samples, held-out loss).
-        per_step: samples one step of each run consumes (central N x b, swarm N x b, alone b).
+        curves: "central", "swarm", "alone" and (optionally) "pooled" curves of (samples, held-out loss).
+        per_step: samples one step of each run consumes (central, pooled and swarm N x b, alone b).
         title: the figure's title.
         unit: what the loss is per: "byte" (the built-in GPT) or "token" (a tokenizer's).
     """
@@ -27,7 +27,12 @@ def plot(path: str, curves: dict[str, Curve], per_step: dict[str, int], title: s
     import matplotlib.pyplot as plt
 
     figure, (by_samples, by_steps) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    styles = {"central": ("tab:blue", ""), "swarm": ("tab:green", "o"), "alone": ("tab:red", "")}
+    styles = {
+        "central": ("tab:blue", ""),
+        "pooled": ("tab:purple", ""),
+        "swarm": ("tab:green", "o"),
+        "alone": ("tab:red", ""),
+    }
     for name, curve in curves.items():
         color, marker = styles[name]
         samples, losses = zip(*curve, strict=True)

@@ -243,7 +243,7 @@ def population_loss(setup: sweep.Setup, users: int, rounds: int, noise: NoiseSha
     windows = min(users, setup.peers)
     counts = [users // setup.peers + (w < users % setup.peers) for w in range(windows)]
     streams = [sweep.peer_batches(train, setup, w) for w in range(windows)]
-    model = build_model(setup.model, sweep.SEED)
+    model = build_model(setup.model, setup.seed)
     train_config = TrainConfig()  # the run's outer step: lr 1, no momentum (the global params become the mean)
     outer = OuterState(model, train_config)
     generator = torch.Generator().manual_seed(seed)

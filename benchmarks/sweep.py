@@ -19,14 +19,17 @@ the node does. ``--warm-start-rounds K`` runs K rounds of ``--warm-start-h`` ste
 (post-local SGD). ``--lr-schedule cosine``: linear warmup over ``--warmup-steps``, then cosine decay
 to 10% over the run (per peer inner step), the same schedule given to the baselines.
 
-Baselines, once per (N, preset, schedule): ``central_final_loss`` (one model, batch N x per-peer
+Baselines, once per (N, preset, schedule, seed): ``central_final_loss`` (one model, batch N x per-peer
 batch from all training bytes, the same number of steps as each peer, its held-out loss every
-``--eval-every`` steps giving the curve) and ``alone_final_loss`` (peer 0 on its own slice, the same
-steps). Per configuration: ``final_loss`` (the global params), ``gap_closed`` = (alone - swarm) /
-(alone - central), ``efficiency`` (central samples to reach the swarm's loss, interpolated on its
-curve, over the swarm's samples; central samples / swarm samples with ``efficiency_is_lower_bound``
-when the central run never gets that low). ``--json``: one JSON object per configuration a line,
-then a summary line (``"summary": true``, the best configuration by final loss).
+``--eval-every`` steps giving the curve), ``pooled_final_loss`` (the same on the bytes the peers train
+on, pooled: each slice's first 90%, without the 10% each node holds out) and ``alone_final_loss``
+(peer 0 on its own slice, the same steps). ``--seed`` (a list) sets the models' init and every batch
+order, for the spread over seeds. Per configuration: ``final_loss`` (the global params),
+``gap_closed`` = (alone - swarm) / (alone - central), ``efficiency`` (central samples to reach the
+swarm's loss, interpolated on its curve, over the swarm's samples; central samples / swarm samples
+with ``efficiency_is_lower_bound`` when the central run never gets that low), ``gap_closed_pooled``
+and ``efficiency_pooled`` (the same against the pooled run). ``--json``: one JSON object per
+configuration a line, then a summary line (``"summary": true``, the best configuration by final loss).
 """
 
 from __future__ import annotations
@@ -58,7 +61,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import samples_to_reach  # noqa: E402  (one definition of efficiency for both benchmarks)
 
 EVAL_BATCHES = 16  # as benchmarks/efficiency.py
-SEED = 0
 
 PRESETS: dict[str, dict[str, Any]] = {
     # today's run model
@@ -81,6 +83,7 @@ class Setup:
     eval_every: int  # central steps between evaluations of its curve
     inner_optimizer: str = "adamw"  # "adamw" or "muon" (node/training/optimizers.py), for every run of the setup
     lr: float = 0.0  # the inner (and central, alone) learning rate; 0: the preset's
+    seed: int = 0  # the models' init and every batch order (``--seed``: the spread over seeds)
 
     @property
     def model(self) -> ModelConfig:
@@ -136,7 +139,7 @@ def peer_batches(train: bytes, setup: Setup, index: int) -> ByteBatches:
     """Peer ``index``'s batches: its contiguous slice, cut and ordered as the node does (node/data.py)."""
     share = len(train) // setup.peers
     own, _ = split_corpus(train[index * share : (index + 1) * share], setup.model.context)
-    return ByteBatches(own, setup.model.context, setup.batch_size, seed=batch_seed(SEED, own))
+    return ByteBatches(own, setup.model.context, setup.batch_size, seed=batch_seed(setup.seed, own))
 
 
 def inner_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: ByteBatches, lr: float) -> None:
@@ -151,14 +154,16 @@ def inner_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
 
 
 def baseline(setup: Setup, kind: str) -> dict[str, Any]:
-    """``central``: the curve [(samples, loss)] of one model on batches N x larger; ``alone``: peer 0 alone."""
+    """The curve [(samples, loss)] of one model: ``central`` on all training bytes and ``pooled`` on the peers'
+    own (each slice's first 90%), both on batches N x larger; ``alone``: peer 0 alone."""
     torch.set_num_threads(1)
     train, held_out = load(setup)
-    model = build_model(setup.model, SEED)
+    model = build_model(setup.model, setup.seed)
     optimizer = setup.optimizer(model)
-    if kind == "central":
+    if kind in ("central", "pooled"):
         batch = setup.peers * setup.batch_size
-        batches = ByteBatches(train, setup.model.context, batch, seed=SEED)
+        own = b"".join(peer_batches(train, setup, i).data.numpy().tobytes() for i in range(setup.peers))
+        batches = ByteBatches(train if kind == "central" else own, setup.model.context, batch, seed=setup.seed)
     else:
         batch = setup.batch_size
         batches = peer_batches(train, setup, 0)
@@ -168,7 +173,7 @@ def baseline(setup: Setup, kind: str) -> dict[str, Any]:
         model.train()
         lr = setup.inner_lr * lr_factor(step, setup.steps, setup.lr_schedule, setup.warmup_steps)
         inner_step(model, optimizer, batches, lr)
-        if kind == "central" and ((step + 1) % setup.eval_every == 0 or step + 1 == setup.steps):
+        if kind != "alone" and ((step + 1) % setup.eval_every == 0 or step + 1 == setup.steps):
             curve.append(((step + 1) * batch, evaluate(model, params, held_out, torch.device("cpu"))))
     if kind == "alone":
         curve.append((setup.steps * batch, evaluate(model, params, held_out, torch.device("cpu"))))
@@ -198,10 +203,10 @@ def simulate(setup: Setup, point: Point) -> dict[str, Any]:
         inner_lr=setup.inner_lr,
         outer_lr=point.outer_lr,
         outer_momentum=point.outer_momentum,
-        seed=SEED,
+        seed=setup.seed,
         overlap=point.delay != "0",
     )
-    models = [build_model(setup.model, SEED) for _ in range(setup.peers)]  # optimizers' lr: set at every step
+    models = [build_model(setup.model, setup.seed) for _ in range(setup.peers)]  # optimizers' lr: set at every step
     optimizers = [setup.optimizer(m) for m in models]
     streams = [peer_batches(train, setup, i) for i in range(setup.peers)]
     outer = OuterState(models[0], config)  # every peer's global params are the same; one copy stands for all
@@ -264,12 +269,16 @@ def average_moments(optimizers: list[torch.optim.Optimizer]) -> None:
                     state[key].copy_(mean)
 
 
-def derive(setup: Setup, point: Point, run: dict[str, Any], central: list[Any], alone: float) -> dict[str, Any]:
+def derive(
+    setup: Setup, point: Point, run: dict[str, Any], central: list[Any], pooled: list[Any], alone: float
+) -> dict[str, Any]:
     """The configuration's JSON line."""
-    swarm, central_loss = run["final_loss"], central[-1][1]
+    swarm, central_loss, pooled_loss = run["final_loss"], central[-1][1], pooled[-1][1]
     needed = samples_to_reach(central, swarm)
     efficiency = (central[-1][0] if needed is None else needed) / run["samples"]
+    pooled_needed = samples_to_reach(pooled, swarm)
     return {
+        "seed": setup.seed,
         "preset": setup.preset,
         "peers": setup.peers,
         "steps": setup.steps,
@@ -286,6 +295,9 @@ def derive(setup: Setup, point: Point, run: dict[str, Any], central: list[Any], 
         "gap_closed": round((alone - swarm) / (alone - central_loss), 4),
         "efficiency": round(efficiency, 4),
         "efficiency_is_lower_bound": needed is None,
+        "pooled_final_loss": round(pooled_loss, 4),
+        "gap_closed_pooled": round((alone - swarm) / (alone - pooled_loss), 4),
+        "efficiency_pooled": round((pooled[-1][0] if pooled_needed is None else pooled_needed) / run["samples"], 4),
         "seconds": round(run["seconds"], 1),
     }
 
@@ -325,6 +337,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=50, help="cosine: linear warmup steps, e.g. 50")
     parser.add_argument("--warm-start-rounds", type=comma(int), default=[0], help="K rounds of small H, e.g. 0,100")
     parser.add_argument("--warm-start-h", type=int, default=1, help="inner steps of a warm-start round, e.g. 1")
+    parser.add_argument("--seed", type=comma(int), default=[0], help="model and batch seeds, e.g. 0,1,2")
     parser.add_argument("--eval-every", type=int, default=10, help="central steps between evaluations, e.g. 10")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel processes, e.g. 2")
     parser.add_argument("--json", action="store_true", help="one JSON line per configuration and a summary line")
@@ -350,8 +363,10 @@ def main() -> int:
     started = time.perf_counter()
     steps = args.steps or int(PRESETS[args.preset]["steps"])
     setups = [
-        Setup(args.data, args.preset, n, steps, s, args.warmup_steps, args.eval_every, o, lr)
-        for n, s, o, lr in itertools.product(args.peers, args.lr_schedule, args.inner_optimizer, args.inner_lr)
+        Setup(args.data, args.preset, n, steps, s, args.warmup_steps, args.eval_every, o, lr, seed)
+        for n, s, o, lr, seed in itertools.product(
+            args.peers, args.lr_schedule, args.inner_optimizer, args.inner_lr, args.seed
+        )
     ]
     points = [
         Point(lr, m, h, tau, k, args.warm_start_h, scale, bool(sync))
@@ -368,13 +383,15 @@ def main() -> int:
     lines: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         bases: dict[tuple[Setup, str], Future[dict[str, Any]]] = {
-            (setup, kind): pool.submit(baseline, setup, kind) for setup in setups for kind in ("central", "alone")
+            (setup, kind): pool.submit(baseline, setup, kind)
+            for setup in setups
+            for kind in ("central", "pooled", "alone")
         }
         runs = [(setup, point, pool.submit(simulate, setup, point)) for setup in setups for point in points]
         for setup, point, future in runs:
-            central = bases[(setup, "central")].result()["curve"]
+            central, pooled = (bases[(setup, kind)].result()["curve"] for kind in ("central", "pooled"))
             alone = bases[(setup, "alone")].result()["curve"][-1][1]
-            line = derive(setup, point, future.result(), central, alone)
+            line = derive(setup, point, future.result(), central, pooled, alone)
             lines.append(line)
             if args.json:
                 print(json.dumps(line), flush=True)
@@ -384,7 +401,8 @@ def main() -> int:
                     f"tau={point.delay} {setup.lr_schedule} {setup.inner_optimizer} lr={setup.inner_lr} "
                     f"x{point.swarm_lr_scale} K={point.warm_start_rounds}: loss {line['final_loss']} "
                     f"gap_closed {line['gap_closed']} efficiency {line['efficiency']} "
-                    f"(central {line['central_final_loss']}, alone {line['alone_final_loss']})",
+                    f"(central {line['central_final_loss']}, alone {line['alone_final_loss']}; "
+                    f"pooled {line['pooled_final_loss']}: gap_closed {line['gap_closed_pooled']}) seed {setup.seed}",
                     flush=True,
                 )
     best = min(lines, key=lambda line: line["final_loss"])

@@ -90,7 +90,8 @@ def test_a_slow_peer_sends_fewer_samples_and_nobody_waits_for_it(tmp_path: Path,
 
 @pytest.mark.slow
 def test_efficiency_benchmark_reports_every_field(tmp_path: Path) -> None:
-    """A tiny run reports every field, three consistent curves and gap_closed, and --plot writes a PNG."""
+    """A tiny run reports every field, four consistent curves, gap_closed against central and against the pooled
+    peers' bytes, and --plot writes a PNG."""
     # Prepare
     data, picture = tmp_path / "corpus.txt", tmp_path / "curves.png"
     data.write_bytes(generate_corpus(60_000, seed=4))
@@ -111,6 +112,9 @@ def test_efficiency_benchmark_reports_every_field(tmp_path: Path) -> None:
         "alone_final_loss",
         "swarm_minus_alone",
         "efficiency",
+        "pooled_final_loss",
+        "gap_closed_pooled",
+        "efficiency_pooled",
         "naive_bytes_per_peer",
         "swarm_bytes_per_peer",
         "bytes_ratio",
@@ -126,16 +130,19 @@ def test_efficiency_benchmark_reports_every_field(tmp_path: Path) -> None:
         assert summary["gap_closed"] is None
     else:
         assert summary["gap_closed"] == pytest.approx((alone - swarm) / (alone - central), rel=1e-3, abs=1e-4)
-    curves = {name: summary[f"{name}_curve"] for name in ("central", "alone", "swarm")}
+    pooled = summary["pooled_final_loss"]
+    assert summary["gap_closed_pooled"] == pytest.approx((alone - swarm) / (alone - pooled), rel=1e-3, abs=1e-4)
+    curves = {name: summary[f"{name}_curve"] for name in ("central", "alone", "pooled", "swarm")}
     for name, curve in curves.items():
         assert all(len(point) == 2 and all(math.isfinite(v) for v in point) for point in curve), name
         assert [s for s, _ in curve] == sorted(s for s, _ in curve) and curve[0][0] == 0, name
     # every eval_every-th step and the last; the swarm: rounds 0, 1, 2
-    assert [s for s, _ in curves["central"]] == [0, 24, 48, 72, 96, 120]
+    assert [s for s, _ in curves["central"]] == [s for s, _ in curves["pooled"]] == [0, 24, 48, 72, 96, 120]
     assert [s for s, _ in curves["alone"]] == [0, 8, 16, 24, 32, 40]
     assert [s for s, _ in curves["swarm"]] == [0, 60, 120]
     assert curves["central"][-1][1] == central and curves["alone"][-1][1] == alone and curves["swarm"][-1][1] == swarm
-    assert curves["central"][0] == curves["alone"][0] == curves["swarm"][0]  # one seeded start
+    assert curves["pooled"][-1][1] == pooled and curves["pooled"][1:] != curves["central"][1:]  # other bytes
+    assert curves["central"][0] == curves["alone"][0] == curves["pooled"][0] == curves["swarm"][0]  # one start
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
