@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import tempfile
 import time
@@ -70,7 +71,8 @@ def run_swarm(
     """``--peers`` trainers (the last one deviating, if ``deviation``) for ``--rounds`` rounds, and with ``late``
     one more that joins once trainer 0 is halfway (last in the list); returns them done."""
     root.mkdir(parents=True)
-    aggregation = {"matchmaking_time": 1.0, "min_group_size": args.peers, "group_rounds": 2, "timeout": 60.0}
+    size = args.min_group_size or args.peers
+    aggregation = {"matchmaking_time": 1.0, "min_group_size": size, "group_rounds": 2, "timeout": 60.0}
     if args.gate_tolerance is not None:
         aggregation["gate_tolerance"] = args.gate_tolerance
     privacy = {"enabled": True, "target_epsilon": args.epsilon, "planned_rounds": args.rounds} if args.epsilon else None
@@ -115,6 +117,14 @@ def loss_rises(nodes: list[NodeProcess]) -> list[float]:
     return rises
 
 
+def named_attacker(attacker: NodeProcess, members: list[NodeProcess]) -> int:
+    """How many ``members`` named the attacker's PeerID a suspect in their logs (node/secagg/suspicion.py)."""
+    joined = re.search(r"joined run \S+ as (\S+) at round", attacker.output())
+    if joined is None:
+        return 0
+    return sum(f"{joined.group(1)} was in" in m.output() and "naming it a suspect" in m.output() for m in members)
+
+
 def attack_row(name: str, root: Path, args: argparse.Namespace, corpus: bytes, honest: list[float]) -> dict[str, Any]:
     """One attack's row against the honest run's final losses ``honest`` (a late joiner's row runs its own)."""
     row: dict[str, Any] = {"attack": name, "loss_vs_honest": None, "detected": None, "honest_banned": None}
@@ -145,6 +155,7 @@ def attack_row(name: str, root: Path, args: argparse.Namespace, corpus: bytes, h
             "caught_by": DETECTION[name],
             "one_digest_at_the_end": len(digests) == 1,
             "modes_of_member_0": [r["mode"] for r in members[0].reports()],
+            "members_that_named_it": named_attacker(nodes[-1], members),
             "loss_rises_of_member_0": loss_rises(members[:1]),
         }
     except Exception as e:  # a row that fails says why; the other rows still run
@@ -163,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {', '.join(ATTACKS)}")
     parser.add_argument(
         "--gate-tolerance", type=float, default=None, help="aggregation.gate_tolerance (default: the run's)"
+    )
+    parser.add_argument(
+        "--min-group-size",
+        type=int,
+        default=0,
+        help="aggregation.min_group_size (0: --peers, one group of all); e.g. 3 lets a slot split (suspicion.py)",
     )
     parser.add_argument("--epsilon", type=float, default=0.0, help="record-level DP at this epsilon (0: no DP)")
     parser.add_argument("--workdir", default=None, help="keep the runs' folders here (default: a temporary folder)")
@@ -192,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             }
         }
         rows = [attack_row(name, root, args, corpus, honest) for name in names]
-    settings = {"peers": args.peers, "rounds": args.rounds, "data": path.name, "gate_tolerance": args.gate_tolerance}
+    settings = {
+        "peers": args.peers,
+        "min_group_size": args.min_group_size or args.peers,
+        "rounds": args.rounds,
+        "data": path.name,
+        "gate_tolerance": args.gate_tolerance,
+    }
     settings["epsilon"] = args.epsilon or None
     result = {**settings, **summary, "rows": rows}
     if args.json:

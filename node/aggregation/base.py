@@ -93,6 +93,11 @@ class Aggregator(ABC):
         """The PeerIDs of that cohort (the donors a joiner downloads from); None without cohorts."""
         return None
 
+    def verdict(self, result: AggregationResult, accepted: bool) -> None:  # noqa: B027 (a hook)
+        """What this node did with ``result``'s mean (its gate accepted or rejected it): the secure flat aggregator
+        asks for small groups after a rejection and names the peer its rejections point at
+        (node/secagg/suspicion.py). The default does nothing."""
+
     def moved(self) -> bool:
         """Whether a ``prepare_round`` moved this node to another cohort since the last call (reset by the call)."""
         return False

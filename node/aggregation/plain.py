@@ -20,7 +20,8 @@ from node.aggregation.base import (
     round_group_bits,
 )
 from node.config import AggregationConfig
-from node.secagg.state import refusal_of
+from node.secagg.state import refusal_of, refused_group
+from node.secagg.suspicion import Suspicion
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,16 @@ class AveragerAggregator(Aggregator):
         self._averager = averager
         self._state = ""  # the lineage we declare (``declare_state``)
         self._cohort: dict[str, str | int] = {}  # the cohort we declare in a cross-cohort ring (``declare_cohort``)
+        self._suspicion = Suspicion(str(averager.peer_id))  # our gate's verdicts: split, suspects (``verdict``)
 
     def declare_state(self, digest_of: StateDigest) -> None:
         self._state = digest_of(None)
 
     def declare_cohort(self, cohort_id: str, cohorts: int) -> None:
         self._cohort = {"cohort": cohort_id, "cohorts": cohorts}
+
+    def verdict(self, result: AggregationResult, accepted: bool) -> None:
+        self._suspicion.note(result.round, result.peers, accepted)
 
     def aggregate(self, round_no: int, tensors: Sequence[torch.Tensor], weight: float) -> AggregationResult | None:
         if weight <= 0:
@@ -66,6 +71,7 @@ class AveragerAggregator(Aggregator):
                 buffer.copy_(tensor.detach().float().cpu())
         self._averager.set_group_bits(round_group_bits(round_no))
         gather = {"round": round_no, **({"state": self._state} if self._state else {}), **self._cohort}
+        gather |= self._suspicion.gathered()
         control = self._averager.step(
             gather=gather,
             weight=float(weight),
@@ -86,6 +92,7 @@ class AveragerAggregator(Aggregator):
             return None
         refusal = refusal_of(gathered)
         if refusal is not None:  # every member refused the group's sum: the round ends without a mean
+            self._suspicion.note(round_no, refused_group(gathered), accepted=False)  # as a rejected mean
             raise AggregationError(f"round {round_no}: {refusal}")
         rounds = {str(peer): data.get("round") if isinstance(data, dict) else None for peer, data in gathered.items()}
         if set(rounds.values()) != {round_no}:

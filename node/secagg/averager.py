@@ -42,11 +42,20 @@ from node.config import CompressionConfig
 from node.secagg.declared import DeclaredFormation
 from node.secagg.endpoint import SecAggEndpoint
 from node.secagg.formation import GROUP_TARGET, span_patience
-from node.secagg.kept_group import KeptGroup, gathered_round, key_fingerprint, round_group_id
+from node.secagg.kept_group import KeptGroup, gathered_data, gathered_round, key_fingerprint, round_group_id
 from node.secagg.parts import Workspace
 from node.secagg.privacy import NoiseShare
 from node.secagg.protocol import MaskedAllReduce
-from node.secagg.state import MAX_REFUSAL, REFUSED, SecAggError, SecAggIdentity, SecAggTimeouts, SumRefused
+from node.secagg.state import (
+    MAX_REFUSAL,
+    REFUSED,
+    REFUSED_GROUP,
+    SecAggError,
+    SecAggIdentity,
+    SecAggTimeouts,
+    SumRefused,
+)
+from node.secagg.suspicion import asks_split
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +168,7 @@ class SecureAverager(DecentralizedAverager):
         self._group_rounds, self._formation = group_rounds, formation
         self._allowed = frozenset(allowlist)
         self._kept: KeptGroup | None = None  # the group that may run the next round unmatched (in the averager process)
+        self._declared_formation: DeclaredFormation | None = None  # set with the matchmaking, in that process
         self.bytes_sent = mp.Value("d", 0.0)  # shared with the averager process
         self._compression = compression or CompressionConfig()
         size = sum(t.numel() for t in averaged_tensors)
@@ -180,6 +190,7 @@ class SecureAverager(DecentralizedAverager):
             matchmaking.allowed = self._allowed
         match = matchmaking.look_for_group
         declared = self._declared(matchmaking) if self._formation == "declared" else None
+        self._declared_formation = declared
 
         async def look_for_group(step: Any) -> GroupInfo | None:
             group = self._kept_round(step.data_for_gather)
@@ -210,7 +221,8 @@ class SecureAverager(DecentralizedAverager):
         kept, round_no = self._kept, gathered_round(data_for_gather, self.serializer)
         if kept is None or round_no is None:
             return None
-        group = kept.next_round(round_no, self._group_rounds, self.serializer)
+        split = asks_split(gathered_data(data_for_gather, self.serializer))
+        group = kept.next_round(round_no, self._group_rounds, self.serializer, split)
         if group is None:
             self._kept = None
             logger.info(f"group {kept.origin.group_id.hex()[:8]} ends after {kept.uses} round(s); matching again")
@@ -222,7 +234,8 @@ class SecureAverager(DecentralizedAverager):
         uses = kept.uses + 1 if kept is not None and resumed else 1
         origin = kept.origin if kept is not None and resumed else group_info
         whole = contributors == len(group_info.peer_ids)
-        self._kept = KeptGroup(origin, round_no, uses) if whole and self._group_rounds > 1 else None
+        split = self._declared_formation is not None and origin.group_id in self._declared_formation.split_groups
+        self._kept = KeptGroup(origin, round_no, uses) if whole and not split and self._group_rounds > 1 else None
         return uses
 
     async def add_p2p_handlers(self, p2p: P2P, *args: Any, **kwargs: Any) -> None:
@@ -274,7 +287,7 @@ class SecureAverager(DecentralizedAverager):
             }
         except SumRefused as e:  # not retried: the step ends with the refusal (``refusal_of``)
             logger.warning(f"{e}; the round ends for this group")
-            return {REFUSED: str(e)[:MAX_REFUSAL]}
+            return {REFUSED: str(e)[:MAX_REFUSAL], REFUSED_GROUP: [str(peer) for peer in group_info.peer_ids]}
         except SecAggError as e:
             logger.warning(str(e))
             raise AllreduceException(str(e)) from e

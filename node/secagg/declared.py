@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from typing import Any
 
 from hivemind.averaging.group_info import GroupInfo
@@ -31,8 +32,9 @@ from node.secagg.formation import (
     slot_of,
     spans,
 )
-from node.secagg.kept_group import gathered_cohort, gathered_round
+from node.secagg.kept_group import gathered_cohort, gathered_data, gathered_round
 from node.secagg.state import SecAggIdentity
+from node.secagg.suspicion import asks_split, excluded, suspects_of
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class DeclaredFormation:
         self.patience = patience
         self.withheld: dict[int, set[str]] = {}  # round -> peers that committed and did not reveal
         self.waited: dict[int, int] = {}  # round -> slots we declined waiting for another cohort (``spans``)
+        self.split_groups: deque[bytes] = deque(maxlen=_ROUNDS_REMEMBERED)  # ids of groups formed in a split slot
 
     async def form(self, data_for_gather: bytes) -> GroupInfo | None:
         """Our group for the round ``data_for_gather`` names, or None (too few declared, or a reveal withheld)."""
@@ -107,13 +110,31 @@ class DeclaredFormation:
             return None
         secrets[self.me] = secret
         seed = formation_seed(round_no, slot, secrets)
-        for index, members in enumerate(partition(commitments, seed, self.min_size, self.target)):
+        declared, split = self._members(commitments, round_no, slot)
+        target = self.min_size if split else self.target
+        for index, members in enumerate(partition(declared, seed, self.min_size, target)):
             if self.me in members:
                 gathered = tuple(commitments[peer].gathered for peer in members)
                 peers = tuple(PeerID.from_base58(peer) for peer in members)
                 logger.info(f"round {round_no} slot {slot}: group {index}, {len(members)} of {len(secrets)} declared")
+                if split:  # a split slot: the group runs one round, then everyone mixes again
+                    self.split_groups.append(group_id_of(seed, index))
                 return GroupInfo(group_id_of(seed, index), peers, gathered)
         return None
+
+    def _members(self, commitments: dict[str, Commitment], round_no: int, slot: int) -> tuple[list[str], bool]:
+        """The declared peers the slot partitions (those enough others name as suspects left out), and whether it
+        is split into groups of ``min_size`` (a declarer rejected its last group's mean; suspicion.py)."""
+        gathered = {peer: gathered_data(c.gathered, self.serializer) for peer, c in commitments.items()}
+        for peer, votes in excluded({peer: suspects_of(data) for peer, data in gathered.items()}).items():
+            who = "we are" if peer == self.me else f"{peer} is"
+            logger.warning(
+                f"round {round_no} slot {slot}: {who} left out of the groups: named a suspect by {votes} of the "
+                f"{len(commitments)} declared peers (their gates rejected the groups it was in)"
+            )
+            del gathered[peer]
+        split = any(asks_split(data) for data in gathered.values())
+        return list(gathered), split
 
     async def _slot(self, round_no: int) -> int:
         """The slot to declare in: the first whose boundary is at least W/2 away (``slot_of``), or the one before

@@ -15,7 +15,8 @@ that joins meanwhile knows when it can enter one, and groups mix):
 - a member's round number is bound into every message it signs, so a member at another round
   cannot take part; the group ends (everyone matches again) after a failed round, a round whose
   contributors are not the whole group (a member left), before a round that is not the next one,
-  and before every round that is a multiple of ``group_rounds``.
+  and before every round that is a multiple of ``group_rounds``; a member that rejected the group's
+  last mean leaves it (its gate, node/training/gate.py; suspicion.py).
 
 Membership is what matchmaking chose for the first round; keeping it longer gives a leader that
 chose a victim's group no more than it had (the issue of who forms groups is matchmaking's).
@@ -51,9 +52,10 @@ class KeptGroup:
     round_no: int  # the last round it averaged
     uses: int  # rounds it has averaged, the first (matched) one included (reported as ``group_round``)
 
-    def next_round(self, round_no: int, limit: int, serializer: Any) -> GroupInfo | None:
-        """The group for ``round_no``, or None when the group may not run it (see the module docstring)."""
-        if round_no != self.round_no + 1 or round_no % limit == 0:
+    def next_round(self, round_no: int, limit: int, serializer: Any, split: bool = False) -> GroupInfo | None:
+        """The group for ``round_no``, or None when the group may not run it (see the module docstring; ``split``:
+        this member rejected the group's last mean and asks for small groups, suspicion.py)."""
+        if split or round_no != self.round_no + 1 or round_no % limit == 0:
             return None
         gathered = []
         for blob in self.origin.gathered:
@@ -62,7 +64,7 @@ class KeptGroup:
         return GroupInfo(round_group_id(self.origin.group_id, round_no), self.origin.peer_ids, tuple(gathered))
 
 
-def _gathered(data_for_gather: bytes, serializer: Any) -> dict[Any, Any]:
+def gathered_data(data_for_gather: bytes, serializer: Any) -> dict[Any, Any]:
     """The user data a step gathers (``AveragerAggregator``'s dict), or {} if it is something else."""
     try:
         _, _, user_bytes = serializer.loads(data_for_gather)
@@ -74,14 +76,14 @@ def _gathered(data_for_gather: bytes, serializer: Any) -> dict[Any, Any]:
 
 def gathered_round(data_for_gather: bytes, serializer: Any) -> int | None:
     """The round a step gathers (``{"round": r}``, as ``AveragerAggregator`` sends it), or None."""
-    round_no = _gathered(data_for_gather, serializer).get("round")
+    round_no = gathered_data(data_for_gather, serializer).get("round")
     return round_no if isinstance(round_no, int) else None
 
 
 def gathered_cohort(data_for_gather: bytes, serializer: Any) -> tuple[str, int] | None:
     """The (cohort id, cohorts in the run) a cross-cohort step declares (``{"cohort": id, "cohorts": n}``), or None
     if it declares none or something malformed."""
-    data = _gathered(data_for_gather, serializer)
+    data = gathered_data(data_for_gather, serializer)
     cohort, count = data.get("cohort"), data.get("cohorts")
     if isinstance(cohort, str) and 0 < len(cohort) <= 64 and isinstance(count, int) and 1 <= count <= 1 << 16:
         return cohort, count

@@ -33,6 +33,13 @@ class SumRefused(SecAggError):
 
 REFUSED = "refused"  # the key of a step's result that ends with a refused sum (a PeerID is never this string)
 MAX_REFUSAL = 300  # characters of the refusal kept in that result
+REFUSED_GROUP = "refused_group"  # ... and the key of the refused group's PeerIDs (its members' suspicion.py verdict)
+
+
+def refused_group(gathered: Any) -> list[str]:
+    """The PeerIDs of the group whose sum a step's result refused ([] if it names none)."""
+    peers = gathered.get(REFUSED_GROUP) if isinstance(gathered, dict) else None
+    return [p for p in peers if isinstance(p, str)] if isinstance(peers, list) else []
 
 
 def refusal_of(gathered: Any) -> str | None:

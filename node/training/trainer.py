@@ -391,6 +391,7 @@ class TrainingNode:
             assert isinstance(outcome, AggregationResult)
             group_size = outcome.group_size
             mode = self.gate.step(self.outer, flight.mean, flight.round)  # REJECTED: not applied, ours alone instead
+            self.aggregator.verdict(outcome, mode is RoundOutcome.GROUP)  # suspects the next groups leave out
         if mode is RoundOutcome.GROUP:
             delivered = flight.delivered()  # with compression, the part the ring left out stays in the local model
         elif mode is RoundOutcome.RESYNC:

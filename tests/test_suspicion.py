@@ -1,0 +1,156 @@
+"""Group testing against a masked poisoner (node/secagg/suspicion.py): small, unkept groups after a rejection,
+suspects named from a node's own verdicts, and a peer left out of the partition only when enough other declarers
+name it.
+
+The rules are checked on their own, then driven the way a swarm drives them (declared formation's partition under
+fresh seeds, every honest member's gate rejecting the groups a poisoner is in), then on a real DHT on 127.0.0.1:
+every declared peer, the named one included, derives the same partition without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hivemind.p2p import PeerID
+from hivemind.utils import MSGPackSerializer
+
+from node.secagg.declared import DeclaredFormation
+from node.secagg.formation import GROUP_TARGET, partition
+from node.secagg.kept_group import KeptGroup
+from node.secagg.state import SecAggIdentity
+from node.secagg.suspicion import MAX_SUSPECTS, Suspicion, asks_split, excluded, suspects_of, votes_needed
+
+MIN_SIZE = 3
+
+
+def test_a_peer_is_named_only_when_the_verdicts_single_it_out() -> None:
+    s = Suspicion("me")
+    s.note(1, ["me", "a", "b", "p"], accepted=False)
+    s.note(2, ["me", "b", "p"], accepted=False)
+    assert s.suspects() == [] and s.split()  # no accepted group yet: nothing tells b from p
+    s.note(3, ["me", "a", "c"], accepted=True)
+    assert s.suspects() == []  # b and p tie (2 rejections each)
+    s.note(4, ["me", "p", "d"], accepted=False)
+    assert s.suspects() == ["p"] and s.gathered() == {"split": 1, "suspects": ["p"]}
+    s.note(5, ["me", "a", "b"], accepted=True)
+    assert s.suspects() == ["p"] and s.gathered() == {"suspects": ["p"]}  # b is cleared, p stays named
+    s.note(6, ["me", "p", "a"], accepted=True)
+    assert s.suspects() == [] and s.gathered() == {}  # p in a group we accepted: cleared
+
+
+def test_a_declarations_suspects_are_bounded_and_checked() -> None:
+    assert suspects_of({"suspects": ["a", "b"]}) == {"a", "b"}
+    assert suspects_of({}) == frozenset()
+    for bad in ("a", ["a"] * (MAX_SUSPECTS + 1), [1], ["x" * 65], [""], {"a": 1}):
+        assert suspects_of({"suspects": bad}) == frozenset(), bad
+    assert asks_split({"split": 1}) and not asks_split({"split": 0}) and not asks_split({})
+
+
+def test_one_voter_or_a_self_vote_excludes_nobody() -> None:
+    assert [votes_needed(n) for n in (3, 6, 7, 30)] == [2, 2, 3, 10]
+    assert excluded({"p": frozenset({"a"}), "a": frozenset(), "b": frozenset(), "c": frozenset()}) == {}
+    assert excluded({"p": frozenset({"p"}), "a": frozenset({"p"}), "b": frozenset()}) == {}  # p's own vote
+    assert excluded({"p": frozenset({"a"}), "a": frozenset({"p"}), "b": frozenset({"p"})}) == {"p": 2}
+    assert excluded({"a": frozenset({"zz"}), "b": frozenset({"zz"})}) == {}  # only declared peers are left out
+
+
+def test_a_member_that_rejected_its_groups_mean_leaves_the_kept_group() -> None:
+    from hivemind.averaging.group_info import GroupInfo
+
+    gathered = MSGPackSerializer.dumps([1e6, 0, MSGPackSerializer.dumps({"round": 4})])
+    kept = KeptGroup(GroupInfo(b"g" * 32, (PeerID(b"x" * 34),), (gathered,)), round_no=4, uses=1)
+    assert kept.next_round(5, 8, MSGPackSerializer) is not None
+    assert kept.next_round(5, 8, MSGPackSerializer, split=True) is None
+
+
+def _simulate(peers: list[str], poisoner: str, rounds: int) -> tuple[list[dict[str, int]], dict[str, Suspicion]]:
+    """Rounds of declared formation's partition (fresh seeds) with every honest member's gate rejecting the groups
+    ``poisoner`` is in; the poisoner names honest peers every round. Returns each round's exclusions."""
+    nodes = {peer: Suspicion(peer) for peer in peers if peer != poisoner}
+    history = []
+    for round_no in range(rounds):
+        named = {peer: frozenset(node.suspects()) for peer, node in nodes.items()}
+        named[poisoner] = frozenset(peers[:MAX_SUSPECTS])  # it lies: names honest peers
+        left_out = excluded(named)
+        history.append(left_out)
+        split = any(node.split() for node in nodes.values())
+        seed = hashlib.sha256(round_no.to_bytes(4, "big")).digest()
+        members = [peer for peer in peers if peer not in left_out]
+        for group in partition(members, seed, MIN_SIZE, MIN_SIZE if split else GROUP_TARGET):
+            for peer in group:
+                if peer in nodes:
+                    nodes[peer].note(round_no, group, accepted=poisoner not in group)
+    return history, nodes
+
+
+@pytest.mark.parametrize("count", [6, 7, 9, 12])
+def test_honest_nodes_single_out_a_poisoner_and_never_each_other(count: int) -> None:
+    peers = [f"peer{i:02d}" for i in range(count)]
+    poisoner = peers[-1]
+    history, nodes = _simulate(peers, poisoner, rounds=24)
+    assert all(set(left_out) <= {poisoner} for left_out in history), history  # no honest peer is ever left out
+    first = next(i for i, left_out in enumerate(history) if left_out)
+    assert first <= 10, history
+    assert all(poisoner in left_out for left_out in history[first:]), history  # and it stays out
+    for node in nodes.values():
+        assert set(node.suspects()) <= {poisoner}
+        assert not node.split()  # the last rounds, without the poisoner, were accepted
+
+
+def _formation(peer: Any) -> DeclaredFormation:
+    identity = peer.identity
+    return DeclaredFormation(
+        dht=peer.dht,
+        prefix="test_suspicion",
+        peer_id=PeerID.from_base58(identity.peer_id),
+        identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
+        window=1.0,
+        min_size=MIN_SIZE,
+        target=GROUP_TARGET,
+        allowed=frozenset(),
+        serializer=MSGPackSerializer,
+    )
+
+
+def _form(formations: list[DeclaredFormation], gathered: list[bytes]) -> list[Any]:
+    async def attempt() -> list[Any]:
+        return await asyncio.gather(*(f.form(g) for f, g in zip(formations, gathered, strict=True)))
+
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would orphan the loop hivemind's futures made current
+    try:
+        return loop.run_until_complete(attempt())
+    finally:
+        loop.close()
+
+
+def _gather(round_no: int, **extra: Any) -> bytes:
+    return MSGPackSerializer.dumps([1e6, 0, MSGPackSerializer.dumps({"round": round_no, **extra})])
+
+
+def test_on_a_real_dht_a_split_slot_forms_small_groups_and_a_named_peer_is_left_out(
+    swarm_factory: Callable[..., list[Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    peers = swarm_factory(6)
+    ids = [peer.identity.peer_id for peer in peers]
+    formations = [_formation(peer) for peer in peers]
+
+    # one declarer asks to split: six peers form two groups of three, the same two on every peer
+    groups = _form(formations, [_gather(3, split=1)] + [_gather(3)] * 5)
+    assert all(g is not None for g in groups), groups
+    assert len({(g.group_id, g.peer_ids) for g in groups}) == 2
+    assert sorted(len(g.peer_ids) for g in groups) == [3] * 6
+    assert all(list(f.split_groups) == [g.group_id] for f, g in zip(formations, groups, strict=True))  # not kept
+
+    # two declarers name peer 5 (which names peer 0 back): every peer, peer 5 included, leaves it out
+    named = {"suspects": [ids[5]]}
+    gathered = [_gather(4, **named), _gather(4, **named)] + [_gather(4)] * 3 + [_gather(4, suspects=[ids[0]])]
+    groups = _form(formations, gathered)
+    assert groups[5] is None
+    assert len({(g.group_id, g.peer_ids) for g in groups[:5]}) == 1
+    assert sorted(map(str, groups[0].peer_ids)) == sorted(ids[:5])
+    assert groups[0].group_id not in formations[0].split_groups  # no split asked: the group may be kept
+    assert f"{ids[5]} is left out of the groups: named a suspect by 2 of the 6 declared peers" in caplog.text
