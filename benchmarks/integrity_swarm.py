@@ -91,7 +91,9 @@ def run_swarm(
             if late:  # trainer 0's data, so its held-out batches; it stops once it has loaded the state
                 wait_until(lambda: len(nodes[0].reports()) > args.rounds // 2, args.timeout, "trainer 0 to be halfway")
                 nodes.append(NodeProcess(root, "joiner", config, maddr, corpus[:share], "--rounds", "1"))
-            codes = [node.wait(timeout=args.timeout) for node in nodes]
+            # the deviant may never finish: once left out of the groups (node/secagg/suspicion.py) it finds none
+            waited = [node for i, node in enumerate(nodes) if not deviation or i != args.peers - 1]
+            codes = [node.wait(timeout=args.timeout) for node in waited]
             if any(codes):
                 raise RuntimeError(f"a trainer failed (exit codes {codes}); see {root}/n*/node.log")
         finally:
@@ -135,7 +137,7 @@ def attack_row(name: str, root: Path, args: argparse.Namespace, corpus: bytes, h
         members = nodes[-1:] if late else nodes[:-1]  # the victims: the joiner, or the honest members
         losses = final_losses(members)
         caught = [DETECTION[name] in node.output() for node in members]
-        digests = {node.reports()[-1]["state_digest"] for node in nodes}
+        digests = {node.reports()[-1]["state_digest"] for node in members}  # the honest ones (the deviant: left out)
         if late:  # trainer 0's loss at the round the joiner loaded (the same held-out batches)
             loaded = members[0].reports()[-1]
             at_round = [r["eval_loss"] for r in nodes[0].reports() if r["round"] == loaded["round"]][-1:]

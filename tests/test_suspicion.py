@@ -4,17 +4,22 @@ name it.
 
 The rules are checked on their own, then driven the way a swarm drives them (declared formation's partition under
 fresh seeds, every honest member's gate rejecting the groups a poisoner is in), then on a real DHT on 127.0.0.1:
-every declared peer, the named one included, derives the same partition without it.
+every declared peer, the named one included, derives the same partition without it; and last in a real swarm of
+`zen-node join` processes with a poisoner among them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import REPO_ROOT, NodeProcess, domain_texts, write_run_config
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
@@ -25,13 +30,14 @@ from node.secagg.state import SecAggIdentity
 from node.secagg.suspicion import MAX_SUSPECTS, Suspicion, asks_split, excluded, suspects_of, votes_needed
 
 MIN_SIZE = 3
+POISON_MEAN = [sys.executable, str(REPO_ROOT / "tests" / "deviant_node.py"), "poison-mean"]
 
 
 def test_a_peer_is_named_only_when_the_verdicts_single_it_out() -> None:
     s = Suspicion("me")
     s.note(1, ["me", "a", "b", "p"], accepted=False)
     s.note(2, ["me", "b", "p"], accepted=False)
-    assert s.suspects() == [] and s.split()  # no accepted group yet: nothing tells b from p
+    assert s.suspects() == [] and s.split()  # b and p tie (2 rejections each)
     s.note(3, ["me", "a", "c"], accepted=True)
     assert s.suspects() == []  # b and p tie (2 rejections each)
     s.note(4, ["me", "p", "d"], accepted=False)
@@ -40,6 +46,15 @@ def test_a_peer_is_named_only_when_the_verdicts_single_it_out() -> None:
     assert s.suspects() == ["p"] and s.gathered() == {"suspects": ["p"]}  # b is cleared, p stays named
     s.note(6, ["me", "p", "a"], accepted=True)
     assert s.suspects() == [] and s.gathered() == {}  # p in a group we accepted: cleared
+
+
+def test_a_poisoner_that_behaved_at_first_is_still_named() -> None:
+    s = Suspicion("me")
+    s.note(1, ["me", "a", "b", "p"], accepted=True)  # its first round was honest
+    s.note(2, ["me", "a", "p"], accepted=False)
+    assert s.suspects() == []  # p alone at 1 rejection: not yet
+    s.note(3, ["me", "b", "p"], accepted=False)
+    assert s.suspects() == ["p"]  # 2 against a's and b's 1 each, and no group accepted with it since
 
 
 def test_a_declarations_suspects_are_bounded_and_checked() -> None:
@@ -67,9 +82,12 @@ def test_a_member_that_rejected_its_groups_mean_leaves_the_kept_group() -> None:
     assert kept.next_round(5, 8, MSGPackSerializer, split=True) is None
 
 
-def _simulate(peers: list[str], poisoner: str, rounds: int) -> tuple[list[dict[str, int]], dict[str, Suspicion]]:
+def _simulate(
+    peers: list[str], poisoner: str, rounds: int, honest_rounds: int
+) -> tuple[list[dict[str, int]], dict[str, Suspicion]]:
     """Rounds of declared formation's partition (fresh seeds) with every honest member's gate rejecting the groups
-    ``poisoner`` is in; the poisoner names honest peers every round. Returns each round's exclusions."""
+    ``poisoner`` is in from round ``honest_rounds`` on; the poisoner names honest peers every round. Returns each
+    round's exclusions and the honest nodes' trackers."""
     nodes = {peer: Suspicion(peer) for peer in peers if peer != poisoner}
     history = []
     for round_no in range(rounds):
@@ -83,18 +101,19 @@ def _simulate(peers: list[str], poisoner: str, rounds: int) -> tuple[list[dict[s
         for group in partition(members, seed, MIN_SIZE, MIN_SIZE if split else GROUP_TARGET):
             for peer in group:
                 if peer in nodes:
-                    nodes[peer].note(round_no, group, accepted=poisoner not in group)
+                    nodes[peer].note(round_no, group, accepted=poisoner not in group or round_no < honest_rounds)
     return history, nodes
 
 
 @pytest.mark.parametrize("count", [6, 7, 9, 12])
-def test_honest_nodes_single_out_a_poisoner_and_never_each_other(count: int) -> None:
+@pytest.mark.parametrize("honest_rounds", [0, 1, 3])
+def test_honest_nodes_single_out_a_poisoner_and_never_each_other(count: int, honest_rounds: int) -> None:
     peers = [f"peer{i:02d}" for i in range(count)]
     poisoner = peers[-1]
-    history, nodes = _simulate(peers, poisoner, rounds=24)
+    history, nodes = _simulate(peers, poisoner, rounds=24, honest_rounds=honest_rounds)
     assert all(set(left_out) <= {poisoner} for left_out in history), history  # no honest peer is ever left out
     first = next(i for i, left_out in enumerate(history) if left_out)
-    assert first <= 10, history
+    assert first <= honest_rounds + 10, history
     assert all(poisoner in left_out for left_out in history[first:]), history  # and it stays out
     for node in nodes.values():
         assert set(node.suspects()) <= {poisoner}
@@ -154,3 +173,43 @@ def test_on_a_real_dht_a_split_slot_forms_small_groups_and_a_named_peer_is_left_
     assert sorted(map(str, groups[0].peer_ids)) == sorted(ids[:5])
     assert groups[0].group_id not in formations[0].split_groups  # no split asked: the group may be kept
     assert f"{ids[5]} is left out of the groups: named a suspect by 2 of the 6 declared peers" in caplog.text
+
+
+@pytest.mark.slow
+def test_honest_nodes_name_a_poisoner_leave_it_out_and_average_again(tmp_path: Path, bootstrap_maddr: str) -> None:
+    """Five honest `zen-node join` processes and one that sends +-clip_bound in every coordinate from its second
+    round (tests/deviant_node.py poison-mean), on real text: the honest gates reject its groups, the slots split,
+    the honest nodes name it and every peer leaves it out; their last rounds average in a group of the five."""
+    # Prepare
+    config = write_run_config(
+        tmp_path / "run.toml", run_id="suspects", aggregation={"matchmaking_time": 1.0, "group_rounds": 2}
+    )
+    corpus = domain_texts()["drama"]
+    args = ("--rounds", "14", "--min-peers", "6")
+    honest = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 5, *args)
+    poisoner = NodeProcess(
+        tmp_path, "poisoner", config, bootstrap_maddr, corpus[100_000:120_000], *args, program=POISON_MEAN
+    )
+
+    # Execute
+    try:
+        codes = [node.wait(timeout=420) for node in honest]  # the poisoner, left out, never finishes its rounds
+    finally:
+        for node in [*honest, poisoner]:
+            node.stop()
+
+    # Assert
+    assert codes == [0] * 5, [node.tail() for node in honest]
+    joined = re.search(r"joined run \S+ as (\S+) at round", poisoner.output())
+    assert joined is not None and "deviant: sending" in poisoner.output(), poisoner.tail()
+    culprit = joined.group(1)
+    named = [f"{culprit} was in" in node.output() and "naming it a suspect" in node.output() for node in honest]
+    assert sum(named) >= 2, [node.tail() for node in honest]
+    for node in honest:
+        output = node.output()
+        assert f"{culprit} is left out of the groups" in output, node.tail()
+        left_out = set(re.findall(r"(\S+) is left out of the groups", output))
+        assert left_out == {culprit}, left_out  # never an honest peer
+        assert "we are left out" not in output and "Traceback" not in output
+        last = node.reports()[-3:]
+        assert [(r["mode"], r["group_size"]) for r in last] == [("group", 5)] * 3, node.reports()

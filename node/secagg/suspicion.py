@@ -11,15 +11,15 @@ which it accepted. Declared formation (formation.py) draws fresh groups from a s
    ``GROUP_TARGET``), the rejecting member leaves its kept group (kept_group.py), and no group formed in
    such a slot is kept (each runs one round, so every peer is drawn again next round): a poisoner then
    spoils one small group a round, the others' means are accepted, and the groups keep mixing.
-2. **Suspects.** Each node keeps its verdicts of the last ``WINDOW`` rounds (``Suspicion``). It names a
-   peer when that peer was in at least ``MIN_REJECTED`` of the groups this node rejected, in none it
-   accepted, and in more rejected groups than any other such peer (a tie names nobody; and without an
-   accepted group in the window nothing tells the members of a rejected one apart). A poisoner that
-   spoils every group it is in is in every group an honest node rejects, so no honest peer can be
-   ahead of it: honest nodes do not name each other. A named peer stays named until it is in a group
-   this node accepts, or for ``NAMED_ROUNDS`` (an excluded peer shares no group, so its name holds).
-   Up to ``MAX_SUSPECTS`` are gathered with each round (``"suspects": [PeerID, ...]``), and the node
-   logs each one it names.
+2. **Suspects.** Each node keeps its verdicts of the last ``WINDOW`` rounds (``Suspicion``). It names the
+   peer that was in more of the groups it rejected than any other peer (a tie names nobody), in at
+   least ``MIN_REJECTED`` of them, and not in a group it accepted since. A poisoner that spoils every
+   group it is in is in every group an honest node rejects, so no honest peer can be ahead of it: under
+   one poisoner, honest nodes do not name each other, whatever it did in its other rounds (one that
+   behaves every other round is simply never ahead and never named; its harm is then every other
+   round, each rejected). A named peer stays named until it is in a group this node accepts, or for
+   ``NAMED_ROUNDS`` (an excluded peer shares no group, so its name holds). Up to ``MAX_SUSPECTS`` are
+   gathered with each round (``"suspects": [PeerID, ...]``), and the node logs each one it names.
 3. **Exclusion.** A declared peer named by at least ``votes_needed(|V|)`` = max(2, ceil(|V| / 3)) distinct
    *other* declarers of the slot is left out of the slot's partition by every peer (each computes it
    from the same read-once set of commitments, so all agree), and logged by name.
@@ -30,7 +30,8 @@ many colluders as the votes can keep an honest peer out of groups (it then train
 collaboration, never a change to anyone's model). A poisoner that stays within the gate's tolerance
 is never rejected and so never named. With fewer than ``2 x min_group_size`` peers a slot cannot be
 split, so a rejected group cannot be told apart from the others until the poisoner is named.
-Exclusion lasts while the votes do: a named peer that stops poisoning is cleared as the window moves.
+Exclusion lasts while the votes do: a named peer shares no group with its voters, so their names of it
+lapse only after ``NAMED_ROUNDS``; then it is drawn again, and named again if it poisons again.
 """
 
 from __future__ import annotations
@@ -85,29 +86,27 @@ class Suspicion:
             rejected = sum(culprit in v.peers for v in self._verdicts if not v.accepted)
             logger.warning(
                 f"round {round_no}: {culprit} was in {rejected} of the groups whose mean we rejected, more than any "
-                "other peer, and in none we accepted: naming it a suspect (peers named by enough others are left "
-                "out of groups)"
+                "other peer, and in no group we accepted since: naming it a suspect (peers named by enough others "
+                "are left out of groups)"
             )
             self._named[culprit] = round_no
             while len(self._named) > MAX_SUSPECTS:
                 del self._named[min(self._named, key=self._named.__getitem__)]
 
     def _culprit(self) -> str | None:
-        """The one peer the window points at: in at least ``MIN_REJECTED`` rejected groups and none accepted, and
-        in more rejected groups than any other such peer (a tie names nobody); None while no group was accepted."""
-        accepted = [v for v in self._verdicts if v.accepted]
-        if not accepted:
-            return None  # nothing yet tells the members of a rejected group apart
-        cleared = frozenset().union(*(v.peers for v in accepted))
+        """The one peer the window points at: in more of our rejected groups than any other peer (a tie names
+        nobody), in at least ``MIN_REJECTED`` of them, and not in a group we accepted since its last rejection."""
         counts: dict[str, int] = {}
         for verdict in self._verdicts:
             if not verdict.accepted:
-                for peer in verdict.peers - cleared:
+                for peer in verdict.peers:
                     counts[peer] = counts.get(peer, 0) + 1
         ranked = sorted(counts.items(), key=lambda item: -item[1])
         if not ranked or ranked[0][1] < MIN_REJECTED or (len(ranked) > 1 and ranked[1][1] == ranked[0][1]):
             return None
-        return ranked[0][0]
+        top = ranked[0][0]
+        last = next(v for v in reversed(self._verdicts) if top in v.peers)
+        return None if last.accepted else top
 
     def suspects(self) -> list[str]:
         """The peers we name, in the order we named them (at most ``MAX_SUSPECTS``)."""

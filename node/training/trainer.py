@@ -388,7 +388,7 @@ class TrainingNode:
         group_size = 1
         delivered: list[torch.Tensor] | None = flight.sent
         if mode is RoundOutcome.GROUP:
-            assert isinstance(outcome, AggregationResult)
+            assert isinstance(outcome, AggregationResult) and self.aggregator is not None
             group_size = outcome.group_size
             mode = self.gate.step(self.outer, flight.mean, flight.round)  # REJECTED: not applied, ours alone instead
             self.aggregator.verdict(outcome, mode is RoundOutcome.GROUP)  # suspects the next groups leave out
