@@ -18,11 +18,14 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import MSGPackSerializer
 
 from dht import NodeIdentity
 from node.config import CompressionConfig
+from node.secagg.declared import DeclaredFormation
 from node.secagg.endpoint import SecAggEndpoint
+from node.secagg.formation import GROUP_TARGET
 from node.secagg.masking import add_masks
 from node.secagg.messages import TAG, Message
 from node.secagg.protocol import MaskedAllReduce, SecAggError, SecAggIdentity, SecAggResult, SecAggTimeouts
@@ -386,3 +389,21 @@ def aggregate_together(
     for thread in threads:
         thread.join(timeout=90)
     return results
+
+
+def declared_formation(
+    peer: Any, prefix: str, cls: type[DeclaredFormation] = DeclaredFormation, window: float = 1.0
+) -> DeclaredFormation:
+    """Declared formation (node/secagg/declared.py) for a swarm_factory ``peer``: groups of 3 to 8, anyone allowed."""
+    identity = peer.identity
+    return cls(
+        dht=peer.dht,
+        prefix=prefix,
+        peer_id=PeerID.from_base58(identity.peer_id),
+        identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
+        window=window,
+        min_size=3,
+        target=GROUP_TARGET,
+        allowed=frozenset(),
+        serializer=MSGPackSerializer,
+    )

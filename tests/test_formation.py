@@ -19,8 +19,8 @@ from typing import Any
 import msgpack
 import pytest
 import torch
-from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
+from secagg_harness import declared_formation
 
 from dht import NodeIdentity
 from node.aggregation.base import AggregationResult
@@ -39,7 +39,6 @@ from node.secagg.formation import (
     span_patience,
     spans,
 )
-from node.secagg.state import SecAggIdentity
 
 PEERS = [f"peer{i:02d}" for i in range(20)]
 
@@ -132,18 +131,7 @@ class Withholder(DeclaredFormation):
 
 
 def formation(peer: Any, cls: type[DeclaredFormation] = DeclaredFormation, window: float = 1.0) -> DeclaredFormation:
-    identity = peer.identity
-    return cls(
-        dht=peer.dht,
-        prefix="test_formation",
-        peer_id=PeerID.from_base58(identity.peer_id),
-        identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
-        window=window,
-        min_size=3,
-        target=8,
-        allowed=frozenset(),
-        serializer=MSGPackSerializer,
-    )
+    return declared_formation(peer, "test_formation", cls, window)
 
 
 def test_peers_on_a_real_dht_form_the_same_group_and_leave_out_a_peer_that_withholds(

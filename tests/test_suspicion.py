@@ -22,11 +22,11 @@ import pytest
 from helpers import REPO_ROOT, NodeProcess, domain_texts, write_run_config
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
+from secagg_harness import declared_formation
 
 from node.secagg.declared import DeclaredFormation
 from node.secagg.formation import GROUP_TARGET, partition
 from node.secagg.kept_group import KeptGroup
-from node.secagg.state import SecAggIdentity
 from node.secagg.suspicion import MAX_SUSPECTS, Suspicion, asks_split, excluded, suspects_of, votes_needed
 
 MIN_SIZE = 3
@@ -120,21 +120,6 @@ def test_honest_nodes_single_out_a_poisoner_and_never_each_other(count: int, hon
         assert not node.split()  # the last rounds, without the poisoner, were accepted
 
 
-def _formation(peer: Any) -> DeclaredFormation:
-    identity = peer.identity
-    return DeclaredFormation(
-        dht=peer.dht,
-        prefix="test_suspicion",
-        peer_id=PeerID.from_base58(identity.peer_id),
-        identity=SecAggIdentity(identity.sign, identity.signing_public_key, identity.binding),
-        window=1.0,
-        min_size=MIN_SIZE,
-        target=GROUP_TARGET,
-        allowed=frozenset(),
-        serializer=MSGPackSerializer,
-    )
-
-
 def _form(formations: list[DeclaredFormation], gathered: list[bytes]) -> list[Any]:
     async def attempt() -> list[Any]:
         return await asyncio.gather(*(f.form(g) for f, g in zip(formations, gathered, strict=True)))
@@ -155,7 +140,7 @@ def test_on_a_real_dht_a_split_slot_forms_small_groups_and_a_named_peer_is_left_
 ) -> None:
     peers = swarm_factory(6)
     ids = [peer.identity.peer_id for peer in peers]
-    formations = [_formation(peer) for peer in peers]
+    formations = [declared_formation(peer, "test_suspicion") for peer in peers]
 
     # one declarer asks to split: six peers form two groups of three, the same two on every peer
     groups = _form(formations, [_gather(3, split=1)] + [_gather(3)] * 5)
