@@ -241,19 +241,24 @@ def central(train: bytes, held_out: list[Any], args: argparse.Namespace, model: 
     return train_curve(model.batches(train, args.peers * args.batch_size, seed=SEED), held_out, args, model)
 
 
+def peer_bytes(train: bytes, args: argparse.Namespace, index: int) -> bytes:
+    """The bytes peer ``index`` trains on: the first 90% of its contiguous slice, cut as its node cuts it."""
+    share = len(train) // args.peers
+    return split_corpus(train[index * share : (index + 1) * share], args.context)[0]
+
+
 def alone(train: bytes, held_out: list[Any], args: argparse.Namespace, model: BenchmarkModel) -> Curve:
     """Peer 0 on its own: its slice split, tokenized and shuffled as its node does (``split_corpus``,
     ``batch_seed``)."""
-    own, _ = split_corpus(train[: len(train) // args.peers], args.context)
+    own = peer_bytes(train, args, 0)
     return train_curve(model.batches(own, args.batch_size, seed=batch_seed(SEED, own)), held_out, args, model)
 
 
 def pooled(train: bytes, held_out: list[Any], args: argparse.Namespace, model: BenchmarkModel) -> Curve:
     """The central run on the peers' training bytes pooled: every slice's first 90% (``split_corpus``, as each
     node cuts its own), batch N x the per-peer batch."""
-    share = len(train) // args.peers
-    owns = [split_corpus(train[i * share : (i + 1) * share], args.context)[0] for i in range(args.peers)]
-    batches = model.batches(b"".join(owns), args.peers * args.batch_size, seed=SEED)
+    owns = b"".join(peer_bytes(train, args, i) for i in range(args.peers))
+    batches = model.batches(owns, args.peers * args.batch_size, seed=SEED)
     return train_curve(batches, held_out, args, model)
 
 

@@ -135,10 +135,15 @@ def load(setup: Setup) -> tuple[bytes, list[tuple[torch.Tensor, torch.Tensor]]]:
     return data[:split], [held.next() for _ in range(EVAL_BATCHES)]
 
 
-def peer_batches(train: bytes, setup: Setup, index: int) -> ByteBatches:
-    """Peer ``index``'s batches: its contiguous slice, cut and ordered as the node does (node/data.py)."""
+def peer_bytes(train: bytes, setup: Setup, index: int) -> bytes:
+    """The bytes peer ``index`` trains on: the first 90% of its contiguous slice, cut as the node cuts it."""
     share = len(train) // setup.peers
-    own, _ = split_corpus(train[index * share : (index + 1) * share], setup.model.context)
+    return split_corpus(train[index * share : (index + 1) * share], setup.model.context)[0]
+
+
+def peer_batches(train: bytes, setup: Setup, index: int) -> ByteBatches:
+    """Peer ``index``'s batches: its training bytes in the order the node draws them (node/data.py)."""
+    own = peer_bytes(train, setup, index)
     return ByteBatches(own, setup.model.context, setup.batch_size, seed=batch_seed(setup.seed, own))
 
 
@@ -162,8 +167,8 @@ def baseline(setup: Setup, kind: str) -> dict[str, Any]:
     optimizer = setup.optimizer(model)
     if kind in ("central", "pooled"):
         batch = setup.peers * setup.batch_size
-        own = b"".join(peer_batches(train, setup, i).data.numpy().tobytes() for i in range(setup.peers))
-        batches = ByteBatches(train if kind == "central" else own, setup.model.context, batch, seed=setup.seed)
+        pooled = b"".join(peer_bytes(train, setup, i) for i in range(setup.peers)) if kind == "pooled" else train
+        batches = ByteBatches(pooled, setup.model.context, batch, seed=setup.seed)
     else:
         batch = setup.batch_size
         batches = peer_batches(train, setup, 0)
