@@ -88,7 +88,7 @@ sys.path.insert(0, str(ROOT))
 from efficiency_plot import Curve, plot  # noqa: E402  (benchmarks/, this script's folder)
 from model_family import BenchmarkModel, gpt_model, hf_model  # noqa: E402
 
-from node.config import CompressionConfig, TrainConfig  # noqa: E402
+from node.config import AggregationConfig, CompressionConfig, TrainConfig  # noqa: E402
 from node.data import TokenBatches, batch_seed, split_corpus  # noqa: E402
 from node.demo import join_command, start_bootstrap, stop_process  # noqa: E402
 from node.training.checkpoint import load_round_params  # noqa: E402
@@ -138,6 +138,7 @@ DEFAULTS: dict[str, Any] = {
     "bits": 8,
     "fraction": 0.1,
     "overlap": TrainConfig().overlap,
+    "group_rounds": AggregationConfig().group_rounds,
     "eval_every": 10,
     "timeout": 900.0,
 }
@@ -193,6 +194,7 @@ mode = "secure"
 min_group_size = {max(3, args.peers)}
 matchmaking_time = 2.0
 timeout = 120.0
+group_rounds = {args.group_rounds}
 
 [run.compression]
 bits = {args.bits}
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="overlapped outer loop; --no-overlap: synchronous (a preset: the run's)",
     )
+    add("--group-rounds", type=int, help="rounds a formed group runs before all match again, e.g. 8 (the run's)")
     add("--eval-every", type=int, help="central and alone steps between evaluations, e.g. 10 (medium: 25)")
     add("--max-bytes", type=int, default=0, help="use only the first B bytes of --data (0: all)")
     add("--timeout", type=float, help="seconds the swarm may take, e.g. 900 (small 1800, medium 3600)")
@@ -444,6 +447,7 @@ def summarize(
         "bits": args.bits,
         "fraction": args.fraction,
         "overlap": args.overlap,
+        "group_rounds": args.group_rounds,
         "outer_lr": args.outer_lr,
         "outer_momentum": args.outer_momentum,
         "inner_lr": args.inner_lr,

@@ -282,6 +282,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         node.join()
         display.line(f"joined run {config.run.run_id!r} as {node.identity.peer_id} at round {node.round}")
         node.run_forever()
+        display.line(f"time by phase: {node.phases.summary()}")
     finally:
         node.close()
         cleanup.close()

@@ -111,8 +111,11 @@ class AggregationConfig:
     clip_bound: float = 1.0  # secure: every update coordinate is clipped to [-clip_bound, clip_bound]
     message_timeout: float = 10.0  # secure: seconds a protocol phase waits for small messages
     # secure: groups match at rounds that are multiples of this and keep their membership in between
-    # (fresh keys and masks every round; a member that leaves or a failed round ends it); 1 = match every round
-    group_rounds: int = 8
+    # (fresh keys and masks every round; a member that leaves or a failed round ends it); 1 = match every round.
+    # 32: a match costs about 1.5 x matchmaking_time, and at 8 the 4-peer benchmark spent half its time in them
+    # (utilization 0.19 at 8, 0.33 at 32, 0.36 at 64, the same loss; BENCHMARKS.md). A newcomer waits for the
+    # next multiple to enter a group: lower it where rounds are slow
+    group_rounds: int = 32
     # secure: the PeerIDs (base58) that may share a group; [] = anyone. A closed run's defence against
     # Sybils: a leader refuses other followers, a follower asks no other leader, a group with another
     # member aborts before any message (docs/architecture.md, "Who forms groups")

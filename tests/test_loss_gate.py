@@ -87,6 +87,31 @@ def test_rises_each_under_the_tolerance_cannot_ratchet_the_loss_up() -> None:
     assert gate.reference() == 2.1
 
 
+def test_the_report_reuses_the_gates_evaluation_only_while_the_parameters_are_unchanged() -> None:
+    """An applied step's loss is the report's (no second evaluation); after any change it is evaluated again."""
+    # Prepare
+    model = build_model(ModelConfig(d_model=16, context=8), seed=0)
+    outer = OuterState(model, TrainConfig())
+    calls: list[float] = []
+    losses = iter([2.0, 1.9, 1.8])
+
+    def evaluate() -> float:
+        calls.append(next(losses))
+        return calls[-1]
+
+    gate = LossGate(0.05, evaluate)
+    gate.step(outer, [torch.full_like(p, 1e-3) for p in outer.params], round_no=1)  # evaluates before and after
+
+    # Execute
+    applied = gate.loss_at(outer.digest())
+    outer.step([torch.full_like(p, 1e-3) for p in outer.params])  # e.g. a lineage merge: the parameters move
+    moved = gate.loss_at(outer.digest())
+
+    # Assert
+    assert (applied, moved) == (1.9, 1.8)
+    assert calls == [2.0, 1.9, 1.8]
+
+
 @pytest.mark.slow
 def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, bootstrap_maddr: str) -> None:
     """A peer that pulls every coordinate of the mean to the clip bound (inside bounds.py's ranges) is

@@ -126,6 +126,23 @@ def test_lap_gives_each_reports_seconds_and_its_share_in_inner_steps() -> None:
     assert first == (4.0, 0.75) and second == (2.0, 0.0)
 
 
+def test_summary_names_where_the_time_went() -> None:
+    """The line a join prints at its end: each phase that took time, its share of the wall, then the rest."""
+    # Prepare
+    now = FakeTime()
+    clock = PhaseClock(now)
+
+    # Execute
+    with clock.phase("inner"):
+        now.value += 6
+    with clock.phase("aggregation_wait"):
+        now.value += 3
+    now.value += 1  # reports, the DHT: no phase
+
+    # Assert
+    assert clock.summary() == "inner 6.0 s (60%), aggregation_wait 3.0 s (30%), other 1.0 s (10%)"
+
+
 # --- metrics -----------------------------------------------------------------------------------------------
 
 

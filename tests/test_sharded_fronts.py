@@ -228,7 +228,10 @@ def test_a_sharded_trainer_that_moves_cohort_takes_the_new_cohorts_parts(tmp_pat
     averages with them: it leaves with their cohort parts bit for bit, and the Cyrillic three with theirs."""
     # Prepare
     cohorts = CohortConfig(enabled=True, global_every=1000)  # cohort rings only
-    run = dict(cohorts=cohorts, aggregation=AggregationConfig(matchmaking_time=1.0, timeout=12.0, group_rounds=1))
+    # W = 2 s: seven trainers' steps on two cores finish up to a second apart under load, and a trainer ready
+    # more than W/4 after a slot opened declares in the next one (a full-suite run at W = 1 s lost one so)
+    aggregation = AggregationConfig(matchmaking_time=2.0, timeout=12.0, group_rounds=1)
+    run = dict(cohorts=cohorts, aggregation=aggregation)
     (server,) = start_servers(tmp_path, [StageServer], **run)
     trainers: list[ShardedTrainer] = []
     reports: list[list[StepReport]] = [[] for _ in range(7)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from concurrent import futures
 from typing import Any
 
 import hivemind
@@ -24,6 +25,8 @@ from node.secagg.state import refusal_of, refused_group
 from node.secagg.suspicion import Suspicion
 
 logger = logging.getLogger(__name__)
+
+STOP_POLL = 0.2  # seconds between looks at the stop event while a step runs (its end wakes the wait at once)
 
 
 def averager_kwargs(config: AggregationConfig) -> dict[str, Any]:
@@ -79,8 +82,8 @@ class AveragerAggregator(Aggregator):
             allow_retries=True,
             wait=False,
         )
-        while not control.done():
-            if self._stop.wait(0.2):
+        while not futures.wait([control], timeout=STOP_POLL).done:  # woken the moment the step ends
+            if self._stop.is_set():
                 control.cancel()
                 return None
         try:

@@ -77,6 +77,7 @@ class LossGate:
         self._evaluate = evaluate
         self._current: float | None = None  # the held-out loss of the global parameters, if known (``remember``)
         self._recent: deque[float] = deque(maxlen=GATE_WINDOW)  # losses since the last change outside the gate
+        self._evaluated: tuple[bytes, float] | None = None  # the digest of the parameters last evaluated, and loss
         self.rejected = 0  # rounds refused so far
 
     @classmethod
@@ -96,6 +97,13 @@ class LossGate:
             self._recent.append(loss)
         self._current = loss
         return loss
+
+    def loss_at(self, digest: bytes) -> float:
+        """The held-out loss of the global parameters whose ``outer.digest()`` is ``digest``: the gate's own
+        evaluation of them if it made one (an applied step not changed since), else a fresh one."""
+        if self._evaluated is not None and self._evaluated[0] == digest:
+            return self._evaluated[1]
+        return self._evaluate()
 
     def reference(self) -> float | None:
         """The loss a step is compared with: the best since the last change outside the gate (None: unknown)."""
@@ -118,6 +126,7 @@ class LossGate:
         saved = outer.save()
         outer.step(mean)
         after = self._evaluate()
+        self._evaluated = (outer.digest(), after)
         if admits(before, after, self.tolerance):
             self._current = after
             self._recent.append(after)

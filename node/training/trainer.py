@@ -436,7 +436,7 @@ class TrainingNode:
         return RoundReport(
             round=self.round,
             mode=mode,
-            eval_loss=self.gate.remember(self.evaluate()),
+            eval_loss=self.gate.remember(self.gate.loss_at(self._digest)),  # the gate's evaluation, if still true
             train_loss=train_loss,
             group_size=group_size,
             samples=samples,
