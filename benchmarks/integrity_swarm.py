@@ -26,6 +26,9 @@ Rows:
 Row fields: ``attack``, ``loss_vs_honest`` (the honest members' mean final held-out loss, each on its own
 held-out split, over the same members' in the honest run), ``detected`` (``details`` says by what),
 ``honest_banned`` (null: trainers ban nobody), ``seconds`` (the attacked run), ``details``, ``error``.
+``--without-attacker`` also trains the honest members alone, without the attacker's node and its data, and adds
+``loss_vs_honest_without_attacker``: a defence that leaves the attacker out can do no better than that run, so
+it splits ``loss_vs_honest`` into the attacker's data lost and what the attack still costs.
 """
 
 from __future__ import annotations
@@ -66,33 +69,34 @@ LATE_EXTRA_ROUNDS = 8  # rounds the others train beyond --rounds in those rows, 
 
 
 def run_swarm(
-    root: Path, args: argparse.Namespace, corpus: bytes, deviation: str | None, late: bool = False
+    root: Path, args: argparse.Namespace, corpus: bytes, deviation: str | None, late: bool = False, peers: int = 0
 ) -> list[NodeProcess]:
-    """``--peers`` trainers (the last one deviating, if ``deviation``) for ``--rounds`` rounds, and with ``late``
-    one more that joins once trainer 0 is halfway (last in the list); returns them done."""
+    """``--peers`` trainers (or ``peers``; the last one deviating, if ``deviation``) for ``--rounds`` rounds, and
+    with ``late`` one more that joins once trainer 0 is halfway (last in the list); returns them done."""
     root.mkdir(parents=True)
-    size = args.min_group_size or args.peers
+    peers = peers or args.peers
+    size = min(args.min_group_size or args.peers, peers)
     aggregation = {"matchmaking_time": 1.0, "min_group_size": size, "group_rounds": 2, "timeout": 60.0}
     if args.gate_tolerance is not None:
         aggregation["gate_tolerance"] = args.gate_tolerance
     privacy = {"enabled": True, "target_epsilon": args.epsilon, "planned_rounds": args.rounds} if args.epsilon else None
     config = write_run_config(root / "run.toml", run_id="integrity", aggregation=aggregation, privacy=privacy)
     rounds = args.rounds + (LATE_EXTRA_ROUNDS if late else 0)
-    flags = ("--rounds", str(rounds), "--min-peers", str(args.peers))
+    flags = ("--rounds", str(rounds), "--min-peers", str(peers))
     share = args.bytes_per_peer  # trainer i holds slice i
     with open(root / "bootstrap.log", "w") as log:
         bootstrap, maddr = start_bootstrap(root, log)
         nodes: list[NodeProcess] = []
         try:
-            for i in range(args.peers):
-                program = [*DEVIANT, deviation] if deviation and i == args.peers - 1 else None
+            for i in range(peers):
+                program = [*DEVIANT, deviation] if deviation and i == peers - 1 else None
                 data = corpus[i * share : (i + 1) * share]
                 nodes.append(NodeProcess(root, f"n{i}", config, maddr, data, *flags, program=program))
             if late:  # trainer 0's data, so its held-out batches; it stops once it has loaded the state
                 wait_until(lambda: len(nodes[0].reports()) > args.rounds // 2, args.timeout, "trainer 0 to be halfway")
                 nodes.append(NodeProcess(root, "joiner", config, maddr, corpus[:share], "--rounds", "1"))
             # the deviant may never finish: once left out of the groups (node/secagg/suspicion.py) it finds none
-            waited = [node for i, node in enumerate(nodes) if not deviation or i != args.peers - 1]
+            waited = [node for i, node in enumerate(nodes) if not deviation or i != peers - 1]
             codes = [node.wait(timeout=args.timeout) for node in waited]
             if any(codes):
                 raise RuntimeError(f"a trainer failed (exit codes {codes}); see {root}/n*/node.log")
@@ -127,8 +131,11 @@ def named_attacker(attacker: NodeProcess, members: list[NodeProcess]) -> int:
     return sum(f"{joined.group(1)} was in" in m.output() and "naming it a suspect" in m.output() for m in members)
 
 
-def attack_row(name: str, root: Path, args: argparse.Namespace, corpus: bytes, honest: list[float]) -> dict[str, Any]:
-    """One attack's row against the honest run's final losses ``honest`` (a late joiner's row runs its own)."""
+def attack_row(
+    name: str, root: Path, args: argparse.Namespace, corpus: bytes, honest: list[float], floor: list[float] | None
+) -> dict[str, Any]:
+    """One attack's row against the honest run's final losses ``honest`` (a late joiner's row runs its own), and
+    ``floor``: the honest members' in a run without the attacker's node (``--without-attacker``), if any."""
     row: dict[str, Any] = {"attack": name, "loss_vs_honest": None, "detected": None, "honest_banned": None}
     started = time.monotonic()
     try:
@@ -149,6 +156,8 @@ def attack_row(name: str, root: Path, args: argparse.Namespace, corpus: bytes, h
         else:
             honest = honest[:-1]
         row["loss_vs_honest"] = round(sum(losses) / sum(honest), 4)
+        if floor and not late:  # what the attacker's data was worth to them, and what the rest cost
+            row["loss_vs_honest_without_attacker"] = round(sum(losses) / sum(floor), 4)
         row["detected"] = all(caught)
         row["details"] = {
             "honest_final_losses": [round(x, 4) for x in losses],
@@ -183,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="aggregation.min_group_size (0: --peers, one group of all); e.g. 3 lets a slot split (suspicion.py)",
     )
+    parser.add_argument(
+        "--without-attacker",
+        action="store_true",
+        help="also run the honest members without the attacker's node: loss_vs_honest_without_attacker per row",
+    )
     parser.add_argument("--epsilon", type=float, default=0.0, help="record-level DP at this epsilon (0: no DP)")
     parser.add_argument("--workdir", default=None, help="keep the runs' folders here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -210,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.monotonic() - started, 1),
             }
         }
-        rows = [attack_row(name, root, args, corpus, honest) for name in names]
+        floor = None
+        if args.without_attacker:  # the members alone: a defence that leaves the attacker out can reach this
+            floor = final_losses(run_swarm(root / "without-attacker", args, corpus, None, peers=args.peers - 1))
+            summary["honest_run_without_attacker"] = {"final_losses": [round(x, 4) for x in floor]}
+        rows = [attack_row(name, root, args, corpus, honest, floor) for name in names]
     settings = {
         "peers": args.peers,
         "min_group_size": args.min_group_size or args.peers,

@@ -38,6 +38,12 @@ every cohort to one set of global parts; cohort and local parts re-anchor each r
 that joins late takes the averaged parts and their anchors from the trainers ahead of it, of its own
 cohort (node/sharding/catchup.py).
 
+The gate (synchronous mode; node/training/gate.py): before a mean is applied the trainer evaluates its held-out
+loss with the averaged parts at their anchors and the stages as they are now, then with the mean applied, and
+keeps its own parts if the step raises it by more than ``aggregation.gate_tolerance`` (mode ``rejected``). The
+reference is evaluated anew each round (the stages moved), so ``Rises`` also sums the applied steps' rises: rises
+each under the tolerance cannot add up past it.
+
 Overlap (``sharding.overlap_averaging``, off by default: BENCHMARKS.md shows it even with waiting
 in loss, not better). ``send`` starts the round's averaging on a worker thread and the trainer
 trains on; ``land`` applies the mean as ``params = (anchor - mean) + (params - sent)``, keeping the
@@ -64,7 +70,7 @@ from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import HierarchicalAggregator, partition_parameters
 from node.config import ConfigError, RunConfig
 from node.sharding.stages import stage_ranges
-from node.training.gate import admits
+from node.training.gate import Rises
 from node.training.privacy import compression_bound
 from node.training.report import RoundOutcome
 
@@ -138,6 +144,7 @@ class FrontAverager:
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone, rejected
         gated = evaluate is not None and not run.sharding.overlap_averaging  # overlapped: lands on moved parts
         self.tolerance = run.aggregation.gate_tolerance if gated else 0.0
+        self.rises = Rises(self.tolerance)  # one step's rise and the rises in a row (no ratchet under the tolerance)
         self._evaluate = evaluate or (lambda: float("nan"))
         self.outcome = RoundOutcome.SOLO  # how the last round ended (GROUP, REJECTED by the gate, or SOLO)
         self.last_round: AggregationResult | None = None  # the last round's group, applied or rejected (receipts)
@@ -276,7 +283,7 @@ class FrontAverager:
         before = self._loss_at_anchor() if self.tolerance else float("nan")
         self._step(result, sent)
         after = self._evaluate() if self.tolerance else float("nan")
-        if not admits(before, after, self.tolerance):
+        if not self.rises.admits(before, after):
             with torch.no_grad():
                 for mine, kept in zip([*self.parameters, *self.anchor], [*saved[0], *saved[1]], strict=True):
                     mine.copy_(kept)
@@ -285,9 +292,11 @@ class FrontAverager:
             logger.warning(
                 f"round {round_no}: rejected the group's mean of the trainers' parts: it takes the held-out loss "
                 f"to {after:.4f}, {after / before - 1:+.1%} over the last group's parts' {before:.4f} "
-                f"(aggregation.gate_tolerance = {self.tolerance:.1%}); keeping our own parts"
+                f"({self.rises.climb(before, after):+.1%} over the lowest of the rises in a row; "
+                f"aggregation.gate_tolerance = {self.tolerance:.1%}); keeping our own parts"
             )
             return result
+        self.rises.applied(before, after)
         self.outcome = RoundOutcome.GROUP
         self.stats["averaged"] += 1
         self.last = result
