@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
     if args.peers < 3:
         parser.error("--peers must be >= 3 (a secure group)")
+    if args.without_attacker and args.peers < 4:
+        parser.error("--without-attacker needs --peers >= 4: the members alone must still make a secure group of 3")
     corpus = path.read_bytes()[: (args.peers + 1) * args.bytes_per_peer]
     with tempfile.TemporaryDirectory(prefix="zen-integrity-") as folder:
         root = Path(args.workdir or folder)

@@ -297,6 +297,7 @@ class PhaseClock:
         self._inner_steps, self._inner_total, self._tokens_per_step = 0, 0, 0
         self._started = self._lap_at = now()  # the clock's start and the last lap (round report)
         self._lap_inner = 0.0
+        self._owner, self._owner_seconds = threading.get_ident(), 0.0  # the thread that made us: time in its phases
 
     @contextmanager
     def phase(self, name: Phase, detail: str = "", steps: int = 0, tokens_per_step: int = 0) -> Iterator[Activity]:
@@ -328,6 +329,8 @@ class PhaseClock:
             with self._lock:
                 stack.remove(activity)
                 self._totals[name] += activity.elapsed(now)
+                if thread == self._owner:
+                    self._owner_seconds += activity.elapsed(now)
                 activity.seconds, activity.resumed = activity.elapsed(now), None
                 if stack:
                     stack[-1].resumed = now
@@ -365,11 +368,14 @@ class PhaseClock:
             return InnerProgress(self._inner_steps, self._inner_total, tokens / seconds if seconds > 0 else 0.0)
 
     def summary(self) -> str:
-        """Where the time went since the clock started, e.g. ``inner 12.1 s (21%), evaluation 3.0 s (5%), ...``:
-        every phase that took any time, then ``other`` (reports, the DHT, idle). Phases on two threads (the
-        aggregation beside the wait for it) both count, so shares may add up past 100%."""
-        totals, wall = self.totals(), max(self.now() - self._started, 1e-9)
-        other = wall - sum(totals.values())  # below zero where phases on two threads overlapped
+        """Where the time went since the clock started (the node's start, joining included), e.g. ``inner 12.1 s
+        (21%), evaluation 3.0 s (5%), ...``: every finished phase that took any time, then ``other``: the time the
+        clock's own thread spent in no phase (joining, reports, the DHT). A phase on another thread (the aggregation,
+        beside the wait for it) counts too, so the shares may add up past 100%."""
+        now = self.now()
+        with self._lock:
+            totals, other = dict(self._totals), now - self._started - self._owner_seconds
+        wall = max(now - self._started, 1e-9)
         parts = [(name, seconds) for name, seconds in [*totals.items(), ("other", other)] if seconds >= 0.05]
         return ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / wall:.0f}%)" for name, seconds in parts)
 

@@ -136,6 +136,9 @@ def test_a_moving_reference_cannot_be_ratcheted_up_by_rises_under_the_tolerance(
     assert not honest.admits(2.0, 2.11)  # one step over 5% by itself
     assert ratchet.admits(1.9, 1.9 * 1.04)  # +3% (kept), -5%, then +4%: measured from the floor after the fall
     assert Rises(0.0).admits(2.0, 100.0)  # 0: no gate
+    single = Rises(0.05, summed=False)  # cohorts: one step's rise only
+    single.applied(2.0, 2.06)
+    assert single.admits(2.0, 2.06) and not single.admits(2.0, 2.11)
 
 
 @pytest.mark.slow

@@ -82,8 +82,9 @@ class AveragerAggregator(Aggregator):
             allow_retries=True,
             wait=False,
         )
-        while not futures.wait([control], timeout=STOP_POLL).done:  # woken the moment the step ends
-            if self._stop.is_set():
+        while not control.done():
+            futures.wait([control], timeout=STOP_POLL)  # woken the moment the step ends
+            if not control.done() and self._stop.is_set():
                 control.cancel()
                 return None
         try:

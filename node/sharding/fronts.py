@@ -42,7 +42,8 @@ The gate (synchronous mode; node/training/gate.py): before a mean is applied the
 loss with the averaged parts at their anchors and the stages as they are now, then with the mean applied, and
 keeps its own parts if the step raises it by more than ``aggregation.gate_tolerance`` (mode ``rejected``). The
 reference is evaluated anew each round (the stages moved), so ``Rises`` also sums the applied steps' rises: rises
-each under the tolerance cannot add up past it.
+each under the tolerance cannot add up past it. Not with cohorts: there the global parts keep their anchor until
+the next cross-cohort round, so a round's rise already holds the rounds' before it, and only one step's is checked.
 
 Overlap (``sharding.overlap_averaging``, off by default: BENCHMARKS.md shows it even with waiting
 in loss, not better). ``send`` starts the round's averaging on a worker thread and the trainer
@@ -144,7 +145,9 @@ class FrontAverager:
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone, rejected
         gated = evaluate is not None and not run.sharding.overlap_averaging  # overlapped: lands on moved parts
         self.tolerance = run.aggregation.gate_tolerance if gated else 0.0
-        self.rises = Rises(self.tolerance)  # one step's rise and the rises in a row (no ratchet under the tolerance)
+        # one step's rise and the rises in a row (no ratchet under the tolerance); with cohorts one step's only: the
+        # global parts' anchor moves only at cross-cohort rounds, so each round's rise holds the ones before it
+        self.rises = Rises(self.tolerance, summed=not run.cohorts.enabled)
         self._evaluate = evaluate or (lambda: float("nan"))
         self.outcome = RoundOutcome.SOLO  # how the last round ended (GROUP, REJECTED by the gate, or SOLO)
         self.last_round: AggregationResult | None = None  # the last round's group, applied or rejected (receipts)

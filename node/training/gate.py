@@ -73,10 +73,12 @@ class Rises:
 
     Args:
         tolerance: the largest relative rise, one step or summed; 0 disables the gate.
+        summed: whether rises are summed; False: one step's rise only (a reference that does not move every step,
+            e.g. cohorts' global parts, anchored only at cross-cohort rounds: summing would count a move twice).
     """
 
-    def __init__(self, tolerance: float):
-        self.tolerance = tolerance
+    def __init__(self, tolerance: float, summed: bool = True):
+        self.tolerance, self.summed = tolerance, summed
         self._sums: deque[float] = deque([0.0], maxlen=GATE_WINDOW + 1)  # log rises summed, after each applied step
 
     def climb(self, before: float, after: float) -> float:
@@ -89,12 +91,12 @@ class Rises:
         """Whether a step from ``before`` to ``after`` passes: by itself and summed with the steps before it."""
         if not admits(before, after, self.tolerance):
             return False
-        climb = self.climb(before, after)
+        climb = self.climb(before, after) if self.summed else math.nan
         return self.tolerance == 0 or not math.isfinite(climb) or climb <= self.tolerance
 
     def applied(self, before: float, after: float) -> None:
         """Count an applied step's rise (a step that fell lowers the sum, and the next ones' floor with it)."""
-        if self.tolerance and math.isfinite(self.climb(before, after)):
+        if self.tolerance and self.summed and math.isfinite(self.climb(before, after)):
             self._sums.append(self._sums[-1] + math.log(after / before))
 
 
