@@ -95,6 +95,7 @@ def run_arm(root: Path, slices: list[bytes], rounds: int, averaged: bool, overla
         own = [held_out_loss(t, server, held_out[i]) for i, t in enumerate(trainers)]
         every = [sum(held_out_loss(t, server, h) for h in held_out) / len(held_out) for t in trainers]
         groups = [t.fronts.stats["averaged"] if t.fronts is not None else 0 for t in trainers]
+        rejected = [t.fronts.stats["rejected"] if t.fronts is not None else 0 for t in trainers]  # by the gate
     finally:
         for trainer in trainers:
             trainer.close()
@@ -104,6 +105,7 @@ def run_arm(root: Path, slices: list[bytes], rounds: int, averaged: bool, overla
         "loss_all": round(sum(every) / len(every), 4),
         "per_trainer_own": [round(x, 4) for x in own],
         "rounds_averaged": groups,
+        "rounds_rejected": rejected,
         "seconds": round(seconds, 1),
     }
 

@@ -64,42 +64,6 @@ def admits(before: float, after: float, tolerance: float) -> bool:
     return not math.isfinite(before) or after <= before * (1.0 + tolerance)
 
 
-class Rises:
-    """The gate for a reference that moves between steps: a sharded trainer's parts (node/sharding/fronts.py) are
-    compared with their last group's anchors evaluated anew each round, since the stages they run with keep
-    training. One step may raise the loss by ``tolerance`` over that reference; and the applied steps' rises in a
-    row, summed as log ratios, may not climb more than ``log(1 + tolerance)`` above their lowest point in the
-    last ``GATE_WINDOW`` steps: a poisoner cannot ratchet the loss up by rises each under the tolerance.
-
-    Args:
-        tolerance: the largest relative rise, one step or summed; 0 disables the gate.
-        summed: whether rises are summed; False: one step's rise only (a reference that does not move every step,
-            e.g. cohorts' global parts, anchored only at cross-cohort rounds: summing would count a move twice).
-    """
-
-    def __init__(self, tolerance: float, summed: bool = True):
-        self.tolerance, self.summed = tolerance, summed
-        self._sums: deque[float] = deque([0.0], maxlen=GATE_WINDOW + 1)  # log rises summed, after each applied step
-
-    def climb(self, before: float, after: float) -> float:
-        """How far above its lowest point the summed rises would be with this step (a fraction; nan: unknown)."""
-        if not (math.isfinite(before) and math.isfinite(after)) or before <= 0 or after <= 0:
-            return math.nan
-        return math.expm1(self._sums[-1] + math.log(after / before) - min(self._sums))
-
-    def admits(self, before: float, after: float) -> bool:
-        """Whether a step from ``before`` to ``after`` passes: by itself and summed with the steps before it."""
-        if not admits(before, after, self.tolerance):
-            return False
-        climb = self.climb(before, after) if self.summed else math.nan
-        return self.tolerance == 0 or not math.isfinite(climb) or climb <= self.tolerance
-
-    def applied(self, before: float, after: float) -> None:
-        """Count an applied step's rise (a step that fell lowers the sum, and the next ones' floor with it)."""
-        if self.tolerance and self.summed and math.isfinite(self.climb(before, after)):
-            self._sums.append(self._sums[-1] + math.log(after / before))
-
-
 class LossGate:
     """Applies a group's mean as an outer step only if the held-out loss rises by at most ``tolerance``.
 
