@@ -14,6 +14,7 @@ from node.config import ConfigError, ModelConfig, TrainConfig, load_node_config
 from node.data import generate_corpus
 from node.model import build_model
 from node.training.gate import LossGate, admits
+from node.training.inner import evaluate
 from node.training.outer import OuterState
 from node.training.report import RoundOutcome
 
@@ -110,6 +111,29 @@ def test_the_report_reuses_the_gates_evaluation_only_while_the_parameters_are_un
     # Assert
     assert (applied, moved) == (1.9, 1.8)
     assert calls == [2.0, 1.9, 1.8]
+
+
+def test_the_held_out_evaluation_is_the_same_twice_under_dropout() -> None:
+    """With dropout in the model (``lora.dropout``) the held-out loss is evaluated without it: two evaluations of
+    the same parameters agree, so the gate compares parameters, not dropout masks; the training mode comes back."""
+
+    class Dropped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.dropout = torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.mse_loss(self.linear(self.dropout(x)), y)
+
+    torch.manual_seed(0)
+    model = Dropped().train()
+    batches = [(torch.randn(4, 8), torch.randn(4, 8)) for _ in range(4)]
+    params = [p.detach().clone() for p in model.parameters()]
+
+    first, second = (evaluate(model, params, batches, torch.device("cpu")) for _ in range(2))
+
+    assert first == second
+    assert model.training
 
 
 @pytest.mark.slow

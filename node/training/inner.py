@@ -83,12 +83,18 @@ def evaluate(
     eval_set: Sequence[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
 ) -> float:
-    """Mean loss of ``params`` (put into ``model`` for the while) on the held-out batches."""
+    """Mean loss of ``params`` (put into ``model`` for the while) on the held-out batches, in eval mode (no dropout,
+    e.g. ``lora.dropout``: the gate compares two evaluations, which must differ only by the parameters)."""
+    training = model.training
     with torch.no_grad():
         saved = [p.detach().clone() for p in model.parameters()]
         for local, param in zip(model.parameters(), params, strict=True):
             local.copy_(param)
-        losses = [float(model(x.to(device), y.to(device))) for x, y in eval_set]
-        for local, value in zip(model.parameters(), saved, strict=True):
-            local.copy_(value)
+        model.eval()
+        try:
+            losses = [float(model(x.to(device), y.to(device))) for x, y in eval_set]
+        finally:
+            model.train(training)
+            for local, value in zip(model.parameters(), saved, strict=True):
+                local.copy_(value)
     return sum(losses) / len(losses)
