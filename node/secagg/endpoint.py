@@ -27,7 +27,15 @@ import numpy as np
 from hivemind.p2p import P2P, PeerID
 
 from dht.identity import verify_binding
-from node.secagg.messages import MAX_HEADER_BYTES, MAX_REASON, Message, MessageError, encode_reply, parse_header
+from node.secagg.messages import (
+    FINISHED,
+    MAX_HEADER_BYTES,
+    MAX_REASON,
+    Message,
+    MessageError,
+    encode_reply,
+    parse_header,
+)
 from node.secagg.waiting_room import WaitingRoom
 
 if TYPE_CHECKING:
@@ -89,7 +97,7 @@ class SecAggEndpoint:
         if group_id in self.sessions:
             return self.sessions[group_id]
         if group_id in self._finished:
-            raise MessageError("that all-reduce has finished here")
+            raise MessageError(FINISHED)
         self._check_unqueued(message, remote, size)
         waiter = self.room.enter(str(remote), group_id)
         try:
@@ -98,7 +106,7 @@ class SecAggEndpoint:
                     if waiter.evicted:
                         raise MessageError(waiter.evicted)
                     if group_id in self._finished:  # it started and ended while we were not looking
-                        raise MessageError("that all-reduce has finished here")
+                        raise MessageError(FINISHED)
                     waiter.wake.clear()
                     await waiter.wake.wait()
         except TimeoutError:

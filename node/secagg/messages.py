@@ -37,6 +37,7 @@ MAX_PAYLOAD_BYTES = 1 << 32
 MAX_REPLY_BYTES = 1024  # the receiver's [ok, reason] answer
 MAX_GROUP = 64  # the largest group the protocol accepts (the 32, with room)
 MAX_REASON = 200  # characters of a refusal's reason sent back
+FINISHED = "this all-reduce has finished here"  # the refusal of a message that reaches a round after its end
 _PROBE_SCALAR = bytes([9]) + bytes(31)  # any scalar: X25519 clamps it to a multiple of the cofactor 8
 
 

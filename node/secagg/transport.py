@@ -11,7 +11,9 @@ of them (the keys adverts, a recorded view) and passes them on (``accept``).
 
 p2pd now and then resets a fresh stream before the reply arrives (seen under load), so a broken
 stream is retried on a new one: delivery is idempotent (the receiver acknowledges the same signed
-message twice without storing it twice), so resending cannot duplicate anything.
+message twice without storing it twice), so resending cannot duplicate anything. A retry that the
+receiver refuses because its round has ended counts as delivered: the broken stream may have carried
+it, and a receiver that has ended waits for nothing more from us.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from typing import Any
 from hivemind.p2p import P2P, PeerID
 
 from dht.identity import verify_binding
-from node.secagg.messages import MAX_REASON, MAX_REPLY_BYTES, Message, MessageError, named_indices, parse_reply
+from node.secagg.messages import (
+    FINISHED,
+    MAX_REASON,
+    MAX_REPLY_BYTES,
+    Message,
+    MessageError,
+    named_indices,
+    parse_reply,
+)
 from node.secagg.parts import PartLayout
 
 logger = logging.getLogger(__name__)
@@ -137,7 +147,7 @@ class GroupTransport:
         """The receiver's reply to one message, on a fresh stream each time one breaks before the reply."""
         for attempt in range(STREAM_ATTEMPTS):
             try:
-                return await self._exchange(to, header, payload)
+                ok, reason = await self._exchange(to, header, payload)
             except (asyncio.IncompleteReadError, ConnectionError) as e:
                 # a stream reset before the reply (seen under load with p2pd); delivery is
                 # idempotent, so a fresh stream may carry the same message again
@@ -146,6 +156,13 @@ class GroupTransport:
                 logger.debug(f"{kind} to peer {to}: stream broke ({e!r}), retrying")
                 self.stats["stream_retries"] += 1
                 await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            if not ok and attempt and reason == FINISHED:
+                # the broken stream may have carried it, and the receiver has ended its round since: it waits
+                # for nothing more from us, and counting it gone would only skew this round's view of it
+                logger.debug(f"{kind} to peer {to}: its round had ended by our retry; counted as delivered")
+                return True, ""
+            return ok, reason
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _exchange(self, to: int, header: bytes, payload: Any) -> tuple[bool, str]:
@@ -221,7 +238,7 @@ class GroupTransport:
             MessageError: the round has ended, or another message holds the same slot.
         """
         if self.closed:
-            raise MessageError("this all-reduce has finished")
+            raise MessageError(FINISHED)
         slot = (message.kind, message.sender, message.data.get("part", message.data.get("attempt", 0)))
         if slot in self._inbox:
             if self._inbox[slot].body == message.body:
