@@ -79,6 +79,8 @@ def run_swarm(
     aggregation = {"matchmaking_time": 1.0, "min_group_size": size, "group_rounds": 2, "timeout": 60.0}
     if args.gate_tolerance is not None:
         aggregation["gate_tolerance"] = args.gate_tolerance
+    if args.gate_norm_ratio is not None:
+        aggregation["gate_norm_ratio"] = args.gate_norm_ratio
     privacy = {"enabled": True, "target_epsilon": args.epsilon, "planned_rounds": args.rounds} if args.epsilon else None
     config = write_run_config(root / "run.toml", run_id="integrity", aggregation=aggregation, privacy=privacy)
     rounds = args.rounds + (LATE_EXTRA_ROUNDS if late else 0)
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "--gate-tolerance", type=float, default=None, help="aggregation.gate_tolerance (default: the run's)"
     )
     parser.add_argument(
+        "--gate-norm-ratio", type=float, default=None, help="aggregation.gate_norm_ratio (default: the run's)"
+    )
+    parser.add_argument(
         "--min-group-size",
         type=int,
         default=0,
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "data": path.name,
         "gate_tolerance": args.gate_tolerance,
+        "gate_norm_ratio": args.gate_norm_ratio,
     }
     settings["epsilon"] = args.epsilon or None
     result = {**settings, **summary, "rows": rows}

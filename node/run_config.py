@@ -130,6 +130,10 @@ class AggregationConfig:
     # is "rejected"); 0 = no gate. 0.05: honest steps measured at most +1.5% over that best (800 gated steps),
     # one poisoner of four +15% a round, of six +2.5-4% (docs/architecture.md, "The held-out loss gate")
     gate_tolerance: float = 0.05
+    # the gate's norm check: a group's mean whose L2 norm exceeds this many times this node's own update's is not
+    # applied, without an evaluation (an honest mean is at most its largest input, and honest inputs are alike);
+    # 0 = no check. Off with the gate
+    gate_norm_ratio: float = 0.0
     # members of a group that arrive with different global parameters (after a solo or rejected round, or from
     # different groups) leave it with this coordinate-wise combination of their states (node/training/lineage.py):
     # "median" (stays within the honest values while fewer than half the members lie), "trimmed_mean" (drops
@@ -155,6 +159,10 @@ class AggregationConfig:
         _require(
             not self.allowlist or self.mode == "secure",
             "aggregation.allowlist needs aggregation.mode = 'secure' (plain averaging has no group check)",
+        )
+        _require(
+            math.isfinite(self.gate_norm_ratio) and (self.gate_norm_ratio == 0 or 1 <= self.gate_norm_ratio <= 1e6),
+            f"aggregation.gate_norm_ratio must be 0 (no check) or in [1, 1e6], got {self.gate_norm_ratio}",
         )
         _require(
             1 <= self.group_rounds <= 10_000,

@@ -210,6 +210,10 @@ class NodeRuntime:
         """The run's live, verified peer records (this node's own included once published)."""
         return list_peers(self.dht, self.run.run_id)
 
+    def finished_by_others(self, round_no: int) -> bool:
+        """Whether another peer's record shows ``round_no`` (or a later round) finished."""
+        return any(p.round >= round_no and p.peer_id != self.identity.peer_id for p in self.peers())
+
     def others_alive(self) -> bool:
         """Whether another trainer's record is listed now."""
         return any(p.peer_id != self.identity.peer_id and "trainer" in p.roles for p in self.peers())

@@ -16,6 +16,8 @@ Deviations:
 - ``forge-weight``: trains honestly, but its masked ring vector carries the largest weight word the ring holds
   in place of its own (node/secagg/ring.py), so every group sum it is in falls outside the weights an honest
   group can produce and every member refuses the round (node/secagg/bounds.py); masking hides who forged it.
+- ``late-once``: trains honestly, but reaches its aggregation of round ``LATE_ROUND`` ``LATE_SECONDS`` late
+  (a stalled machine), so the others form that round's group without it and move on.
 - ``fork-lineage``: after round 1 lands, adds ``TAMPER`` to every global parameter (and its local model),
   then trains honestly: its next group holds two lineages, and the merge (node/training/lineage.py) must
   bring it back without letting its tampered state pull the others.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from node.training.trainer import TrainingNode
 logger = logging.getLogger("deviant_node")
 POISONED_ROUND = 2**39  # the round the poisoned donor claims (within check_state's range)
 TAMPER = 0.5  # what the poisoned donor adds to every global parameter it serves
+LATE_ROUND, LATE_SECONDS = 3, 6.0  # the round the late trainer is late for, and by how much
 FORGED_WEIGHT_WORD = 0x7FFFFFFF  # the weight-forging trainer's word: far beyond any honest group's weight sum
 
 
@@ -94,6 +98,17 @@ class WeightForger(TrainingNode):
         super().join()
 
 
+class LateOnce(TrainingNode):
+    """An honest trainer that is ``LATE_SECONDS`` late, once, for round ``LATE_ROUND``'s group."""
+
+    def _launch(self, inner: tuple[float, int]) -> None:
+        if self.round + 1 == LATE_ROUND and not getattr(self, "_was_late", False):
+            self._was_late = True
+            logger.warning(f"deviant: {LATE_SECONDS} s late for round {LATE_ROUND}")
+            time.sleep(LATE_SECONDS)
+        super()._launch(inner)
+
+
 class LineageForker(TrainingNode):
     """Leaves the run's lineage after round 1 by a shift of every global parameter."""
 
@@ -113,6 +128,7 @@ DEVIATIONS: dict[str, type[TrainingNode]] = {
     "poison-donor": PoisonedDonor,
     "fork-lineage": LineageForker,
     "forge-weight": WeightForger,
+    "late-once": LateOnce,
 }
 
 

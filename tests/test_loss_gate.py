@@ -67,6 +67,42 @@ def test_a_rejected_step_leaves_params_and_momentum_as_they_were() -> None:
     assert gate.rejected == 1
 
 
+def test_a_mean_far_larger_than_our_own_update_is_rejected_without_an_evaluation() -> None:
+    """The norm check: a mean whose L2 norm is over ``norm_ratio`` times our own update's is refused before any
+    held-out batch is evaluated and leaves the parameters as they were; one within it goes on to the loss
+    check; a node whose own update is zero (it did not train) has no yardstick and skips the check."""
+    # Prepare
+    model = build_model(ModelConfig(d_model=16, context=8), seed=0)
+    outer = OuterState(model, TrainConfig())
+    saved = [t.clone() for t in outer.shared_tensors()]
+    own = [torch.full_like(p, 1e-3) for p in outer.params]
+    evaluations: list[int] = []
+
+    def evaluate() -> float:
+        evaluations.append(1)
+        return 2.0
+
+    gate = LossGate(0.05, evaluate, norm_ratio=3.0)
+
+    # Execute
+    poisoned = gate.step(outer, [torch.full_like(p, 3.1e-3) for p in outer.params], round_no=1, own=own)
+    evaluated_after_poison = len(evaluations)
+    unchanged = all(torch.equal(a, b) for a, b in zip(saved, outer.shared_tensors(), strict=True))
+    within = gate.step(outer, [torch.full_like(p, 2.9e-3) for p in outer.params], round_no=2, own=own)
+    idle = gate.step(outer, [torch.full_like(p, 1.0) for p in outer.params], round_no=3, own=[t * 0 for t in own])
+
+    # Assert
+    assert (poisoned, within) == (RoundOutcome.REJECTED, RoundOutcome.GROUP)
+    assert evaluated_after_poison == 0 and unchanged
+    assert idle is RoundOutcome.GROUP  # no yardstick: only the loss check (here 2.0 -> 2.0) judges it
+    assert gate.rejected == 1
+
+
+def test_gate_norm_ratio_is_checked_in_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"aggregation.gate_norm_ratio must be 0 \(no check\) or in \[1, 1e6\]"):
+        load_node_config(None, {"run.aggregation.gate_norm_ratio": 0.5})
+
+
 def test_rises_each_under_the_tolerance_cannot_ratchet_the_loss_up() -> None:
     """The reference is the best loss of the steps applied in a row: +4% then +2.9% is +7% over that best,
     so a 5% gate applies the first and rejects the second (a gate on the last loss took both). A change of

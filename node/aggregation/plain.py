@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage
 
 from node.aggregation.base import (
     AggregationError,
@@ -27,6 +29,11 @@ from node.secagg.suspicion import Suspicion
 logger = logging.getLogger(__name__)
 
 STOP_POLL = 0.2  # seconds between looks at the stop event while a step runs (its end wakes the wait at once)
+# a step that has looked for a group this many matchmaking windows in a row has missed at least one slot (it
+# declares 0.5-1.5 windows ahead of one, which reveals half a window after): from then on it asks, at most
+# once per ASK_EVERY s, whether peers finished its round without it (``Aggregator.watch_ahead``)
+MISSED_AFTER_WINDOWS = 3
+ASK_EVERY = 1.0
 
 
 def averager_kwargs(config: AggregationConfig) -> dict[str, Any]:
@@ -56,6 +63,10 @@ class AveragerAggregator(Aggregator):
         self._state = ""  # the lineage we declare (``declare_state``)
         self._cohort: dict[str, str | int] = {}  # the cohort we declare in a cross-cohort ring (``declare_cohort``)
         self._suspicion = Suspicion(str(averager.peer_id))  # our gate's verdicts: split, suspects (``verdict``)
+        self._finished: Callable[[int], bool] | None = None  # whether others finished a round (``watch_ahead``)
+
+    def watch_ahead(self, finished: Callable[[int], bool]) -> None:
+        self._finished = finished
 
     def declare_state(self, digest_of: StateDigest) -> None:
         self._state = digest_of(None)
@@ -82,9 +93,10 @@ class AveragerAggregator(Aggregator):
             allow_retries=True,
             wait=False,
         )
+        missed = _MissedRound(control, round_no, self.config.matchmaking_time, self._finished)
         while not control.done():
             futures.wait([control], timeout=STOP_POLL)  # woken the moment the step ends
-            if not control.done() and self._stop.is_set():
+            if not control.done() and (self._stop.is_set() or missed()):
                 control.cancel()
                 return None
         try:
@@ -110,6 +122,30 @@ class AveragerAggregator(Aggregator):
 
     def shutdown(self) -> None:
         self._averager.shutdown()
+
+
+class _MissedRound:
+    """Whether a step still looking for a group of ``round_no`` has missed it: it has looked in vain for
+    ``MISSED_AFTER_WINDOWS`` matchmaking windows in a row, and ``finished`` says other peers have finished the
+    round (they formed their group in a slot we missed, and have moved on: no group of the round is coming)."""
+
+    def __init__(self, control: Any, round_no: int, window: float, finished: Callable[[int], bool] | None):
+        self.control, self.round_no, self.finished = control, round_no, finished
+        self.patience = MISSED_AFTER_WINDOWS * window
+        self.since = self.asked = time.monotonic()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.control.stage is not AveragingStage.LOOKING_FOR_GROUP:  # a group runs, or the step has not begun
+            self.since = now
+            return False
+        if self.finished is None or now - self.since < self.patience or now - self.asked < ASK_EVERY:
+            return False
+        self.asked = now
+        if not self.finished(self.round_no):
+            return False
+        logger.warning(f"round {self.round_no}: other peers finished this round in a group we missed; catching up")
+        return True
 
 
 def _result(round_no: int, gathered: dict[Any, Any]) -> AggregationResult:

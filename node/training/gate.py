@@ -70,10 +70,11 @@ class LossGate:
     Args:
         tolerance: the largest relative rise of the held-out loss an outer step may cause; 0 disables the gate.
         evaluate: the held-out loss of the global parameters as they are now.
+        norm_ratio: the largest L2 norm of a mean, in units of this node's own update's (0: no such check).
     """
 
-    def __init__(self, tolerance: float, evaluate: Callable[[], float]):
-        self.tolerance = tolerance
+    def __init__(self, tolerance: float, evaluate: Callable[[], float], norm_ratio: float = 0.0):
+        self.tolerance, self.norm_ratio = tolerance, norm_ratio
         self._evaluate = evaluate
         self._current: float | None = None  # the held-out loss of the global parameters, if known (``remember``)
         self._recent: deque[float] = deque(maxlen=GATE_WINDOW)  # losses since the last change outside the gate
@@ -87,7 +88,8 @@ class LossGate:
         in the overlapped loop, whose means land a phase late on local models that kept training (measured:
         honest means raised the loss by 20% to over 50% in tests/test_overlap.py, and the gate parted members)."""
         user_dp = run.privacy.enabled and run.privacy.level == "user"
-        return cls(0.0 if user_dp or run.train.overlap else run.aggregation.gate_tolerance, evaluate)
+        tolerance = 0.0 if user_dp or run.train.overlap else run.aggregation.gate_tolerance
+        return cls(tolerance, evaluate, run.aggregation.gate_norm_ratio)
 
     def remember(self, loss: float) -> float:
         """Note ``loss`` as the held-out loss of the global parameters as they now are; returns it. A loss
@@ -110,15 +112,20 @@ class LossGate:
         finite = [x for x in self._recent if math.isfinite(x)]
         return min(finite) if finite else self._current
 
-    def step(self, outer: OuterState, mean: list[torch.Tensor], round_no: int) -> RoundOutcome:
-        """The outer step with the group's ``mean``, kept if it passes the gate.
+    def step(
+        self, outer: OuterState, mean: list[torch.Tensor], round_no: int, own: list[torch.Tensor] | None = None
+    ) -> RoundOutcome:
+        """The outer step with the group's ``mean``, kept if it passes the gate; ``own``: our own update in it.
 
         Returns:
-            ``GROUP`` if the step was applied, ``REJECTED`` if it was rolled back (``outer`` is then as before).
+            ``GROUP`` if the step was applied, ``REJECTED`` if it was not (``outer`` is then as before).
         """
         if self.tolerance == 0:
             outer.step(mean)
             return RoundOutcome.GROUP
+        if own is not None and not self._norm_admits(mean, own, round_no):
+            self.rejected += 1
+            return RoundOutcome.REJECTED
         if self._current is None:
             self.remember(self._evaluate())
         before = self.reference()
@@ -139,3 +146,17 @@ class LossGate:
             f"{self.tolerance:.1%}); applying our own update alone"
         )
         return RoundOutcome.REJECTED
+
+    def _norm_admits(self, mean: list[torch.Tensor], own: list[torch.Tensor], round_no: int) -> bool:
+        """Whether the mean's L2 norm is within ``norm_ratio`` times our own update's (logged every round)."""
+        own_norm = math.sqrt(sum(float(t.double().square().sum()) for t in own))
+        mean_norm = math.sqrt(sum(float(t.double().square().sum()) for t in mean))
+        ratio = mean_norm / own_norm if own_norm > 0 else math.inf
+        logger.info(f"round {round_no}: the group's mean has norm {mean_norm:.4g}, {ratio:.3f} x our own update's")
+        if self.norm_ratio == 0 or own_norm == 0 or ratio <= self.norm_ratio:  # a node that did not train: no yardstick
+            return True  # (a mean that is not finite fails the loss check)
+        logger.warning(
+            f"round {round_no}: rejected the group's mean: its norm {mean_norm:.4g} is {ratio:.1f} x our own update's "
+            f"(aggregation.gate_norm_ratio = {self.norm_ratio:g}); applying our own update alone"
+        )
+        return False

@@ -189,6 +189,7 @@ class TrainingNode:
         runtime.adopt("state sharer", self.sharer.shutdown)
         self.aggregator = self._make_aggregator()
         runtime.adopt("aggregator", self.aggregator.shutdown)
+        self.aggregator.watch_ahead(runtime.finished_by_others)  # a missed group: catch up, not wait out the timeout
         self.lineage = LineageMerger.start(dht, self.run, self.identity.peer_id, self._local_indices(), runtime.adopt)
         self.aggregator.prepare_round(self.round + 1)  # with cohorts: place us first, to download from our own
         if any(p.round > self.round for p in peers):
@@ -323,8 +324,7 @@ class TrainingNode:
             future.set_result((RoundOutcome.LOCAL, None))
         mean = [t.clone() for t in sent]
         undelivered: list[torch.Tensor] = []
-        # here, not in the worker: hivemind starts averagers from the main thread only
-        self.aggregator.prepare_round(round_no)
+        self.aggregator.prepare_round(round_no)  # here, not in the worker: averagers start on the main thread only
         if self.aggregator.moved():
             self._adopt_cohort()
         if self.lineage is not None:
@@ -390,7 +390,7 @@ class TrainingNode:
         if mode is RoundOutcome.GROUP:
             assert isinstance(outcome, AggregationResult) and self.aggregator is not None
             group_size = outcome.group_size
-            mode = self.gate.step(self.outer, flight.mean, flight.round)  # REJECTED: not applied, ours alone instead
+            mode = self.gate.step(self.outer, flight.mean, flight.round, flight.sent)  # REJECTED: ours alone instead
             self.aggregator.verdict(outcome, mode is RoundOutcome.GROUP)  # suspects the next groups leave out
         if mode is RoundOutcome.GROUP:
             delivered = flight.delivered()  # with compression, the part the ring left out stays in the local model
