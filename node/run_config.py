@@ -130,10 +130,9 @@ class AggregationConfig:
     # is "rejected"); 0 = no gate. 0.05: honest steps measured at most +1.5% over that best (800 gated steps),
     # one poisoner of four +15% a round, of six +2.5-4% (docs/architecture.md, "The held-out loss gate")
     gate_tolerance: float = 0.05
-    # the gate's norm check: a group's mean whose L2 norm exceeds this many times this node's own update's is not
-    # applied, without an evaluation (an honest mean is at most its largest input, and honest inputs are alike);
-    # 0 = no check. Off with the gate
-    gate_norm_ratio: float = 0.0
+    # nor is a mean whose L2 norm is over this many times our own update's (0 = no check; honest means measured
+    # at most 1.27x over 920, a poisoner of six's 12-88x; node/training/gate.py). Off with the gate
+    gate_norm_ratio: float = 4.0
     # members of a group that arrive with different global parameters (after a solo or rejected round, or from
     # different groups) leave it with this coordinate-wise combination of their states (node/training/lineage.py):
     # "median" (stays within the honest values while fewer than half the members lie), "trimmed_mean" (drops
@@ -440,6 +439,8 @@ class RunConfig:
             del shared["aggregation"]["combine"]  # and on the default lineage merge
         if self.sharding.stage_lr_scale == 1.0:
             del shared["sharding"]["stage_lr_scale"]  # and on the default stage step share
+        if self.aggregation.gate_norm_ratio == 4.0:
+            del shared["aggregation"]["gate_norm_ratio"]  # and on the default norm check (honest means pass both)
         return shared
 
     def to_bytes(self) -> bytes:

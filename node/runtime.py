@@ -210,9 +210,11 @@ class NodeRuntime:
         """The run's live, verified peer records (this node's own included once published)."""
         return list_peers(self.dht, self.run.run_id)
 
-    def finished_by_others(self, round_no: int) -> bool:
-        """Whether another peer's record shows ``round_no`` (or a later round) finished."""
-        return any(p.round >= round_no and p.peer_id != self.identity.peer_id for p in self.peers())
+    def no_group_coming(self, round_no: int) -> bool:
+        """Whether no group of ``round_no`` can still form with us: another peer's record shows the round (or a
+        later one) finished, or no other trainer is listed at all."""
+        others = [p for p in self.peers() if p.peer_id != self.identity.peer_id and "trainer" in p.roles]
+        return not others or any(p.round >= round_no for p in others)
 
     def others_alive(self) -> bool:
         """Whether another trainer's record is listed now."""

@@ -98,9 +98,14 @@ def test_a_mean_far_larger_than_our_own_update_is_rejected_without_an_evaluation
     assert gate.rejected == 1
 
 
-def test_gate_norm_ratio_is_checked_in_the_config() -> None:
+def test_gate_norm_ratio_is_checked_in_the_config_and_its_default_keeps_the_run_hash() -> None:
+    """Runs from before the norm check keep their hash (checkpoints resume); another ratio is another run."""
     with pytest.raises(ConfigError, match=r"aggregation.gate_norm_ratio must be 0 \(no check\) or in \[1, 1e6\]"):
         load_node_config(None, {"run.aggregation.gate_norm_ratio": 0.5})
+    default = load_node_config(None, {}).run
+    other = load_node_config(None, {"run.aggregation.gate_norm_ratio": 0.0}).run
+    assert "gate_norm_ratio" not in default.shared_dict()["aggregation"]
+    assert default.digest() != other.digest()
 
 
 def test_rises_each_under_the_tolerance_cannot_ratchet_the_loss_up() -> None:

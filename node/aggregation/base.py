@@ -98,11 +98,12 @@ class Aggregator(ABC):
         asks for small groups after a rejection and names the peer its rejections point at
         (node/secagg/suspicion.py). The default does nothing."""
 
-    def watch_ahead(self, finished: Callable[[int], bool]) -> None:  # noqa: B027 (a hook)
-        """``finished(r)``: whether other peers of this node's group have finished round ``r`` already. A flat
-        aggregator that has looked for a group of ``r`` in vain for a while and sees that stops looking (it
-        missed their slot; the trainer then downloads their state) instead of waiting out its timeout. The
-        default (the hierarchical aggregator's) ignores it."""
+    def watch_ahead(self, hopeless: Callable[[int], bool]) -> None:  # noqa: B027 (a hook)
+        """``hopeless(r)``: whether no group of round ``r`` can still form with this node (other peers finished
+        ``r`` already, or none is left). A flat aggregator that has looked for a group of ``r`` in vain for a
+        while and sees that stops looking (it missed their slot: the trainer then downloads their state, or
+        trains alone if nobody is left) instead of waiting out its timeout. The default (the hierarchical
+        aggregator's) ignores it."""
 
     def moved(self) -> bool:
         """Whether a ``prepare_round`` moved this node to another cohort since the last call (reset by the call)."""

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 STOP_POLL = 0.2  # seconds between looks at the stop event while a step runs (its end wakes the wait at once)
 # a step that has looked for a group this many matchmaking windows in a row has missed at least one slot (it
 # declares 0.5-1.5 windows ahead of one, which reveals half a window after): from then on it asks, at most
-# once per ASK_EVERY s, whether peers finished its round without it (``Aggregator.watch_ahead``)
+# once per ASK_EVERY s, whether a group of its round can still come (``Aggregator.watch_ahead``)
 MISSED_AFTER_WINDOWS = 3
 ASK_EVERY = 1.0
 
@@ -63,10 +63,10 @@ class AveragerAggregator(Aggregator):
         self._state = ""  # the lineage we declare (``declare_state``)
         self._cohort: dict[str, str | int] = {}  # the cohort we declare in a cross-cohort ring (``declare_cohort``)
         self._suspicion = Suspicion(str(averager.peer_id))  # our gate's verdicts: split, suspects (``verdict``)
-        self._finished: Callable[[int], bool] | None = None  # whether others finished a round (``watch_ahead``)
+        self._hopeless: Callable[[int], bool] | None = None  # whether no group of a round is coming (``watch_ahead``)
 
-    def watch_ahead(self, finished: Callable[[int], bool]) -> None:
-        self._finished = finished
+    def watch_ahead(self, hopeless: Callable[[int], bool]) -> None:
+        self._hopeless = hopeless
 
     def declare_state(self, digest_of: StateDigest) -> None:
         self._state = digest_of(None)
@@ -93,7 +93,7 @@ class AveragerAggregator(Aggregator):
             allow_retries=True,
             wait=False,
         )
-        missed = _MissedRound(control, round_no, self.config.matchmaking_time, self._finished)
+        missed = _MissedRound(control, round_no, self.config.matchmaking_time, self._hopeless)
         while not control.done():
             futures.wait([control], timeout=STOP_POLL)  # woken the moment the step ends
             if not control.done() and (self._stop.is_set() or missed()):
@@ -125,12 +125,12 @@ class AveragerAggregator(Aggregator):
 
 
 class _MissedRound:
-    """Whether a step still looking for a group of ``round_no`` has missed it: it has looked in vain for
-    ``MISSED_AFTER_WINDOWS`` matchmaking windows in a row, and ``finished`` says other peers have finished the
-    round (they formed their group in a slot we missed, and have moved on: no group of the round is coming)."""
+    """Whether a step still looking for a group of ``round_no`` should stop: it has looked in vain for
+    ``MISSED_AFTER_WINDOWS`` matchmaking windows in a row, and ``hopeless`` says no group of the round is coming
+    (other peers formed theirs in a slot we missed and moved on, or none is left)."""
 
-    def __init__(self, control: Any, round_no: int, window: float, finished: Callable[[int], bool] | None):
-        self.control, self.round_no, self.finished = control, round_no, finished
+    def __init__(self, control: Any, round_no: int, window: float, hopeless: Callable[[int], bool] | None):
+        self.control, self.round_no, self.hopeless = control, round_no, hopeless
         self.patience = MISSED_AFTER_WINDOWS * window
         self.since = self.asked = time.monotonic()
 
@@ -139,12 +139,12 @@ class _MissedRound:
         if self.control.stage is not AveragingStage.LOOKING_FOR_GROUP:  # a group runs, or the step has not begun
             self.since = now
             return False
-        if self.finished is None or now - self.since < self.patience or now - self.asked < ASK_EVERY:
+        if self.hopeless is None or now - self.since < self.patience or now - self.asked < ASK_EVERY:
             return False
         self.asked = now
-        if not self.finished(self.round_no):
+        if not self.hopeless(self.round_no):
             return False
-        logger.warning(f"round {self.round_no}: other peers finished this round in a group we missed; catching up")
+        logger.warning(f"round {self.round_no}: no group of this round is coming (peers finished it, or none is left)")
         return True
 
 

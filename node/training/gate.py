@@ -30,6 +30,13 @@ through every round until the held-out loss was 2.6x (4 peers) and 1.8x (6 peers
 What the gate cannot stop: a poisoner that keeps the loss within the tolerance of its best (its harm
 is then bounded by it), and a rejection leaves this node's global parameters apart from those of the
 members that accepted until a lineage merge (node/training/lineage.py).
+First, without an evaluation, the norm check: a mean whose L2 norm is over ``aggregation.gate_norm_ratio``
+(default 4) times this node's own update's is not applied either. An honest mean is a weighted average of
+updates that AdamW makes alike in size (the same learning rate and steps on every peer), so its norm is at
+most about its largest input's; non-IID inputs cancel and shrink it. Measured: 0.48-1.27x over 920 honest
+means (the 4-peer efficiency benchmark and the 6-peer integrity one); the poisoner of six made 12-88x, so its
+first round, which the loss check let through at +2.5%, is rejected too. A poisoner that scales itself under
+the ratio is left to the loss check, and its pull on the mean is bounded by the ratio, not by the clip bound.
 With user-level DP the gate is off: a noisy mean raises the held-out loss by design, and honest
 members would reject it. In the overlapped loop (``train.overlap``) it is off too: a mean lands a
 phase late, on local models that kept training, and honest means raised the loss by 20% to over

@@ -189,7 +189,7 @@ class TrainingNode:
         runtime.adopt("state sharer", self.sharer.shutdown)
         self.aggregator = self._make_aggregator()
         runtime.adopt("aggregator", self.aggregator.shutdown)
-        self.aggregator.watch_ahead(runtime.finished_by_others)  # a missed group: catch up, not wait out the timeout
+        self.aggregator.watch_ahead(runtime.no_group_coming)  # a missed group: go on, not wait out the timeout
         self.lineage = LineageMerger.start(dht, self.run, self.identity.peer_id, self._local_indices(), runtime.adopt)
         self.aggregator.prepare_round(self.round + 1)  # with cohorts: place us first, to download from our own
         if any(p.round > self.round for p in peers):
