@@ -212,15 +212,33 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, b
 
 
 @pytest.mark.parametrize(
-    ("overrides", "expected"),
+    ("overrides", "expected", "norm_ratio"),
     [
-        ({}, 0.05),
-        ({"run.train.overlap": True}, 0.0),
-        ({"run.privacy.enabled": True, "run.privacy.level": "user", "run.privacy.noise_multiplier": 1.0}, 0.0),
-        ({"run.privacy.enabled": True, "run.privacy.target_epsilon": 8.0}, 0.05),
+        ({}, 0.05, 4.0),
+        ({"run.train.overlap": True}, 0.0, 4.0),  # a stale mean raises the loss, not the norm
+        ({"run.privacy.enabled": True, "run.privacy.level": "user", "run.privacy.noise_multiplier": 1.0}, 0.0, 0.0),
+        ({"run.privacy.enabled": True, "run.privacy.target_epsilon": 8.0}, 0.05, 4.0),
     ],
 )
-def test_the_gate_is_off_where_honest_means_raise_the_loss(overrides: dict[str, object], expected: float) -> None:
-    """On by default and with record-level DP; off in the overlapped loop and with user-level DP."""
+def test_the_gate_is_off_where_honest_means_raise_the_loss(
+    overrides: dict[str, object], expected: float, norm_ratio: float
+) -> None:
+    """The loss check is on by default and with record-level DP; off in the overlapped loop and with user-level DP.
+    The norm check is off only with user-level DP, whose noise makes honest means large."""
     run = load_node_config(None, overrides).run
-    assert LossGate.for_run(run, lambda: 1.0).tolerance == expected
+    gate = LossGate.for_run(run, lambda: 1.0)
+    assert (gate.tolerance, gate.norm_ratio) == (expected, norm_ratio)
+
+
+def test_the_overlapped_loops_gate_checks_the_norm_alone() -> None:
+    """With the loss check off (``tolerance`` 0) a mean over the norm ratio is still rejected, and one within it
+    is applied; neither is evaluated."""
+    model = build_model(ModelConfig(d_model=16, context=8), seed=0)
+    outer = OuterState(model, TrainConfig())
+    own = [torch.full_like(p, 1e-3) for p in outer.params]
+    gate = LossGate(0.0, lambda: pytest.fail("the overlapped loop's gate evaluated a mean"), norm_ratio=4.0)
+
+    poisoned = gate.step(outer, [torch.ones_like(p) for p in outer.params], round_no=1, own=own)
+    honest = gate.step(outer, [torch.full_like(p, 2e-3) for p in outer.params], round_no=2, own=own)
+
+    assert (poisoned, honest) == (RoundOutcome.REJECTED, RoundOutcome.GROUP)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from helpers import wait_until
 from sharding_harness import node_config, start_servers
@@ -287,10 +288,13 @@ def test_a_sharded_trainer_that_moves_cohort_takes_the_new_cohorts_parts(tmp_pat
         server.shutdown()
 
 
-def test_sharded_trainers_reject_a_poisoned_mean_of_their_parts_and_keep_their_own(tmp_path: Path) -> None:
+def test_sharded_trainers_reject_a_poisoned_mean_of_their_parts_and_keep_their_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Four trainers, one of which sends +-clip_bound in every coordinate of its parts' update from round 2 on:
-    the honest three average honestly in round 1, then their gate rejects each poisoned mean (mode "rejected"),
-    their parts stay as they trained them and their held-out loss keeps falling."""
+    the honest three average honestly in round 1, then their gate rejects each poisoned mean (mode "rejected";
+    the norm check, before any evaluation), their parts stay as they trained them and their held-out loss keeps
+    falling."""
     # Prepare
     (server,) = start_servers(tmp_path, [StageServer])
     trainers: list[ShardedTrainer] = []
@@ -333,6 +337,7 @@ def test_sharded_trainers_reject_a_poisoned_mean_of_their_parts_and_keep_their_o
         losses = [[r.eval_loss for r in reports[i] if r.eval_loss is not None] for i in range(3)]
         assert all(mine[2] < mine[0] for mine in losses), losses  # not wrecked: still falling
         assert all(t.fronts is not None and t.fronts.stats["rejected"] == 2 for t in honest)
+        assert caplog.text.count("rejected the group's mean of the trainers' parts: its norm") == 6, caplog.text[-2000:]
     finally:
         for trainer in trainers:
             trainer.close()

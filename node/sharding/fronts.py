@@ -72,7 +72,7 @@ from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import HierarchicalAggregator, partition_parameters
 from node.config import ConfigError, RunConfig
 from node.sharding.stages import stage_ranges
-from node.training.gate import admits
+from node.training.gate import admits, l2_norm, norm_admits
 from node.training.privacy import compression_bound
 from node.training.report import RoundOutcome
 
@@ -146,6 +146,9 @@ class FrontAverager:
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone, rejected
         gated = evaluate is not None and not run.sharding.overlap_averaging  # overlapped: lands on moved parts
         self.tolerance = run.aggregation.gate_tolerance if gated else 0.0
+        user_dp = run.privacy.enabled and run.privacy.level == "user"  # noisy means: no norm check (gate.py)
+        self.norm_ratio = run.aggregation.gate_norm_ratio if gated and not user_dp else 0.0
+        self._own_norm = 0.0  # the L2 norm of the update we last sent (the mean overwrites it)
         self._evaluate = evaluate or (lambda: float("nan"))
         self.outcome = RoundOutcome.SOLO  # how the last round ended (GROUP, REJECTED by the gate, or SOLO)
         self.last_round: AggregationResult | None = None  # the last round's group, applied or rejected (receipts)
@@ -267,6 +270,7 @@ class FrontAverager:
         return _Sent(params, updates)
 
     def _aggregate(self, round_no: int, updates: list[torch.Tensor], samples: int) -> AggregationResult | None:
+        self._own_norm = l2_norm(updates) if self.norm_ratio else 0.0
         try:
             return self.aggregator.aggregate(round_no, updates, weight=float(max(samples, 1)))
         except AggregationError as e:
@@ -280,6 +284,13 @@ class FrontAverager:
         if result is None:
             self.stats["alone"] += 1
             return None
+        what = "the group's mean of the trainers' parts"
+        if self.norm_ratio and not norm_admits(
+            l2_norm(sent.updates), self._own_norm, self.norm_ratio, round_no, what, "keeping our own parts"
+        ):
+            self.outcome = RoundOutcome.REJECTED
+            self.stats["rejected"] += 1
+            return result
         saved = [[t.clone() for t in tensors] for tensors in (self.parameters, self.anchor, self.carry)]
         before = self._loss_at_anchor() if self.tolerance else float("nan")
         self._step(result, sent)
