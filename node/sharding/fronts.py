@@ -72,7 +72,7 @@ from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import HierarchicalAggregator, partition_parameters
 from node.config import ConfigError, RunConfig
 from node.sharding.stages import stage_ranges
-from node.training.gate import admits, l2_norm, norm_admits
+from node.training.gate import admits, l2_norm, norm_admits, norm_ratio_for
 from node.training.privacy import compression_bound
 from node.training.report import RoundOutcome
 
@@ -146,8 +146,7 @@ class FrontAverager:
         self.stats: Counter[str] = Counter()  # round outcomes: averaged, alone, rejected
         gated = evaluate is not None and not run.sharding.overlap_averaging  # overlapped: lands on moved parts
         self.tolerance = run.aggregation.gate_tolerance if gated else 0.0
-        user_dp = run.privacy.enabled and run.privacy.level == "user"  # noisy means: no norm check (gate.py)
-        self.norm_ratio = run.aggregation.gate_norm_ratio if gated and not user_dp else 0.0
+        self.norm_ratio = norm_ratio_for(run) if gated else 0.0
         self._own_norm = 0.0  # the L2 norm of the update we last sent (the mean overwrites it)
         self._evaluate = evaluate or (lambda: float("nan"))
         self.outcome = RoundOutcome.SOLO  # how the last round ended (GROUP, REJECTED by the gate, or SOLO)

@@ -37,13 +37,15 @@ most about its largest input's; non-IID inputs cancel and shrink it. Measured: 0
 means (the 4-peer efficiency benchmark and the 6-peer integrity one); the poisoner of six made 12-88x, so its
 first round, which the loss check let through at +2.5%, is rejected too. A poisoner that scales itself under
 the ratio is left to the loss check, and its pull on the mean is bounded by the ratio, not by the clip bound.
-With user-level DP the gate is off, both checks: a noisy mean raises the held-out loss and its norm by
-design, and honest members would reject it. In the overlapped loop (``train.overlap``) the loss check is
-off: a mean lands a phase late, on local models that kept training, and honest means raised the loss by 20%
-to over 50% there (two fresh-clone CI runs of tests/test_overlap.py), so no tolerance separates them from a
-poisoner's. The norm check stays on there: the mean and our own update are of the same phase (honest ratios
-0.43-1.25 over 800 overlapped means of the 4-peer efficiency benchmark). Sharded trainers' parts pass the
-same norm check (node/sharding/fronts.py; honest 0.59-1.05 over 120 means of benchmarks/sharded_fronts.py).
+The norm check is off where phases end on time (``train.round_seconds``: a slow peer's update is smaller than
+the others' by its share of their steps). With user-level DP the gate is off, both checks: a noisy mean raises
+the held-out loss and its norm by design, and honest members would reject it. In the overlapped loop
+(``train.overlap``) the loss check is off: a mean lands a phase late, on local models that kept training, and
+honest means raised the loss by 20% to over 50% there (two fresh-clone CI runs of tests/test_overlap.py), so
+no tolerance separates them from a poisoner's. The norm check stays on there: the mean and our own update are
+of the same phase (honest ratios 0.43-1.25 over 800 overlapped means of the 4-peer efficiency benchmark).
+Sharded trainers' parts pass the same norm check (node/sharding/fronts.py; honest 0.59-1.05 over 120 means of
+benchmarks/sharded_fronts.py).
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ from node.training.report import RoundOutcome
 logger = logging.getLogger(__name__)
 
 GATE_WINDOW = 50  # the applied steps in a row whose best held-out loss is the gate's reference
+
+
+def norm_ratio_for(run: RunConfig) -> float:
+    """The run's norm check: ``aggregation.gate_norm_ratio``, but off with user-level DP (noisy means are large by
+    design) and with ``train.round_seconds`` (phases end on time, so a slow peer's own update is smaller than the
+    others' by its share of their steps, and is no yardstick)."""
+    user_dp = run.privacy.enabled and run.privacy.level == "user"
+    return 0.0 if user_dp or run.train.round_seconds > 0 else run.aggregation.gate_norm_ratio
 
 
 def l2_norm(tensors: list[torch.Tensor]) -> float:
@@ -117,7 +127,7 @@ class LossGate:
         honest means raised the loss by 20% to over 50% in tests/test_overlap.py, and the gate parted members)."""
         user_dp = run.privacy.enabled and run.privacy.level == "user"
         tolerance = 0.0 if user_dp or run.train.overlap else run.aggregation.gate_tolerance
-        return cls(tolerance, evaluate, 0.0 if user_dp else run.aggregation.gate_norm_ratio)  # overlapped: norm only
+        return cls(tolerance, evaluate, norm_ratio_for(run))  # overlapped: the norm check only
 
     def remember(self, loss: float) -> float:
         """Note ``loss`` as the held-out loss of the global parameters as they now are; returns it. A loss
