@@ -173,8 +173,9 @@ def test_sharded_trainers_in_two_cohorts_share_global_parts_and_keep_cohort_and_
     cohort, the local ones (the final norm) each trainer's own."""
     # Prepare
     cohorts = CohortConfig(enabled=True, global_every=2)
-    # 12 s rounds: a cohort ready first waits up to 6 one-second slots for the other (span_patience)
-    run = dict(cohorts=cohorts, aggregation=AggregationConfig(matchmaking_time=1.0, timeout=12.0))
+    # 24 s rounds: a cohort ready first waits up to 6 two-second slots for the other (span_patience). W = 2 s: at
+    # 1 s a fresh-clone CI run (2 cores) saw three of the six miss the cross-cohort group they had declared for
+    run = dict(cohorts=cohorts, aggregation=AggregationConfig(matchmaking_time=2.0, timeout=24.0))
     (server,) = start_servers(tmp_path, [StageServer], **run)
     trainers: list[ShardedTrainer] = []
     reports: list[list[StepReport]] = [[] for _ in range(6)]
