@@ -210,15 +210,19 @@ class NodeRuntime:
         """The run's live, verified peer records (this node's own included once published)."""
         return list_peers(self.dht, self.run.run_id)
 
+    def other_trainers(self) -> list[PeerRecord]:
+        """The live trainer records of the run but this node's."""
+        return [p for p in self.peers() if p.peer_id != self.identity.peer_id and "trainer" in p.roles]
+
     def no_group_coming(self, round_no: int) -> bool:
         """Whether no group of ``round_no`` can still form with us: another peer's record shows the round (or a
         later one) finished, or no other trainer is listed at all."""
-        others = [p for p in self.peers() if p.peer_id != self.identity.peer_id and "trainer" in p.roles]
+        others = self.other_trainers()
         return not others or any(p.round >= round_no for p in others)
 
     def others_alive(self) -> bool:
         """Whether another trainer's record is listed now."""
-        return any(p.peer_id != self.identity.peer_id and "trainer" in p.roles for p in self.peers())
+        return bool(self.other_trainers())
 
     def wait_for_trainers(self, count: int, stop_event: threading.Event, timeout: float = 300.0) -> None:
         """Wait until ``count`` trainers are listed (or ``timeout`` s pass, or ``stop_event`` is set).
