@@ -22,6 +22,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import MSGPackSerializer
 
 from dht import NodeIdentity
+from node.aggregation.base import AggregationError
 from node.config import CompressionConfig
 from node.secagg.declared import DeclaredFormation
 from node.secagg.endpoint import SecAggEndpoint
@@ -374,14 +375,19 @@ def assert_same_or_none(outcomes: list[SecAggResult | BaseException], honest: li
 
 
 def aggregate_together(
-    aggregators: list[Any], round_no: int, updates: list[list[Any]], weights: list[float]
+    aggregators: list[Any], round_no: int, updates: list[list[Any]], weights: list[float], errors: bool = False
 ) -> list[Any]:
     """Every node aggregator's ``aggregate`` of ``round_no`` at once, from threads (as the trainer does); None
-    where one raised or had not returned within 90 s."""
+    where one raised or had not returned within 90 s (``errors``: the AggregationError it raised instead)."""
     results: list[Any] = [None] * len(aggregators)
 
     def step(i: int) -> None:
-        results[i] = aggregators[i].aggregate(round_no, updates[i], weights[i])
+        try:
+            results[i] = aggregators[i].aggregate(round_no, updates[i], weights[i])
+        except AggregationError as e:
+            if not errors:
+                raise
+            results[i] = e
 
     threads = [threading.Thread(target=step, args=(i,)) for i in range(len(aggregators))]
     for thread in threads:

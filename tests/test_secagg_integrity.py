@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from secagg_harness import (
     LOW_ORDER_POINT,
     MaliciousAllReduce,
     SecAggSwarm,
+    aggregate_together,
     assert_same_or_none,
     deviating,
     module_swarm,
@@ -32,7 +32,7 @@ from secagg_harness import (
     results_of,
 )
 
-from node.aggregation.base import AggregationError
+from node.aggregation.base import AloneThisRound
 from node.aggregation.secure import SecureAggregator
 from node.config import AggregationConfig, CompressionConfig
 from node.secagg.bounds import InfluenceError, check_group_sum
@@ -265,7 +265,7 @@ def test_a_refused_sum_ends_the_round_at_once_instead_of_retrying_until_the_time
 ) -> None:
     """Three real secure aggregators, one of whose averager (forked while the patch stood) forges its weight word:
     every retry of the round would meet it again, so each honest member ends the round with the refusal, raised as
-    an AggregationError the trainer logs (before: hivemind retried until the round's timeout, then None)."""
+    AloneThisRound: the trainer trains alone at once (before: hivemind retried until the round's timeout)."""
     peers = swarm_factory(3)
     config = AggregationConfig(min_group_size=3, matchmaking_time=1.0, timeout=60.0, formation="declared")
     template = [torch.zeros(40)]
@@ -276,25 +276,13 @@ def test_a_refused_sum_ends_the_round_at_once_instead_of_retrying_until_the_time
     finally:
         RingVector.encode_part = encode_part  # type: ignore[method-assign]
     honest = [SecureAggregator(p.dht, "refused", template, config, p.identity, weight_bound=16.0) for p in peers[1:]]
-    outcomes: list[Any] = [None] * 3
-
-    def step(i: int, aggregator: SecureAggregator) -> None:
-        try:
-            outcomes[i] = aggregator.aggregate(1, [torch.full((40,), 0.1)], 8.0)
-        except AggregationError as e:
-            outcomes[i] = e
-
-    threads = [threading.Thread(target=step, args=(i, a)) for i, a in enumerate([forger, *honest])]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=90)
+        outcomes = aggregate_together([forger, *honest], 1, [[torch.full((40,), 0.1)]] * 3, [8.0] * 3, True)
     finally:
         for aggregator in [forger, *honest]:
             aggregator.shutdown()
     for outcome in outcomes[1:]:
-        assert isinstance(outcome, AggregationError) and "weight sum" in str(outcome), outcome
+        assert isinstance(outcome, AloneThisRound) and "weight sum" in str(outcome), outcome
 
 
 def test_honest_weights_below_the_floor_are_never_rejected(swarm: SecAggSwarm) -> None:

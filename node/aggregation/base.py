@@ -36,6 +36,12 @@ class AggregationError(Exception):
     """A round's aggregation produced an inconsistent result and must not be applied."""
 
 
+class AloneThisRound(AggregationError):
+    """The round ends here without a mean, and no peer will be ahead of us for it: we sat it out (a split slot
+    too small for two groups, node/secagg/suspicion.py), or every member refused the group's sum (bounds.py).
+    The node trains alone this round, at once, without waiting for a peer ahead."""
+
+
 @dataclass(frozen=True)
 class AggregationResult:
     """What a successful aggregation reports."""

@@ -18,12 +18,13 @@ from node.aggregation.base import (
     AggregationError,
     AggregationResult,
     Aggregator,
+    AloneThisRound,
     Lineage,
     StateDigest,
     round_group_bits,
 )
 from node.config import AggregationConfig
-from node.secagg.state import refusal_of, refused_group
+from node.secagg.state import SAT_OUT, refusal_of, refused_group
 from node.secagg.suspicion import Suspicion
 
 logger = logging.getLogger(__name__)
@@ -106,10 +107,12 @@ class AveragerAggregator(Aggregator):
             return None
         if not gathered:
             return None
+        if gathered.get(SAT_OUT) == 1:
+            raise AloneThisRound(f"round {round_no}: a split slot too small for two groups; we sit this round out")
         refusal = refusal_of(gathered)
         if refusal is not None:  # every member refused the group's sum: the round ends without a mean
             self._suspicion.note(round_no, refused_group(gathered), accepted=False)  # as a rejected mean
-            raise AggregationError(f"round {round_no}: {refusal}")
+            raise AloneThisRound(f"round {round_no}: {refusal}")
         rounds = {str(peer): data.get("round") if isinstance(data, dict) else None for peer, data in gathered.items()}
         if set(rounds.values()) != {round_no}:
             raise AggregationError(f"group mixed rounds {rounds}; the average of round {round_no} is discarded")

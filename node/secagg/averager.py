@@ -41,7 +41,7 @@ from hivemind.utils import enter_asynchronously
 from node.config import CompressionConfig
 from node.secagg.declared import DeclaredFormation
 from node.secagg.endpoint import SecAggEndpoint
-from node.secagg.formation import GROUP_TARGET, span_patience
+from node.secagg.formation import GROUP_TARGET, SITTING_OUT, span_patience
 from node.secagg.kept_group import KeptGroup, gathered_data, gathered_round, key_fingerprint, round_group_id
 from node.secagg.parts import Workspace
 from node.secagg.privacy import NoiseShare
@@ -50,6 +50,7 @@ from node.secagg.state import (
     MAX_REFUSAL,
     REFUSED,
     REFUSED_GROUP,
+    SAT_OUT,
     SecAggError,
     SecAggIdentity,
     SecAggTimeouts,
@@ -245,6 +246,8 @@ class SecureAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
         session, kept, self._kept = None, self._kept, None  # any failure ends a kept group
+        if group_info.group_id == SITTING_OUT:  # declared formation left us out of a split slot's one group
+            return {SAT_OUT: 1}
         try:
             bandwidths, mode_ids, user_bytes = zip(*map(self.serializer.loads, group_info.gathered), strict=True)
             gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_bytes), strict=True))

@@ -20,6 +20,7 @@ from hivemind.utils import get_dht_time
 from node.secagg.formation import (
     MIN_SPAN_PATIENCE,
     SECRET_BYTES,
+    SITTING_OUT,
     Commitment,
     DeclarationError,
     formation_seed,
@@ -31,6 +32,7 @@ from node.secagg.formation import (
     seal_reveal,
     slot_of,
     spans,
+    split_partition,
 )
 from node.secagg.kept_group import gathered_cohort, gathered_data, gathered_round
 from node.secagg.state import SecAggIdentity
@@ -111,8 +113,14 @@ class DeclaredFormation:
         secrets[self.me] = secret
         seed = formation_seed(round_no, slot, secrets)
         declared, split = self._members(commitments, round_no, slot)
-        target = self.min_size if split else self.target
-        for index, members in enumerate(partition(declared, seed, self.min_size, target)):
+        if split:  # groups of min_size; too few for two and no suspect left out yet: some peers sit the round out
+            groups, resting = split_partition(declared, seed, self.min_size, len(declared) < len(commitments))
+        else:
+            groups, resting = partition(declared, seed, self.min_size, self.target), []
+        if self.me in resting:  # the group without us may tell who poisons
+            logger.info(f"round {round_no} slot {slot}: we sit this split round out ({len(declared)} declared)")
+            return GroupInfo(SITTING_OUT, (PeerID.from_base58(self.me),), (data_for_gather,))
+        for index, members in enumerate(groups):
             if self.me in members:
                 gathered = tuple(commitments[peer].gathered for peer in members)
                 peers = tuple(PeerID.from_base58(peer) for peer in members)

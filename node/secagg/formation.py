@@ -63,6 +63,7 @@ MAX_DECLARATION_BYTES = 2048  # a commitment or reveal envelope, gathered data i
 MAX_GATHERED_BYTES = 1024
 MAX_DECLARED = 4096  # declarations read per slot; more are ignored (a flood cannot grow our memory)
 GROUP_TARGET = 8  # peers per group where enough have declared (never below min_group_size)
+SITTING_OUT = bytes(32)  # the group id of a peer's "group" of itself that sits a split round out (``split_partition``)
 MIN_SPAN_PATIENCE = 2  # the fewest slots a cross-cohort ring waits for a second cohort (``span_patience``)
 MAX_SPAN_PATIENCE = 8  # ... and the most (24 s at the default 3 s slots)
 MAX_WAITED = 255  # the largest ``waited`` a commitment may carry
@@ -187,6 +188,19 @@ def partition(members: Iterable[str], seed: bytes, min_size: int, target: int = 
         groups.append(ordered[start:stop])
         start = stop
     return groups
+
+
+def split_partition(
+    members: Iterable[str], seed: bytes, min_size: int, found: bool = False
+) -> tuple[list[list[str]], list[str]]:
+    """A split slot's groups and the peers that sit its round out (suspicion.py): groups of ``min_size`` where
+    the slot holds two or more; else one group, of the first ``min_size`` in seed order, and the others train
+    alone this round, so that a slot too small for two groups still leaves a poisoner out of some of them.
+    ``found``: a suspect is already left out of the slot; then nobody sits out (one group of all)."""
+    groups = partition(members, seed, min_size, min_size)
+    if len(groups) != 1 or found:
+        return groups, []
+    return [groups[0][:min_size]], groups[0][min_size:]
 
 
 def span_patience(window: float, timeout: float) -> int:

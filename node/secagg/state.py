@@ -34,6 +34,7 @@ class SumRefused(SecAggError):
 REFUSED = "refused"  # the key of a step's result that ends with a refused sum (a PeerID is never this string)
 MAX_REFUSAL = 300  # characters of the refusal kept in that result
 REFUSED_GROUP = "refused_group"  # ... and the key of the refused group's PeerIDs (its members' suspicion.py verdict)
+SAT_OUT = "sat_out"  # the key of a step's result for a peer that sat a split round out (formation.SITTING_OUT)
 
 
 def refused_group(gathered: Any) -> list[str]:

@@ -6,11 +6,14 @@ honest member train alone, round after round (BENCHMARKS.md, benchmarks/integrit
 held-out loss at 6 peers). What every honest member does see is which of its groups it rejected and
 which it accepted. Declared formation (formation.py) draws fresh groups from a seed nobody chose, so:
 
-1. **Split.** A node that rejected its last group's mean gathers ``"split": 1`` with its next round. A
-   slot in which any declared peer asks for it is cut into groups of ``min_group_size`` (not of
+1. **Split.** A node that rejected one of its last ``SPLIT_ROUNDS`` group means, in a group holding none of
+   the peers it names (a rejection its suspects explain needs no more tests), gathers ``"split": 1`` with its
+   next round. A slot in which any declared peer asks for it is cut into groups of ``min_group_size`` (not of
    ``GROUP_TARGET``), the rejecting member leaves its kept group (kept_group.py), and no group formed in
    such a slot is kept (each runs one round, so every peer is drawn again next round): a poisoner then
-   spoils one small group a round, the others' means are accepted, and the groups keep mixing.
+   spoils one small group a round, the others' means are accepted, and the groups keep mixing. A slot too
+   small for two groups forms one and sits the other peers out (formation.py ``split_partition``): they
+   train alone that round, and the poisoner is left out of some groups all the same.
 2. **Suspects.** Each node keeps its verdicts of the last ``WINDOW`` rounds (``Suspicion``). It names the
    peer that was in more of the groups it rejected than any other peer (a tie names nobody), in at
    least ``MIN_REJECTED`` of them, and not in a group it accepted since. A poisoner that spoils every
@@ -28,8 +31,8 @@ What it gives and what it does not (docs/architecture.md): one poisoner, or coll
 votes, cannot exclude an honest peer (its own vote does not count, and one vote is not enough); as
 many colluders as the votes can keep an honest peer out of groups (it then trains alone: a denial of
 collaboration, never a change to anyone's model). A poisoner that stays within the gate's tolerance
-is never rejected and so never named. With fewer than ``2 x min_group_size`` peers a slot cannot be
-split, so a rejected group cannot be told apart from the others until the poisoner is named.
+is never rejected and so never named. With fewer than ``2 x min_group_size`` peers naming is slower (a node
+needs two rejected groups with different partners of the poisoner) and the peers that sit out train alone.
 Exclusion lasts while the votes do: a named peer shares no group with its voters, so their names of it
 lapse only after ``NAMED_ROUNDS``; then it is drawn again, and named again if it poisons again.
 """
@@ -46,6 +49,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 WINDOW = 16  # the last rounds whose verdicts count
+SPLIT_ROUNDS = 3  # we ask for small groups while one of our last this many verdicts was a rejection
 MIN_REJECTED = 2  # rejected groups a peer must have shared with us before we name it
 MAX_SUSPECTS = 4  # peers named in one declaration (bounds the gathered data)
 NAMED_ROUNDS = 64  # rounds a named peer stays named without being cleared (an excluded peer shares no group with us)
@@ -113,8 +117,10 @@ class Suspicion:
         return sorted(self._named, key=self._named.__getitem__)
 
     def split(self) -> bool:
-        """Whether we ask for small groups: our last verdict was a rejection."""
-        return bool(self._verdicts) and not self._verdicts[-1].accepted
+        """Whether we ask for small groups: one of our last ``SPLIT_ROUNDS`` verdicts rejected a group that held none
+        of the peers we name (a rejection our suspects explain needs no more tests)."""
+        recent = list(self._verdicts)[-SPLIT_ROUNDS:]
+        return any(not verdict.accepted and not verdict.peers & self._named.keys() for verdict in recent)
 
     def gathered(self) -> dict[str, Any]:
         """What a round gathers for it: ``{"split": 1}`` and ``{"suspects": [...]}`` where they apply, else {}."""

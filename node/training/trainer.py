@@ -28,7 +28,7 @@ import torch
 
 from dht import NodeIdentity, connect_to_peers, encode_sketch
 from dht.records import Capacity
-from node.aggregation.base import AggregationError, AggregationResult, Aggregator
+from node.aggregation.base import AggregationError, AggregationResult, Aggregator, AloneThisRound
 from node.aggregation.factory import make_aggregator
 from node.aggregation.hierarchy import HierarchicalAggregator, ParameterPartition, partition_parameters
 from node.capacity import fit_batch_size, pick_device, probe_capacity
@@ -62,8 +62,7 @@ EVAL_BATCHES = 4
 class TrainingNode:
     """A data-holding trainer in the swarm.
 
-    ``prepare()`` does everything that can fail without the network, ``join()`` enters the swarm,
-    ``run_forever()`` trains, ``close()`` ends it all (after any partial start).
+    ``prepare()`` does all that can fail without the network, ``join()`` enters the swarm, ``run_forever()`` trains.
 
     Args:
         config: the node's configuration (run config included).
@@ -344,6 +343,8 @@ class TrainingNode:
                 result = self.aggregator.aggregate(round_no, mean, weight=samples)
         except AggregationError as e:
             logger.warning(str(e))
+            if isinstance(e, AloneThisRound):  # sat out, or the sum refused: alone this round, at once
+                return RoundOutcome.SOLO, None
             result = None
         if result is not None:
             self._longest_round = max(self._longest_round, time.monotonic() - started)
@@ -491,8 +492,7 @@ class TrainingNode:
             self.train_round()
 
     def close(self) -> None:
-        """Stop background work, then the runtime (heartbeat, aggregator, sharer, DHT); safe to call more
-        than once and after a partial start."""
+        """Stop background work, then the runtime (heartbeat, aggregator, sharer, DHT); safe to call twice."""
         self.stop_event.set()  # a pending aggregation returns at once
         self._worker.shutdown(wait=True, cancel_futures=True)
         if self.runtime is not None:
