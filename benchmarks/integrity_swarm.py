@@ -13,6 +13,9 @@ Rows:
 - ``weight_poisoning``: the deviant sends ``+-clip_bound`` in every coordinate (``poison-mean``), the most a
   member can pull the mean inside the bounds every member checks; the honest members' loss gate stands
   between it and the model.
+- ``stealth_poisoning``: the deviant sends ``-3`` times its own update (``flip-update``): inside the gate's norm
+  ratio, and a mean of it with enough honest updates still lowers the loss, so no gate rejects it and nobody
+  names it; the row measures the harm the gate's thresholds leave (it slows the group, it does not wreck it).
 - ``value_range_poisoning``: the deviant forges the weight word of its masked vector (``forge-weight``), so
   every sum it is in is out of range and every member refuses the round; masking hides who did it.
 - ``poisoned_lineage``: the deviant shifts its global parameters by 0.5 after round 1 (``fork-lineage``) and
@@ -54,12 +57,14 @@ from node.demo import start_bootstrap, stop_process  # noqa: E402
 DEVIANT = [sys.executable, str(ROOT / "tests" / "deviant_node.py")]
 ATTACKS = {
     "weight_poisoning": "poison-mean",
+    "stealth_poisoning": "flip-update",
     "value_range_poisoning": "forge-weight",
     "poisoned_lineage": "fork-lineage",
     "poisoned_donor": "poison-donor",
 }
 DETECTION = {  # what an honest member's log says when it caught the attack
     "weight_poisoning": "rejected the group's mean",
+    "stealth_poisoning": "rejected the group's mean",
     "value_range_poisoning": "weight sum",  # every member refuses the sum (bounds.py); nobody is named
     "poisoned_lineage": "merged 2 lineages",
     "poisoned_donor": "refused the state of donor",

@@ -45,7 +45,6 @@ from node.run_config import (
     ShardingConfig,
     TrainConfig,
     build_section,
-    describe_difference,
     run_config_from_dict,
 )
 
@@ -261,3 +260,18 @@ def check_serve(config: NodeConfig) -> None:
     for stage in config.serve.stages:
         if stage >= stages:
             raise ConfigError(f"stage {stage} does not exist: the run has stages 0..{stages - 1}")
+
+
+def describe_difference(mine: RunConfig, theirs: dict[str, Any]) -> str:
+    """Name the fields where another peer's run config differs from ours, e.g. ``model.d_model: 64 != 128``."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            diffs.append(f"{prefix}: ours {a!r}, theirs {b!r}")
+
+    walk(mine.shared_dict(), theirs, "")
+    return "; ".join(diffs[:8]) if diffs else "the encodings differ (software version?)"

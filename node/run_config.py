@@ -1,8 +1,8 @@
 """What every peer of a run must share: ``RunConfig``, one dataclass per component of it.
 
-Its canonical encoding goes in each PeerRecord, and its hash decides who may train together;
-``describe_difference`` names the fields where another peer's config differs. ``node.config``
-re-exports every name here and adds this machine's own settings and the TOML loader.
+Its canonical encoding goes in each PeerRecord, and its hash decides who may train together.
+``node.config`` re-exports every name here and adds this machine's own settings, the TOML loader and
+``describe_difference`` (the fields where another peer's config differs).
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ class AggregationConfig:
     # nor is a mean whose L2 norm is over this many times our own update's (0 = no check; honest means measured
     # at most 1.27x over 920, a poisoner of six's 12-88x; node/training/gate.py). Off with the gate
     gate_norm_ratio: float = 4.0
+    # nor is one whose outer step leaves that loss more than this fraction above what our own update alone would
+    # (0 = no check; honest steps at most +1.9% over 895, a member sending -3x its update +4.8% median; gate.py)
+    gate_own_tolerance: float = 0.03
     # members of a group that arrive with different global parameters (after a solo or rejected round, or from
     # different groups) leave it with this coordinate-wise combination of their states (node/training/lineage.py):
     # "median" (stays within the honest values while fewer than half the members lie), "trimmed_mean" (drops
@@ -143,11 +146,12 @@ class AggregationConfig:
         _require_choice(self.mode, AggregationMode, "aggregation.mode")
         _require_choice(self.formation, GroupFormation, "aggregation.formation")
         _require_choice(self.combine, CombineRule, "aggregation.combine")
-        _require(
-            math.isfinite(self.gate_tolerance) and 0 <= self.gate_tolerance <= 10,
-            f"aggregation.gate_tolerance must be in [0, 10] (a fraction of the held-out loss; 0 = no gate), "
-            f"got {self.gate_tolerance}",
-        )
+        for name in ("gate_tolerance", "gate_own_tolerance"):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and 0 <= value <= 10,
+                f"aggregation.{name} must be in [0, 10] (a fraction of the held-out loss; 0 = no check), got {value}",
+            )
         _require(
             isinstance(self.allowlist, list)
             and len(self.allowlist) <= MAX_ALLOWLIST
@@ -433,14 +437,9 @@ class RunConfig:
         shared = {**self.to_dict(), "model": self.model.shared_dict()}
         if not self.lora.active:
             del shared["lora"]  # a run without adapters keeps the hash it had before LoRA existed
-        if self.train.inner_optimizer == "adamw":
-            del shared["train"]["inner_optimizer"]  # likewise a run on the default inner optimizer
-        if self.aggregation.combine == "median":
-            del shared["aggregation"]["combine"]  # and on the default lineage merge
-        if self.sharding.stage_lr_scale == 1.0:
-            del shared["sharding"]["stage_lr_scale"]  # and on the default stage step share
-        if self.aggregation.gate_norm_ratio == 4.0:
-            del shared["aggregation"]["gate_norm_ratio"]  # and on the default norm check (honest means pass both)
+        for (section, name), default in _LATER_FIELDS.items():  # likewise a run with these at their defaults
+            if shared[section][name] == default:
+                del shared[section][name]
         return shared
 
     def to_bytes(self) -> bytes:
@@ -450,6 +449,15 @@ class RunConfig:
     def digest(self) -> str:
         return hashlib.blake2b(self.to_bytes(), digest_size=16).hexdigest()
 
+
+# fields added after runs existed, left out of the run hash at their defaults (those runs keep their hash)
+_LATER_FIELDS: dict[tuple[str, str], Any] = {
+    ("train", "inner_optimizer"): "adamw",
+    ("aggregation", "combine"): "median",
+    ("sharding", "stage_lr_scale"): 1.0,
+    ("aggregation", "gate_norm_ratio"): 4.0,
+    ("aggregation", "gate_own_tolerance"): 0.03,
+}
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -482,18 +490,3 @@ def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
     values = dict(values)
     nested = {name: build_section(cls, dict(values.pop(name, {})), f"run.{name}") for name, cls in _SECTIONS.items()}
     return build_section(RunConfig, {**values, **nested}, "run")
-
-
-def describe_difference(mine: RunConfig, theirs: dict[str, Any]) -> str:
-    """Name the fields where another peer's run config differs from ours, e.g. ``model.d_model: 64 != 128``."""
-    diffs: list[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        elif a != b:
-            diffs.append(f"{prefix}: ours {a!r}, theirs {b!r}")
-
-    walk(mine.shared_dict(), theirs, "")
-    return "; ".join(diffs[:8]) if diffs else "the encodings differ (software version?)"

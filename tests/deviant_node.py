@@ -11,6 +11,9 @@ Deviations:
   most a peer can pull a group's mean while staying inside the bounds every member checks
   (node/secagg/bounds.py). Random signs: a uniform shift would barely move this GPT's loss (layer norms
   and the softmax are blind to it).
+- ``flip-update``: trains honestly but sends ``-FLIP_SCALE`` times its pseudo-gradient: a mean it is in stays
+  within the gate's norm ratio of an honest update and, with enough honest members, still lowers the held-out
+  loss, so no gate rejects it: it only slows the group down (the harm the gate's thresholds leave).
 - ``poison-donor``: trains honestly, but serves late joiners tampered global parameters at a huge round,
   and offers its state with the top priority so that a joiner asks it first.
 - ``forge-weight``: trains honestly, but its masked ring vector carries the largest weight word the ring holds
@@ -44,6 +47,7 @@ logger = logging.getLogger("deviant_node")
 POISONED_ROUND = 2**39  # the round the poisoned donor claims (within check_state's range)
 TAMPER = 0.5  # what the poisoned donor adds to every global parameter it serves
 LATE_ROUND, LATE_SECONDS = 3, 6.0  # the round the late trainer is late for, and by how much
+FLIP_SCALE = 3.0  # the update-flipper sends -FLIP_SCALE x its own pseudo-gradient
 FORGED_WEIGHT_WORD = 0x7FFFFFFF  # the weight-forging trainer's word: far beyond any honest group's weight sum
 
 
@@ -58,6 +62,17 @@ class MeanPoisoner(TrainingNode):
                 signs = torch.randint(0, 2, param.shape, generator=generator).to(param) * 2 - 1
                 local.copy_(param - bound * signs)
         logger.warning(f"deviant: sending +-{bound} in every coordinate of round {self.round + 1}")
+        super()._launch(inner)
+
+
+class UpdateFlipper(TrainingNode):
+    """Sends ``-FLIP_SCALE`` times its honest pseudo-gradient."""
+
+    def _launch(self, inner: tuple[float, int]) -> None:
+        with torch.no_grad():  # global - local becomes -FLIP_SCALE x (global - local)
+            for local, param in zip(self.model.parameters(), self.global_params, strict=True):
+                local.copy_(param + FLIP_SCALE * (param - local))
+        logger.warning(f"deviant: sending -{FLIP_SCALE} x our update of round {self.round + 1}")
         super()._launch(inner)
 
 
@@ -125,6 +140,7 @@ class LineageForker(TrainingNode):
 
 DEVIATIONS: dict[str, type[TrainingNode]] = {
     "poison-mean": MeanPoisoner,
+    "flip-update": UpdateFlipper,
     "poison-donor": PoisonedDonor,
     "fork-lineage": LineageForker,
     "forge-weight": WeightForger,

@@ -108,6 +108,47 @@ def test_gate_norm_ratio_is_checked_in_the_config_and_its_default_keeps_the_run_
     assert default.digest() != other.digest()
 
 
+def test_a_mean_that_does_worse_than_our_own_update_alone_is_rejected() -> None:
+    """The own-update check: a step that lowers the loss, but leaves it more than ``own_tolerance`` above what
+    our own update alone would, is undone (a member sending minus its update slows the group that way); one within
+    it is applied as the group's step, not ours."""
+    # Prepare
+    model = build_model(ModelConfig(d_model=16, context=8), seed=0)
+    outer = OuterState(model, TrainConfig(outer_lr=0.7, outer_momentum=0.9))
+    twin = OuterState(
+        build_model(ModelConfig(d_model=16, context=8), seed=0), TrainConfig(outer_lr=0.7, outer_momentum=0.9)
+    )
+    saved = [t.clone() for t in outer.shared_tensors()]
+    own = [torch.full_like(p, 1e-3) for p in outer.params]
+    mean = [torch.full_like(p, 2e-4) for p in outer.params]
+    # before; then (group step, own alone) for each round: 1.95 > 1.80 x 1.03, then 1.84 <= 1.854
+    losses = iter([2.0, 1.95, 1.80, 1.84, 1.80])
+    gate = LossGate(0.05, lambda: next(losses), norm_ratio=4.0, own_tolerance=0.03)
+
+    # Execute
+    slowed = gate.step(outer, mean, round_no=1, own=own)
+    unchanged = all(torch.equal(a, b) for a, b in zip(saved, outer.shared_tensors(), strict=True))
+    within = gate.step(outer, mean, round_no=2, own=own)
+    twin.step(mean)
+
+    # Assert
+    assert (slowed, within) == (RoundOutcome.REJECTED, RoundOutcome.GROUP)
+    assert unchanged and gate.rejected == 1
+    assert all(torch.equal(a, b) for a, b in zip(twin.shared_tensors(), outer.shared_tensors(), strict=True))
+
+
+def test_gate_own_tolerance_is_checked_and_its_default_keeps_the_run_hash() -> None:
+    with pytest.raises(ConfigError, match=r"aggregation.gate_own_tolerance must be in \[0, 10\]"):
+        load_node_config(None, {"run.aggregation.gate_own_tolerance": -0.01})
+    default = load_node_config(None, {}).run
+    other = load_node_config(None, {"run.aggregation.gate_own_tolerance": 0.0}).run
+    assert "gate_own_tolerance" not in default.shared_dict()["aggregation"]
+    assert default.digest() != other.digest()
+    assert LossGate.for_run(default, lambda: 0.0).own_tolerance == 0.03
+    overlapped = load_node_config(None, {"run.train.overlap": True}).run
+    assert LossGate.for_run(overlapped, lambda: 0.0).own_tolerance == 0.0  # off where the loss check is
+
+
 def test_rises_each_under_the_tolerance_cannot_ratchet_the_loss_up() -> None:
     """The reference is the best loss of the steps applied in a row: +4% then +2.9% is +7% over that best,
     so a 5% gate applies the first and rejects the second (a gate on the last loss took both). A change of
@@ -178,9 +219,21 @@ def test_the_held_out_evaluation_is_the_same_twice_under_dropout() -> None:
 
 
 @pytest.mark.slow
-def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, bootstrap_maddr: str) -> None:
-    """A peer that pulls every coordinate of the mean to the clip bound (inside bounds.py's ranges) is
-    gated: honest nodes report ``rejected`` rounds, name the reason in their logs, and their loss falls."""
+@pytest.mark.parametrize(
+    ("deviation", "reason"),
+    [
+        ("poison-mean", "rejected the group's mean"),
+        # -3x its own update: the mean shrinks and the loss barely moves (under the loss check's 20%), far
+        # behind what our own update alone does: the own-update check refuses it
+        ("flip-update", "over our own update alone"),
+    ],
+)
+def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(
+    tmp_path: Path, bootstrap_maddr: str, deviation: str, reason: str
+) -> None:
+    """A peer that pulls every coordinate of the mean to the clip bound (inside bounds.py's ranges), or sends
+    minus three times its update, is gated: honest nodes report ``rejected`` rounds, name the reason in their
+    logs, and their loss falls."""
     # Prepare
     rounds = 3
     config = write_run_config(
@@ -189,7 +242,8 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, b
     corpus = generate_corpus(3 * 20_000, seed=5)
     args = ("--rounds", str(rounds), "--min-peers", "3")
     honest = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 2, *args)
-    poisoner = NodeProcess(tmp_path, "poisoner", config, bootstrap_maddr, corpus[40_000:], *args, program=POISON_MEAN)
+    program = [*POISON_MEAN[:2], deviation]
+    poisoner = NodeProcess(tmp_path, "poisoner", config, bootstrap_maddr, corpus[40_000:], *args, program=program)
 
     # Execute
     try:
@@ -207,7 +261,7 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(tmp_path: Path, b
         assert [r["mode"] for r in trained] == ["rejected"] * rounds, node.tail()
         assert all(r["group_size"] == 3 for r in trained)
         assert trained[-1]["eval_loss"] < reports[0]["eval_loss"] - 0.1, reports
-        assert "rejected the group's mean" in node.output()
+        assert "rejected the group's mean" in node.output() and reason in node.output()
         assert "Traceback" not in node.output()
 
 
