@@ -14,8 +14,8 @@ Rows:
   member can pull the mean inside the bounds every member checks; the honest members' loss gate stands
   between it and the model.
 - ``stealth_poisoning``: the deviant sends ``-3`` times its own update (``flip-update``): inside the gate's norm
-  ratio, and a mean of it with enough honest updates still lowers the loss, so no gate rejects it and nobody
-  names it; the row measures the harm the gate's thresholds leave (it slows the group, it does not wreck it).
+  ratio, and a mean of it with enough honest updates still lowers the loss, so neither the loss nor the norm
+  check rejects it; the opt-in own-update check (``--gate-own-tolerance 0.03``) does.
 - ``value_range_poisoning``: the deviant forges the weight word of its masked vector (``forge-weight``), so
   every sum it is in is out of range and every member refuses the round; masking hides who did it.
 - ``poisoned_lineage``: the deviant shifts its global parameters by 0.5 after round 1 (``fork-lineage``) and
@@ -86,6 +86,8 @@ def run_swarm(
         aggregation["gate_tolerance"] = args.gate_tolerance
     if args.gate_norm_ratio is not None:
         aggregation["gate_norm_ratio"] = args.gate_norm_ratio
+    if args.gate_own_tolerance is not None:
+        aggregation["gate_own_tolerance"] = args.gate_own_tolerance
     privacy = {"enabled": True, "target_epsilon": args.epsilon, "planned_rounds": args.rounds} if args.epsilon else None
     config = write_run_config(root / "run.toml", run_id="integrity", aggregation=aggregation, privacy=privacy)
     rounds = args.rounds + (LATE_EXTRA_ROUNDS if late else 0)
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         "--gate-norm-ratio", type=float, default=None, help="aggregation.gate_norm_ratio (default: the run's)"
     )
     parser.add_argument(
+        "--gate-own-tolerance", type=float, default=None, help="aggregation.gate_own_tolerance (default: the run's)"
+    )
+    parser.add_argument(
         "--min-group-size",
         type=int,
         default=0,
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": path.name,
         "gate_tolerance": args.gate_tolerance,
         "gate_norm_ratio": args.gate_norm_ratio,
+        "gate_own_tolerance": args.gate_own_tolerance,
     }
     settings["epsilon"] = args.epsilon or None
     result = {**settings, **summary, "rows": rows}

@@ -133,9 +133,9 @@ class AggregationConfig:
     # nor is a mean whose L2 norm is over this many times our own update's (0 = no check; honest means measured
     # at most 1.27x over 920, a poisoner of six's 12-88x; node/training/gate.py). Off with the gate
     gate_norm_ratio: float = 4.0
-    # nor is one whose outer step leaves that loss more than this fraction above what our own update alone would
-    # (0 = no check; honest steps at most +1.9% over 895, a member sending -3x its update +4.8% median; gate.py)
-    gate_own_tolerance: float = 0.03
+    # opt-in: nor is one whose step leaves that loss more than this fraction above what our own update alone would
+    # (0 = off). Against a member sending -3x its update (+4.8% median); honest non-IID means can exceed 3% (gate.py)
+    gate_own_tolerance: float = 0.0
     # members of a group that arrive with different global parameters (after a solo or rejected round, or from
     # different groups) leave it with this coordinate-wise combination of their states (node/training/lineage.py):
     # "median" (stays within the honest values while fewer than half the members lie), "trimmed_mean" (drops
@@ -456,7 +456,7 @@ _LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("aggregation", "combine"): "median",
     ("sharding", "stage_lr_scale"): 1.0,
     ("aggregation", "gate_norm_ratio"): 4.0,
-    ("aggregation", "gate_own_tolerance"): 0.03,
+    ("aggregation", "gate_own_tolerance"): 0.0,
 }
 
 _SECTIONS: dict[str, type] = {

@@ -141,12 +141,13 @@ def test_gate_own_tolerance_is_checked_and_its_default_keeps_the_run_hash() -> N
     with pytest.raises(ConfigError, match=r"aggregation.gate_own_tolerance must be in \[0, 10\]"):
         load_node_config(None, {"run.aggregation.gate_own_tolerance": -0.01})
     default = load_node_config(None, {}).run
-    other = load_node_config(None, {"run.aggregation.gate_own_tolerance": 0.0}).run
     assert "gate_own_tolerance" not in default.shared_dict()["aggregation"]
-    assert default.digest() != other.digest()
-    assert LossGate.for_run(default, lambda: 0.0).own_tolerance == 0.03
-    overlapped = load_node_config(None, {"run.train.overlap": True}).run
-    assert LossGate.for_run(overlapped, lambda: 0.0).own_tolerance == 0.0  # off where the loss check is
+    assert default.digest() != load_node_config(None, {"run.aggregation.gate_own_tolerance": 0.03}).run.digest()
+    assert LossGate.for_run(default, lambda: 0.0).own_tolerance == 0.0  # opt-in: honest non-IID means can fail it
+    chosen = load_node_config(None, {"run.aggregation.gate_own_tolerance": 0.03}).run
+    assert LossGate.for_run(chosen, lambda: 0.0).own_tolerance == 0.03
+    overlapped = {"run.aggregation.gate_own_tolerance": 0.03, "run.train.overlap": True}
+    assert LossGate.for_run(load_node_config(None, overlapped).run, lambda: 0.0).own_tolerance == 0.0
 
 
 def test_rises_each_under_the_tolerance_cannot_ratchet_the_loss_up() -> None:
@@ -237,7 +238,9 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(
     # Prepare
     rounds = 3
     config = write_run_config(
-        tmp_path / "run.toml", run_id="gate", aggregation={"matchmaking_time": 1.0, "gate_tolerance": 0.2}
+        tmp_path / "run.toml",
+        run_id="gate",
+        aggregation={"matchmaking_time": 1.0, "gate_tolerance": 0.2, "gate_own_tolerance": 0.03},
     )
     corpus = generate_corpus(3 * 20_000, seed=5)
     args = ("--rounds", str(rounds), "--min-peers", "3")
