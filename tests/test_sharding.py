@@ -142,7 +142,13 @@ def test_a_stage_server_killed_mid_training_loses_no_step(tmp_path: Path) -> Non
         steps = trainer.steps()
         assert [r["step"] for r in steps] == list(range(1, 81))
         assert [r["versions"] for r in steps] == [[i, i] for i in range(1, 81)]
-        assert steps[-1]["failovers"] >= 1
+        later = steps[killed_at + 1 :]  # after the step in flight when it died: the other replica's
+        assert later and all(r["servers"][1] != in_use for r in later), [r["servers"] for r in steps]
+        # a call that found the victim dead moved on (a failover), unless the trainer had already moved to the other
+        # replica: it ranks replicas by latency and load and may switch just before the crash (the likely cause of
+        # 0 failovers in a fresh-clone CI run on a loaded 2-core box, 2026-12-05)
+        moved_before = all(r["servers"][1] != in_use for r in steps[killed_at:])
+        assert steps[-1]["failovers"] >= 1 or moved_before, [r["servers"] for r in steps]
         assert all(
             not r["servers"][1] or not victim.peer_id.startswith(r["servers"][1]) for r in steps[killed_at + 1 :]
         )
