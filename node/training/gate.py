@@ -82,8 +82,12 @@ def norm_ratio_for(run: RunConfig) -> float:
     """The run's norm check: ``aggregation.gate_norm_ratio``, but off with user-level DP (noisy means are large by
     design) and with ``train.round_seconds`` (phases end on time, so a slow peer's own update is smaller than the
     others' by its share of their steps, and is no yardstick)."""
-    user_dp = run.privacy.enabled and run.privacy.level == "user"
-    return 0.0 if user_dp or run.train.round_seconds > 0 else run.aggregation.gate_norm_ratio
+    return 0.0 if _user_dp(run) or run.train.round_seconds > 0 else run.aggregation.gate_norm_ratio
+
+
+def _user_dp(run: RunConfig) -> bool:
+    """Whether the run adds DP noise to each node's whole update (its means are noisy by design)."""
+    return run.privacy.enabled and run.privacy.level == "user"
 
 
 def l2_norm(tensors: list[torch.Tensor]) -> float:
@@ -141,8 +145,7 @@ class LossGate:
         the held-out loss by design (measured: +114% to +469% on tests/test_privacy.py's honest swarm), and off
         in the overlapped loop, whose means land a phase late on local models that kept training (measured:
         honest means raised the loss by 20% to over 50% in tests/test_overlap.py, and the gate parted members)."""
-        user_dp = run.privacy.enabled and run.privacy.level == "user"
-        tolerance = 0.0 if user_dp or run.train.overlap else run.aggregation.gate_tolerance
+        tolerance = 0.0 if _user_dp(run) or run.train.overlap else run.aggregation.gate_tolerance
         own_tolerance = run.aggregation.gate_own_tolerance if tolerance else 0.0
         return cls(tolerance, evaluate, norm_ratio_for(run), own_tolerance)  # overlapped: the norm check only
 
