@@ -10,9 +10,9 @@ One invocation runs all four, on 127.0.0.1::
     (rounds x H), the same learning rate; the held-out loss is measured every ``--eval-every``
     steps, giving a curve of loss against samples. It (and the alone run) gets ``--threads`` cores.
 (b) Alone: one model trained in this process on peer 0's slice exactly as that peer sees it (the
-    first 90% of the slice, the node's batch order), the per-peer batch, the same steps and
-    learning rate as each peer, and no peers; the held-out curve is measured like central's.
-(c) Pooled: the central run on the bytes the peers train on, pooled (each slice's first 90%, as each
+    90% of the slice its node trains on, ``split_corpus``, in the node's batch order), the per-peer
+    batch, the same steps and learning rate as each peer, and no peers; the held-out curve is measured like central's.
+(c) Pooled: the central run on the bytes the peers train on, pooled (each slice's training 90%, as each
     node cuts it; the 10% every node holds out for its own evaluation is left out), batch N x the
     per-peer batch, the same steps: what pooling the peers' training data gives. ``--no-pooled`` skips it.
 (d) The swarm: a bootstrap peer and N ``zen-node join`` processes, each with a contiguous
@@ -244,7 +244,7 @@ def central(train: bytes, held_out: list[Any], args: argparse.Namespace, model: 
 
 
 def peer_bytes(train: bytes, args: argparse.Namespace, index: int) -> bytes:
-    """The bytes peer ``index`` trains on: the first 90% of its contiguous slice, cut as its node cuts it."""
+    """The bytes peer ``index`` trains on: 90% of its contiguous slice, cut as its node cuts it."""
     share = len(train) // args.peers
     return split_corpus(train[index * share : (index + 1) * share], args.context)[0]
 
@@ -257,7 +257,7 @@ def alone(train: bytes, held_out: list[Any], args: argparse.Namespace, model: Be
 
 
 def pooled(train: bytes, held_out: list[Any], args: argparse.Namespace, model: BenchmarkModel) -> Curve:
-    """The central run on the peers' training bytes pooled: every slice's first 90% (``split_corpus``, as each
+    """The central run on the peers' training bytes pooled: every slice's training 90% (``split_corpus``, as each
     node cuts its own), batch N x the per-peer batch."""
     owns = b"".join(peer_bytes(train, args, i) for i in range(args.peers))
     batches = model.batches(owns, args.peers * args.batch_size, seed=SEED)

@@ -10,8 +10,8 @@ steps like node/training/inner.py), not the transport. Run, e.g.::
 Every comma list is an axis; the sweep runs their Cartesian product.
 
 Setup (as benchmarks/efficiency.py): the held-out set is 16 batches from the file's last 10%; the
-first 90% is cut into N contiguous (non-IID) slices, one per peer, and each peer trains on the first
-90% of its slice in the batch order the node uses (``split_corpus``, ``batch_seed``). Every peer
+first 90% is cut into N contiguous (non-IID) slices, one per peer, and each peer trains on the 90%
+of its slice that its node trains on, in the node's batch order (``split_corpus``, ``batch_seed``). Every peer
 takes the preset's steps in rounds of H inner steps; a round's mean lands ``--delay`` (tau) inner
 steps into the next round (0: synchronous; ``H``: one round late, the node's ``train.overlap``) and
 is applied with ``OuterState.step`` and ``OuterState.follow``. The last round is landed at once, as
@@ -22,7 +22,7 @@ to 10% over the run (per peer inner step), the same schedule given to the baseli
 Baselines, once per (N, preset, schedule, seed): ``central_final_loss`` (one model, batch N x per-peer
 batch from all training bytes, the same number of steps as each peer, its held-out loss every
 ``--eval-every`` steps giving the curve), ``pooled_final_loss`` (the same on the bytes the peers train
-on, pooled: each slice's first 90%, without the 10% each node holds out) and ``alone_final_loss``
+on, pooled: each slice's training 90%, without the 10% each node holds out) and ``alone_final_loss``
 (peer 0 on its own slice, the same steps). ``--seed`` (a list) sets the models' init and every batch
 order, for the spread over seeds. Per configuration: ``final_loss`` (the global params),
 ``gap_closed`` = (alone - swarm) / (alone - central), ``efficiency`` (central samples to reach the
@@ -136,7 +136,7 @@ def load(setup: Setup) -> tuple[bytes, list[tuple[torch.Tensor, torch.Tensor]]]:
 
 
 def peer_bytes(train: bytes, setup: Setup, index: int) -> bytes:
-    """The bytes peer ``index`` trains on: the first 90% of its contiguous slice, cut as the node cuts it."""
+    """The bytes peer ``index`` trains on: 90% of its contiguous slice, cut as the node cuts it."""
     share = len(train) // setup.peers
     return split_corpus(train[index * share : (index + 1) * share], setup.model.context)[0]
 
@@ -160,7 +160,7 @@ def inner_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
 
 def baseline(setup: Setup, kind: str) -> dict[str, Any]:
     """The curve [(samples, loss)] of one model: ``central`` on all training bytes and ``pooled`` on the peers'
-    own (each slice's first 90%), both on batches N x larger; ``alone``: peer 0 alone."""
+    own (each slice's training 90%), both on batches N x larger; ``alone``: peer 0 alone."""
     torch.set_num_threads(1)
     train, held_out = load(setup)
     model = build_model(setup.model, setup.seed)

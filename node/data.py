@@ -10,6 +10,7 @@ frequencies); ``byte_histogram`` is the older, coarser one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -20,7 +21,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_CORPUS_BYTES = 2 * 1024**3  # refuse to load more than this into memory
-TRAIN_FRACTION = 0.9  # the first 90% of a node's bytes train, the rest is held out for evaluation
+TRAIN_FRACTION = 0.9  # 90% of a node's bytes train, the rest is held out for evaluation
+HOLDOUT_SEGMENTS = 10  # the held-out bytes are the tail of each of this many equal segments (at most)
+MAX_HELD_OUT_BYTES = 1 << 20  # evaluation reads a few dozen windows: a large corpus trains on the rest
 
 
 class DataError(Exception):
@@ -123,14 +126,25 @@ class ByteBatches(TokenBatches):
 
 
 def split_corpus(corpus: bytes, context: int) -> tuple[bytes, bytes]:
-    """Cut ``corpus`` into (train, held-out) bytes: the first ``TRAIN_FRACTION``, at least ``context + 2``.
+    """Cut ``corpus`` into (train, held-out) bytes: ``TRAIN_FRACTION`` trains, the rest (at most
+    ``MAX_HELD_OUT_BYTES``) is held out.
 
-    When the held-out part is too short for one window of ``context + 1`` bytes, the training bytes
-    are returned in its place (a tiny corpus is evaluated on what it trains on).
+    The corpus is cut into up to ``HOLDOUT_SEGMENTS`` equal segments and the tail of each is held out,
+    so the held-out set samples the whole of the node's data and training sees every part of it (a
+    corpus ordered by time does not leave its newest tenth untrained). Each held-out piece keeps at
+    least 8 windows of ``context + 1`` bytes, so short corpora use fewer segments, down to one (the
+    last 10%). When the held-out part is too short for one window, the training bytes are returned in
+    its place (a tiny corpus is evaluated on what it trains on).
     """
-    split = max(context + 2, int(len(corpus) * TRAIN_FRACTION))
-    train, held_out = corpus[:split], corpus[split:]
-    return train, held_out if len(held_out) > context + 1 else train
+    held_bytes = min(MAX_HELD_OUT_BYTES, max(0, len(corpus) - max(context + 2, int(len(corpus) * TRAIN_FRACTION))))
+    segments = max(1, min(HOLDOUT_SEGMENTS, held_bytes // (8 * (context + 1))))
+    bounds = [len(corpus) * i // segments for i in range(segments + 1)]
+    train, held_out = bytearray(), bytearray()
+    for start, end in itertools.pairwise(bounds):
+        split = end - (held_bytes * (end - start) // len(corpus) if segments > 1 else held_bytes)
+        train += corpus[start:split]
+        held_out += corpus[split:end]
+    return bytes(train), bytes(held_out) if len(held_out) > context + 1 else bytes(train)
 
 
 def batch_seed(run_seed: int, data: bytes) -> int:
