@@ -208,7 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     try:
         _print_ready(peer)
-        peer.wait()  # until a signal sets `stop`, or the DHT process dies
+        # Until a signal sets `stop` or the DHT process dies; in slices, so that the main thread runs
+        # a pending signal handler even when another thread took the signal.
+        while not peer.wait(timeout=0.5):
+            pass
     finally:
         peer.stop()
     return EXIT_FAILURE if peer.failed else 0

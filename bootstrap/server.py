@@ -57,6 +57,7 @@ from dht import (
     check_multiaddr,
     list_peers,
     list_summaries,
+    reap,
     start_dht,
 )
 
@@ -65,6 +66,7 @@ logger = logging.getLogger(__name__)
 REACHABILITY_CHOICES = ("public", "private")
 _RPC_TIMEOUT = 30.0  # seconds one call may wait on the DHT process before it counts as stuck
 _WAIT_SLICE = 0.5  # seconds between two checks that the DHT process is alive, during a call
+_STOP_GRACE = 5.0  # seconds stop() waits for the poller
 _T = TypeVar("_T")
 
 
@@ -320,7 +322,7 @@ class BootstrapPeer:
             self._stopped = True
         self.stop_event.set()
         if self._poller.is_alive():
-            self._poller.join(timeout=_RPC_TIMEOUT)
+            self._poller.join(timeout=_STOP_GRACE)  # its calls wait in slices that look at stop_event
         if self._health is not None:
             self._health.stop()
         if self.dht is not None:
@@ -330,7 +332,7 @@ class BootstrapPeer:
                 # p2pd is gone already (Ctrl-C reaches the whole process group): without it the DHT
                 # process cannot shut down gracefully and would only time out, so end it now.
                 self.dht.terminate()
-                self.dht.join(timeout=5)
+            reap(self.dht, "the DHT process")
             if self._p2pd_running():
                 # The DHT process had to be killed before it stopped p2pd, which now outlives it.
                 logger.warning(f"p2pd (pid {self._p2pd_pid}) outlived the DHT process; terminating it")

@@ -9,7 +9,7 @@ class LedgerSummary (ledger.py): a node's signed running total of what it gave a
 class PeerRecordValidator (validator.py): hivemind validator that drops forged, stale or malformed records
 class SwarmConfig (config.py): join options, loaded without hivemind; check_multiaddr
 class Heartbeat (swarm.py): keep a node's record fresh
-start_dht, publish_record, list_peers (swarm.py): start a DHT peer, publish, read the live peers
+start_dht, publish_record, list_peers, reap (swarm.py): start a DHT peer, publish, read the live peers, end it
 
 ``dht`` never imports ``node`` or ``bootstrap``. Names are imported lazily, on first use.
 """
@@ -48,6 +48,7 @@ _EXPORTS = {
     "publish_ban": "bans",
     "publish_record": "swarm",
     "publish_summary": "ledger",
+    "reap": "swarm",
     "start_dht": "swarm",
 }
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "publish_ban",
     "publish_record",
     "publish_summary",
+    "reap",
     "start_dht",
 ]
 
@@ -91,7 +93,7 @@ if TYPE_CHECKING:
     from dht.identity import IdentityError, NodeIdentity, peer_id_from_public_key, public_key_from_peer_id
     from dht.ledger import LedgerError, LedgerSummary, list_summaries, publish_summary
     from dht.records import SKETCH_DIM, Capacity, PeerRecord, RecordError, encode_sketch
-    from dht.swarm import Heartbeat, connect_to_peers, list_peers, publish_record, start_dht
+    from dht.swarm import Heartbeat, connect_to_peers, list_peers, publish_record, reap, start_dht
     from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
 
 

@@ -9,6 +9,7 @@ way in; checking again costs microseconds and keeps this function safe on any DH
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -28,6 +29,21 @@ from dht.validator import MAX_TTL, PeerRecordValidator, peers_key
 logger = logging.getLogger(__name__)
 
 MIN_BEAT_GAP = 0.5  # seconds a nudged heartbeat waits, so that nudges close together make one beat
+REAP_GRACE = 5.0  # seconds reap() waits for a stopped hivemind process, before and after SIGKILL
+
+
+def reap(process: multiprocessing.Process, what: str) -> None:
+    """Wait for a hivemind process that was asked to stop (``shutdown()`` or ``terminate()``); kill it if it hangs.
+
+    hivemind's ``shutdown()`` waits a few seconds, sends SIGTERM and returns without waiting; at exit,
+    multiprocessing then joins the process with no timeout, so a child stuck outside Python code (where
+    no signal handler runs) would keep its parent from ever exiting. Logs a warning when it kills.
+    """
+    process.join(timeout=REAP_GRACE)
+    if process.is_alive():
+        logger.warning(f"{what} (pid {process.pid}) did not stop after SIGTERM; killing it")
+        process.kill()
+        process.join(timeout=REAP_GRACE)
 
 
 def start_dht(

@@ -58,7 +58,7 @@ import hivemind
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from dht import Heartbeat, NodeIdentity, PeerRecord, list_peers, start_dht
+from dht import Heartbeat, NodeIdentity, PeerRecord, list_peers, reap, start_dht
 from dht.records import MAX_RECENT_ROUNDS
 from node._version import __version__
 from node.config import NodeConfig, RunConfig
@@ -260,6 +260,7 @@ class NodeRuntime:
         dht, self._dht = self._dht, None
         if dht is not None:
             dht.shutdown()
+            reap(dht, "the DHT process")
 
 
 Phase = Literal["inner", "aggregation", "aggregation_wait", "evaluation", "checkpoint", "download", "peer_wait"]

@@ -136,7 +136,11 @@ class BootstrapProcess:
 
     def finish(self, timeout: float = EXIT_TIMEOUT) -> tuple[int, str]:
         """Wait for the process to exit; return its exit code and its whole stderr."""
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stderr.wait_for(lambda _: False, timeout=1)
+            pytest.fail(f"zen-bootstrap did not exit within {timeout} s; stderr:\n{self.stderr.text()}")
         # Until the reader has seen the end of the pipe (a grandchild holding it, such as torch's
         # shared-memory manager, may keep it open a moment after the process itself exits).
         self.stderr.wait_for(lambda _: False, timeout)
@@ -491,7 +495,8 @@ def test_restart_with_the_same_identity_keeps_the_peer_id(
     first_ready = first.wait_ready()
     key_bytes = (tmp_path / "bootstrap.id" / "p2p.key").read_bytes()
     first.proc.send_signal(signal.SIGTERM)
-    assert first.proc.wait(timeout=EXIT_TIMEOUT) == 0
+    code, stderr = first.finish()
+    assert code == 0, stderr
 
     # Execute
     second_ready = spawn(*args).wait_ready()
@@ -528,4 +533,28 @@ def test_signal_stops_cleanly_and_leaves_no_child_process(
     assert code == 0, stderr
     assert "Traceback" not in stderr
     assert "stopping" in stderr and "bootstrap peer stopped" in stderr
+    assert _alive(descendants) == []
+
+
+def test_a_dht_process_that_hangs_is_killed_and_the_bootstrap_still_exits(
+    spawn: Callable[..., BootstrapProcess], tmp_path: Path
+) -> None:
+    """A DHT process that never answers SIGTERM (stopped here with SIGSTOP) is killed, not waited on forever."""
+    # Prepare
+    process = spawn("--host-maddrs", LOCALHOST_MADDR, "--http-port", "0", "--identity", str(tmp_path / "b.id"))
+    process.wait_ready()
+    descendants = process.descendants
+    main = psutil.Process(process.proc.pid)
+    (dht_process,) = [p for p in main.children() if p.cmdline() == main.cmdline()]  # forked: the same command
+    dht_process.send_signal(signal.SIGSTOP)
+
+    # Execute
+    process.proc.send_signal(signal.SIGTERM)
+    code, stderr = process.finish()
+    psutil.wait_procs(descendants, timeout=EXIT_TIMEOUT)
+
+    # Assert
+    assert code == 0, stderr
+    assert f"the DHT process (pid {dht_process.pid}) did not stop after SIGTERM; killing it" in stderr
+    assert "outlived the DHT process; terminating it" in stderr  # its p2pd, which it could not stop
     assert _alive(descendants) == []

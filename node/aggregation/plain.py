@@ -14,6 +14,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 
+from dht import reap
 from node.aggregation.base import (
     AggregationError,
     AggregationResult,
@@ -125,6 +126,7 @@ class AveragerAggregator(Aggregator):
 
     def shutdown(self) -> None:
         self._averager.shutdown()
+        reap(self._averager, "the averager process")
 
 
 class _MissedRound:
