@@ -275,17 +275,37 @@ def test_honest_nodes_reject_a_poisoned_mean_and_keep_learning(
         ({"run.train.overlap": True}, 0.0, 4.0),  # a stale mean raises the loss, not the norm
         ({"run.privacy.enabled": True, "run.privacy.level": "user", "run.privacy.noise_multiplier": 1.0}, 0.0, 0.0),
         ({"run.privacy.enabled": True, "run.privacy.target_epsilon": 8.0}, 0.05, 4.0),
-        ({"run.train.round_seconds": 30.0}, 0.05, 0.0),  # phases end on time: a slow peer's update is smaller
+        ({"run.train.round_seconds": 30.0}, 0.05, 4.0),  # phases end on time: scaled to a whole phase (below)
     ],
 )
 def test_the_gate_is_off_where_honest_means_raise_the_loss(
     overrides: dict[str, object], expected: float, norm_ratio: float
 ) -> None:
     """The loss check is on by default and with record-level DP; off in the overlapped loop and with user-level DP.
-    The norm check is off with user-level DP, whose noise makes honest means large, and where phases end on time."""
+    The norm check is off with user-level DP, whose noise makes honest means large; where phases end on time it
+    measures our own update against a whole phase of ``inner_steps``."""
     run = load_node_config(None, overrides).run
     gate = LossGate.for_run(run, lambda: 1.0)
     assert (gate.tolerance, gate.norm_ratio) == (expected, norm_ratio)
+    assert gate.phase_steps == (run.train.inner_steps if run.train.round_seconds else 0)
+
+
+def test_where_phases_end_on_time_a_short_phase_is_scaled_to_a_whole_one_before_the_norm_check() -> None:
+    """A slow peer whose phase was cut to 2 of 10 steps does not reject an honest mean of the others' whole phases
+    (3x its own update's norm, within 4 x 10/2), and still rejects one over that bound (25x); a 5x mean against a
+    whole phase of ours is rejected, as without ``round_seconds``."""
+    model = build_model(ModelConfig(d_model=16, context=8), seed=0)
+    outer = OuterState(model, TrainConfig())
+    own = [torch.full_like(p, 1e-3) for p in outer.params]
+    gate = LossGate(0.0, lambda: pytest.fail("the norm-only gate evaluated a mean"), norm_ratio=4.0, phase_steps=10)
+
+    def mean(times: float) -> list[torch.Tensor]:
+        return [torch.full_like(p, times * 1e-3) for p in outer.params]
+
+    honest = gate.step(outer, mean(3.0), round_no=1, own=own, own_steps=2)
+    poisoned = gate.step(outer, mean(25.0), round_no=2, own=own, own_steps=2)
+    whole_phase = gate.step(outer, mean(5.0), round_no=3, own=own, own_steps=10)
+    assert (honest, poisoned, whole_phase) == (RoundOutcome.GROUP, RoundOutcome.REJECTED, RoundOutcome.REJECTED)
 
 
 def test_the_overlapped_loops_gate_checks_the_norm_alone() -> None:

@@ -48,9 +48,11 @@ member's groups +4.8% median, so 3% separates them there; but on more different 
 own update fits its own held-out split better than any group's mean: honest means were +4.1% and +5.3% in
 tests/test_training.py's 3-node swarm (H = 24, generated text), and rejecting them parts the members. So it is
 off unless a run whose members' data are alike turns it on. It costs one more evaluation per gated round.
-The norm check is off where phases end on time (``train.round_seconds``: a slow peer's update is smaller than
-the others' by its share of their steps). With user-level DP the gate is off, both checks: a noisy mean raises
-the held-out loss and its norm by design, and honest members would reject it. In the overlapped loop
+Where phases end on time (``train.round_seconds``) a slow peer's update is smaller than the others' by its share
+of their steps, so the norm check first scales our own update's norm up to a whole phase (``inner_steps`` over
+the steps we took, as if each step had moved as far as ours did on average). With user-level DP the gate is off,
+both checks: a noisy mean raises the held-out loss and its norm by design, and honest members would reject it.
+In the overlapped loop
 (``train.overlap``) the loss check is off: a mean lands a phase late, on local models that kept training, and
 honest means raised the loss by 20% to over 50% there (two fresh-clone CI runs of tests/test_overlap.py), so
 no tolerance separates them from a poisoner's. The norm check stays on there: the mean and our own update are
@@ -80,9 +82,8 @@ GATE_WINDOW = 50  # the applied steps in a row whose best held-out loss is the g
 
 def norm_ratio_for(run: RunConfig) -> float:
     """The run's norm check: ``aggregation.gate_norm_ratio``, but off with user-level DP (noisy means are large by
-    design) and with ``train.round_seconds`` (phases end on time, so a slow peer's own update is smaller than the
-    others' by its share of their steps, and is no yardstick)."""
-    return 0.0 if _user_dp(run) or run.train.round_seconds > 0 else run.aggregation.gate_norm_ratio
+    design)."""
+    return 0.0 if _user_dp(run) else run.aggregation.gate_norm_ratio
 
 
 def _user_dp(run: RunConfig) -> bool:
@@ -127,12 +128,20 @@ class LossGate:
         norm_ratio: the largest L2 norm of a mean, in units of this node's own update's (0: no such check).
         own_tolerance: the largest relative excess of the held-out loss after the step over the loss after our own
             update alone (0: no such check, the run's default; it needs ``tolerance`` on, and ``own`` in ``step``).
+        phase_steps: where phases end on time (``train.round_seconds``), a whole phase's steps: our own update's
+            norm is scaled by ``phase_steps`` over the steps behind it before the norm check (0: no scaling).
     """
 
     def __init__(
-        self, tolerance: float, evaluate: Callable[[], float], norm_ratio: float = 0.0, own_tolerance: float = 0.0
+        self,
+        tolerance: float,
+        evaluate: Callable[[], float],
+        norm_ratio: float = 0.0,
+        own_tolerance: float = 0.0,
+        phase_steps: int = 0,
     ):
         self.tolerance, self.norm_ratio, self.own_tolerance = tolerance, norm_ratio, own_tolerance
+        self.phase_steps = phase_steps
         self._evaluate = evaluate
         self._current: float | None = None  # the held-out loss of the global parameters, if known (``remember``)
         self._recent: deque[float] = deque(maxlen=GATE_WINDOW)  # losses since the last change outside the gate
@@ -147,7 +156,8 @@ class LossGate:
         honest means raised the loss by 20% to over 50% in tests/test_overlap.py, and the gate parted members)."""
         tolerance = 0.0 if _user_dp(run) or run.train.overlap else run.aggregation.gate_tolerance
         own_tolerance = run.aggregation.gate_own_tolerance if tolerance else 0.0
-        return cls(tolerance, evaluate, norm_ratio_for(run), own_tolerance)  # overlapped: the norm check only
+        phase_steps = run.train.inner_steps if run.train.round_seconds > 0 else 0
+        return cls(tolerance, evaluate, norm_ratio_for(run), own_tolerance, phase_steps)  # overlapped: norm only
 
     def remember(self, loss: float) -> float:
         """Note ``loss`` as the held-out loss of the global parameters as they now are; returns it. A loss
@@ -171,15 +181,23 @@ class LossGate:
         return min(finite) if finite else self._current
 
     def step(
-        self, outer: OuterState, mean: list[torch.Tensor], round_no: int, own: list[torch.Tensor] | None = None
+        self,
+        outer: OuterState,
+        mean: list[torch.Tensor],
+        round_no: int,
+        own: list[torch.Tensor] | None = None,
+        own_steps: int = 0,
     ) -> RoundOutcome:
-        """The outer step with the group's ``mean``, kept if it passes the gate; ``own``: our own update in it.
+        """The outer step with the group's ``mean``, kept if it passes the gate; ``own``: our own update in it, from
+        ``own_steps`` inner steps (used with ``phase_steps``).
 
         Returns:
             ``GROUP`` if the step was applied, ``REJECTED`` if it was not (``outer`` is then as before).
         """
+        scale = self.phase_steps / own_steps if self.phase_steps > own_steps > 0 else 1.0  # a phase cut short
+        instead = "applying our own update alone"
         if own is not None and not norm_admits(
-            l2_norm(mean), l2_norm(own), self.norm_ratio, round_no, "the group's mean", "applying our own update alone"
+            l2_norm(mean), l2_norm(own) * scale, self.norm_ratio, round_no, "the group's mean", instead
         ):
             self.rejected += 1
             return RoundOutcome.REJECTED

@@ -391,7 +391,7 @@ class TrainingNode:
         if mode is RoundOutcome.GROUP:
             assert isinstance(outcome, AggregationResult) and self.aggregator is not None
             group_size = outcome.group_size
-            mode = self.gate.step(self.outer, flight.mean, flight.round, flight.sent)  # REJECTED: ours alone instead
+            mode = self.gate.step(self.outer, flight.mean, flight.round, flight.sent, flight.inner[1])  # or REJECTED
             self.aggregator.verdict(outcome, mode is RoundOutcome.GROUP)  # suspects the next groups leave out
         if mode is RoundOutcome.GROUP:
             delivered = flight.delivered()  # with compression, the part the ring left out stays in the local model
