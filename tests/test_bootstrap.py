@@ -556,5 +556,4 @@ def test_a_dht_process_that_hangs_is_killed_and_the_bootstrap_still_exits(
     # Assert
     assert code == 0, stderr
     assert f"the DHT process (pid {dht_process.pid}) did not stop after SIGTERM; killing it" in stderr
-    assert "outlived the DHT process; terminating it" in stderr  # its p2pd, which it could not stop
     assert _alive(descendants) == []

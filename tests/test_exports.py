@@ -39,6 +39,7 @@ DHT_EXPORTS = [
     "publish_ban",
     "publish_record",
     "publish_summary",
+    "reap",
     "start_dht",
 ]
 
