@@ -52,11 +52,11 @@ Where phases end on time (``train.round_seconds``) a slow peer's update is small
 of their steps, so the norm check first scales our own update's norm up to a whole phase (``inner_steps`` over
 the steps we took, as if each step had moved as far as ours did on average). With user-level DP the gate is off,
 both checks: a noisy mean raises the held-out loss and its norm by design, and honest members would reject it.
-In the overlapped loop
-(``train.overlap``) the loss check is off: a mean lands a phase late, on local models that kept training, and
-honest means raised the loss by 20% to over 50% there (two fresh-clone CI runs of tests/test_overlap.py), so
-no tolerance separates them from a poisoner's. The norm check stays on there: the mean and our own update are
-of the same phase (honest ratios 0.43-1.25 over 800 overlapped means of the 4-peer efficiency benchmark).
+In the overlapped loop (``train.overlap``) the loss check is off: a mean lands a phase late, on local models
+that kept training, and honest means raised the loss by 20% to over 50% there (two fresh-clone CI runs of
+tests/test_overlap.py), so no tolerance separates them from a poisoner's. The norm check stays on there: the
+mean and our own update are of the same phase (honest ratios 0.43-1.25 over 800 overlapped means of the 4-peer
+efficiency benchmark).
 Sharded trainers' parts pass the same norm check (node/sharding/fronts.py; honest 0.59-1.05 over 120 means of
 benchmarks/sharded_fronts.py).
 """
