@@ -231,7 +231,7 @@ def test_honest_nodes_name_a_poisoner_leave_it_out_and_average_again(tmp_path: P
         tmp_path / "run.toml", run_id="suspects", aggregation={"matchmaking_time": 1.0, "group_rounds": 2}
     )
     corpus = domain_texts()["drama"]
-    args = ("--rounds", "14", "--min-peers", "6")
+    args = ("--rounds", "16", "--min-peers", "6")
     honest = NodeProcess.on_slices(tmp_path, config, bootstrap_maddr, corpus, 5, *args)
     poisoner = NodeProcess(
         tmp_path, "poisoner", config, bootstrap_maddr, corpus[100_000:120_000], *args, program=POISON_MEAN
